@@ -1,0 +1,212 @@
+"""
+Truncated SVD (the Eckart-Young optimum) of batches of [256, 2048] feature matrices, and every metric the toolkit
+reports: the one place a metric is defined.
+
+    python svd_baseline.py --cache_dir feature_cache_real --rank 128
+    python svd_baseline.py --cache_dir feature_cache_real --ranks 16,32,64,128,256 --results_dir results
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("gram", "svd")
+DEFAULT_METHOD = "gram"  # measured in bench.py: same result as torch.linalg.svd, several times faster on CPU
+
+
+def truncated_svd(X, rank, method=DEFAULT_METHOD):
+    """X [B, T, D] (T <= D) -> A [B, T, r] = U_r Σ_r, B [B, r, D] = V_rᵀ, S [B, T] all singular values, descending.
+    Computed in float64, returned in X's dtype (float32 for half inputs). A @ B is the best rank-r approximation.
+    'gram': eigendecomposition of the T x T Gram matrix X Xᵀ in float64 (singular values below ~1e-8 σ₁ are lost:
+    harmless for truncation); 'svd': torch.linalg.svd."""
+    out_dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+    X64 = X.double()
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(X64, full_matrices=False)
+        A, B = U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :]
+    elif method == "gram":
+        w, U = torch.linalg.eigh(X64 @ X64.transpose(-1, -2))
+        S = w.flip(-1).clamp_min(0).sqrt()
+        U = U.flip(-1)[..., :rank]
+        s = S[..., :rank]
+        A = U * s[..., None, :]
+        inv = torch.where(s > s[..., :1] * 1e-12, 1.0 / s, torch.zeros_like(s))  # null directions: B row 0
+        B = (U.transpose(-1, -2) @ X64) * inv[..., :, None]
+    else:
+        raise ValueError(f"unknown SVD method '{method}' (choose from {METHODS})")
+    return A.to(out_dtype), B.to(out_dtype), S.to(out_dtype)
+
+
+def svd_reconstruct(X, rank, method=DEFAULT_METHOD):
+    A, B, _ = truncated_svd(X, rank, method)
+    return A @ B
+
+
+def singular_values(X):
+    """[B, T, D] -> [B, T] singular values in float64, descending."""
+    return torch.linalg.svdvals(X.double())
+
+
+def captured_energy(S):
+    """Singular values [..., T] -> energy captured by the best rank-k approximation for k = 1..T: Σ_{i≤k} σ² / Σ σ²."""
+    e = S.double() ** 2
+    return e.cumsum(-1) / e.sum(-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics: per sample, X and Xhat [B, T, D]; computed in float64
+
+METRICS = ("cosine", "token_cosine", "mse", "rel_fro", "rel_token", "energy")
+HIGHER_IS_BETTER = {"cosine": True, "token_cosine": True, "energy": True, "mse": False, "rel_fro": False,
+                    "rel_token": False}
+
+
+def metrics(X, Xhat, eps=1e-12):
+    """Per-sample metrics (dict of [B] float64 tensors):
+    cosine       flattened cosine between X and X̂ (for an orthogonal projection = sqrt of the captured energy)
+    token_cosine mean over the T token rows of the row cosine
+    mse          mean of (X - X̂)²
+    rel_fro      ‖X - X̂‖_F / ‖X‖_F
+    rel_token    mean over tokens of ‖x - x̂‖ / ‖x‖
+    energy       1 - rel_fro²"""
+    X, Xhat = X.double(), Xhat.double()
+    E = X - Xhat
+    dot = (X * Xhat).flatten(1).sum(1)
+    nx, nh = X.flatten(1).norm(dim=1), Xhat.flatten(1).norm(dim=1)
+    tok_dot = (X * Xhat).sum(-1)
+    tok_nx, tok_nh = X.norm(dim=-1), Xhat.norm(dim=-1)
+    rel_fro = E.flatten(1).norm(dim=1) / nx.clamp_min(eps)
+    return {"cosine": dot / (nx * nh).clamp_min(eps),
+            "token_cosine": (tok_dot / (tok_nx * tok_nh).clamp_min(eps)).mean(-1),
+            "mse": E.pow(2).flatten(1).mean(1),
+            "rel_fro": rel_fro,
+            "rel_token": (E.norm(dim=-1) / tok_nx.clamp_min(eps)).mean(-1),
+            "energy": 1 - rel_fro ** 2}
+
+
+def token_errors(X, Xhat, eps=1e-12):
+    """Per-token error maps [B, T]: ‖x - x̂‖ and cosine(x, x̂)."""
+    X, Xhat = X.double(), Xhat.double()
+    err = (X - Xhat).norm(dim=-1)
+    cos = (X * Xhat).sum(-1) / (X.norm(dim=-1) * Xhat.norm(dim=-1)).clamp_min(eps)
+    return err, cos
+
+
+def summarize(per_sample):
+    """dict of per-sample values -> {metric: {mean, std, n}} (std with Bessel's correction)."""
+    out = {}
+    for k, v in per_sample.items():
+        v = torch.as_tensor(v, dtype=torch.float64)
+        out[k] = {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
+    return out
+
+
+def format_summary(summary, keys=METRICS):
+    return "  ".join(f"{k} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys if k in summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def evaluate(reconstruct, loader, device="cpu", desc="eval"):
+    """Metrics per sample of reconstruct(X) -> X̂ over a loader of (X, index).
+    Returns (dict of lists, indices, seconds spent in reconstruct, device-synchronised)."""
+    from tqdm import tqdm
+    per, idx, secs = {k: [] for k in METRICS}, [], 0.0
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        for X, i in tqdm(loader, desc=desc, leave=False):
+            X = X.to(device)
+            sync()
+            t = time.perf_counter()
+            Xh = reconstruct(X)
+            sync()
+            secs += time.perf_counter() - t
+            for k, v in metrics(X, Xh).items():
+                per[k] += v.tolist()
+            idx += i.tolist()
+    return per, idx, secs
+
+
+def main(argv=None):
+    import qwenvl_dataloader as qd
+    ap = argparse.ArgumentParser(description="Truncated-SVD baseline metrics for a feature cache.")
+    ap.add_argument("--cache_dir", default="feature_cache_real")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--ranks", default=None, help="comma list for a rank sweep, e.g. 16,32,64,128,256")
+    ap.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                    help="samples to use; a split needs split.json in --results_dir (written by training)")
+    ap.add_argument("--results_dir", default="results", help="where split.json is read and the sweep plot written")
+    ap.add_argument("--num_samples", type=int, default=None)
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    if args.split == "all":
+        idx = qd.cached_indices(args.cache_dir)
+    else:
+        p = Path(args.results_dir) / "split.json"
+        if not p.exists():
+            raise SystemExit(f"{p} not found: train first (python train_real_data.py --results_dir "
+                             f"{args.results_dir}) or use --split all")
+        idx = json.loads(p.read_text())[args.split]
+    idx = idx[: args.num_samples] if args.num_samples else idx
+    ds = qd.FeatureDataset(args.cache_dir, idx, args.normalize)
+    loader = qd.make_loader(ds, args.batch_size)
+    print(f"cache {args.cache_dir}: {len(ds)} samples ({args.split}), normalisation {args.normalize}, "
+          f"method {args.method}, device {args.device}")
+    if not args.ranks:
+        per, _, secs = evaluate(lambda X: svd_reconstruct(X, args.rank, args.method), loader, args.device, "svd")
+        s = summarize(per)
+        print(f"SVD rank {args.rank} (n={len(ds)}): {format_summary(s)}")
+        print(f"{1000 * secs / len(ds):.2f} ms per sample")
+        return s
+    ranks = [int(r) for r in args.ranks.split(",")]
+    S = torch.cat([singular_values(X.to(args.device)).cpu() for X, _ in loader])
+    energy = captured_energy(S)  # [N, 256]
+    print(f"{'rank':>5} {'energy':>16} {'cosine':>16}")
+    rows = []
+    for r in ranks:
+        e = energy[:, min(r, energy.shape[1]) - 1]
+        rows.append({"rank": r, "energy_mean": e.mean().item(), "energy_std": e.std().item(),
+                     "cosine_mean": e.sqrt().mean().item(), "cosine_std": e.sqrt().std().item()})
+        print(f"{r:>5} {e.mean():.4f} ± {e.std():.4f} {e.sqrt().mean():.4f} ± {e.sqrt().std():.4f}")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "svd_rank_sweep.json").write_text(json.dumps({"n": len(ds), "normalization": args.normalize,
+                                                         "split": args.split, "rows": rows}, indent=1))
+    plot_energy_curve(energy, out / "svd_energy_vs_rank.png", ranks=ranks)
+    print(f"wrote {out / 'svd_rank_sweep.json'} and {out / 'svd_energy_vs_rank.png'}")
+    return rows
+
+
+def plot_energy_curve(energy, path, ranks=(), points=()):
+    """Mean captured energy vs rank (band: ± 1 std over samples); points: [(rank, energy, label)] to overlay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = torch.arange(1, energy.shape[1] + 1)
+    m, s = energy.mean(0), energy.std(0) if len(energy) > 1 else torch.zeros(energy.shape[1])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    ax.plot(k, m, label=f"truncated SVD (mean of {len(energy)})")
+    ax.fill_between(k, m - s, (m + s).clamp(max=1), alpha=0.25)
+    for r in ranks:
+        ax.axvline(r, color="grey", lw=0.5, ls=":")
+    for r, e, label in points:
+        ax.plot([r], [e], "o", color="C3", label=label)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("captured energy 1 - rel_fro²")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
