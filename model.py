@@ -1,0 +1,154 @@
+"""
+Low-rank factorisers X [B, 256, 2048] -> (X̂, A [B, 256, r], B [B, r, 2048]) with X̂ = A·B, selected by --arch,
+and the training loss. Pure torch, no I/O except load_checkpoint.
+
+    symmetric  the original toolkit's design (LowRankProjSymmetric): a token-wise residual MLP makes each row of A
+               from a 2048-d token, the same kind of MLP over the columns of X (256-d) makes each column of B.
+    subspace   learned subspace iteration: Y = X·Ω with a learned Ω [2048, r+p] (initialised from the training
+               data's principal directions), Q = orth(Y), optional power steps, then the exact SVD of the small
+               QᵀX. Its components come out ordered by singular value, so the first k serve every rank k <= r.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ResBlock(nn.Module):
+    """LayerNorm -> Linear -> ReLU -> Linear, plus a linear shortcut (identity when in == out)."""
+
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_in)
+        self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
+        self.shortcut = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+def branch(d_in, d_hidden, d_out, n_blocks):
+    return nn.Sequential(ResBlock(d_in, d_hidden, d_out), *[ResBlock(d_out, d_hidden, d_out) for _ in range(n_blocks - 1)])
+
+
+class Symmetric(nn.Module):
+    """A = f(X) row-wise (each token -> r values); B = g(Xᵀ) row-wise, transposed (each 256-d column -> r values)."""
+
+    def __init__(self, rank=128, tokens=256, dim=2048, hidden=512, n_blocks=2):
+        super().__init__()
+        self.rank = rank
+        self.row = branch(dim, hidden, rank, n_blocks)
+        self.col = branch(tokens, hidden, rank, n_blocks)
+
+    def forward(self, X):
+        A = self.row(X)                                   # [B, T, r]
+        B = self.col(X.transpose(1, 2)).transpose(1, 2)   # [B, r, D]
+        return A @ B, A, B
+
+
+def _orth(Y):
+    return torch.linalg.qr(Y, mode="reduced")[0]
+
+
+class Subspace(nn.Module):
+    """Learned subspace iteration. Ω [D, r + oversample] is a parameter; per sample:
+    Q = orth(X Ω); power_iters times Q = orth(X (Xᵀ Q)); C = Qᵀ X [m, D]; C = V Σ Wᵀ (via the m x m Gram matrix);
+    A = Q V_r Σ_r, B = W_rᵀ. X̂ = A B is the best rank-r approximation of X inside range(Q), exact when range(Q)
+    holds X's top-r left singular vectors. Trained to maximise the energy of X inside range(X Ω)."""
+
+    def __init__(self, rank=128, tokens=256, dim=2048, oversample=8, power_iters=0):
+        super().__init__()
+        self.rank, self.power_iters = rank, power_iters
+        m = min(rank + oversample, tokens)
+        self.omega = nn.Parameter(torch.randn(dim, m) / math.sqrt(dim))
+
+    @torch.no_grad()
+    def init_from_data(self, batches):
+        """Ω = top principal directions of the training tokens (eigenvectors of Σ XᵀX), in float64."""
+        cov = None
+        for X in batches:
+            X = X.double().to(self.omega.device)
+            c = torch.einsum("btd,bte->de", X, X)
+            cov = c if cov is None else cov + c
+        w, V = torch.linalg.eigh(cov)
+        self.omega.copy_(V[:, -self.omega.shape[1]:].flip(-1).to(self.omega.dtype))
+
+    def basis(self, X):
+        Q = _orth(X @ self.omega.to(X.dtype))
+        for _ in range(self.power_iters):
+            Q = _orth(X @ (X.transpose(1, 2) @ Q))
+        return Q
+
+    def forward(self, X, rank=None):
+        r = rank or self.rank
+        Q = self.basis(X)                                  # [B, T, m]
+        C = Q.transpose(1, 2) @ X                          # [B, m, D]
+        w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
+        V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()
+        V, s = V.to(X.dtype), s.to(X.dtype)
+        A = (Q @ V) * s[:, None, :]
+        inv = torch.where(s > s[:, :1] * 1e-6, 1 / s, torch.zeros_like(s))
+        B = (V.transpose(1, 2) @ C) * inv[:, :, None]
+        return A @ B, A, B
+
+    def subspace_loss(self, X):
+        """1 - fraction of X's energy inside range(Q): differentiable through QR, no eigendecomposition."""
+        Q = self.basis(X)
+        return 1 - (Q.transpose(1, 2) @ X).pow(2).sum((1, 2)).mean() / X.pow(2).sum((1, 2)).mean()
+
+
+ARCHS = {"symmetric": Symmetric, "subspace": Subspace}
+ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=8, power_iters=0)}
+
+
+def build_model(config):
+    """config: {'arch': name, 'rank': r, ...arch options}; missing options take ARCH_DEFAULTS."""
+    arch = config["arch"]
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch '{arch}' (choose from {', '.join(ARCHS)})")
+    kw = dict(ARCH_DEFAULTS[arch], **{k: v for k, v in config.get("arch_options", {}).items()})
+    return ARCHS[arch](rank=config["rank"], **kw)
+
+
+def loss_terms(X, Xhat, A, B, lambda_B=1e-4, lambda_ortho=1e-3):
+    """The training loss, each term returned separately (scalars, batch means):
+    recon = mean((X̂ - X)²)                       reconstruction MSE over all B·T·D entries
+    b_reg = mean(B²)                              B-matrix regularisation: mean square entry of B [B, r, D]
+    ortho = ‖B Bᵀ - I_r‖²_F / r²                  orthogonality of B's rows (0 for truncated SVD's B = V_rᵀ,
+                                                  so the term never pulls away from the optimum)
+    total = recon + lambda_B · b_reg + lambda_ortho · ortho"""
+    r = B.shape[1]
+    recon = F.mse_loss(Xhat, X)
+    b_reg = B.pow(2).mean()
+    eye = torch.eye(r, device=B.device, dtype=B.dtype)
+    ortho = (B @ B.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean() / r ** 2
+    total = recon + lambda_B * b_reg + lambda_ortho * ortho
+    return {"total": total, "recon": recon, "b_reg": b_reg, "ortho": ortho}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint format: a plain dict, loaded with weights_only=True
+
+def make_checkpoint(model, config, epoch, best_val_mse, optimizer=None, scheduler=None, extra=None):
+    ck = {"format": "low-rank-image/1", "config": config, "model": model.state_dict(), "epoch": epoch,
+          "best_val_mse": best_val_mse}
+    if optimizer is not None:
+        ck["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        ck["scheduler"] = scheduler.state_dict()
+    ck.update(extra or {})
+    return ck
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode on device, checkpoint dict). A .pt from elsewhere is data, never unpickled code."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint {path} not found: train first (./train.sh ... or python train_real_data.py)")
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise SystemExit(f"{path} is not a low-rank-image checkpoint (no config/model entries)")
+    model = build_model(ck["config"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), ck

@@ -1,0 +1,272 @@
+"""
+Train a low-rank factoriser X ≈ A·B on cached Qwen2.5-VL vision features.
+
+    python train_real_data.py --batch_size 8 --epochs 20 --lr 0.001 --rank 128 --cache_dir feature_cache_real
+    torchrun --nproc_per_node=4 train_real_data.py ...      (DDP; rank 0 logs and writes)
+
+Writes into --results_dir: best_model.pt, last.pt, split.json, config.json, history.json, loss_curves.png.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import qwenvl_dataloader as qd
+import svd_baseline as sb
+from model import ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train a low-rank factoriser X ≈ A·B on cached Qwen2.5-VL features.")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.001)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--lambda_B", type=float, default=0.0001, help="weight of mean(B²)")
+    ap.add_argument("--lambda_ortho", type=float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
+    ap.add_argument("--weight_decay", type=float, default=0.00001)
+    ap.add_argument("--patience", type=int, default=10, help="early stop after this many epochs without a better "
+                                                            "validation MSE")
+    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--arch", default="symmetric", choices=list(ARCHS))
+    ap.add_argument("--cache_dir", default="feature_cache_real")
+    ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    ap.add_argument("--num_workers", type=int, default=0)
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
+    ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--grad_clip", type=float, default=1.0)
+    ap.add_argument("--hidden", type=int, default=None, help="symmetric: MLP hidden width (default 512)")
+    ap.add_argument("--power_iters", type=int, default=None, help="subspace: power steps (default 0)")
+    ap.add_argument("--oversample", type=int, default=None, help="subspace: extra columns in Ω (default 8)")
+    return ap.parse_args(argv)
+
+
+class NonFinite(Exception):
+    pass
+
+
+def setup_distributed():
+    """(rank, world_size, local_rank); a process group only under torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def all_agree(flag, world):
+    """True on every rank if flag is True on any rank (early stop, non-finite loss): no rank hangs."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def plot_history(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
+    ax[0].plot(ep, [h["train_recon"] for h in history], "o-", label="train MSE")
+    ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
+    ax[0].plot(ep, [h["train_total"] for h in history], "--", label="train total loss")
+    ax[0].set_yscale("log"), ax[0].set_title("loss"), ax[0].legend()
+    ax[1].plot(ep, [h["val_cosine"] for h in history], "o-", color="C2", label="NN")
+    if history and "svd_val_cosine" in history[0]:
+        ax[1].axhline(history[0]["svd_val_cosine"], color="k", ls="--", label="truncated SVD")
+    ax[1].set_title("validation cosine"), ax[1].legend()
+    ax[2].plot(ep, [h["lr"] for h in history], "o-", color="C3")
+    ax[2].set_yscale("log"), ax[2].set_title("learning rate")
+    for a in ax:
+        a.set_xlabel("epoch"), a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank_id, world, local_rank = setup_distributed()
+    master = rank_id == 0
+    log = print if master else (lambda *a, **k: None)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.results_dir)
+
+    ck = None
+    if args.resume:
+        if not (out / "last.pt").exists():
+            raise SystemExit(f"--resume: {out / 'last.pt'} not found")
+        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        config = ck["config"]
+        if (config["rank"], config["arch"]) != (args.rank, args.arch):
+            log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
+        config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
+    else:
+        opts = {k: getattr(args, k) for k in ("hidden", "power_iters", "oversample") if getattr(args, k) is not None}
+        config = {"arch": args.arch, "rank": args.rank, "arch_options": opts, "normalization": args.normalize,
+                  "cache_dir": str(args.cache_dir), "batch_size": args.batch_size, "epochs": args.epochs,
+                  "lr": args.lr, "lambda_B": args.lambda_B, "lambda_ortho": args.lambda_ortho,
+                  "weight_decay": args.weight_decay, "patience": args.patience, "seed": args.seed,
+                  "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world}
+    torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
+
+    if master:
+        split = qd.load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"])
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+    if world > 1:
+        dist.barrier()
+    split = json.loads((out / "split.json").read_text())
+    norm = config["normalization"]
+    train_ds = qd.FeatureDataset(config["cache_dir"], split["train"], norm)
+    val_ds = qd.FeatureDataset(config["cache_dir"], split["val"], norm)
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank_id, shuffle=True,
+                                                  seed=config["seed"])
+    train_loader = qd.make_loader(train_ds, config["batch_size"], sampler=sampler, num_workers=args.num_workers)
+    val_loader = qd.make_loader(val_ds, 64, num_workers=args.num_workers)
+    log(f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
+        f" ({norm}); arch {config['arch']} rank {config['rank']} on {device}"
+        f"{f' x {world} processes' if world > 1 else ''}")
+
+    model = build_model(config).to(device)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    elif hasattr(model, "init_from_data"):
+        model.init_from_data(X for X, _ in qd.make_loader(train_ds, 64))
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
+                                                          else None)
+    opt = torch.optim.AdamW(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=3)
+    history, start_epoch, best, bad_epochs = [], 1, math.inf, 0
+    if ck is not None:
+        opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
+        history, start_epoch = ck_history(out), ck["epoch"] + 1
+        best, bad_epochs = ck["best_val_mse"], ck["bad_epochs"]
+        torch.set_rng_state(ck["rng_cpu"])
+        log(f"resumed from {out / 'last.pt'} at epoch {ck['epoch']} (best val MSE {best:.6g})")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+
+    svd_val = None
+    if master:  # the target: SVD at the same rank on the validation samples
+        per, _, _ = sb.evaluate(lambda X: sb.svd_reconstruct(X, config["rank"]), val_loader, device, "svd val")
+        svd_val = sb.summarize(per)
+        log(f"truncated SVD on validation: {sb.format_summary(svd_val, ('mse', 'cosine', 'energy'))}")
+
+    from tqdm import tqdm
+    stopped = "completed"
+    for epoch in range(start_epoch, config["epochs"] + 1):
+        t0 = time.time()
+        model.train()
+        sampler.set_epoch(epoch)
+        sums, n = {}, 0
+        nonfinite = False
+        for X, _ in tqdm(train_loader, desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not master):
+            X = X.to(device, non_blocking=True)
+            with amp:
+                Xhat, A, B = model(X)
+                terms = loss_terms(X, Xhat.float(), A.float(), B.float(), config["lambda_B"], config["lambda_ortho"])
+                loss = terms["total"]
+                if hasattr(raw_model, "subspace_loss"):  # subspace: train Ω on the energy it captures
+                    loss = raw_model.subspace_loss(X) if world == 1 else model.module.subspace_loss(X)
+            if not torch.isfinite(loss):
+                nonfinite = True
+            if all_agree(nonfinite, world):
+                nonfinite = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(X)
+            n += len(X)
+        if nonfinite:
+            stopped = "non-finite loss"
+            log(f"epoch {epoch}: the loss became NaN/Inf; stopping. The last good checkpoints "
+                f"({out / 'best_model.pt'}, {out / 'last.pt'}) are kept. Lower --lr or check the cache.")
+            break
+        if world > 1:  # average the train terms over ranks
+            t = torch.tensor([sums[k] for k in sorted(sums)] + [n], dtype=torch.float64)
+            dist.all_reduce(t)
+            sums, n = dict(zip(sorted(sums), t[:-1].tolist())), t[-1].item()
+
+        val, _, _ = sb.evaluate(lambda X: raw_model(X)[0].float(), val_loader, device, "val")
+        val = sb.summarize(val)
+        val_mse = val["mse"]["mean"]
+        sched.step(val_mse)
+        improved = val_mse < best
+        best, bad_epochs = (val_mse, 0) if improved else (best, bad_epochs + 1)
+        rec = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items()},
+               **{f"val_{k}": val[k]["mean"] for k in sb.METRICS}, "lr": opt.param_groups[0]["lr"],
+               "seconds": time.time() - t0}
+        if svd_val:
+            rec.update({f"svd_val_{k}": svd_val[k]["mean"] for k in ("mse", "cosine", "energy")})
+        history.append(rec)
+        if master:
+            extra = {"bad_epochs": bad_epochs, "rng_cpu": torch.get_rng_state()}
+            if improved:
+                torch.save(make_checkpoint(raw_model, config, epoch, best, extra=extra), out / "best_model.pt")
+            torch.save(make_checkpoint(raw_model, config, epoch, best, opt, sched, extra), out / ".last.pt.tmp")
+            os.replace(out / ".last.pt.tmp", out / "last.pt")
+            qd.atomic_save(history, out / "history.json")
+            plot_history(history, out / "loss_curves.png")
+        log(f"epoch {epoch:3d} | train loss {rec['train_total']:.5f} (mse {rec['train_recon']:.5f} b_reg "
+            f"{rec['train_b_reg']:.3g} ortho {rec['train_ortho']:.3g}) | val mse {val_mse:.5f} cos "
+            f"{rec['val_cosine']:.4f} energy {rec['val_energy']:.4f} | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s"
+            f"{' *' if improved else ''}")
+        if bad_epochs >= config["patience"]:
+            stopped = f"early stop: no better validation MSE for {config['patience']} epochs"
+            log(stopped)
+            break
+    if world > 1:
+        dist.barrier()
+
+    result = None
+    if master and (out / "best_model.pt").exists():
+        result = test_report(out / "best_model.pt", split["test"], device)
+        result["stopped"] = stopped
+    if world > 1:
+        dist.destroy_process_group()
+    if stopped == "non-finite loss":
+        raise SystemExit(2)
+    return result
+
+
+def ck_history(out):
+    p = Path(out) / "history.json"
+    return json.loads(p.read_text()) if p.exists() else []
+
+
+def test_report(ckpt_path, test_idx, device):
+    """Best model vs truncated SVD at the same rank on the same test samples, same normalisation."""
+    model, ck = load_checkpoint(ckpt_path, device)
+    cfg = ck["config"]
+    ds = qd.FeatureDataset(cfg["cache_dir"], test_idx, cfg["normalization"])
+    loader = qd.make_loader(ds, 64)
+    nn_per, _, _ = sb.evaluate(lambda X: model(X)[0].float(), loader, device, "test NN")
+    svd_per, _, _ = sb.evaluate(lambda X: sb.svd_reconstruct(X, cfg["rank"]), loader, device, "test SVD")
+    nn_s, svd_s = sb.summarize(nn_per), sb.summarize(svd_per)
+    print(f"test (n={len(ds)}, best epoch {ck['epoch']}, rank {cfg['rank']}, {cfg['normalization']}):")
+    print(f"  {cfg['arch']:>10}: {sb.format_summary(nn_s, ('cosine', 'energy', 'mse', 'rel_fro'))}")
+    print(f"  {'SVD':>10}: {sb.format_summary(svd_s, ('cosine', 'energy', 'mse', 'rel_fro'))}")
+    return {"nn": nn_s, "svd": svd_s, "best_epoch": ck["epoch"]}
+
+
+if __name__ == "__main__":
+    main()
