@@ -91,7 +91,9 @@ def plot_history(history, path):
         ax[1].axhline(history[0]["svd_val_cosine"], color="k", ls="--", label="truncated SVD")
     ax[1].set_title("validation cosine"), ax[1].legend()
     ax[2].plot(ep, [h["lr"] for h in history], "o-", color="C3")
-    ax[2].set_yscale("log"), ax[2].set_title("learning rate")
+    if all(h["lr"] > 0 for h in history):
+        ax[2].set_yscale("log")
+    ax[2].set_title("learning rate")
     for a in ax:
         a.set_xlabel("epoch"), a.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,123 @@
+"""
+Compare a trained factoriser with truncated SVD at the same rank, on the same samples and normalisation.
+
+    python compare_svd_nn.py --rank 128 --results_dir results
+
+Writes compare_rank<r>.json, compare_rank<r>.csv, compare_rank<r>_cosine_hist.png, compare_rank<r>_scatter.png
+and compare_rank<r>_energy.png into the results directory.
+"""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+import qwenvl_dataloader as qd
+import svd_baseline as sb
+from model import load_checkpoint
+
+
+def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=None, device="cpu"):
+    """The model, its config and a Dataset of the split's samples, all from the results directory."""
+    results_dir = Path(results_dir)
+    ckpt = Path(checkpoint) if checkpoint else results_dir / "best_model.pt"
+    model, ck = load_checkpoint(ckpt, device)
+    cfg = ck["config"]
+    if rank is not None and rank != cfg["rank"]:
+        raise SystemExit(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
+    sp = results_dir / "split.json"
+    if not sp.exists():
+        raise SystemExit(f"{sp} not found: it is written by training (python train_real_data.py --results_dir "
+                         f"{results_dir})")
+    idx = json.loads(sp.read_text())[split]
+    return model, ck, cfg, idx, cache_dir or cfg["cache_dir"]
+
+
+def paired(nn, svd):
+    """Per-sample NN - SVD differences, summarised."""
+    return sb.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in sb.METRICS})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Truncated SVD vs the trained factoriser, paired on the same samples.")
+    ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
+    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
+    ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--svd_method", default=sb.DEFAULT_METHOD, choices=sb.METHODS)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank,
+                                              args.cache_dir, args.device)
+    idx = idx[: args.num_samples] if args.num_samples else idx
+    r, norm = cfg["rank"], cfg["normalization"]
+    ds = qd.FeatureDataset(cache_dir, idx, norm)
+    loader = qd.make_loader(ds, args.batch_size)
+    nn, ids, nn_s = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN")
+    svd, _, svd_s = sb.evaluate(lambda X: sb.svd_reconstruct(X, r, args.svd_method), loader, args.device, "SVD")
+    n = len(ids)
+    S_nn, S_svd, D = sb.summarize(nn), sb.summarize(svd), paired(nn, svd)
+    within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
+    ms_nn, ms_svd = 1000 * nn_s / n, 1000 * svd_s / n
+
+    print(f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
+          f"device {args.device}, batch {args.batch_size}")
+    print(f"{'metric':<13}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
+    for k in sb.METRICS:
+        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
+        print(f"{k:<13}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
+    print(f"NN within 0.01 cosine of SVD: {100 * within:.1f}% of samples")
+    print(f"ms per sample: SVD ({args.svd_method}) {ms_svd:.2f}, NN {ms_nn:.2f} (ratio SVD/NN {ms_svd / ms_nn:.1f}x)")
+
+    out = Path(args.results_dir)
+    stem = f"compare_rank{r}"
+    summary = {"rank": r, "split": args.split, "n": n, "normalization": norm, "arch": cfg["arch"],
+               "checkpoint_epoch": ck["epoch"], "device": args.device, "batch_size": args.batch_size,
+               "svd_method": args.svd_method, "svd": S_svd, "nn": S_nn, "nn_minus_svd": D,
+               "share_within_0.01_cosine": within, "ms_per_sample": {"svd": ms_svd, "nn": ms_nn},
+               "cache_dir": str(cache_dir)}
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sample_id"] + [f"svd_{k}" for k in sb.METRICS] + [f"nn_{k}" for k in sb.METRICS])
+        for j, i in enumerate(ids):
+            w.writerow([i] + [svd[k][j] for k in sb.METRICS] + [nn[k][j] for k in sb.METRICS])
+    S = torch.cat([sb.singular_values(X) for X, _ in loader])
+    paths = plot(nn, svd, sb.captured_energy(S), S_nn, r, cfg["arch"], out / stem)
+    print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
+    return summary
+
+
+def plot(nn, svd, energy, S_nn, r, arch, stem):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = [Path(f"{stem}_cosine_hist.png"), Path(f"{stem}_scatter.png"), Path(f"{stem}_energy.png")]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    lo = min(min(nn["cosine"]), min(svd["cosine"]))
+    bins = torch.linspace(lo, 1, 40).tolist()
+    ax.hist(svd["cosine"], bins=bins, alpha=0.6, label="truncated SVD")
+    ax.hist(nn["cosine"], bins=bins, alpha=0.6, label=f"NN ({arch})")
+    ax.set_xlabel(f"flattened cosine, rank {r}"), ax.set_ylabel("samples"), ax.legend()
+    fig.tight_layout(), fig.savefig(paths[0]), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
+    ax.scatter(svd["cosine"], nn["cosine"], s=10)
+    a, b = min(lo, 1), 1
+    ax.plot([a, b], [a, b], "k--", lw=0.8, label="NN = SVD")
+    ax.plot([a, b], [a - 0.01, b - 0.01], ":", color="grey", lw=0.8, label="SVD - 0.01")
+    ax.set_xlabel("SVD cosine"), ax.set_ylabel(f"NN ({arch}) cosine"), ax.set_title(f"per sample, rank {r}")
+    ax.legend(), fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
+
+    sb.plot_energy_curve(energy, paths[2], ranks=[r],
+                         points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")])
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Training: loss terms by hand, files written, early stopping, resume, NaN handling, train.sh."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import train_real_data as T
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--rank", "8", "--hidden", "16", "--batch_size", "8"]
+
+
+def run(cache, out, *extra):
+    return T.main(["--cache_dir", str(cache), "--results_dir", str(out), "--device", "cpu", *SMALL, *extra])
+
+
+def test_loss_terms_by_hand():
+    g = torch.Generator().manual_seed(0)
+    X, A, B = torch.randn(2, 6, 10, generator=g), torch.randn(2, 6, 3, generator=g), torch.randn(2, 3, 10, generator=g)
+    Xh = A @ B
+    t = M.loss_terms(X, Xh, A, B, lambda_B=0.5, lambda_ortho=0.25)
+    x, a, b = X.double().numpy(), A.double().numpy(), B.double().numpy()
+    recon = np.mean((a @ b - x) ** 2)
+    b_reg = np.mean(b ** 2)
+    ortho = np.mean([np.sum((bb @ bb.T - np.eye(3)) ** 2) for bb in b]) / 9
+    for k, v in {"recon": recon, "b_reg": b_reg, "ortho": ortho, "total": recon + 0.5 * b_reg + 0.25 * ortho}.items():
+        assert abs(t[k].item() - v) < 1e-4 * max(1, abs(v)), k
+
+
+@pytest.mark.parametrize("arch", list(M.ARCHS))
+def test_models_shapes_any_rank(arch):
+    for r in (4, 16):
+        m = M.build_model({"arch": arch, "rank": r, "arch_options": {"hidden": 16} if arch == "symmetric" else {}})
+        Xh, A, B = m(torch.randn(3, 256, 2048))
+        assert Xh.shape == (3, 256, 2048) and A.shape == (3, 256, r) and B.shape == (3, r, 2048)
+        torch.testing.assert_close(Xh, A @ B)
+
+
+def test_subspace_is_exact_when_omega_spans_the_row_space():
+    """Ω = the true top right singular vectors -> the output is truncated SVD."""
+    import svd_baseline as sb
+    U = torch.linalg.qr(torch.randn(256, 256))[0]
+    V = torch.linalg.qr(torch.randn(2048, 256))[0]
+    X = (U * (0.9 ** torch.arange(256.0))) @ V.T
+    m = M.Subspace(rank=16, oversample=4)
+    with torch.no_grad():
+        m.omega.copy_(V[:, :20])
+    Xh, _, _ = m(X[None])
+    torch.testing.assert_close(Xh, sb.svd_reconstruct(X[None], 16), atol=1e-5, rtol=1e-4)
+    for k in (4, 8):  # nested: the first k components are the rank-k truncation
+        torch.testing.assert_close(m(X[None], rank=k)[0], sb.svd_reconstruct(X[None], k), atol=1e-5, rtol=1e-4)
+
+
+def test_training_writes_everything(tiny_cache, tmp_path):
+    res = run(tiny_cache / "cache", tmp_path, "--epochs", "2")
+    for f in ("best_model.pt", "last.pt", "split.json", "config.json", "history.json", "loss_curves.png"):
+        assert (tmp_path / f).exists(), f
+    h = json.loads((tmp_path / "history.json").read_text())
+    assert [r["epoch"] for r in h] == [1, 2]
+    for k in ("train_recon", "train_b_reg", "train_ortho", "train_total", "val_mse", "val_cosine", "val_rel_fro",
+              "val_energy", "lr", "seconds"):
+        assert k in h[0] and np.isfinite(h[0][k]), k
+    ck = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    assert ck["config"]["arch"] == "symmetric" and ck["config"]["rank"] == 8
+    assert ck["best_val_mse"] == min(r["val_mse"] for r in h)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (32, 4, 4)
+    assert res["nn"]["cosine"]["n"] == 4 and res["svd"]["cosine"]["mean"] > res["nn"]["cosine"]["mean"]
+
+
+def test_early_stopping_on_plateau(tiny_cache, tmp_path):
+    # lr 0: the weights never change, so the validation MSE never improves after epoch 1
+    res = run(tiny_cache / "cache", tmp_path, "--epochs", "20", "--lr", "0", "--patience", "2")
+    h = json.loads((tmp_path / "history.json").read_text())
+    assert len(h) == 3 and res["stopped"].startswith("early stop")
+
+
+def test_resume_matches_uninterrupted(tiny_cache, tmp_path):
+    run(tiny_cache / "cache", tmp_path / "full", "--epochs", "4", "--seed", "7")
+    run(tiny_cache / "cache", tmp_path / "cut", "--epochs", "2", "--seed", "7")
+    run(tiny_cache / "cache", tmp_path / "cut", "--epochs", "4", "--seed", "7", "--resume")
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ha = json.loads((tmp_path / "full" / "history.json").read_text())
+    hb = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [r["val_mse"] for r in ha] == [r["val_mse"] for r in hb]
+
+
+def test_nan_in_cache_is_named(tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache / "cache", cache)
+    x = torch.load(cache / "features_5.pt", weights_only=True)
+    x[0, 0] = float("nan")
+    torch.save(x, cache / "features_5.pt")
+    with pytest.raises(ValueError, match="features_5.pt.*NaN"):
+        run(cache, tmp_path / "r", "--epochs", "1")
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cache, tmp_path, monkeypatch, capsys):
+    real = M.loss_terms
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        t = real(*a, **k)
+        if calls["n"] > 4:  # epoch 1 has 4 steps; epoch 2 gets a NaN
+            t["total"] = t["total"] * float("nan")
+        return t
+    monkeypatch.setattr(T, "loss_terms", poisoned)
+    with pytest.raises(SystemExit):
+        run(tiny_cache / "cache", tmp_path, "--epochs", "3")
+    assert "NaN" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "best_model.pt").exists()
+
+
+def test_missing_cache_names_extraction_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="qwenvl_dataloader.py"):
+        run(tmp_path / "none", tmp_path / "r", "--epochs", "1")
+
+
+def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
+    r = subprocess.run([str(ROOT / "train.sh"), "8", "1", "0.002", "4", "0.0002", "0.003", str(tmp_path / "res"),
+                        "--cache_dir", str(tiny_cache / "cache"), "--hidden", "16", "--device", "cpu"],
+                       capture_output=True, text=True, cwd="/", env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "+ " in r.stdout and "--lambda_ortho 0.003" in r.stdout
+    cfg = json.loads((tmp_path / "res" / "config.json").read_text())
+    assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == \
+        (8, 1, 0.002, 4, 0.0002, 0.003)
+    assert cfg["arch_options"] == {"hidden": 16}
