@@ -11,14 +11,6 @@ import svd_baseline as sb
 import train_real_data as T
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    T.main(["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(out), "--device", "cpu", "--rank", "16",
-            "--arch", "subspace", "--epochs", "2", "--batch_size", "8"])
-    return out
-
-
 def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
     s = C.main(["--results_dir", str(trained), "--rank", "16", "--device", "cpu"])
     printed = capsys.readouterr().out

@@ -1,0 +1,75 @@
+"""visualize_svd_nn.py: the drawn arrays are the computed ones, scales are shared, errors are clear."""
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import qwenvl_dataloader as qd  # noqa: E402
+import svd_baseline as sb  # noqa: E402
+import visualize_svd_nn as V  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+
+def test_figures_files_and_arrays(trained, tmp_path):
+    d, paths = V.main(["--results_dir", str(trained), "--image_idx", "1", "--out", str(tmp_path),
+                       "--channels", "0-2,100"])
+    split = json.loads((trained / "split.json").read_text())
+    sid = split["test"][1]
+    assert [p.name for p in paths] == [f"sample{sid}_rank16_{n}" for n in
+                                       ("channels.png", "errors.png", "spectrum.png", "interactive.html")]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    # independent recomputation of what must be drawn
+    model, ck = load_checkpoint(trained / "best_model.pt")
+    cfg = ck["config"]
+    raw = torch.load(qd.feature_path(cfg["cache_dir"], sid), weights_only=True).float()
+    X = torch.nn.functional.layer_norm(raw, (2048,))
+    svd = sb.svd_reconstruct(X[None], 16, "svd")[0]
+    fig = V.fig_channels(d, [0, 1, 2, 100], "t", "subspace")
+    ax = np.array(fig.axes[:20]).reshape(5, 4)  # the image axes come first, colour bars after
+    for j, c in enumerate([0, 1, 2, 100]):
+        orig = ax[0, j].images[0].get_array()
+        np.testing.assert_allclose(orig, X[:, c].reshape(16, 16).numpy(), atol=1e-5)  # token t at (t//16, t%16)
+        np.testing.assert_allclose(ax[1, j].images[0].get_array(), svd[:, c].reshape(16, 16).numpy(), atol=1e-4)
+        np.testing.assert_allclose(ax[3, j].images[0].get_array(),
+                                   (X[:, c] - svd[:, c]).abs().reshape(16, 16).numpy(), atol=1e-4)
+        clims = {ax[i, j].images[0].get_clim() for i in range(3)}
+        assert len(clims) == 1  # one colour scale per channel for original, SVD and NN
+        assert ax[3, j].images[0].get_clim() == ax[4, j].images[0].get_clim()
+    plt.close(fig)
+    err = (X - svd).norm(dim=1)
+    np.testing.assert_allclose(d["svd_err"].numpy(), err.numpy(), rtol=1e-4, atol=1e-5)
+    fig = V.fig_errors(d, "t", "subspace")
+    e_svd, e_nn = fig.axes[0].images[0], [a for a in fig.axes if a.images][2].images[0]
+    np.testing.assert_allclose(e_svd.get_array(), err.reshape(16, 16).numpy(), rtol=1e-4, atol=1e-5)
+    assert e_svd.get_clim() == e_nn.get_clim()
+    plt.close(fig)
+    html = paths[3].read_text()
+    assert '"channels": [0, 1, 2, 3' in html and "100]" in html and "<script>" in html
+
+
+def test_bbox_scaled_to_448(trained, tmp_path):
+    assert V.scale_bbox([100, 50, 300, 100], (1000, 300)) == pytest.approx([44.8, 74.6667, 134.4, 149.3333], abs=1e-3)
+    d = V.compute(torch.randn(256, 2048), load_checkpoint(trained / "best_model.pt")[0], 16)
+    fig = V.fig_errors(d, "t", "s", np.zeros((448, 448, 3), np.uint8), [44.8, 74.7, 134.4, 149.3])
+    rect = [p for a in fig.axes for p in a.patches][0]
+    assert rect.get_xy() == pytest.approx((44.8, 74.7)) and rect.get_width() == pytest.approx(134.4)
+    assert len([a for a in fig.axes if a.images]) == 6  # maps + the image overlay for SVD and NN
+    plt.close(fig)
+
+
+def test_out_of_range_index_gives_valid_range(trained):
+    with pytest.raises(SystemExit, match=r"out of range.*\(0\.\.3\)"):
+        V.main(["--results_dir", str(trained), "--image_idx", "4"])
+    with pytest.raises(SystemExit, match="not in cache"):
+        V.main(["--results_dir", str(trained), "--sample_id", "99999"])
+
+
+def test_parse_channels():
+    assert V.parse_channels("0-3,9") == [0, 1, 2, 3, 9]
+    with pytest.raises(SystemExit):
+        V.parse_channels("2040-2050")

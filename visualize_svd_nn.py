@@ -1,0 +1,259 @@
+"""
+Where in the image does the low-rank error lie? 16x16 channel maps, per-token error maps (also over the image with
+the data set's bbox), the sample's spectrum, and an interactive HTML view.
+
+    python visualize_svd_nn.py --image_idx 0 --rank 128 --results_dir results
+"""
+import argparse
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qwenvl_dataloader as qd
+import svd_baseline as sb
+from compare_svd_nn import load_run
+
+G = qd.GRID
+
+
+def parse_channels(spec, dim=qd.FEATURE_DIM):
+    """'0-7' or '0,5,9-11' -> list of ints, each checked against dim."""
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    bad = [c for c in out if not 0 <= c < dim]
+    if bad or not out:
+        raise SystemExit(f"--channels {spec}: channels must lie in 0..{dim - 1}")
+    return out
+
+
+def scale_bbox(bbox, image_size):
+    """[x, y, w, h] in original pixels of an image of size (W, H) -> the same box on the 448x448 resize."""
+    (W, H), (x, y, w, h) = image_size, bbox
+    sx, sy = qd.IMAGE_SIZE / W, qd.IMAGE_SIZE / H
+    return [x * sx, y * sy, w * sx, h * sy]
+
+
+def compute(X, model, rank, svd_method=sb.DEFAULT_METHOD):
+    """Everything drawn, for one normalised sample X [256, 2048]: reconstructions, per-token errors, spectrum."""
+    with torch.no_grad():
+        nn = model(X[None])[0][0].float()
+    svd = sb.svd_reconstruct(X[None], rank, svd_method)[0]
+    S = sb.singular_values(X[None])[0]
+    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": sb.captured_energy(S)}
+    for name in ("svd", "nn"):
+        err, cos = sb.token_errors(X[None], d[name][None])
+        d[f"{name}_err"], d[f"{name}_cos"] = err[0].float(), cos[0].float()
+        d[f"{name}_metrics"] = {k: v.item() for k, v in sb.metrics(X[None], d[name][None]).items()}
+    return d
+
+
+def grid(v):
+    """[256] token values -> [16, 16] map: token t at row t // 16, column t % 16."""
+    return np.asarray(v, dtype=np.float64).reshape(G, G)
+
+
+def title_metrics(d, arch):
+    s, n = d["svd_metrics"], d["nn_metrics"]
+    return (f"SVD cos {s['cosine']:.4f} energy {s['energy']:.4f} rel_fro {s['rel_fro']:.4f}  |  "
+            f"NN ({arch}) cos {n['cosine']:.4f} energy {n['energy']:.4f} rel_fro {n['rel_fro']:.4f}")
+
+
+def fig_channels(d, channels, head, arch):
+    """Rows: original, SVD, NN (one colour scale per channel, shared), |error| of SVD and NN (shared per channel)."""
+    import matplotlib.pyplot as plt
+    rows = [("original", "X"), ("SVD", "svd"), (f"NN ({arch})", "nn")]
+    fig, ax = plt.subplots(5, len(channels), figsize=(2.3 * len(channels) + 1.5, 11), squeeze=False,
+                           layout="constrained")
+    for j, c in enumerate(channels):
+        maps = [grid(d[k][:, c]) for _, k in rows]
+        vmin, vmax = min(m.min() for m in maps), max(m.max() for m in maps)
+        errs = [np.abs(maps[0] - maps[1]), np.abs(maps[0] - maps[2])]
+        emax = max(e.max() for e in errs) or 1.0
+        for i, m in enumerate(maps):
+            im = ax[i, j].imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
+        fig.colorbar(im, ax=ax[:3, j], shrink=0.7, location="bottom", pad=0.01)
+        for i, e in enumerate(errs):
+            im = ax[3 + i, j].imshow(e, cmap="magma", vmin=0, vmax=emax)
+        fig.colorbar(im, ax=ax[3:, j], shrink=0.7, location="bottom", pad=0.01)
+        ax[0, j].set_title(f"channel {c}")
+    for i, label in enumerate([r[0] for r in rows] + ["|X - SVD|", "|X - NN|"]):
+        ax[i, 0].set_ylabel(label)
+    for a in ax.flat:
+        a.set_xticks([]), a.set_yticks([])
+    fig.suptitle(f"{head}\n{title_metrics(d, arch)}", fontsize=10)
+    return fig
+
+
+def fig_errors(d, head, arch, image=None, bbox=None):
+    """Per-token ‖x - x̂‖ and cosine maps, SVD and NN on shared scales; with the image: error over the pixels."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    ncol = 3 if image is not None else 2
+    fig, ax = plt.subplots(2, ncol, figsize=(4.6 * ncol, 8.6), squeeze=False)
+    emax = max(d["svd_err"].max().item(), d["nn_err"].max().item())
+    cmin = min(d["svd_cos"].min().item(), d["nn_cos"].min().item())
+    for i, (name, label) in enumerate([("svd", "SVD"), ("nn", f"NN ({arch})")]):
+        im = ax[i, 0].imshow(grid(d[f"{name}_err"]), cmap="magma", vmin=0, vmax=emax)
+        fig.colorbar(im, ax=ax[i, 0], shrink=0.8)
+        ax[i, 0].set_title(f"{label}: token error ‖x − x̂‖")
+        im = ax[i, 1].imshow(grid(d[f"{name}_cos"]), cmap="viridis", vmin=cmin, vmax=1)
+        fig.colorbar(im, ax=ax[i, 1], shrink=0.8)
+        ax[i, 1].set_title(f"{label}: token cosine")
+        if image is not None:
+            ax[i, 2].imshow(image)
+            up = np.kron(grid(d[f"{name}_err"]), np.ones((28, 28)))  # each token covers a 28x28 cell
+            im = ax[i, 2].imshow(up, cmap="magma", vmin=0, vmax=emax, alpha=0.55, extent=(0, 448, 448, 0))
+            fig.colorbar(im, ax=ax[i, 2], shrink=0.8)
+            ax[i, 2].set_title(f"{label}: error over the image")
+            if bbox is not None:
+                ax[i, 2].add_patch(Rectangle(bbox[:2], bbox[2], bbox[3], fill=False, ec="cyan", lw=2,
+                                             label="data set bbox"))
+                ax[i, 2].legend(loc="lower right", fontsize=8)
+    for a in ax.flat:
+        a.set_xticks([]), a.set_yticks([])
+    fig.suptitle(f"{head}\n{title_metrics(d, arch)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def fig_spectrum(d, rank, head):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    k = np.arange(1, len(d["S"]) + 1)
+    ax[0].semilogy(k, d["S"].numpy())
+    ax[0].set_title("singular values"), ax[0].set_xlabel("index")
+    ax[1].plot(k, d["energy"].numpy())
+    e = d["energy"][rank - 1].item()
+    ax[1].plot([rank], [e], "o", color="C3", label=f"rank {rank}: {e:.4f}")
+    ax[1].set_title("captured energy of the best rank-k approximation"), ax[1].set_xlabel("k"), ax[1].legend()
+    for a in ax:
+        a.axvline(rank, color="C3", ls=":", lw=1)
+        a.grid(alpha=0.3)
+    fig.suptitle(head, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_html(d, channels, path, head, arch):
+    """One self-contained HTML file: a 16x16 token grid; a selector picks the view and channel, hovering shows
+    the token's values and errors."""
+    r4 = lambda t: np.round(np.asarray(t, dtype=np.float64), 4).tolist()
+    data = {"channels": channels, "arch": arch,
+            "views": {k: r4(d[k][:, channels].T) for k in ("X", "svd", "nn")},
+            "tok": {k: r4(d[k]) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}}
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(head)}</title><style>
+body{{font-family:sans-serif;margin:16px}} #g{{display:grid;grid-template-columns:repeat(16,28px);gap:1px}}
+#g div{{width:28px;height:28px}} #info{{white-space:pre;font-family:monospace;margin-top:10px;min-height:9em}}
+</style></head><body><h3>{html.escape(head)}</h3>
+<label>view <select id="view"><option value="X">original</option><option value="svd">SVD</option>
+<option value="nn">NN</option><option value="esvd">|X - SVD|</option><option value="enn">|X - NN|</option>
+<option value="svd_err">SVD token error</option><option value="nn_err">NN token error</option></select></label>
+<label>channel <select id="ch"></select></label> <span id="scale"></span>
+<div id="g"></div><div id="info">hover a token</div>
+<script>
+const D={json.dumps(data)};
+const g=document.getElementById('g'),V=document.getElementById('view'),C=document.getElementById('ch');
+D.channels.forEach((c,i)=>{{const o=document.createElement('option');o.value=i;o.textContent=c;C.appendChild(o);}});
+for(let t=0;t<256;t++){{const e=document.createElement('div');e.dataset.t=t;g.appendChild(e);}}
+function values(){{const v=V.value,i=+C.value;
+ if(v==='X'||v==='svd'||v==='nn')return D.views[v][i];
+ if(v==='esvd'||v==='enn'){{const r=D.views[v==='esvd'?'svd':'nn'][i];return D.views.X[i].map((x,t)=>Math.abs(x-r[t]));}}
+ return D.tok[v];}}
+function scale(v){{const f=V.value;
+ if(f==='X'||f==='svd'||f==='nn'){{const i=+C.value,all=[...D.views.X[i],...D.views.svd[i],...D.views.nn[i]];
+  return [Math.min(...all),Math.max(...all)];}}
+ if(f==='svd_err'||f==='nn_err')return [0,Math.max(...D.tok.svd_err,...D.tok.nn_err)];
+ return [0,Math.max(...v)];}}
+function col(x){{const r=Math.round(255*x),b=Math.round(255*(1-x));return `rgb(${{r}},${{Math.round(80+100*x)}},${{b}})`;}}
+function draw(){{const v=values(),[lo,hi]=scale(v);document.getElementById('scale').textContent=`scale ${{lo.toFixed(3)}} .. ${{hi.toFixed(3)}} (shared)`;
+ [...g.children].forEach((e,t)=>e.style.background=col(hi>lo?(v[t]-lo)/(hi-lo):0));}}
+g.addEventListener('mouseover',ev=>{{const t=ev.target.dataset.t;if(t===undefined)return;const i=+C.value;
+ document.getElementById('info').textContent=`token ${{t}} (row ${{Math.floor(t/16)}}, col ${{t%16}}), channel ${{D.channels[i]}}
+original ${{D.views.X[i][t]}}   SVD ${{D.views.svd[i][t]}}   NN ${{D.views.nn[i][t]}}
+SVD: token error ${{D.tok.svd_err[t]}}, token cosine ${{D.tok.svd_cos[t]}}
+NN (${{D.arch}}): token error ${{D.tok.nn_err[t]}}, token cosine ${{D.tok.nn_cos[t]}}`;}});
+V.onchange=C.onchange=draw;draw();
+</script></body></html>"""
+    Path(path).write_text(page)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Spatial layout of SVD and NN reconstructions and their errors.")
+    ap.add_argument("--image_idx", type=int, default=0, help="position in the chosen split")
+    ap.add_argument("--sample_id", type=int, default=None, help="a cache index instead of --image_idx")
+    ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
+    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--channels", default="0-7", help="e.g. 0-7 or 0,5,100-103")
+    ap.add_argument("--html_channels", type=int, default=32, help="channels selectable in the HTML view "
+                                                                  "(the first N, plus --channels)")
+    ap.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+    ap.add_argument("--dpi", type=int, default=150)
+    ap.add_argument("--out", default=None, help="output folder (default: <results_dir>/vis)")
+    args = ap.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank,
+                                              args.cache_dir)
+    if args.sample_id is not None:
+        available = qd.cached_indices(cache_dir)
+        if args.sample_id not in set(available):
+            raise SystemExit(f"--sample_id {args.sample_id} is not in cache {cache_dir} "
+                             f"(indices {available[0]}..{available[-1]}, {len(available)} cached)")
+        sid, where = args.sample_id, f"sample {args.sample_id}"
+    else:
+        if not 0 <= args.image_idx < len(idx):
+            raise SystemExit(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
+                             f"samples (0..{len(idx) - 1})")
+        sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
+    channels = parse_channels(args.channels)
+    r = cfg["rank"]
+    X = qd.FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
+    d = compute(X, model, r)
+    meta = qd.load_manifest(cache_dir)["samples"].get(str(sid), {})
+    head = (f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}"
+            + (f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers")
+               else ""))
+
+    image = bbox = None
+    try:  # the source image, when the manifest's source is still reachable
+        src = qd.Source(qd.load_manifest(cache_dir)["source"]["path"])
+        if src.meta[sid]["id"] == meta.get("id"):
+            image = np.asarray(qd.load_image(src.image(sid)))
+            if meta.get("bbox") and meta.get("image_size"):
+                bbox = scale_bbox(meta["bbox"], meta["image_size"])
+    except Exception as e:
+        print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
+
+    out = Path(args.out or Path(args.results_dir) / "vis")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sample{sid}_rank{r}"
+    paths = []
+    for name, fig in [("channels", fig_channels(d, channels, head, cfg["arch"])),
+                      ("errors", fig_errors(d, head, cfg["arch"], image, bbox)),
+                      ("spectrum", fig_spectrum(d, r, head))]:
+        p = out / f"{stem}_{name}.{args.format}"
+        fig.savefig(p, dpi=args.dpi, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+    html_channels = sorted(set(range(min(args.html_channels, qd.FEATURE_DIM))) | set(channels))
+    p = out / f"{stem}_interactive.html"
+    write_html(d, html_channels, p, head.replace("\n", " | "), cfg["arch"])
+    paths.append(p)
+    print(f"{where}: {title_metrics(d, cfg['arch'])}")
+    for p in paths:
+        print(f"wrote {p}")
+    return d, paths
+
+
+if __name__ == "__main__":
+    main()
