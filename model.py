@@ -52,12 +52,17 @@ def _orth(Y):
 
 
 class Subspace(nn.Module):
-    """Learned subspace iteration. Ω [D, r + oversample] is a parameter; per sample:
-    Q = orth(X Ω); power_iters times Q = orth(X (Xᵀ Q)); C = Qᵀ X [m, D]; C = V Σ Wᵀ (via the m x m Gram matrix);
-    A = Q V_r Σ_r, B = W_rᵀ. X̂ = A B is the best rank-r approximation of X inside range(Q), exact when range(Q)
-    holds X's top-r left singular vectors. Trained to maximise the energy of X inside range(X Ω)."""
+    """Learned subspace iteration. Ω [D, m] is a parameter, m = r + oversample; per sample Q = orth(X Ω) (QR keeps
+    column order, so the first k columns of Q span X Ω[:, :k]), then power_iters steps Q = orth(X (Xᵀ Q)).
+    oversample 0 (default): A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range(X Ω), and the first k
+    components give the projection onto range(X Ω[:, :k]): nested ranks by construction.
+    oversample > 0: C = Qᵀ X, C = V Σ Wᵀ via the m x m Gram matrix, A = Q V_r Σ_r, B = W_rᵀ: the best rank-r
+    approximation inside range(Q), ordered by singular value.
+    Either way X̂ is exact when range(Q) holds X's top-r left singular vectors. Ω starts at the training tokens'
+    top principal directions and is trained to maximise the energy of X captured by each prefix of Q
+    (subspace_loss), differentiable through QR, no eigendecomposition in the loss."""
 
-    def __init__(self, rank=128, tokens=256, dim=2048, oversample=8, power_iters=0):
+    def __init__(self, rank=128, tokens=256, dim=2048, oversample=0, power_iters=0):
         super().__init__()
         self.rank, self.power_iters = rank, power_iters
         m = min(rank + oversample, tokens)
@@ -84,6 +89,8 @@ class Subspace(nn.Module):
         r = rank or self.rank
         Q = self.basis(X)                                  # [B, T, m]
         C = Q.transpose(1, 2) @ X                          # [B, m, D]
+        if Q.shape[-1] == self.rank:                       # nested by column order
+            return Q[..., :r] @ C[:, :r], Q[..., :r], C[:, :r]
         w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
         V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()
         V, s = V.to(X.dtype), s.to(X.dtype)
@@ -93,13 +100,17 @@ class Subspace(nn.Module):
         return A @ B, A, B
 
     def subspace_loss(self, X):
-        """1 - fraction of X's energy inside range(Q): differentiable through QR, no eigendecomposition."""
+        """Mean over the nested ranks k = 16, 32, ..., m of 1 - (energy of X inside range(Q[:, :k])) / energy of X."""
         Q = self.basis(X)
-        return 1 - (Q.transpose(1, 2) @ X).pow(2).sum((1, 2)).mean() / X.pow(2).sum((1, 2)).mean()
+        cum = (Q.transpose(1, 2) @ X).pow(2).sum(2).cumsum(1)   # [B, m]: energy in the first k columns
+        m = Q.shape[-1]
+        ks = sorted({k for k in (16, 32, 64, 128, 256) if k < m} | {m})
+        total = X.pow(2).sum((1, 2))
+        return torch.stack([1 - (cum[:, k - 1] / total).mean() for k in ks]).mean()
 
 
 ARCHS = {"symmetric": Symmetric, "subspace": Subspace}
-ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=8, power_iters=0)}
+ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=0, power_iters=0)}
 
 
 def build_model(config):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import qwenvl_dataloader as qd
 import svd_baseline as sb
-from model import ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint
+from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint
 
 
 def get_args(argv=None):
@@ -49,7 +49,7 @@ def get_args(argv=None):
     ap.add_argument("--grad_clip", type=float, default=1.0)
     ap.add_argument("--hidden", type=int, default=None, help="symmetric: MLP hidden width (default 512)")
     ap.add_argument("--power_iters", type=int, default=None, help="subspace: power steps (default 0)")
-    ap.add_argument("--oversample", type=int, default=None, help="subspace: extra columns in Ω (default 8)")
+    ap.add_argument("--oversample", type=int, default=None, help="subspace: extra columns in Ω (default 0: nested ranks without an eigendecomposition)")
     return ap.parse_args(argv)
 
 
@@ -84,7 +84,7 @@ def plot_history(history, path):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
     ax[0].plot(ep, [h["train_recon"] for h in history], "o-", label="train MSE")
     ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
-    ax[0].plot(ep, [h["train_total"] for h in history], "--", label="train total loss")
+    ax[0].plot(ep, [h["train_objective"] for h in history], "--", label="train objective")
     ax[0].set_yscale("log"), ax[0].set_title("loss"), ax[0].legend()
     ax[1].plot(ep, [h["val_cosine"] for h in history], "o-", color="C2", label="NN")
     if history and "svd_val_cosine" in history[0]:
@@ -120,6 +120,7 @@ def main(argv=None):
         config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
     else:
         opts = {k: getattr(args, k) for k in ("hidden", "power_iters", "oversample") if getattr(args, k) is not None}
+        opts = {k: opts.get(k, v) for k, v in ARCH_DEFAULTS[args.arch].items()}  # stored resolved: defaults may change
         config = {"arch": args.arch, "rank": args.rank, "arch_options": opts, "normalization": args.normalize,
                   "cache_dir": str(args.cache_dir), "batch_size": args.batch_size, "epochs": args.epochs,
                   "lr": args.lr, "lambda_B": args.lambda_B, "lambda_ortho": args.lambda_ortho,
@@ -186,6 +187,7 @@ def main(argv=None):
                 loss = terms["total"]
                 if hasattr(raw_model, "subspace_loss"):  # subspace: train Ω on the energy it captures
                     loss = raw_model.subspace_loss(X) if world == 1 else model.module.subspace_loss(X)
+            terms["objective"] = loss.detach()  # what the optimiser minimises (= total, or subspace_loss)
             if not torch.isfinite(loss):
                 nonfinite = True
             if all_agree(nonfinite, world):
@@ -228,7 +230,7 @@ def main(argv=None):
             os.replace(out / ".last.pt.tmp", out / "last.pt")
             qd.atomic_save(history, out / "history.json")
             plot_history(history, out / "loss_curves.png")
-        log(f"epoch {epoch:3d} | train loss {rec['train_total']:.5f} (mse {rec['train_recon']:.5f} b_reg "
+        log(f"epoch {epoch:3d} | train objective {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f} b_reg "
             f"{rec['train_b_reg']:.3g} ortho {rec['train_ortho']:.3g}) | val mse {val_mse:.5f} cos "
             f"{rec['val_cosine']:.4f} energy {rec['val_energy']:.4f} | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s"
             f"{' *' if improved else ''}")

@@ -137,4 +137,4 @@ def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
     cfg = json.loads((tmp_path / "res" / "config.json").read_text())
     assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == \
         (8, 1, 0.002, 4, 0.0002, 0.003)
-    assert cfg["arch_options"] == {"hidden": 16}
+    assert cfg["arch_options"] == {"hidden": 16, "n_blocks": 2}
