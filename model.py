@@ -42,9 +42,11 @@ class Symmetric(nn.Module):
         self.col = branch(tokens, hidden, rank, n_blocks)
 
     def forward(self, X):
-        A = self.row(X)                                   # [B, T, r]
-        B = self.col(X.transpose(1, 2)).transpose(1, 2)   # [B, r, D]
+        A, B = self.factors(X)
         return A @ B, A, B
+
+    def factors(self, X):
+        return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)   # [B, T, r], [B, r, D]
 
 
 def _orth(Y):
@@ -60,7 +62,7 @@ class Subspace(nn.Module):
     approximation inside range(Q), ordered by singular value.
     Either way X̂ is exact when range(Q) holds X's top-r left singular vectors. Ω starts at the training tokens'
     top principal directions and is trained to maximise the energy of X captured by each prefix of Q
-    (subspace_loss), differentiable through QR, no eigendecomposition in the loss."""
+    (objective), differentiable through QR, no eigendecomposition in the loss."""
 
     def __init__(self, rank=128, tokens=256, dim=2048, oversample=0, power_iters=0):
         super().__init__()
@@ -86,25 +88,32 @@ class Subspace(nn.Module):
         return Q
 
     def forward(self, X, rank=None):
+        A, B = self.factors(X, rank)
+        return A @ B, A, B
+
+    def factors(self, X, rank=None):
+        """(A, B) for rank k = rank or self.rank; the first k components of the rank-r factors."""
         r = rank or self.rank
         Q = self.basis(X)                                  # [B, T, m]
-        C = Q.transpose(1, 2) @ X                          # [B, m, D]
         if Q.shape[-1] == self.rank:                       # nested by column order
-            return Q[..., :r] @ C[:, :r], Q[..., :r], C[:, :r]
+            return Q[..., :r], Q[..., :r].transpose(1, 2) @ X
+        C = Q.transpose(1, 2) @ X                          # [B, m, D]
         w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
         V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()
         V, s = V.to(X.dtype), s.to(X.dtype)
         A = (Q @ V) * s[:, None, :]
         inv = torch.where(s > s[:, :1] * 1e-6, 1 / s, torch.zeros_like(s))
         B = (V.transpose(1, 2) @ C) * inv[:, :, None]
-        return A @ B, A, B
+        return A, B
 
-    def subspace_loss(self, X):
-        """Mean over the nested ranks k = 16, 32, ..., m of 1 - (energy of X inside range(Q[:, :k])) / energy of X."""
-        Q = self.basis(X)
-        cum = (Q.transpose(1, 2) @ X).pow(2).sum(2).cumsum(1)   # [B, m]: energy in the first k columns
-        m = Q.shape[-1]
-        ks = sorted({k for k in (16, 32, 64, 128, 256) if k < m} | {m})
+    @staticmethod
+    def objective(X, Xhat, A, B):
+        """What subspace training minimises: the mean over nested ranks k = 16, 32, ..., r of the share of X's
+        energy outside the first k components, 1 - Σ_{i<=k} ‖a_i‖²‖b_i‖² / ‖X‖² (exact here because A's columns
+        and B's rows are mutually orthogonal: Q is orthonormal, or B = W_rᵀ). Differentiable through QR."""
+        cum = (A.pow(2).sum(1) * B.pow(2).sum(2)).cumsum(1)    # [batch, r]
+        r = A.shape[-1]
+        ks = sorted({k for k in (16, 32, 64, 128, 256) if k < r} | {r})
         total = X.pow(2).sum((1, 2))
         return torch.stack([1 - (cum[:, k - 1] / total).mean() for k in ks]).mean()
 

@@ -493,14 +493,15 @@ def make_loader(dataset, batch_size, shuffle=False, num_workers=0, sampler=None,
 # CLI
 
 def dist_env():
-    """(rank, world_size) from torchrun's environment; initialises the process group when world_size > 1."""
+    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group (nccl on CUDA,
+    else gloo) when world_size > 1. Without torchrun: (0, 1, 0)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1
+        return 0, 1, 0
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0))
 
 
 def main(argv=None):
@@ -520,10 +521,10 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="at most this many samples")
     args = ap.parse_args(argv)
 
-    rank, world = dist_env()
+    rank, world, local_rank = dist_env()
     device = args.device
     if device is None and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = f"cuda:{local_rank}"
     s = extract(args.dataset_dir, args.cache_dir, args.model, device, args.dtype, args.extract_batch_size,
                 args.start, args.limit, args.revision, rank, world)
     if world > 1:

@@ -57,16 +57,6 @@ class NonFinite(Exception):
     pass
 
 
-def setup_distributed():
-    """(rank, world_size, local_rank); a process group only under torchrun with WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if world > 1:
-        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
 def all_agree(flag, world):
     """True on every rank if flag is True on any rank (early stop, non-finite loss): no rank hangs."""
     if world == 1:
@@ -103,7 +93,7 @@ def plot_history(history, path):
 
 def main(argv=None):
     args = get_args(argv)
-    rank_id, world, local_rank = setup_distributed()
+    rank_id, world, local_rank = qd.dist_env()
     master = rank_id == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -185,9 +175,9 @@ def main(argv=None):
                 Xhat, A, B = model(X)
                 terms = loss_terms(X, Xhat.float(), A.float(), B.float(), config["lambda_B"], config["lambda_ortho"])
                 loss = terms["total"]
-                if hasattr(raw_model, "subspace_loss"):  # subspace: train Ω on the energy it captures
-                    loss = raw_model.subspace_loss(X) if world == 1 else model.module.subspace_loss(X)
-            terms["objective"] = loss.detach()  # what the optimiser minimises (= total, or subspace_loss)
+                if hasattr(raw_model, "objective"):  # subspace: train Ω on the energy it captures
+                    loss = raw_model.objective(X, Xhat.float(), A.float(), B.float())
+            terms["objective"] = loss.detach()  # what the optimiser minimises (= total, or the arch's own objective)
             if not torch.isfinite(loss):
                 nonfinite = True
             if all_agree(nonfinite, world):

@@ -138,3 +138,23 @@ def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
     assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == \
         (8, 1, 0.002, 4, 0.0002, 0.003)
     assert cfg["arch_options"] == {"hidden": 16, "n_blocks": 2}
+
+
+def test_subspace_objective_is_the_energy_outside_each_prefix():
+    torch.manual_seed(0)
+    m = M.Subspace(rank=32)
+    X = torch.randn(2, 256, 2048).double()
+    m.double()
+    Xh, A, B = m(X)
+    got = M.Subspace.objective(X, Xh, A, B).item()
+    ref = []
+    for k in (16, 32):  # independent: project onto range(X Ω[:, :k]) with NumPy
+        out = []
+        for x in X.numpy():
+            q, _ = np.linalg.qr(x @ m.omega.detach().numpy()[:, :k])
+            out.append(1 - np.sum((q @ (q.T @ x)) ** 2) / np.sum(x ** 2))
+        ref.append(np.mean(out))
+    assert abs(got - np.mean(ref)) < 1e-10
+    # nested: the first k components are that projection
+    q, _ = np.linalg.qr(X[0].numpy() @ m.omega.detach().numpy()[:, :16])
+    np.testing.assert_allclose(m(X, rank=16)[0][0].detach().numpy(), q @ (q.T @ X[0].numpy()), atol=1e-10)
