@@ -91,7 +91,8 @@ def plot_history(history, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def main(argv=None, on_epoch=None, test_at_end=True):
+    """Train; on_epoch(record) is called after each epoch (tune.py prunes from it). Returns the test report."""
     args = get_args(argv)
     rank_id, world, local_rank = qd.dist_env()
     master = rank_id == 0
@@ -224,6 +225,8 @@ def main(argv=None):
             f"{rec['train_b_reg']:.3g} ortho {rec['train_ortho']:.3g}) | val mse {val_mse:.5f} cos "
             f"{rec['val_cosine']:.4f} energy {rec['val_energy']:.4f} | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s"
             f"{' *' if improved else ''}")
+        if on_epoch is not None:
+            on_epoch(rec)
         if bad_epochs >= config["patience"]:
             stopped = f"early stop: no better validation MSE for {config['patience']} epochs"
             log(stopped)
@@ -232,7 +235,7 @@ def main(argv=None):
         dist.barrier()
 
     result = None
-    if master and (out / "best_model.pt").exists():
+    if master and test_at_end and (out / "best_model.pt").exists():
         result = test_report(out / "best_model.pt", split["test"], device)
         result["stopped"] = stopped
     if world > 1:

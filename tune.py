@@ -1,0 +1,149 @@
+"""
+Hyperparameter search with Optuna over train_real_data.py: lr, lambda_B, lambda_ortho, weight_decay, batch_size,
+arch (and rank with --tune_rank), pruning on the per-epoch validation MSE. Resumable: the study lives in --storage.
+
+    python tune.py --cache_dir feature_cache_real --n_trials 50 --epochs 10
+    python tune.py ... --storage postgresql://user:pw@host/db     (several machines share one study)
+
+Writes into --results_dir: split.json (shared by every trial), trial_<n>/ (each trial's run), best_params.json,
+optimization_history.png, param_importances.png, and prints the train.sh command of the best trial.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+
+import qwenvl_dataloader as qd
+import train_real_data as T
+
+
+def storage_from(spec, results_dir):
+    if spec is None:
+        spec = str(Path(results_dir) / "optuna_journal.log")
+    if "://" in spec:  # an RDB URL (sqlite:///..., postgresql://..., mysql://...)
+        return spec
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def train_argv(p, args, trial_dir):
+    argv = ["--cache_dir", args.cache_dir, "--results_dir", str(trial_dir), "--epochs", str(args.epochs),
+            "--patience", str(args.patience), "--seed", str(args.seed), "--normalize", args.normalize]
+    for k in ("lr", "lambda_B", "lambda_ortho", "weight_decay", "batch_size", "arch", "rank"):
+        argv += [f"--{k}", str(p[k])]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.max_samples:
+        argv += ["--max_samples", str(args.max_samples)]
+    return argv
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Optuna search over the training hyperparameters.")
+    ap.add_argument("--cache_dir", default="feature_cache_real")
+    ap.add_argument("--results_dir", default="results_tune")
+    ap.add_argument("--study_name", default="low-rank-image")
+    ap.add_argument("--storage", default=None, help="journal file path (default <results_dir>/optuna_journal.log) "
+                                                    "or an RDB URL such as postgresql://user:pw@host/db")
+    ap.add_argument("--n_trials", type=int, default=20, help="total trials in the study (resumed studies count "
+                                                             "those already finished)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds for this invocation")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs per trial")
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--tune_rank", action="store_true", help="also search the rank over --ranks")
+    ap.add_argument("--ranks", default="32,64,128")
+    ap.add_argument("--batch_sizes", default="4,8,16,32")
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--max_samples", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qd.load_or_make_split(out, args.cache_dir, args.seed, args.max_samples)  # one split for every trial
+    study = optuna.create_study(study_name=args.study_name, storage=storage_from(args.storage, out),
+                                direction="minimize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+
+    def objective(trial):
+        p = {"lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+             "lambda_B": trial.suggest_float("lambda_B", 1e-6, 1e-2, log=True),
+             "lambda_ortho": trial.suggest_float("lambda_ortho", 1e-5, 1e-1, log=True),
+             "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
+             "batch_size": trial.suggest_categorical("batch_size", [int(b) for b in args.batch_sizes.split(",")]),
+             "arch": trial.suggest_categorical("arch", args.archs.split(",")),
+             "rank": (trial.suggest_categorical("rank", [int(r) for r in args.ranks.split(",")])
+                      if args.tune_rank else args.rank)}
+        trial_dir = out / f"trial_{trial.number}"
+        if trial_dir.exists():  # a trial that died midway starts again cleanly
+            shutil.rmtree(trial_dir)
+        trial_dir.mkdir(parents=True)
+        shutil.copy(out / "split.json", trial_dir / "split.json")
+        best = [float("inf")]
+
+        def on_epoch(rec):
+            best[0] = min(best[0], rec["val_mse"])
+            trial.report(rec["val_mse"], rec["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {rec['epoch']} (val MSE {rec['val_mse']:.5g})")
+        T.main(train_argv(p, args, trial_dir), on_epoch=on_epoch, test_at_end=False)
+        return best[0]
+
+    done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                         optuna.trial.TrialState.PRUNED)])
+    todo = max(0, args.n_trials - done)
+    print(f"study '{args.study_name}': {done} trials done, running {todo} more")
+    if todo:
+        study.optimize(objective, n_trials=todo, timeout=args.timeout, catch=(SystemExit,))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise SystemExit("no trial completed")
+    best = study.best_trial
+    p = dict(best.params)
+    p.setdefault("rank", args.rank)
+    (out / "best_params.json").write_text(json.dumps({"trial": best.number, "val_mse": best.value, "params": p,
+                                                      "epochs": args.epochs, "n_complete": len(complete),
+                                                      "n_pruned": len(study.trials) - len(complete)}, indent=1))
+    plots(study, out)
+    print(f"best trial {best.number}: val MSE {best.value:.6g} with {p}")
+    print(f"wrote {out / 'best_params.json'}, {out / 'optimization_history.png'}, {out / 'param_importances.png'}")
+    print("reproduce it with:")
+    print(f"  ./train.sh {p['batch_size']} {args.epochs} {p['lr']:.3g} {p['rank']} {p['lambda_B']:.3g} "
+          f"{p['lambda_ortho']:.3g} results_best --arch {p['arch']} --weight_decay {p['weight_decay']:.3g} "
+          f"--seed {args.seed} --cache_dir {args.cache_dir}")
+    return study
+
+
+def plots(study, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vm
+    import warnings
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    ax = vm.plot_optimization_history(study)
+    ax.figure.set_size_inches(8, 5)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "optimization_history.png", dpi=120)
+    plt.close("all")
+    try:
+        ax = vm.plot_param_importances(study)
+        ax.figure.set_size_inches(8, 5)
+        ax.figure.tight_layout()
+    except (RuntimeError, ValueError) as e:  # e.g. too few completed trials to rank parameters
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.text(0.5, 0.5, f"parameter importances unavailable:\n{e}", ha="center", va="center", wrap=True)
+        ax.axis("off")
+    ax.figure.savefig(out / "param_importances.png", dpi=120)
+    plt.close("all")
+
+
+if __name__ == "__main__":
+    main()
