@@ -25,6 +25,9 @@ ap.add_argument("--ranks", default="16,32,64,128")
 ap.add_argument("--batch_size", type=int, default=64)
 ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+ap.add_argument("--eval_cache", default=None, help="measure quality on this cache's samples instead of the "
+                                                    "test split (e.g. images from other photos)")
+ap.add_argument("--max_eval", type=int, default=500)
 ap.add_argument("--out", default=None, help="JSON path (default <results_dir>/bench.json)")
 args = ap.parse_args()
 ranks = [int(r) for r in args.ranks.split(",")]
@@ -32,6 +35,8 @@ dev = torch.device(args.device)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 model, ck, cfg, test_idx, cache_dir = load_run(args.results_dir, device=dev)
+if args.eval_cache:
+    cache_dir, test_idx = args.eval_cache, qd.cached_indices(args.eval_cache)[: args.max_eval]
 X = torch.stack([x for x, _ in qd.FeatureDataset(cache_dir, test_idx, cfg["normalization"])]).to(dev)
 xb = X[: args.batch_size]
 if len(xb) < args.batch_size:  # time a full batch even on a small test split
@@ -79,7 +84,8 @@ def quality(name, r):
 
 
 rows = []
-print(f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, test n={len(X)} from {cache_dir}, "
+print(f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
+      f"{'evaluated' if args.eval_cache else 'test'} n={len(X)} from {cache_dir}, "
       f"model {args.results_dir} ({cfg['arch']}, trained rank {cfg['rank']})")
 print(f"{'method':<36}{'rank':>5}{'cosine':>9}{'energy':>9}{'ms/sample':>11}{'x vs linalg.svd':>17}{'x vs ' + sb.DEFAULT_METHOD:>10}")
 for r in ranks:

@@ -18,10 +18,10 @@ WORDS = ["STOP", "EXIT", "OPEN", "CAFE", "SALE", "PARK", "BUS 42", "HOTEL", "PIZ
          "MARKET", "NO ENTRY", "ONE WAY", "PHARMACY", "BAKERY", "GATE 7", "PLATFORM 3", "LIBRARY"]
 
 
-def photos():
+def photos(names=None):
     import skimage.data
     out = []
-    for name in PHOTOS:
+    for name in names or PHOTOS:
         a = getattr(skimage.data, name)()
         if a.dtype != np.uint8:
             a = (a * 255).astype(np.uint8) if a.max() <= 1 else a.astype(np.uint8)
@@ -60,9 +60,9 @@ def encode(im, fmt="JPEG"):
     return buf.getvalue()
 
 
-def make_rows(num, seed=0):
+def make_rows(num, seed=0, names=None):
     rng = np.random.default_rng(seed)
-    ph = photos()
+    ph = photos(names)
     rows = []
     for k in range(num):
         name, photo = ph[k % len(ph)]
@@ -97,12 +97,17 @@ def main():
     ap.add_argument("--num", type=int, default=300)
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})")
     args = ap.parse_args()
+    names = args.photos.split(",") if args.photos else None
+    bad = set(names or []) - set(PHOTOS)
+    if bad:
+        raise SystemExit(f"--photos: unknown {sorted(bad)}; choose from {PHOTOS}")
     out = Path(args.out)
     if out.exists() and any(out.rglob("*.parquet")):
         print(f"{out} already holds parquet shards; leaving it as it is")
         return
-    write_parquet(make_rows(args.num, args.seed), out, args.shards)
+    write_parquet(make_rows(args.num, args.seed, names), out, args.shards)
     print(f"wrote {args.num} samples in {args.shards} parquet shards under {out / 'data'}")
 
 
