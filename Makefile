@@ -33,6 +33,8 @@ demo: setup
 	@echo "== 5/5 comparison with truncated SVD on the test split"
 	$(PY) compare_svd_nn.py --rank 128 --results_dir results_demo --device cpu
 	@echo
+	@echo "Figures:"; ls -1 results_demo/*.png results_demo/vis/*
+	@echo
 	@echo "The encoder above had RANDOM weights. For Qwen2.5-VL-3B-Instruct on a GPU:"
 	@echo "  python qwenvl_dataloader.py --dataset_dir <TextVQA parquet dir> --model Qwen/Qwen2.5-VL-3B-Instruct"
 	@echo "  (see README.md, 'Real model')"
