@@ -50,7 +50,8 @@ class Symmetric(nn.Module):
 
 
 def _orth(Y):
-    return torch.linalg.qr(Y, mode="reduced")[0]
+    """Orthonormal basis of Y's columns, in column order; in float32 at least (QR has no bf16 kernels)."""
+    return torch.linalg.qr(Y if Y.dtype in (torch.float32, torch.float64) else Y.float(), mode="reduced")[0]
 
 
 class Subspace(nn.Module):

@@ -317,7 +317,12 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
     failed, written = {}, set()
     part = cache_dir / (MANIFEST if world_size == 1 else f"manifest.rank{rank}.json")
 
-    def write_manifest():
+    last_write = [0.0]
+
+    def write_manifest(force=True):
+        if not force and time.time() - last_write[0] < 10:  # a killed run loses no feature: a rerun re-lists them
+            return
+        last_write[0] = time.time()
         m = dict(manifest)
         m["encoder"], m["source"] = enc.info, source_info
         old_samples = {int(k): v for k, v in m.get("samples", {}).items()}
@@ -350,24 +355,26 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
         extracted += len(batch)
         bar.update(len(batch))
         batch.clear()
-        write_manifest()
+        write_manifest(force=False)
 
-    for i, data in src.iter_images(todo):
-        try:
-            im = open_rgb(data)
-            samples[i] = dict(samples[i], image_size=list(im.size))
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-        except Exception as e:
-            failed[i] = f"{type(e).__name__}: {e}"
-            bar.write(f"sample {i} ({src.meta[i]['id']}) failed: {failed[i]}")
-            bar.update(1)
-            continue
-        batch.append((i, im))
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    bar.close()
-    write_manifest()
+    try:
+        for i, data in src.iter_images(todo):
+            try:
+                im = open_rgb(data)
+                samples[i] = dict(samples[i], image_size=list(im.size))
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            except Exception as e:
+                failed[i] = f"{type(e).__name__}: {e}"
+                bar.write(f"sample {i} ({src.meta[i]['id']}) failed: {failed[i]}")
+                bar.update(1)
+                continue
+            batch.append((i, im))
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    finally:  # Ctrl-C or an error: what was extracted is listed before leaving
+        bar.close()
+        write_manifest()
     dt = time.time() - t0
     return {"extracted": extracted, "skipped": skipped, "failed": len(failed), "seconds": dt,
             "images_per_second": extracted / dt if dt > 0 and extracted else 0.0, "cache_dir": str(cache_dir)}

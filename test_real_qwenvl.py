@@ -127,6 +127,7 @@ def test_resume_after_interrupt(tmp_path, encoder):
     assert not list(cache_dir.glob(".*tmp"))  # no partial file left
     m = json.loads((cache_dir / "manifest.json").read_text())
     assert sorted(map(int, m["samples"])) == [0, 1, 2, 3]
+    assert all("image_size" in m["samples"][str(i)] for i in range(4))
     # a file truncated by a crash outside our control is redone, valid ones are not touched
     p3 = qd.feature_path(cache_dir, 3)
     p3.write_bytes(p3.read_bytes()[:1000])
