@@ -11,7 +11,11 @@ LAMBDA_B=${5:-0.0001}
 LAMBDA_ORTHO=${6:-0.001}
 RESULTS_DIR=${7:-results}
 shift $(( $# < 7 ? $# : 7 ))
-PY=${PYTHON:-python}
+# python: $PYTHON, else the active virtualenv/conda one, else the .venv that `make` creates beside this script
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && [ -x "$here/.venv/bin/python" ]; then PY="$here/.venv/bin/python"; else PY=python; fi
+fi
 cmd=("$PY" "$here/train_real_data.py" --batch_size "$BATCH_SIZE" --epochs "$EPOCHS" --lr "$LR" --rank "$RANK"
      --lambda_B "$LAMBDA_B" --lambda_ortho "$LAMBDA_ORTHO" --results_dir "$RESULTS_DIR" "$@")
 echo "+ ${cmd[*]}"
