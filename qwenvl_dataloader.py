@@ -545,8 +545,10 @@ def main(argv=None):
         s["extracted"], s["skipped"], s["failed"] = (int(v) for v in totals.tolist())
         dist.destroy_process_group()
     if rank == 0:
+        rate = (f"{s['images_per_second']:.1f} images/s{' on rank 0' if world > 1 else ''}" if s["extracted"]
+                else "nothing to extract")
         print(f"extracted {s['extracted']}, skipped {s['skipped']} (already cached), failed {s['failed']}; "
-              f"{s['images_per_second']:.1f} images/s{' on rank 0' if world > 1 else ''}; cache: {args.cache_dir}")
+              f"{rate}; cache: {args.cache_dir}")
         if s["failed"]:
             print(f"failures and their reasons are listed under 'failed' in {Path(args.cache_dir) / MANIFEST}")
 
