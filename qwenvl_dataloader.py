@@ -35,6 +35,11 @@ TINY_VISION_CONFIG = dict(depth=2, hidden_size=64, intermediate_size=128, num_he
                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=FEATURE_DIM,
                           fullatt_block_indexes=[1], hidden_act="silu")
 TINY_SEED = 0
+# Qwen2.5-VL-3B's own vision config, randomly initialised: real size and speed without weights (benchmarks only).
+RANDOM_3B = "random-3b"
+VISION_3B_CONFIG = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=FEATURE_DIM,
+                        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
 
 
 def extract_command(cache_dir="feature_cache_real"):
@@ -187,8 +192,8 @@ class Encoder:
         self.dtype = getattr(torch, dtype)
         pixels = IMAGE_SIZE * IMAGE_SIZE
         self.processor = Proc(min_pixels=pixels, max_pixels=pixels)
-        if model == TINY:
-            cfg = Qwen2_5_VLVisionConfig(**TINY_VISION_CONFIG)
+        if model in (TINY, RANDOM_3B):
+            cfg = Qwen2_5_VLVisionConfig(**(TINY_VISION_CONFIG if model == TINY else VISION_3B_CONFIG))
             torch.manual_seed(TINY_SEED)
             self.tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg, attn_implementation="sdpa")
             self.tower.to(self.dtype)
@@ -213,9 +218,9 @@ class Encoder:
         if grid != GRID or cfg.out_hidden_size != FEATURE_DIM:
             raise SystemExit(f"'{model}' gives a {grid}x{grid} grid of {cfg.out_hidden_size}-d tokens; this toolkit "
                              f"expects {GRID}x{GRID} x {FEATURE_DIM} (Qwen2.5-VL-3B)")
-        self.info = {"model": model if model == TINY else str(model), "revision": revision, "dtype": dtype,
+        self.info = {"model": str(model), "revision": revision, "dtype": dtype,
                      "image_size": IMAGE_SIZE, "grid": [GRID, GRID], "feature_dim": FEATURE_DIM,
-                     "tiny_seed": TINY_SEED if model == TINY else None}
+                     "tiny_seed": TINY_SEED if model in (TINY, RANDOM_3B) else None}
 
     @torch.no_grad()
     def __call__(self, images):
@@ -518,7 +523,8 @@ def main(argv=None):
                     help="TextVQA parquet directory, a folder of images (recursive), or a .jsonl list")
     ap.add_argument("--cache_dir", default="feature_cache_real", help="where features_<i>.pt go")
     ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"hub id or local checkpoint dir, or '{TINY}' for the tiny offline encoder (random weights)")
+                    help=f"hub id or local checkpoint dir, or '{TINY}' for the tiny offline encoder (random weights); "
+                         f"'{RANDOM_3B}' = the real-size tower with random weights, for speed measurements only")
     ap.add_argument("--revision", default=None, help="hub revision of --model")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
