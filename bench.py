@@ -100,6 +100,6 @@ for r in ranks:
                      "speedup_vs_fastest_exact": t_fast / t})
         print(f"{name:<36}{r:>5}{q['cosine']:>9.4f}{q['energy']:>9.4f}{t:>11.2f}{t_svd / t:>17.1f}{t_fast / t:>10.1f}")
 out = Path(args.out or Path(args.results_dir) / "bench.json")
-out.write_text(json.dumps({"device": str(dev), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+out.write_text(json.dumps({"normalization": cfg["normalization"], "device": str(dev), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
                            "n_test": len(X), "cache_dir": str(cache_dir), "rows": rows}, indent=1))
 print(f"wrote {out}")

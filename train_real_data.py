@@ -113,7 +113,7 @@ def main(argv=None, on_epoch=None, test_at_end=True):
         opts = {k: getattr(args, k) for k in ("hidden", "power_iters", "oversample") if getattr(args, k) is not None}
         opts = {k: opts.get(k, v) for k, v in ARCH_DEFAULTS[args.arch].items()}  # stored resolved: defaults may change
         config = {"arch": args.arch, "rank": args.rank, "arch_options": opts, "normalization": args.normalize,
-                  "cache_dir": str(args.cache_dir), "batch_size": args.batch_size, "epochs": args.epochs,
+                  "cache_dir": str(Path(args.cache_dir).resolve()), "batch_size": args.batch_size, "epochs": args.epochs,
                   "lr": args.lr, "lambda_B": args.lambda_B, "lambda_ortho": args.lambda_ortho,
                   "weight_decay": args.weight_decay, "patience": args.patience, "seed": args.seed,
                   "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world}
