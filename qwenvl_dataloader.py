@@ -202,7 +202,7 @@ class Encoder:
                 self.tower, info = Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
                     model, revision=revision, key_mapping={r"^visual\.": "model."}, dtype=self.dtype,
                     attn_implementation="sdpa", output_loading_info=True)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
                 raise SystemExit(
                     f"could not load Qwen2.5-VL from '{model}': {e}\n"
                     f"Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download "
