@@ -155,6 +155,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
         torch.set_rng_state(ck["rng_cpu"])
         log(f"resumed from {out / 'last.pt'} at epoch {ck['epoch']} (best val MSE {best:.6g})")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+    if args.amp and device.type != "cuda":
+        log("--amp: bf16 autocast is for CUDA; training in float32 on this device")
 
     svd_val = None
     if master:  # the target: SVD at the same rank on the validation samples
