@@ -19,7 +19,7 @@ from model import load_checkpoint
 
 
 def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=None, device="cpu"):
-    """The model, its config and a Dataset of the split's samples, all from the results directory."""
+    """(model, checkpoint, config, the split's sample indices, cache dir), all from the results directory."""
     results_dir = Path(results_dir)
     ckpt = Path(checkpoint) if checkpoint else results_dir / "best_model.pt"
     model, ck = load_checkpoint(ckpt, device)
@@ -59,7 +59,13 @@ def main(argv=None):
     ds = qd.FeatureDataset(cache_dir, idx, norm)
     loader = qd.make_loader(ds, args.batch_size)
     nn, ids, nn_s = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN")
-    svd, _, svd_s = sb.evaluate(lambda X: sb.svd_reconstruct(X, r, args.svd_method), loader, args.device, "SVD")
+    spectra = []  # singular values from the same decomposition, for the energy curve
+
+    def svd_reconstruct(X):
+        A, B, S = sb.truncated_svd(X, r, args.svd_method)
+        spectra.append(S)
+        return A @ B
+    svd, _, svd_s = sb.evaluate(svd_reconstruct, loader, args.device, "SVD")
     n = len(ids)
     S_nn, S_svd, D = sb.summarize(nn), sb.summarize(svd), paired(nn, svd)
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
@@ -87,8 +93,7 @@ def main(argv=None):
         w.writerow(["sample_id"] + [f"svd_{k}" for k in sb.METRICS] + [f"nn_{k}" for k in sb.METRICS])
         for j, i in enumerate(ids):
             w.writerow([i] + [svd[k][j] for k in sb.METRICS] + [nn[k][j] for k in sb.METRICS])
-    S = torch.cat([sb.singular_values(X) for X, _ in loader])
-    paths = plot(nn, svd, sb.captured_energy(S), S_nn, r, cfg["arch"], out / stem)
+    paths = plot(nn, svd, sb.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg["arch"], out / stem)
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
     return summary
 

@@ -4,9 +4,9 @@ and the training loss. Pure torch, no I/O except load_checkpoint.
 
     symmetric  the original toolkit's design (LowRankProjSymmetric): a token-wise residual MLP makes each row of A
                from a 2048-d token, the same kind of MLP over the columns of X (256-d) makes each column of B.
-    subspace   learned subspace iteration: Y = X·Ω with a learned Ω [2048, r+p] (initialised from the training
-               data's principal directions), Q = orth(Y), optional power steps, then the exact SVD of the small
-               QᵀX. Its components come out ordered by singular value, so the first k serve every rank k <= r.
+    subspace   learned subspace iteration: Q = orth(X·Ω) with a learned Ω [2048, r] (initialised from the training
+               data's principal directions), A = Q, B = QᵀX; QR keeps column order, so the first k components
+               serve every rank k <= r. Optional oversampling (exact SVD of the small QᵀX) and power steps.
 """
 import math
 
@@ -128,7 +128,7 @@ def build_model(config):
     arch = config["arch"]
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch '{arch}' (choose from {', '.join(ARCHS)})")
-    kw = dict(ARCH_DEFAULTS[arch], **{k: v for k, v in config.get("arch_options", {}).items()})
+    kw = dict(ARCH_DEFAULTS[arch], **config.get("arch_options", {}))
     return ARCHS[arch](rank=config["rank"], **kw)
 
 

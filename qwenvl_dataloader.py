@@ -12,11 +12,9 @@ import argparse
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -302,7 +300,7 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
             if int(i) < len(src) and m.get("id") != src.meta[int(i)]["id"]:
                 raise SystemExit(f"cache '{cache_dir}': sample {i} was '{m.get('id')}', the source now has "
                                  f"'{src.meta[int(i)]['id']}' there. Use another --cache_dir.")
-    for tmp in cache_dir.glob(f".features_*.tmp"):  # leftovers of a killed run
+    for tmp in cache_dir.glob(".features_*.tmp"):  # leftovers of a killed run
         tmp.unlink(missing_ok=True)
 
     stop = len(src) if limit is None else min(len(src), start + limit)

@@ -8,7 +8,6 @@ import torch
 import compare_svd_nn as C
 import qwenvl_dataloader as qd
 import svd_baseline as sb
-import train_real_data as T
 
 
 def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
