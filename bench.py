@@ -35,6 +35,10 @@ dev = torch.device(args.device)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 model, ck, cfg, test_idx, cache_dir = load_run(args.results_dir, device=dev)
+bad = [r for r in ranks if not 1 <= r <= cfg["rank"]]
+if bad:
+    raise SystemExit(f"error: --ranks {','.join(map(str, bad))}: the model in {args.results_dir} serves ranks "
+                     f"1..{cfg['rank']} (its trained rank); train at a higher --rank to bench higher ranks")
 if args.eval_cache:
     cache_dir, test_idx = args.eval_cache, qd.cached_indices(args.eval_cache)[: args.max_eval]
 X = torch.stack([x for x, _ in qd.FeatureDataset(cache_dir, test_idx, cfg["normalization"])]).to(dev)

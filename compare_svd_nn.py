@@ -24,11 +24,13 @@ def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=No
     ckpt = Path(checkpoint) if checkpoint else results_dir / "best_model.pt"
     model, ck = load_checkpoint(ckpt, device)
     cfg = ck["config"]
+    if rank is not None:
+        qd.check_rank(rank, qd.cached_shape(cache_dir or cfg["cache_dir"])[0])
     if rank is not None and rank != cfg["rank"]:
-        raise SystemExit(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
+        raise qd.UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
     sp = results_dir / "split.json"
     if not sp.exists():
-        raise SystemExit(f"{sp} not found: it is written by training (python train_real_data.py --results_dir "
+        raise qd.UserError(f"{sp} not found: it is written by training (python train_real_data.py --results_dir "
                          f"{results_dir})")
     idx = json.loads(sp.read_text())[split]
     return model, ck, cfg, idx, cache_dir or cfg["cache_dir"]
@@ -125,4 +127,4 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
 
 
 if __name__ == "__main__":
-    main()
+    qd.run_cli(main)

@@ -9,6 +9,9 @@ and the training loss. Pure torch, no I/O except load_checkpoint.
                serve every rank k <= r. Optional oversampling (exact SVD of the small QᵀX) and power steps.
 """
 import math
+import pickle
+import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -93,8 +96,10 @@ class Subspace(nn.Module):
         return A @ B, A, B
 
     def factors(self, X, rank=None):
-        """(A, B) for rank k = rank or self.rank; the first k components of the rank-r factors."""
-        r = rank or self.rank
+        """(A, B) for rank k (default: the trained rank r); the first k components of the rank-r factors."""
+        r = self.rank if rank is None else rank
+        if not 1 <= r <= self.rank:
+            raise ValueError(f"rank {r}: this model serves ranks 1..{self.rank} (its trained rank)")
         Q = self.basis(X)                                  # [B, T, m]
         if Q.shape[-1] == self.rank:                       # nested by column order
             return Q[..., :r], Q[..., :r].transpose(1, 2) @ X
@@ -162,14 +167,36 @@ def make_checkpoint(model, config, epoch, best_val_mse, optimizer=None, schedule
     return ck
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, checkpoint dict). A .pt from elsewhere is data, never unpickled code."""
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict, read as plain data (weights_only): a .pt from elsewhere is data, never unpickled code.
+    Every way a file can fail to be a checkpoint ends in one UserError line."""
+    from qwenvl_dataloader import UserError
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: train first (./train.sh ... or python train_real_data.py)")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint {path} not found: train first (./train.sh ... or python train_real_data.py)")
+    except pickle.UnpicklingError as e:  # weights_only refused a pickled object: never load it as code
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"{path} is refused: it is not plain data (it holds a pickled Python object"
+                        f"{f', {found.group(1)}' if found else ''}); a low-rank-image checkpoint holds only tensors "
+                        f"and plain types") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); was it written completely?") from None
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise SystemExit(f"{path} is not a low-rank-image checkpoint (no config/model entries)")
-    model = build_model(ck["config"])
-    model.load_state_dict(ck["model"])
+        raise UserError(f"{path} is not a low-rank-image checkpoint (no config/model entries)")
+    return ck
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode on device, checkpoint dict)."""
+    from qwenvl_dataloader import UserError
+    ck = read_checkpoint(path, device)
+    try:
+        model = build_model(ck["config"])
+        model.load_state_dict(ck["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: the checkpoint's config and weights do not build a model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval(), ck

@@ -9,10 +9,15 @@ Run it to extract a cache (one features_<i>.pt of [256, 2048] per image, plus ma
 Under torchrun each process takes the indices rank::world_size and rank 0 merges the manifests.
 """
 import argparse
+import fcntl
+import hashlib
 import io
 import json
 import os
+import socket
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +45,28 @@ VISION_3B_CONFIG = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_
                         fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
 
 
+class UserError(SystemExit):
+    """A mistake the user can fix (bad input, a missing file): printed as one line 'error: ...', exit status 1,
+    no traceback. LOWRANK_DEBUG=1 prints the traceback too."""
+
+    def __init__(self, msg):
+        super().__init__(f"error: {msg}")
+
+
+class BadFeature(ValueError):
+    """A cached feature file that is unreadable, mis-shaped or non-finite; the message names the file."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(): user errors and bad cache files end as one 'error:' line (exit 1), no traceback."""
+    try:
+        return main(argv)
+    except (UserError, BadFeature) as e:
+        if os.environ.get("LOWRANK_DEBUG"):
+            traceback.print_exc()
+        raise SystemExit(str(e) if isinstance(e, UserError) else f"error: {e}") from None
+
+
 def extract_command(cache_dir="feature_cache_real"):
     return (f"python qwenvl_dataloader.py --dataset_dir <parquet dir | image folder | list.jsonl> "
             f"--cache_dir {cache_dir}   (add --model tiny-random to run offline)")
@@ -55,7 +82,7 @@ class Source:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"--dataset_dir {path}: no such file or directory")
+            raise UserError(f"--dataset_dir {path}: no such file or directory")
         if self.path.is_file() and self.path.suffix in (".jsonl", ".json"):
             self.kind = "jsonl"
             self._read_jsonl()
@@ -67,24 +94,30 @@ class Source:
             files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
             self.meta = [{"id": str(p.relative_to(self.path)), "path": str(p)} for p in files]
         else:
-            raise ValueError(f"--dataset_dir {path}: expected a directory of parquet shards, a folder of images "
-                             f"or a .jsonl list")
+            raise UserError(f"--dataset_dir {path}: expected a directory of parquet shards, a folder of images "
+                            f"or a .jsonl list")
         if not self.meta:
-            raise ValueError(f"--dataset_dir {path}: found no samples ({self.kind})")
+            raise UserError(f"--dataset_dir {path}: found no samples ({self.kind}"
+                            + (f": no {', '.join(sorted(IMAGE_EXTS))} files)" if self.kind == "folder" else ")"))
 
     def __len__(self):
         return len(self.meta)
 
     def _read_jsonl(self):
         self.meta = []
-        for n, line in enumerate(self.path.read_text().splitlines()):
+        try:
+            lines = self.path.read_text().splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path}: not a text JSONL file ({e})") from None
+        for n, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
                 img = Path(rec["image"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}:{n + 1}: expected {{\"image\": path, ...}}: {e}") from None
+                raise UserError(f"{self.path}:{n + 1}: expected {{\"image\": path, ...}}: "
+                                f"{type(e).__name__}: {e}") from None
             if not img.is_absolute():
                 img = self.path.parent / img
             m = {"id": str(rec.get("id", len(self.meta))), "path": str(img)}
@@ -98,11 +131,15 @@ class Source:
         self.shards = sorted(self.path.rglob("*.parquet"))
         self.meta, self._where = [], []
         for s, shard in enumerate(self.shards):
-            pf = pq.ParquetFile(shard)
-            cols = [c for c in ("question", "answer", "dataset_id", "bbox") if c in pf.schema_arrow.names]
-            if "image" not in pf.schema_arrow.names:
-                raise ValueError(f"{shard}: no 'image' column (TextVQA schema: image, question, answer, dataset_id, bbox)")
-            t = pf.read(columns=cols).to_pylist()
+            try:
+                pf = pq.ParquetFile(shard)
+                names = pf.schema_arrow.names
+                if "image" not in names:
+                    raise UserError(f"{shard}: no 'image' column (TextVQA schema: image, question, answer, "
+                                    f"dataset_id, bbox; this file has {names or 'no columns'})")
+                t = pf.read(columns=[c for c in ("question", "answer", "dataset_id", "bbox") if c in names]).to_pylist()
+            except (OSError, ValueError) as e:  # pyarrow: not a parquet file, truncated, ...
+                raise UserError(f"{shard}: unreadable parquet file ({type(e).__name__}: {e})") from None
             for r, row in enumerate(t):
                 m = {"id": str(row.get("dataset_id", len(self.meta))), "shard": shard.name, "row": r}
                 if row.get("question") is not None:
@@ -146,13 +183,32 @@ class Source:
         return (img or {}).get("bytes") or (img or {}).get("path")
 
 
+def to_8bit(im):
+    """High-bit-depth greyscale (PIL modes I;16*, I, F) -> mode L, scaled, not clipped: 16-bit ranges
+    (I;16*, and I with values in 0..65535, as 16-bit PNGs open) map 0..65535 -> 0..255 (v / 257, so an 8-bit image
+    stored as v * 257 comes back exactly); F in 0..1 maps to 0..255; anything else is stretched min..max."""
+    import numpy as np
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        a = a / 257.0
+    elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+        a = a * 255.0
+    else:
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def open_rgb(data):
     """Bytes or path -> PIL RGB image at its own size, as qwen_vl_utils.fetch_image converts it: transparency
-    pasted on white, any other mode (L, P, CMYK, I;16, ...) converted to RGB."""
+    pasted on white, any other mode (L, P, CMYK, ...) converted to RGB; 16-bit and float images scaled to 8 bit
+    first (PIL's own convert would clip them to 255)."""
     if data is None:
         raise ValueError("no image data")
     im = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     im.load()
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = to_8bit(im)
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         white = Image.new("RGB", im.size, (255, 255, 255))
@@ -173,6 +229,12 @@ def load_image(data):
 
 def default_dtype(device):
     return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def encoder_key(model, revision=None, dtype=None, device="cpu"):
+    """What identifies a cache's encoder, known before loading it (Encoder.info adds the token grid and dim)."""
+    return {"model": str(model), "revision": revision, "dtype": dtype or default_dtype(device),
+            "image_size": IMAGE_SIZE}
 
 
 class Encoder:
@@ -201,24 +263,23 @@ class Encoder:
                     model, revision=revision, key_mapping={r"^visual\.": "model."}, dtype=self.dtype,
                     attn_implementation="sdpa", output_loading_info=True)
             except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
-                raise SystemExit(
-                    f"could not load Qwen2.5-VL from '{model}': {e}\n"
+                raise UserError(
+                    f"could not load Qwen2.5-VL from '{model}': {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                     f"Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download "
                     f"--model Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a "
                     f"pre-filled hub cache with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. "
                     f"For an offline run without weights: --model tiny-random.") from None
             if info["missing_keys"]:
-                raise SystemExit(f"'{model}': {len(info['missing_keys'])} vision-tower weights are missing from the "
+                raise UserError(f"'{model}': {len(info['missing_keys'])} vision-tower weights are missing from the "
                                  f"checkpoint (e.g. {sorted(info['missing_keys'])[:3]}); refusing random weights.")
         self.tower.eval().to(self.device)
         cfg = self.tower.config
         grid = IMAGE_SIZE // (cfg.patch_size * cfg.spatial_merge_size)
         if grid != GRID or cfg.out_hidden_size != FEATURE_DIM:
-            raise SystemExit(f"'{model}' gives a {grid}x{grid} grid of {cfg.out_hidden_size}-d tokens; this toolkit "
+            raise UserError(f"'{model}' gives a {grid}x{grid} grid of {cfg.out_hidden_size}-d tokens; this toolkit "
                              f"expects {GRID}x{GRID} x {FEATURE_DIM} (Qwen2.5-VL-3B)")
-        self.info = {"model": str(model), "revision": revision, "dtype": dtype,
-                     "image_size": IMAGE_SIZE, "grid": [GRID, GRID], "feature_dim": FEATURE_DIM,
-                     "tiny_seed": TINY_SEED if model in (TINY, RANDOM_3B) else None}
+        self.info = dict(encoder_key(model, revision, dtype), grid=[GRID, GRID], feature_dim=FEATURE_DIM,
+                         tiny_seed=TINY_SEED if model in (TINY, RANDOM_3B) else None)
 
     @torch.no_grad()
     def __call__(self, images):
@@ -232,13 +293,19 @@ class Encoder:
 # ----------------------------------------------------------------------------------------------------------------
 # the feature cache
 
+SAMPLE_LOG = "samples.jsonl"  # append-only, one line per extracted sample: survives kill -9 and manifest rebuilds
+LOCK = ".lock"
+HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
 def feature_path(cache_dir, i):
     return Path(cache_dir) / f"features_{i}.pt"
 
 
 def atomic_save(obj, path):
+    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
     if isinstance(obj, (dict, list)) and path.suffix == ".json":
         tmp.write_text(json.dumps(obj, indent=1))
     else:
@@ -246,101 +313,223 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder, pattern=".*.tmp"):
+    """Delete temp files left by killed processes of this host; those of live processes (another extraction or
+    training on the same folder) and of other hosts are left alone."""
+    for tmp in Path(folder).glob(pattern):
+        owner = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+        host, _, pid = owner.rpartition("-")
+        if host in (HOST, "") and (not pid.isdigit() or not pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def cache_lock(cache_dir):
+    """Exclusive lock on a cache directory (flock on <cache>/.lock), held while the manifest is read, merged and
+    written: any number of processes may extract into one cache."""
+    fd = os.open(Path(cache_dir) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def fingerprint(data):
+    """Content hash of one sample's input image (its bytes, or the file's bytes): the cache's per-sample identity."""
+    if data is None:
+        return None
+    if not isinstance(data, (bytes, bytearray)):
+        data = Path(data).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
 def read_feature(path):
-    """Load one cached tensor; raises ValueError naming the file if it is unreadable, mis-shaped or non-finite."""
+    """Load one cached tensor; raises BadFeature naming the file if it is unreadable, mis-shaped or non-finite."""
     try:
         x = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
+        raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != (NUM_TOKENS, FEATURE_DIM):
-        raise ValueError(f"{path}: expected a [{NUM_TOKENS}, {FEATURE_DIM}] tensor, "
+        raise BadFeature(f"{path}: expected a [{NUM_TOKENS}, {FEATURE_DIM}] tensor, "
                          f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
     if not torch.isfinite(x).all():
-        raise ValueError(f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun "
+        raise BadFeature(f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun "
                          f"qwenvl_dataloader.py)")
     return x
 
 
-def load_manifest(cache_dir):
+def check_feature_header(path):
+    """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the right shape."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (NUM_TOKENS, FEATURE_DIM) or not x.is_floating_point():
+        raise BadFeature(f"{path}: expected a floating [{NUM_TOKENS}, {FEATURE_DIM}] tensor, "
+                         f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}")
+
+
+def read_manifest(cache_dir):
     p = Path(cache_dir) / MANIFEST
-    if not p.exists():
-        raise FileNotFoundError(f"no feature cache in '{cache_dir}' ({MANIFEST} missing). Build it with:\n  "
-                                + extract_command(cache_dir))
-    return json.loads(p.read_text())
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def load_manifest(cache_dir):
+    if not Path(cache_dir).is_dir():
+        raise UserError(f"feature cache directory '{cache_dir}' does not exist. Build it with: "
+                        + extract_command(cache_dir))
+    if not (Path(cache_dir) / MANIFEST).exists():
+        raise UserError(f"'{cache_dir}' is not a feature cache ({MANIFEST} missing). Build it with: "
+                        + extract_command(cache_dir))
+    return read_manifest(cache_dir)
+
+
+def read_sample_log(cache_dir):
+    """{index: record} from samples.jsonl (later lines win; a torn last line from a kill is ignored)."""
+    p, out = Path(cache_dir) / SAMPLE_LOG, {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out[int(rec["i"])] = rec
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
+def append_sample_log(cache_dir, records):
+    """One write() of whole lines with O_APPEND: concurrent writers never interleave within a line."""
+    if records:
+        fd = os.open(Path(cache_dir) / SAMPLE_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+        finally:
+            os.close(fd)
+
+
+def key_string(info):
+    return "|".join(str(info.get(k)) for k in ("model", "revision", "dtype", "image_size"))
 
 
 def check_compatible(manifest, encoder_info, source_info, cache_dir):
     old = manifest.get("encoder", {})
-    diff = {k: (old.get(k), v) for k, v in encoder_info.items() if old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in encoder_info.items() if k in old and old.get(k) != v}
     if diff:
-        raise SystemExit(f"cache '{cache_dir}' was made by another encoder: "
-                         + ", ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-                         + ". Use another --cache_dir (or delete this one).")
+        raise UserError(f"cache '{cache_dir}' was made by another encoder: "
+                        + ", ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+                        + ". Use another --cache_dir (or delete this one).")
     src = manifest.get("source", {})
-    if src and (src.get("kind"), src.get("num_samples")) != (source_info["kind"], source_info["num_samples"]):
-        raise SystemExit(f"cache '{cache_dir}' was made from another source ({src.get('kind')}, "
-                         f"{src.get('num_samples')} samples at {src.get('path')}); this run reads "
-                         f"{source_info['kind']}, {source_info['num_samples']} samples. Use another --cache_dir.")
+    if src and source_info and src.get("kind") != source_info["kind"]:
+        raise UserError(f"cache '{cache_dir}' was made from another source ({src.get('kind')} at "
+                        f"{src.get('path')}); this run reads {source_info['kind']} at {source_info['path']}. "
+                        f"Use another --cache_dir.")
+
+
+def merge_into_manifest(cache_dir, info, source_info, done=(), failed=None, log=None):
+    """Under the cache lock: read manifest.json as it is now, add this process's done samples {i: meta} and
+    failures {i: reason} (and records of the sample log whose features exist), write it back atomically."""
+    with cache_lock(cache_dir):
+        m = read_manifest(cache_dir)
+        m["encoder"], m["source"] = info, source_info
+        samples = {int(k): v for k, v in m.get("samples", {}).items()}
+        fails = {int(k): v for k, v in m.get("failed", {}).items()}
+        for i, rec in (log or {}).items():  # recovery: samples written by a killed run, or --rebuild_manifest
+            if i not in samples and rec.get("encoder") == key_string(info) and feature_path(cache_dir, i).exists():
+                samples[i] = {k: v for k, v in rec.items() if k not in ("i", "encoder")}
+                fails.pop(i, None)
+        for i, meta in dict(done).items():
+            samples[i] = meta
+            fails.pop(i, None)
+        for i, why in (failed or {}).items():
+            fails[i] = why
+            samples.pop(i, None)
+        m["samples"] = {str(k): samples[k] for k in sorted(samples)}
+        m["failed"] = {str(k): fails[k] for k in sorted(fails)}
+        atomic_save(m, Path(cache_dir) / MANIFEST)
+        return m
 
 
 def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, device=None, dtype=None,
-            batch_size=8, start=0, limit=None, revision=None, rank=0, world_size=1, progress=True, encoder=None):
-    """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a summary dict."""
+            batch_size=8, start=0, limit=None, revision=None, rank=0, world_size=1, progress=True, encoder=None,
+            rebuild_manifest=False):
+    """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a summary dict.
+    Any number of processes may run on one cache_dir (the manifest is merged under a lock); a sample already
+    cached is skipped only if its image bytes still hash to the fingerprint recorded for it."""
     from tqdm import tqdm
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     src = Source(dataset_dir)
     source_info = {"kind": src.kind, "path": str(Path(dataset_dir).resolve()), "num_samples": len(src)}
+    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device)
+    existed = cache_dir.exists()
+    manifest = {}
+    if existed:  # every identity check happens before the encoder is loaded
+        manifest = read_manifest(cache_dir)
+        if not manifest and not rebuild_manifest and any(cache_dir.glob("features_*.pt")):
+            raise UserError(f"'{cache_dir}' holds features_*.pt files but no {MANIFEST}: nothing says which encoder "
+                            f"and images made them. Rerun with --rebuild_manifest (keeps the files its sample log "
+                            f"vouches for, re-extracts the rest) or use a fresh --cache_dir.")
+        check_compatible(manifest, key, source_info, cache_dir)
     enc = encoder or Encoder(model, device, dtype, revision)
-    manifest = json.loads((cache_dir / MANIFEST).read_text()) if (cache_dir / MANIFEST).exists() else {}
-    if manifest:
-        check_compatible(manifest, enc.info, source_info, cache_dir)
-        for i, m in manifest.get("samples", {}).items():
-            if int(i) < len(src) and m.get("id") != src.meta[int(i)]["id"]:
-                raise SystemExit(f"cache '{cache_dir}': sample {i} was '{m.get('id')}', the source now has "
-                                 f"'{src.meta[int(i)]['id']}' there. Use another --cache_dir.")
-    for tmp in cache_dir.glob(".features_*.tmp"):  # leftovers of a killed run
-        tmp.unlink(missing_ok=True)
+    check_compatible(manifest, enc.info, source_info, cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(cache_dir)
+    log = read_sample_log(cache_dir)
+    if rebuild_manifest:
+        with cache_lock(cache_dir):
+            (cache_dir / MANIFEST).unlink(missing_ok=True)
+    manifest = merge_into_manifest(cache_dir, enc.info, source_info, log=log)
+    listed = manifest["samples"]
 
     stop = len(src) if limit is None else min(len(src), start + limit)
+    mine = list(range(start + rank, stop, world_size))
+    # a listed sample is kept only if the source still holds the same image bytes for it
+    check = [i for i in mine if str(i) in listed and feature_path(cache_dir, i).exists()]
+    current, changed = {}, []
+    for i, data in src.iter_images(check):
+        try:
+            current[i] = fingerprint(data)
+        except OSError:  # the image is gone: extract again (and record why it fails)
+            current[i] = None
+        if listed[str(i)].get("fingerprint") not in (None, current[i]):
+            changed.append(i)
+    if changed:
+        i = changed[0]
+        raise UserError(f"cache '{cache_dir}': {len(changed)} of {len(check)} cached samples in this range were made "
+                        f"from other image bytes than the source now holds (e.g. sample {i}, id "
+                        f"'{src.meta[i]['id']}'): this is another data set. Use another --cache_dir.")
     todo, skipped = [], 0
-    for i in range(start + rank, stop, world_size):
-        p = feature_path(cache_dir, i)
-        if p.exists():
+    for i in mine:
+        if i in current and listed[str(i)].get("fingerprint") == current[i]:
             try:
-                read_feature(p)
+                read_feature(feature_path(cache_dir, i))
                 skipped += 1
                 continue
-            except ValueError:
+            except BadFeature:
                 pass  # invalid or partial: extract again
         todo.append(i)
 
-    samples = {i: src.meta[i] for i in range(start + rank, stop, world_size)}
-    failed, written = {}, set()
-    part = cache_dir / (MANIFEST if world_size == 1 else f"manifest.rank{rank}.json")
-
-    last_write = [0.0]
+    samples = {i: dict(src.meta[i]) for i in todo}
+    failed, done = {}, {}
+    last_write = [time.time()]
 
     def write_manifest(force=True):
-        if not force and time.time() - last_write[0] < 10:  # a killed run loses no feature: a rerun re-lists them
+        if not force and time.time() - last_write[0] < 10:  # a killed run loses nothing: the sample log has it
             return
         last_write[0] = time.time()
-        m = dict(manifest)
-        m["encoder"], m["source"] = enc.info, source_info
-        old_samples = {int(k): v for k, v in m.get("samples", {}).items()}
-        old_failed = {int(k): v for k, v in m.get("failed", {}).items()}
-        done = {i: samples[i] for i in samples if i not in failed and (i in written or (
-            i not in old_samples and feature_path(cache_dir, i).exists()))}
-        old_samples.update(done)
-        for i in done:
-            old_failed.pop(i, None)
-        old_failed.update(failed)
-        for i in failed:
-            old_samples.pop(i, None)
-        m["samples"] = {str(k): old_samples[k] for k in sorted(old_samples)}
-        m["failed"] = {str(k): old_failed[k] for k in sorted(old_failed)}
-        atomic_save(m, part)
+        merge_into_manifest(cache_dir, enc.info, source_info, done, failed)
 
     t0, extracted = time.time(), 0
     bar = tqdm(total=len(todo), desc=f"extract{'' if world_size == 1 else f' rank {rank}'}", unit="img",
@@ -352,9 +541,12 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
         if not batch:
             return
         feats = enc([im for _, im in batch]).cpu()
+        recs = []
         for (i, _), f in zip(batch, feats):
             atomic_save(f.clone(), feature_path(cache_dir, i))
-            written.add(i)
+            done[i] = samples[i]
+            recs.append({"i": i, "encoder": key_string(enc.info), **samples[i]})
+        append_sample_log(cache_dir, recs)
         extracted += len(batch)
         bar.update(len(batch))
         batch.clear()
@@ -363,8 +555,9 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
     try:
         for i, data in src.iter_images(todo):
             try:
+                fp = fingerprint(data)
                 im = open_rgb(data)
-                samples[i] = dict(samples[i], image_size=list(im.size))
+                samples[i].update(image_size=list(im.size), fingerprint=fp)
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
             except Exception as e:
                 failed[i] = f"{type(e).__name__}: {e}"
@@ -381,29 +574,6 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
     dt = time.time() - t0
     return {"extracted": extracted, "skipped": skipped, "failed": len(failed), "seconds": dt,
             "images_per_second": extracted / dt if dt > 0 and extracted else 0.0, "cache_dir": str(cache_dir)}
-
-
-def merge_manifests(cache_dir, world_size):
-    """After a sharded run: fold manifest.rank<r>.json into manifest.json (rank 0 calls this)."""
-    cache_dir = Path(cache_dir)
-    out = json.loads((cache_dir / MANIFEST).read_text()) if (cache_dir / MANIFEST).exists() else {}
-    samples, failed = dict(out.get("samples", {})), dict(out.get("failed", {}))
-    for r in range(world_size):
-        p = cache_dir / f"manifest.rank{r}.json"
-        part = json.loads(p.read_text())
-        out["encoder"], out["source"] = part["encoder"], part["source"]
-        for k, v in part["samples"].items():
-            samples[k] = v
-            failed.pop(k, None)
-        for k, v in part["failed"].items():
-            failed[k] = v
-            samples.pop(k, None)
-    out["samples"] = {k: samples[k] for k in sorted(samples, key=int)}
-    out["failed"] = {k: failed[k] for k in sorted(failed, key=int)}
-    atomic_save(out, cache_dir / MANIFEST)
-    for r in range(world_size):
-        (cache_dir / f"manifest.rank{r}.json").unlink()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,9 +596,21 @@ def cached_indices(cache_dir):
     m = load_manifest(cache_dir)
     idx = sorted(int(i) for i in m.get("samples", {}) if feature_path(cache_dir, int(i)).exists())
     if not idx:
-        raise FileNotFoundError(f"the feature cache '{cache_dir}' is empty. Build it with:\n  "
-                                + extract_command(cache_dir))
+        raise UserError(f"the feature cache '{cache_dir}' is empty. Build it with: " + extract_command(cache_dir))
     return idx
+
+
+def cached_shape(cache_dir):
+    """(tokens, dim) of a cache's features, from its manifest."""
+    enc = load_manifest(cache_dir).get("encoder", {})
+    grid, dim = enc.get("grid", [GRID, GRID]), enc.get("feature_dim", FEATURE_DIM)
+    return grid[0] * grid[1], dim
+
+
+def check_rank(rank, tokens, flag="--rank"):
+    """A rank must lie in 1..tokens (a [T, D] matrix with T <= D has rank at most T)."""
+    if not isinstance(rank, int) or not 1 <= rank <= tokens:
+        raise UserError(f"{flag} {rank}: a rank must be between 1 and the number of tokens per image ({tokens})")
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -449,7 +631,23 @@ class FeatureDataset(torch.utils.data.Dataset):
                 self.data[k] = self._load(k)
 
     def _load(self, k):
-        return normalize(read_feature(feature_path(self.cache_dir, self.indices[k])).float(), self.normalization)
+        path = feature_path(self.cache_dir, self.indices[k])
+        x = read_feature(path).float()
+        y = normalize(x, self.normalization)
+        if not torch.isfinite(y).all():
+            raise BadFeature(f"{path}: finite values (largest |x| {x.abs().max().item():.3g}) overflow float32 in "
+                             f"the {self.normalization} normalisation; re-extract it (delete the file and rerun "
+                             f"qwenvl_dataloader.py)")
+        return y
+
+    def verify(self, full=False):
+        """Check every file before any work: full=False reads only the headers (memory-mapped: shape, dtype),
+        full=True reads and normalises each file. Preloaded data was fully checked when it was loaded.
+        Raises BadFeature naming the first bad file."""
+        if self.data is not None:
+            return
+        for k in range(len(self.indices)):
+            self._load(k) if full else check_feature_header(feature_path(self.cache_dir, self.indices[k]))
 
     def __len__(self):
         return len(self.indices)
@@ -477,14 +675,14 @@ def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None):
         s = json.loads(p.read_text())
         missing = [i for k in ("train", "val", "test") for i in s[k] if not feature_path(cache_dir, i).exists()]
         if missing:
-            raise SystemExit(f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
+            raise UserError(f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
                              f"was it made for another cache?")
         return s
     idx = cached_indices(cache_dir)
     if max_samples:
         idx = idx[:max_samples]
     if len(idx) < 3:
-        raise SystemExit(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
+        raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
     s = make_split(idx, seed)
     s.update(seed=seed, cache_dir=str(cache_dir), num_samples=len(idx))
     Path(results_dir).mkdir(parents=True, exist_ok=True)
@@ -530,6 +728,9 @@ def main(argv=None):
     ap.add_argument("--extract_batch_size", type=int, default=8, help="images per forward call")
     ap.add_argument("--start", type=int, default=0, help="first sample index")
     ap.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    ap.add_argument("--rebuild_manifest", action="store_true",
+                    help=f"rebuild {MANIFEST} from the cache's sample log ({SAMPLE_LOG}): files it vouches for "
+                         f"(same encoder, same image bytes) are kept, the rest re-extracted")
     args = ap.parse_args(argv)
 
     rank, world, local_rank = dist_env()
@@ -537,14 +738,11 @@ def main(argv=None):
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
     s = extract(args.dataset_dir, args.cache_dir, args.model, device, args.dtype, args.extract_batch_size,
-                args.start, args.limit, args.revision, rank, world)
+                args.start, args.limit, args.revision, rank, world, rebuild_manifest=args.rebuild_manifest)
     if world > 1:
         import torch.distributed as dist
         totals = torch.tensor([s["extracted"], s["skipped"], s["failed"]], dtype=torch.float64)
         dist.all_reduce(totals)
-        dist.barrier()
-        if rank == 0:
-            merge_manifests(args.cache_dir, world)
         dist.barrier()
         s["extracted"], s["skipped"], s["failed"] = (int(v) for v in totals.tolist())
         dist.destroy_process_group()
@@ -558,4 +756,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

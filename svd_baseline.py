@@ -151,10 +151,14 @@ def main(argv=None):
     else:
         p = Path(args.results_dir) / "split.json"
         if not p.exists():
-            raise SystemExit(f"{p} not found: train first (python train_real_data.py --results_dir "
+            raise qd.UserError(f"{p} not found: train first (python train_real_data.py --results_dir "
                              f"{args.results_dir}) or use --split all")
         idx = json.loads(p.read_text())[args.split]
     idx = idx[: args.num_samples] if args.num_samples else idx
+    tokens = qd.cached_shape(args.cache_dir)[0]
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank]
+    for r in ranks:
+        qd.check_rank(r, tokens, "--ranks" if args.ranks else "--rank")
     ds = qd.FeatureDataset(args.cache_dir, idx, args.normalize)
     loader = qd.make_loader(ds, args.batch_size)
     print(f"cache {args.cache_dir}: {len(ds)} samples ({args.split}), normalisation {args.normalize}, "
@@ -165,7 +169,6 @@ def main(argv=None):
         print(f"SVD rank {args.rank} (n={len(ds)}): {format_summary(s)}")
         print(f"{1000 * secs / len(ds):.2f} ms per sample")
         return s
-    ranks = [int(r) for r in args.ranks.split(",")]
     S = torch.cat([singular_values(X.to(args.device)).cpu() for X, _ in loader])
     energy = captured_energy(S)  # [N, 256]
     print(f"{'rank':>5} {'energy':>16} {'cosine':>16}")
@@ -209,4 +212,5 @@ def plot_energy_curve(energy, path, ranks=(), points=()):
 
 
 if __name__ == "__main__":
-    main()
+    import qwenvl_dataloader as qd
+    qd.run_cli(main)

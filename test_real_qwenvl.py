@@ -214,7 +214,7 @@ def test_nan_feature_is_named(tmp_path):
 
 
 def test_missing_cache_names_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="qwenvl_dataloader.py --dataset_dir"):
+    with pytest.raises(SystemExit, match="does not exist.*qwenvl_dataloader.py --dataset_dir"):
         qd.FeatureDataset(tmp_path / "nothing")
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import qwenvl_dataloader as qd
 import svd_baseline as sb
-from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint
+from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint, read_checkpoint
 
 
 def get_args(argv=None):
@@ -65,15 +65,20 @@ def all_agree(flag, world):
     return bool(t.item())
 
 
-def plot_history(history, path):
+def plot_history(history, path, title=""):
+    """Loss, validation cosine and learning rate per epoch (epoch 0 = the starting point, validation only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    tr = [h for h in history if "train_recon" in h]
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
-    ax[0].plot(ep, [h["train_recon"] for h in history], "o-", label="train MSE")
+    if tr:
+        ax[0].plot([h["epoch"] for h in tr], [h["train_recon"] for h in tr], "o-", label="train MSE")
+        if any(h["train_objective"] != h["train_recon"] for h in tr):
+            ax[0].plot([h["epoch"] for h in tr], [h["train_objective"] for h in tr], "--", label="train objective")
     ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
-    ax[0].plot(ep, [h["train_objective"] for h in history], "--", label="train objective")
     ax[0].set_yscale("log"), ax[0].set_title("loss"), ax[0].legend()
     ax[1].plot(ep, [h["val_cosine"] for h in history], "o-", color="C2", label="NN")
     if history and "svd_val_cosine" in history[0]:
@@ -84,7 +89,10 @@ def plot_history(history, path):
         ax[2].set_yscale("log")
     ax[2].set_title("learning rate")
     for a in ax:
-        a.set_xlabel("epoch"), a.grid(alpha=0.3)
+        a.set_xlabel("epoch (0 = starting point)"), a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -102,8 +110,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     ck = None
     if args.resume:
         if not (out / "last.pt").exists():
-            raise SystemExit(f"--resume: {out / 'last.pt'} not found")
-        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+            raise qd.UserError(f"--resume: {out / 'last.pt'} not found")
+        ck = read_checkpoint(out / "last.pt")
         config = ck["config"]
         if (config["rank"], config["arch"]) != (args.rank, args.arch):
             log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
@@ -117,16 +125,25 @@ def main(argv=None, on_epoch=None, test_at_end=True):
                   "weight_decay": args.weight_decay, "patience": args.patience, "seed": args.seed,
                   "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world}
     torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
+    tokens = qd.cached_shape(config["cache_dir"])[0]
+    qd.check_rank(config["rank"], tokens)
 
     if master:
+        qd.remove_stale_tmp(out) if out.exists() else None
         split = qd.load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"])
         (out / "config.json").write_text(json.dumps(config, indent=1))
     if world > 1:
         dist.barrier()
     split = json.loads((out / "split.json").read_text())
     norm = config["normalization"]
+    # every sample of all three splits is checked before epoch 1: train and val are read in full (preloaded, or
+    # every file once when the data is read lazily), the test split too (it is small); a bad file is named now,
+    # not after the last epoch
     train_ds = qd.FeatureDataset(config["cache_dir"], split["train"], norm)
     val_ds = qd.FeatureDataset(config["cache_dir"], split["val"], norm)
+    for ds, full in ((train_ds, False), (val_ds, True)):
+        ds.verify(full)
+    qd.FeatureDataset(config["cache_dir"], split["test"], norm, preload=False).verify(full=True)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank_id, shuffle=True,
                                                   seed=config["seed"])
     train_loader = qd.make_loader(train_ds, config["batch_size"], sampler=sampler, num_workers=args.num_workers)
@@ -163,6 +180,33 @@ def main(argv=None, on_epoch=None, test_at_end=True):
         svd_val = sb.summarize(per)
         log(f"truncated SVD on validation: {sb.format_summary(svd_val, ('mse', 'cosine', 'energy'))}")
 
+    def validate(epoch, t0, train_terms):
+        """Validation metrics -> the history record of this epoch."""
+        val = sb.summarize(sb.evaluate(lambda X: raw_model(X)[0].float(), val_loader, device, "val")[0])
+        rec = {"epoch": epoch, **train_terms, **{f"val_{k}": val[k]["mean"] for k in sb.METRICS},
+               "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        if svd_val:
+            rec.update({f"svd_val_{k}": svd_val[k]["mean"] for k in ("mse", "cosine", "energy")})
+        return rec
+
+    def save(epoch, improved):
+        extra = {"bad_epochs": bad_epochs, "rng_cpu": torch.get_rng_state()}
+        if improved:
+            qd.atomic_save(make_checkpoint(raw_model, config, epoch, best, extra=extra), out / "best_model.pt")
+        qd.atomic_save(make_checkpoint(raw_model, config, epoch, best, opt, sched, extra), out / "last.pt")
+        qd.atomic_save(history, out / "history.json")
+        plot_history(history, out / "loss_curves.png",
+                     f"{config['arch']}, rank {config['rank']}, {config['normalization']} - {out}")
+
+    if ck is None:  # epoch 0: the starting point (for subspace, the principal directions) is a candidate
+        rec = validate(0, time.time(), {})
+        best = rec["val_mse"]
+        history.append(rec)
+        if master:
+            save(0, True)
+        log(f"epoch   0 | start point | val mse {best:.5f} cos {rec['val_cosine']:.4f} energy "
+            f"{rec['val_energy']:.4f}")
+
     from tqdm import tqdm
     stopped = "completed"
     for epoch in range(start_epoch, config["epochs"] + 1):
@@ -194,36 +238,25 @@ def main(argv=None, on_epoch=None, test_at_end=True):
             n += len(X)
         if nonfinite:
             stopped = "non-finite loss"
-            log(f"epoch {epoch}: the loss became NaN/Inf; stopping. The last good checkpoints "
-                f"({out / 'best_model.pt'}, {out / 'last.pt'}) are kept. Lower --lr or check the cache.")
+            kept = [str(out / f) for f in ("best_model.pt", "last.pt") if (out / f).exists()]
+            log(f"epoch {epoch}: the loss became NaN/Inf; stopping. "
+                + (f"The last good checkpoints ({', '.join(kept)}) are kept. " if kept else "No checkpoint was written. ")
+                + "Lower --lr (the cache's files were checked and are finite).")
             break
         if world > 1:  # average the train terms over ranks
             t = torch.tensor([sums[k] for k in sorted(sums)] + [n], dtype=torch.float64)
             dist.all_reduce(t)
             sums, n = dict(zip(sorted(sums), t[:-1].tolist())), t[-1].item()
 
-        val, _, _ = sb.evaluate(lambda X: raw_model(X)[0].float(), val_loader, device, "val")
-        val = sb.summarize(val)
-        val_mse = val["mse"]["mean"]
+        rec = validate(epoch, t0, {f"train_{k}": v / n for k, v in sums.items()})
+        val_mse = rec["val_mse"]
         sched.step(val_mse)
         improved = val_mse < best
         best, bad_epochs = (val_mse, 0) if improved else (best, bad_epochs + 1)
-        rec = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items()},
-               **{f"val_{k}": val[k]["mean"] for k in sb.METRICS}, "lr": opt.param_groups[0]["lr"],
-               "seconds": time.time() - t0}
-        if svd_val:
-            rec.update({f"svd_val_{k}": svd_val[k]["mean"] for k in ("mse", "cosine", "energy")})
         history.append(rec)
         if master:
-            extra = {"bad_epochs": bad_epochs, "rng_cpu": torch.get_rng_state()}
-            if improved:
-                torch.save(make_checkpoint(raw_model, config, epoch, best, extra=extra), out / "best_model.pt")
-            torch.save(make_checkpoint(raw_model, config, epoch, best, opt, sched, extra), out / ".last.pt.tmp")
-            os.replace(out / ".last.pt.tmp", out / "last.pt")
-            qd.atomic_save(history, out / "history.json")
-            plot_history(history, out / "loss_curves.png")
-        log(f"epoch {epoch:3d} | train objective {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f} b_reg "
-            f"{rec['train_b_reg']:.3g} ortho {rec['train_ortho']:.3g}) | val mse {val_mse:.5f} cos "
+            save(epoch, improved)
+        log(f"epoch {epoch:3d} | {arch_terms(config['arch'], rec)} | val mse {val_mse:.5f} cos "
             f"{rec['val_cosine']:.4f} energy {rec['val_energy']:.4f} | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s"
             f"{' *' if improved else ''}")
         if on_epoch is not None:
@@ -235,6 +268,10 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     if world > 1:
         dist.barrier()
 
+    best_epoch = min((h for h in history if "val_mse" in h), key=lambda h: h["val_mse"], default={}).get("epoch")
+    if best_epoch == 0 and len(history) > 1:
+        log(f"warning: no epoch improved on the starting point (epoch 0, val MSE {history[0]['val_mse']:.6g}): "
+            f"training made the model worse, so best_model.pt holds the starting point. Try a lower --lr.")
     result = None
     if master and test_at_end and (out / "best_model.pt").exists():
         result = test_report(out / "best_model.pt", split["test"], device)
@@ -244,6 +281,15 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     if stopped == "non-finite loss":
         raise SystemExit(2)
     return result
+
+
+def arch_terms(arch, rec):
+    """The train terms that mean something for the arch: subspace optimises its own objective (the energy left
+    outside the nested prefixes), so its B-regulariser and orthogonality terms are not shown."""
+    if arch == "subspace":
+        return f"train objective {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f})"
+    return (f"train loss {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f} b_reg {rec['train_b_reg']:.3g} "
+            f"ortho {rec['train_ortho']:.3g})")
 
 
 def ck_history(out):
@@ -267,4 +313,4 @@ def test_report(ckpt_path, test_idx, device):
 
 
 if __name__ == "__main__":
-    main()
+    qd.run_cli(main)

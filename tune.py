@@ -64,6 +64,9 @@ def main(argv=None):
     ap.add_argument("--max_samples", type=int, default=None)
     args = ap.parse_args(argv)
 
+    tokens = qd.cached_shape(args.cache_dir)[0]
+    for r in ([int(r) for r in args.ranks.split(",")] if args.tune_rank else [args.rank]):
+        qd.check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     qd.load_or_make_split(out, args.cache_dir, args.seed, args.max_samples)  # one split for every trial
@@ -104,7 +107,7 @@ def main(argv=None):
         study.optimize(objective, n_trials=todo, timeout=args.timeout, catch=(SystemExit,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise SystemExit("no trial completed")
+        raise qd.UserError("no trial completed")
     best = study.best_trial
     p = dict(best.params)
     p.setdefault("rank", args.rank)
@@ -146,4 +149,4 @@ def plots(study, out):
 
 
 if __name__ == "__main__":
-    main()
+    qd.run_cli(main)

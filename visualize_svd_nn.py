@@ -27,7 +27,7 @@ def parse_channels(spec, dim=qd.FEATURE_DIM):
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     bad = [c for c in out if not 0 <= c < dim]
     if bad or not out:
-        raise SystemExit(f"--channels {spec}: channels must lie in 0..{dim - 1}")
+        raise qd.UserError(f"--channels {spec}: channels must lie in 0..{dim - 1}")
     return out
 
 
@@ -207,12 +207,12 @@ def main(argv=None):
     if args.sample_id is not None:
         available = qd.cached_indices(cache_dir)
         if args.sample_id not in set(available):
-            raise SystemExit(f"--sample_id {args.sample_id} is not in cache {cache_dir} "
+            raise qd.UserError(f"--sample_id {args.sample_id} is not in cache {cache_dir} "
                              f"(indices {available[0]}..{available[-1]}, {len(available)} cached)")
         sid, where = args.sample_id, f"sample {args.sample_id}"
     else:
         if not 0 <= args.image_idx < len(idx):
-            raise SystemExit(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
+            raise qd.UserError(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
                              f"samples (0..{len(idx) - 1})")
         sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
     channels = parse_channels(args.channels)
@@ -256,4 +256,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    qd.run_cli(main)
