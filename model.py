@@ -176,7 +176,11 @@ def read_checkpoint(path, device="cpu"):
         raise UserError(f"checkpoint {path} not found: train first (./train.sh ... or python train_real_data.py)")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a pickled object: never load it as code
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not a pickle of objects: a damaged or foreign file
+            raise UserError(f"{path} is not a readable checkpoint (UnpicklingError: "
+                            f"{str(e).splitlines()[0][:200]}); was it written completely?") from None
+        # weights_only refused a pickled object: never load it as code
         found = re.search(r"GLOBAL (\S+)", str(e))
         raise UserError(f"{path} is refused: it is not plain data (it holds a pickled Python object"
                         f"{f', {found.group(1)}' if found else ''}); a low-rank-image checkpoint holds only tensors "
