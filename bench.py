@@ -50,7 +50,7 @@ def main(argv=None):
         f"{cfg['arch']} (NN)": lambda x, r: model.factors(x, r),
         "torch.linalg.svd": lambda x, r: torch.linalg.svd(x, full_matrices=False),
         f"svd_baseline ({sb.DEFAULT_METHOD})": lambda x, r: sb.truncated_svd(x, r)[:2],
-        "torch.svd_lowrank (q=r+8, 2 iters)": lambda x, r: torch.svd_lowrank(x, q=min(r + 8, 256), niter=2),
+        "torch.svd_lowrank (q=r+8, 2 iters)": lambda x, r: torch.svd_lowrank(x, q=min(r + 8, X.shape[1]), niter=2),
     }
     sym = None
     if args.symmetric_dir:
@@ -81,7 +81,7 @@ def main(argv=None):
                     return None
                 Xh = torch.cat([sym(x)[0] for x in X.split(64)])
             elif name.startswith("torch.svd_lowrank"):
-                U, S, V = torch.svd_lowrank(X, q=min(r + 8, 256), niter=2)
+                U, S, V = torch.svd_lowrank(X, q=min(r + 8, X.shape[1]), niter=2)
                 Xh = (U[..., :r] * S[..., None, :r]) @ V[..., :r].transpose(1, 2)
             elif name.endswith("(NN)"):
                 Xh = torch.cat([torch.matmul(*model.factors(x, r)) for x in X.split(64)])

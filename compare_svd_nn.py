@@ -24,8 +24,14 @@ def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=No
     ckpt = Path(checkpoint) if checkpoint else results_dir / "best_model.pt"
     model, ck = load_checkpoint(ckpt, device)
     cfg = ck["config"]
+    shape = qd.cached_shape(cache_dir or cfg["cache_dir"])
     if rank is not None:
-        qd.check_rank(rank, qd.cached_shape(cache_dir or cfg["cache_dir"])[0])
+        qd.check_rank(rank, min(shape))
+    trained = (cfg.get("tokens", 256), cfg.get("dim", 2048))  # checkpoints before shapes were stored: Qwen2.5-VL-3B
+    if trained != shape:
+        raise qd.UserError(f"{ckpt} was trained on [{trained[0]}, {trained[1]}] features; the cache "
+                           f"{cache_dir or cfg['cache_dir']} holds [{shape[0]}, {shape[1]}]: use a cache of the same "
+                           f"encoder and image size, or train on this one")
     if rank is not None and rank != cfg["rank"]:
         raise qd.UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
     sp = results_dir / "split.json"

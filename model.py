@@ -1,10 +1,11 @@
 """
-Low-rank factorisers X [B, 256, 2048] -> (X̂, A [B, 256, r], B [B, r, 2048]) with X̂ = A·B, selected by --arch,
-and the training loss. Pure torch, no I/O except load_checkpoint.
+Low-rank factorisers X [B, T, D] -> (X̂, A [B, T, r], B [B, r, D]) with X̂ = A·B (T tokens, D dims: [256, 2048] for
+Qwen2.5-VL-3B at 448², the cache's shape in general), selected by --arch, and the training loss. Pure torch, no I/O
+except the checkpoint readers.
 
     symmetric  the original toolkit's design (LowRankProjSymmetric): a token-wise residual MLP makes each row of A
-               from a 2048-d token, the same kind of MLP over the columns of X (256-d) makes each column of B.
-    subspace   learned subspace iteration: Q = orth(X·Ω) with a learned Ω [2048, r] (initialised from the training
+               from a D-dim token, the same kind of MLP over the columns of X (T-dim) makes each column of B.
+    subspace   learned subspace iteration: Q = orth(X·Ω) with a learned Ω [D, r] (initialised from the training
                data's principal directions), A = Q, B = QᵀX; QR keeps column order, so the first k components
                serve every rank k <= r. Optional oversampling (exact SVD of the small QᵀX) and power steps.
 """
@@ -36,7 +37,7 @@ def branch(d_in, d_hidden, d_out, n_blocks):
 
 
 class Symmetric(nn.Module):
-    """A = f(X) row-wise (each token -> r values); B = g(Xᵀ) row-wise, transposed (each 256-d column -> r values)."""
+    """A = f(X) row-wise (each token -> r values); B = g(Xᵀ) row-wise, transposed (each T-dim column -> r values)."""
 
     def __init__(self, rank=128, tokens=256, dim=2048, hidden=512, n_blocks=2):
         super().__init__()
@@ -119,7 +120,7 @@ class Subspace(nn.Module):
         and B's rows are mutually orthogonal: Q is orthonormal, or B = W_rᵀ). Differentiable through QR."""
         cum = (A.pow(2).sum(1) * B.pow(2).sum(2)).cumsum(1)    # [batch, r]
         r = A.shape[-1]
-        ks = sorted({k for k in (16, 32, 64, 128, 256) if k < r} | {r})
+        ks = sorted({2 ** j for j in range(4, 16) if 2 ** j < r} | {r})  # 16, 32, 64, ... below r, and r
         total = X.pow(2).sum((1, 2))
         return torch.stack([1 - (cum[:, k - 1] / total).mean() for k in ks]).mean()
 
@@ -134,7 +135,8 @@ def build_model(config):
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch '{arch}' (choose from {', '.join(ARCHS)})")
     kw = dict(ARCH_DEFAULTS[arch], **config.get("arch_options", {}))
-    return ARCHS[arch](rank=config["rank"], **kw)
+    shape = {k: config[k] for k in ("tokens", "dim") if k in config}  # checkpoints before shapes were stored: defaults
+    return ARCHS[arch](rank=config["rank"], **shape, **kw)
 
 
 def loss_terms(X, Xhat, A, B, lambda_B=1e-4, lambda_ortho=1e-3):

@@ -1,7 +1,9 @@
 """
-Qwen2.5-VL vision-token features: image sources, the encoder, the feature cache, the Dataset and the split.
+Qwen vision-token features: image sources, the encoder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), the feature cache, the
+Dataset and the split.
 
-Run it to extract a cache (one features_<i>.pt of [256, 2048] per image, plus manifest.json):
+Run it to extract a cache (one features_<i>.pt of [T, D] per image, e.g. [256, 2048] for Qwen2.5-VL-3B at 448x448,
+plus manifest.json, the one record of T, D and the token grid):
 
     python qwenvl_dataloader.py --dataset_dir data/textvqa --model Qwen/Qwen2.5-VL-3B-Instruct
     python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir feature_cache_real
@@ -24,25 +26,67 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGE_SIZE = 448          # every image is resized to exactly this square
-GRID = 16                 # 448 / 28: 14-px patches merged 2x2 -> one token per 28x28 cell
-NUM_TOKENS = GRID * GRID  # 256
-FEATURE_DIM = 2048        # Qwen2.5-VL-3B merger output
+DEFAULT_IMAGE_SIZE = "448"  # --image_size: one side (square) or WxH; a multiple of the encoder's cell (28 or 32 px)
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-TINY = "tiny-random"
 MANIFEST = "manifest.json"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-# The tiny offline Qwen2.5-VL vision tower (see NOTES-qwen2.5-vl.md): same classes, random weights, fixed seed.
-TINY_VISION_CONFIG = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=FEATURE_DIM,
-                          fullatt_block_indexes=[1], hidden_act="silu")
+# Vision towers by the checkpoint's model_type: (transformers module, vision config class, vision model class, the
+# config attribute that is the output (merger) dim). The tower's output is what the language model sees.
+FAMILIES = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLVisionConfig", "Qwen2VisionTransformerPretrainedModel", "hidden_size"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLVisionConfig", "Qwen2_5_VisionTransformerPretrainedModel", "out_hidden_size"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", "out_hidden_size"),
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeVisionConfig", "Qwen3VLMoeVisionModel", "out_hidden_size"),
+}
+# Image normalisation of each family's own processor (preprocessor_config.json); used when a checkpoint has none.
+FAMILY_MEAN_STD = {"qwen3_vl": ([0.5] * 3, [0.5] * 3), "qwen3_vl_moe": ([0.5] * 3, [0.5] * 3)}
+
+# Towers built in code with random weights (fixed seed), selected by name, never a fallback. tiny-*: small and
+# fast, one per family with different output dims, so every family's path runs offline. random-*: the published
+# vision configs at real size, for speed, parameter and memory figures only (bench_extract.py).
+TINY = "tiny-random"
 TINY_SEED = 0
-# Qwen2.5-VL-3B's own vision config, randomly initialised: real size and speed without weights (benchmarks only).
+_Q25 = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu")
+_Q25_TOWER = dict(_Q25, depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+_Q2_TOWER = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                 temporal_patch_size=2, hidden_act="quick_gelu")
+_Q3_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
+_Q3_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
+RANDOM_TOWERS = {
+    TINY: ("qwen2_5_vl", dict(_Q25, depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=2048,
+                              fullatt_block_indexes=[1])),
+    "tiny-random-qwen2-vl": ("qwen2_vl", dict(_Q2_TOWER, depth=2, embed_dim=64, mlp_ratio=2, num_heads=2,
+                                              hidden_size=1536)),
+    "tiny-random-qwen3-vl": ("qwen3_vl", dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                              out_hidden_size=1024, deepstack_visual_indexes=[0],
+                                              num_position_embeddings=144)),
+    "random-3b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=2048)),          # Qwen2.5-VL-3B's tower
+    "random-qwen2.5-vl-7b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=3584)),
+    "random-qwen2.5-vl-32b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=5120)),
+    "random-qwen2.5-vl-72b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=8192)),
+    "random-qwen2-vl-2b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=1536)),
+    "random-qwen2-vl-7b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=3584)),
+    "random-qwen2-vl-72b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=8192)),
+    "random-qwen3-vl-2b": ("qwen3_vl", dict(_Q3_SMALL, out_hidden_size=2048)),
+    "random-qwen3-vl-4b": ("qwen3_vl", dict(_Q3_SMALL, out_hidden_size=2560)),
+    "random-qwen3-vl-8b": ("qwen3_vl", dict(_Q3_LARGE, out_hidden_size=4096)),
+    "random-qwen3-vl-32b": ("qwen3_vl", dict(_Q3_LARGE, out_hidden_size=5120)),
+}
 RANDOM_3B = "random-3b"
-VISION_3B_CONFIG = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=FEATURE_DIM,
-                        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+
+
+def parse_image_size(spec):
+    """'448' -> (448, 448); '448x896' -> (W 448, H 896)."""
+    try:
+        w, _, h = str(spec).lower().partition("x")
+        size = (int(w), int(h or w))
+    except ValueError:
+        raise UserError(f"--image_size {spec}: expected a number of pixels (448) or WxH (448x896)") from None
+    if min(size) <= 0:
+        raise UserError(f"--image_size {spec}: sides must be positive")
+    return size
 
 
 class UserError(SystemExit):
@@ -220,67 +264,106 @@ def open_rgb(data):
     return im
 
 
-def load_image(data):
-    """Bytes or path -> PIL RGB image of exactly 448x448, as fetch_image(resized_height=resized_width=448)."""
-    return open_rgb(data).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+def load_image(data, size=(448, 448)):
+    """Bytes or path -> PIL RGB image of exactly size (W, H), as fetch_image(resized_width=W, resized_height=H)."""
+    return open_rgb(data).resize(tuple(size), Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the encoder: the Qwen2.5-VL vision tower and its own image processor
+# the encoder: a Qwen vision tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and its own image processor
 
 def default_dtype(device):
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
-def encoder_key(model, revision=None, dtype=None, device="cpu"):
-    """What identifies a cache's encoder, known before loading it (Encoder.info adds the token grid and dim)."""
+def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE):
+    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid and dim)."""
+    w, h = parse_image_size(image_size)
     return {"model": str(model), "revision": revision, "dtype": dtype or default_dtype(device),
-            "image_size": IMAGE_SIZE}
+            "image_size": w if w == h else [w, h]}
+
+
+def family_classes(family):
+    import importlib
+    if family not in FAMILIES:
+        raise UserError(f"model type '{family}' is not a supported vision-language family "
+                        f"({', '.join(FAMILIES)})")
+    mod, cfg_cls, model_cls, out_attr = FAMILIES[family]
+    try:
+        cfg_mod = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
+        model_mod = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    except ImportError:
+        import transformers
+        raise UserError(f"{family} needs a newer transformers than {transformers.__version__} "
+                        f"(pip install -U transformers)") from None
+    return getattr(cfg_mod, cfg_cls), getattr(model_mod, model_cls), out_attr
+
+
+def checkpoint_family(model, revision=None):
+    """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl, qwen2_5_vl, qwen3_vl..."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision).model_type
+    except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"could not load '{model}': {first}. Give --model a local checkpoint directory (e.g. a ModelScope "
+            f"download: modelscope download --model Qwen/Qwen2.5-VL-3B-Instruct --local_dir "
+            f"ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache with HF_HUB_OFFLINE=1, or a mirror via "
+            f"HF_ENDPOINT. For an offline run without weights: --model tiny-random.") from None
 
 
 class Encoder:
-    """Qwen2.5-VL vision tower + processor. __call__(list of PIL 448x448 RGB) -> [N, 256, 2048] features."""
+    """A Qwen vision tower + its processor. __call__(list of PIL RGB images of image_size) -> [N, T, D] features,
+    T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size * spatial_merge_size (28 px for Qwen2-VL
+    and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's output dim (what the language model sees)."""
 
-    def __init__(self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None):
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    def __init__(self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE):
         try:  # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL one
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
         except ImportError:
             from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
         self.device = torch.device(device)
-        dtype = dtype or default_dtype(device)
-        self.dtype = getattr(torch, dtype)
-        pixels = IMAGE_SIZE * IMAGE_SIZE
-        self.processor = Proc(min_pixels=pixels, max_pixels=pixels)
-        if model in (TINY, RANDOM_3B):
-            cfg = Qwen2_5_VLVisionConfig(**(TINY_VISION_CONFIG if model == TINY else VISION_3B_CONFIG))
+        key = encoder_key(model, revision, dtype, device, image_size)
+        self.dtype = getattr(torch, key["dtype"])
+        self.size = parse_image_size(image_size)
+        if model in RANDOM_TOWERS:
+            family, cfg_kw = RANDOM_TOWERS[model]
+            cfg_cls, model_cls, out_attr = family_classes(family)
             torch.manual_seed(TINY_SEED)
-            self.tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg, attn_implementation="sdpa")
+            self.tower = model_cls._from_config(cfg_cls(**cfg_kw), attn_implementation="sdpa")
             self.tower.to(self.dtype)
         else:
-            try:
-                self.tower, info = Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
-                    model, revision=revision, key_mapping={r"^visual\.": "model."}, dtype=self.dtype,
-                    attn_implementation="sdpa", output_loading_info=True)
-            except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
-                raise UserError(
-                    f"could not load Qwen2.5-VL from '{model}': {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-                    f"Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download "
-                    f"--model Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a "
-                    f"pre-filled hub cache with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. "
-                    f"For an offline run without weights: --model tiny-random.") from None
+            family = checkpoint_family(model, revision)
+            cfg_cls, model_cls, out_attr = family_classes(family)
+            self.tower, info = model_cls.from_pretrained(
+                model, revision=revision, key_mapping={r"^(?:model\.)?visual\.": "model."}, dtype=self.dtype,
+                attn_implementation="sdpa", output_loading_info=True)
             if info["missing_keys"]:
                 raise UserError(f"'{model}': {len(info['missing_keys'])} vision-tower weights are missing from the "
-                                 f"checkpoint (e.g. {sorted(info['missing_keys'])[:3]}); refusing random weights.")
+                                f"checkpoint (e.g. {sorted(info['missing_keys'])[:3]}); refusing random weights.")
         self.tower.eval().to(self.device)
         cfg = self.tower.config
-        grid = IMAGE_SIZE // (cfg.patch_size * cfg.spatial_merge_size)
-        if grid != GRID or cfg.out_hidden_size != FEATURE_DIM:
-            raise UserError(f"'{model}' gives a {grid}x{grid} grid of {cfg.out_hidden_size}-d tokens; this toolkit "
-                             f"expects {GRID}x{GRID} x {FEATURE_DIM} (Qwen2.5-VL-3B)")
-        self.info = dict(encoder_key(model, revision, dtype), grid=[GRID, GRID], feature_dim=FEATURE_DIM,
-                         tiny_seed=TINY_SEED if model in (TINY, RANDOM_3B) else None)
+        cell = cfg.patch_size * cfg.spatial_merge_size
+        w, h = self.size
+        if w % cell or h % cell:
+            raise UserError(f"--image_size {w}x{h}: each side must be a multiple of {cell} px for {family} "
+                            f"({cfg.patch_size}-px patches merged {cfg.spatial_merge_size}x{cfg.spatial_merge_size})")
+        self.grid = [h // cell, w // cell]  # rows, columns
+        self.dim = getattr(cfg, out_attr)
+        pixels = w * h
+        proc_kw = dict(min_pixels=pixels, max_pixels=pixels, patch_size=cfg.patch_size,
+                       merge_size=cfg.spatial_merge_size, temporal_patch_size=cfg.temporal_patch_size)
+        if family in FAMILY_MEAN_STD:
+            proc_kw["image_mean"], proc_kw["image_std"] = FAMILY_MEAN_STD[family]
+        self.processor = Proc(**proc_kw)
+        if model not in RANDOM_TOWERS:  # the checkpoint's own preprocessor settings (mean/std), where it has them
+            try:
+                self.processor = Proc.from_pretrained(model, revision=revision, **proc_kw)
+            except OSError:
+                pass
+        self.info = dict(key, family=family, cell=cell, grid=self.grid, feature_dim=self.dim,
+                         tiny_seed=TINY_SEED if model in RANDOM_TOWERS else None)
 
     @torch.no_grad()
     def __call__(self, images):
@@ -288,7 +371,9 @@ class Encoder:
         pv = inputs["pixel_values"].to(self.device, self.dtype)
         out = self.tower(pv, grid_thw=inputs["image_grid_thw"].to(self.device))
         out = getattr(out, "pooler_output", out)  # 5.x returns an output object, 4.x the merged tokens
-        return out.reshape(len(images), NUM_TOKENS, FEATURE_DIM)
+        if isinstance(out, tuple):  # 4.x Qwen3-VL: (merged tokens, deepstack features)
+            out = out[0]
+        return out.reshape(len(images), self.grid[0] * self.grid[1], self.dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,30 +441,35 @@ def fingerprint(data):
     return hashlib.sha256(data).hexdigest()[:20]
 
 
-def read_feature(path):
-    """Load one cached tensor; raises BadFeature naming the file if it is unreadable, mis-shaped or non-finite."""
+def _check_shape(x, path, shape):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or (
+            shape is not None and tuple(x.shape) != tuple(shape)):
+        want = f"[{shape[0]}, {shape[1]}]" if shape is not None else "2-d"
+        raise BadFeature(f"{path}: expected a floating {want} tensor (the cache's tokens x dim), got "
+                         f"{type(x).__name__} {list(getattr(x, 'shape', []))} {getattr(x, 'dtype', '')}")
+
+
+def read_feature(path, shape=None):
+    """Load one cached tensor; raises BadFeature naming the file if it is unreadable, not of shape (T, D) (when
+    given) or non-finite."""
     try:
         x = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (NUM_TOKENS, FEATURE_DIM):
-        raise BadFeature(f"{path}: expected a [{NUM_TOKENS}, {FEATURE_DIM}] tensor, "
-                         f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+    _check_shape(x, path, shape)
     if not torch.isfinite(x).all():
         raise BadFeature(f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun "
                          f"qwenvl_dataloader.py)")
     return x
 
 
-def check_feature_header(path):
+def check_feature_header(path, shape=None):
     """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the right shape."""
     try:
         x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (NUM_TOKENS, FEATURE_DIM) or not x.is_floating_point():
-        raise BadFeature(f"{path}: expected a floating [{NUM_TOKENS}, {FEATURE_DIM}] tensor, "
-                         f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}")
+    _check_shape(x, path, shape)
 
 
 def read_manifest(cache_dir):
@@ -464,7 +554,7 @@ def merge_into_manifest(cache_dir, info, source_info, done=(), failed=None, log=
 
 def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, device=None, dtype=None,
             batch_size=8, start=0, limit=None, revision=None, rank=0, world_size=1, progress=True, encoder=None,
-            rebuild_manifest=False):
+            rebuild_manifest=False, image_size=DEFAULT_IMAGE_SIZE):
     """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a summary dict.
     Any number of processes may run on one cache_dir (the manifest is merged under a lock); a sample already
     cached is skipped only if its image bytes still hash to the fingerprint recorded for it."""
@@ -473,7 +563,7 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
     cache_dir = Path(cache_dir)
     src = Source(dataset_dir)
     source_info = {"kind": src.kind, "path": str(Path(dataset_dir).resolve()), "num_samples": len(src)}
-    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device)
+    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device, image_size)
     existed = cache_dir.exists()
     manifest = {}
     if existed:  # every identity check happens before the encoder is loaded
@@ -483,7 +573,8 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
                             f"and images made them. Rerun with --rebuild_manifest (keeps the files its sample log "
                             f"vouches for, re-extracts the rest) or use a fresh --cache_dir.")
         check_compatible(manifest, key, source_info, cache_dir)
-    enc = encoder or Encoder(model, device, dtype, revision)
+    enc = encoder or Encoder(model, device, dtype, revision, image_size)
+    shape = (enc.info["grid"][0] * enc.info["grid"][1], enc.info["feature_dim"])
     check_compatible(manifest, enc.info, source_info, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(cache_dir)
@@ -515,7 +606,7 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
     for i in mine:
         if i in current and listed[str(i)].get("fingerprint") == current[i]:
             try:
-                read_feature(feature_path(cache_dir, i))
+                read_feature(feature_path(cache_dir, i), shape)
                 skipped += 1
                 continue
             except BadFeature:
@@ -559,7 +650,7 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
                 fp = fingerprint(data)
                 im = open_rgb(data)
                 samples[i].update(image_size=list(im.size), fingerprint=fp)
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                im = im.resize(info_size(enc.info), Image.BICUBIC)
             except Exception as e:
                 failed[i] = f"{type(e).__name__}: {e}"
                 bar.write(f"sample {i} ({src.meta[i]['id']}) failed: {failed[i]}")
@@ -584,7 +675,7 @@ NORMALIZATIONS = ("layernorm", "none")
 
 
 def normalize(x, mode="layernorm"):
-    """The one normalisation used everywhere: layer norm over the 2048 feature dims, no affine (eps 1e-5)."""
+    """The one normalisation used everywhere: layer norm over the D feature dims, no affine (eps 1e-5)."""
     if mode == "layernorm":
         return F.layer_norm(x, x.shape[-1:])
     if mode == "none":
@@ -601,39 +692,60 @@ def cached_indices(cache_dir):
     return idx
 
 
-def cached_shape(cache_dir):
-    """(tokens, dim) of a cache's features, from its manifest."""
+def cache_grid(cache_dir):
+    """(rows H, columns W) of a cache's token grid, from its manifest: token t sits at row t // W, column t % W."""
     enc = load_manifest(cache_dir).get("encoder", {})
-    grid, dim = enc.get("grid", [GRID, GRID]), enc.get("feature_dim", FEATURE_DIM)
-    return grid[0] * grid[1], dim
+    if "grid" not in enc or "feature_dim" not in enc:
+        raise UserError(f"{Path(cache_dir) / MANIFEST} records no token grid / feature dim: re-extract with "
+                        f"--rebuild_manifest")
+    return tuple(enc["grid"])
 
 
-def check_rank(rank, tokens, flag="--rank"):
-    """A rank must lie in 1..tokens (a [T, D] matrix with T <= D has rank at most T)."""
-    if not isinstance(rank, int) or not 1 <= rank <= tokens:
-        raise UserError(f"{flag} {rank}: a rank must be between 1 and the number of tokens per image ({tokens})")
+def cached_shape(cache_dir):
+    """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature shape."""
+    h, w = cache_grid(cache_dir)
+    return h * w, load_manifest(cache_dir)["encoder"]["feature_dim"]
+
+
+def cache_image_size(cache_dir):
+    """(W, H) in pixels that the cache's images were resized to."""
+    return info_size(load_manifest(cache_dir)["encoder"])
+
+
+def info_size(info):
+    """(W, H) from an encoder record: image_size is one int (square) or [W, H]."""
+    v = info.get("image_size", 448)
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def check_rank(rank, limit, flag="--rank"):
+    """A rank must lie in 1..min(T, D), the largest rank a [T, D] feature matrix can have."""
+    if not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise UserError(f"{flag} {rank}: a rank must be between 1 and min(tokens, dim) of the cache's features "
+                        f"({limit})")
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Cached features as float32 [256, 2048], normalised. preload: True, False or 'auto' (into memory when the
-    set takes under a quarter of the machine's RAM). Item: (features, cache index)."""
+    """Cached features as float32 [T, D] (the manifest's shape), normalised. preload: True, False or 'auto' (into
+    memory when the set takes under a quarter of the machine's RAM). Item: (features, cache index)."""
 
     def __init__(self, cache_dir, indices=None, normalization="layernorm", preload="auto"):
         self.cache_dir, self.normalization = Path(cache_dir), normalization
         self.indices = list(cached_indices(cache_dir) if indices is None else indices)
+        self.shape = cached_shape(cache_dir)
         normalize(torch.zeros(1, 4), normalization)  # fail early on a bad mode
         if preload == "auto":
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            preload = len(self.indices) * NUM_TOKENS * FEATURE_DIM * 4 < ram / 4
+            preload = len(self.indices) * self.shape[0] * self.shape[1] * 4 < ram / 4
         self.data = None
         if preload:
-            self.data = torch.empty(len(self.indices), NUM_TOKENS, FEATURE_DIM)
+            self.data = torch.empty(len(self.indices), *self.shape)
             for k in range(len(self.indices)):
                 self.data[k] = self._load(k)
 
     def _load(self, k):
         path = feature_path(self.cache_dir, self.indices[k])
-        x = read_feature(path).float()
+        x = read_feature(path, self.shape).float()
         y = normalize(x, self.normalization)
         # the layer norm's variance and the loss square the values: a finite 3e38 overflows float32 there
         if not (torch.isfinite(y).all() and torch.isfinite(x.pow(2).sum(-1)).all()):
@@ -649,7 +761,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         if self.data is not None:
             return
         for k in range(len(self.indices)):
-            self._load(k) if full else check_feature_header(feature_path(self.cache_dir, self.indices[k]))
+            self._load(k) if full else check_feature_header(feature_path(self.cache_dir, self.indices[k]), self.shape)
 
     def __len__(self):
         return len(self.indices)
@@ -715,14 +827,21 @@ def dist_env():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Extract and cache Qwen2.5-VL vision-token features "
-                                             "([256, 2048] per 448x448 image).")
+    ap = argparse.ArgumentParser(description="Extract and cache Qwen vision-token features (Qwen2-VL, Qwen2.5-VL, "
+                                             "Qwen3-VL): one [T, D] tensor per image, e.g. [256, 2048] for "
+                                             "Qwen2.5-VL-3B at 448x448.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--dataset_dir", "--source", dest="dataset_dir", required=True,
                     help="TextVQA parquet directory, a folder of images (recursive), or a .jsonl list")
     ap.add_argument("--cache_dir", default="feature_cache_real", help="where features_<i>.pt go")
     ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"hub id or local checkpoint dir, or '{TINY}' for the tiny offline encoder (random weights); "
-                         f"'{RANDOM_3B}' = the real-size tower with random weights, for speed measurements only")
+                    help=f"hub id or local checkpoint dir of any Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (the family is "
+                         f"read from its config); '{TINY}' (Qwen2.5-VL), 'tiny-random-qwen2-vl', "
+                         f"'tiny-random-qwen3-vl' = tiny offline encoders with random weights; 'random-3b', "
+                         f"'random-qwen3-vl-8b', ... = real-size towers with random weights, for speed measurements only")
+    ap.add_argument("--image_size", default=DEFAULT_IMAGE_SIZE,
+                    help="resize every image to this: one side (448) or WxH (448x896); each side a multiple of the "
+                         "encoder's cell (28 px for Qwen2/2.5-VL, 32 px for Qwen3-VL); tokens = (H/cell) x (W/cell)")
     ap.add_argument("--revision", default=None, help="hub revision of --model")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -740,7 +859,8 @@ def main(argv=None):
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
     s = extract(args.dataset_dir, args.cache_dir, args.model, device, args.dtype, args.extract_batch_size,
-                args.start, args.limit, args.revision, rank, world, rebuild_manifest=args.rebuild_manifest)
+                args.start, args.limit, args.revision, rank, world, rebuild_manifest=args.rebuild_manifest,
+                image_size=args.image_size)
     if world > 1:
         import torch.distributed as dist
         totals = torch.tensor([s["extracted"], s["skipped"], s["failed"]], dtype=torch.float64)

@@ -1,5 +1,5 @@
 """
-Truncated SVD (the Eckart-Young optimum) of batches of [256, 2048] feature matrices, and every metric the toolkit
+Truncated SVD (the Eckart-Young optimum) of batches of [T, D] feature matrices, and every metric the toolkit
 reports: the one place a metric is defined.
 
     python svd_baseline.py --cache_dir feature_cache_real --rank 128
@@ -155,7 +155,7 @@ def main(argv=None):
                              f"{args.results_dir}) or use --split all")
         idx = json.loads(p.read_text())[args.split]
     idx = idx[: args.num_samples] if args.num_samples else idx
-    tokens = qd.cached_shape(args.cache_dir)[0]
+    tokens = min(qd.cached_shape(args.cache_dir))
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank]
     for r in ranks:
         qd.check_rank(r, tokens, "--ranks" if args.ranks else "--rank")
@@ -170,7 +170,7 @@ def main(argv=None):
         print(f"{1000 * secs / len(ds):.2f} ms per sample")
         return s
     S = torch.cat([singular_values(X.to(args.device)).cpu() for X, _ in loader])
-    energy = captured_energy(S)  # [N, 256]
+    energy = captured_energy(S)  # [N, min(T, D)]
     print(f"{'rank':>5} {'energy':>16} {'cosine':>16}")
     rows = []
     for r in ranks:

@@ -202,7 +202,8 @@ def test_dataset_and_normalisation(cache):
 
 
 def test_nan_feature_is_named(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"samples": {"0": {"id": "x"}}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"encoder": {"grid": [16, 16], "feature_dim": 2048},
+                                                        "samples": {"0": {"id": "x"}}}))
     x = torch.randn(256, 2048)
     x[5, 7] = float("nan")
     torch.save(x, tmp_path / "features_0.pt")
@@ -254,7 +255,7 @@ def write_original_layout_checkpoint(d, drop=None):
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig
     tiny = qd.Encoder(qd.TINY, "cpu").tower
-    Qwen2_5_VLConfig(vision_config=qd.TINY_VISION_CONFIG,
+    Qwen2_5_VLConfig(vision_config=qd.RANDOM_TOWERS[qd.TINY][1],
                      text_config=dict(hidden_size=2048, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, vocab_size=1024, intermediate_size=64,
                                       rope_scaling={"type": "mrope", "mrope_section": [256, 128, 128]})

@@ -25,7 +25,8 @@ from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train a low-rank factoriser X ≈ A·B on cached Qwen2.5-VL features.")
+    ap = argparse.ArgumentParser(description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.001)
@@ -125,8 +126,12 @@ def main(argv=None, on_epoch=None, test_at_end=True):
                   "weight_decay": args.weight_decay, "patience": args.patience, "seed": args.seed,
                   "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world}
     torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
-    tokens = qd.cached_shape(config["cache_dir"])[0]
-    qd.check_rank(config["rank"], tokens)
+    tokens, dim = qd.cached_shape(config["cache_dir"])  # the manifest is the one source of the shape
+    if "tokens" in config and (config["tokens"], config["dim"]) != (tokens, dim):
+        raise qd.UserError(f"--resume: {out / 'last.pt'} was trained on [{config['tokens']}, {config['dim']}] "
+                           f"features; {config['cache_dir']} holds [{tokens}, {dim}]")
+    config.update(tokens=tokens, dim=dim, grid=list(qd.cache_grid(config["cache_dir"])))
+    qd.check_rank(config["rank"], min(tokens, dim))
 
     if master:
         qd.remove_stale_tmp(out) if out.exists() else None

@@ -64,7 +64,7 @@ def main(argv=None):
     ap.add_argument("--max_samples", type=int, default=None)
     args = ap.parse_args(argv)
 
-    tokens = qd.cached_shape(args.cache_dir)[0]
+    tokens = min(qd.cached_shape(args.cache_dir))
     for r in ([int(r) for r in args.ranks.split(",")] if args.tune_rank else [args.rank]):
         qd.check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
     out = Path(args.results_dir)

@@ -1,6 +1,7 @@
 """
-Where in the image does the low-rank error lie? 16x16 channel maps, per-token error maps (also over the image with
-the data set's bbox), the sample's spectrum, and an interactive HTML view.
+Where in the image does the low-rank error lie? H×W channel maps (16×16 for Qwen2.5-VL at 448²; the cache's token
+grid in general), per-token error maps (also over the image with the data set's bbox), the sample's spectrum, and an
+interactive HTML view.
 
     python visualize_svd_nn.py --image_idx 0 --rank 128 --results_dir results
 """
@@ -16,10 +17,7 @@ import qwenvl_dataloader as qd
 import svd_baseline as sb
 from compare_svd_nn import load_run
 
-G = qd.GRID
-
-
-def parse_channels(spec, dim=qd.FEATURE_DIM):
+def parse_channels(spec, dim):
     """'0-7' or '0,5,9-11' -> list of ints, each checked against dim."""
     out = []
     for part in spec.split(","):
@@ -31,20 +29,21 @@ def parse_channels(spec, dim=qd.FEATURE_DIM):
     return out
 
 
-def scale_bbox(bbox, image_size):
-    """[x, y, w, h] in original pixels of an image of size (W, H) -> the same box on the 448x448 resize."""
+def scale_bbox(bbox, image_size, resized=(448, 448)):
+    """[x, y, w, h] in original pixels of an image of size (W, H) -> the same box on the resized (W', H') image."""
     (W, H), (x, y, w, h) = image_size, bbox
-    sx, sy = qd.IMAGE_SIZE / W, qd.IMAGE_SIZE / H
+    sx, sy = resized[0] / W, resized[1] / H
     return [x * sx, y * sy, w * sx, h * sy]
 
 
-def compute(X, model, rank, svd_method=sb.DEFAULT_METHOD):
-    """Everything drawn, for one normalised sample X [256, 2048]: reconstructions, per-token errors, spectrum."""
+def compute(X, model, rank, hw, svd_method=sb.DEFAULT_METHOD):
+    """Everything drawn, for one normalised sample X [T, D] on an H×W token grid hw: reconstructions, per-token
+    errors, spectrum."""
     with torch.no_grad():
         nn = model(X[None])[0][0].float()
     svd = sb.svd_reconstruct(X[None], rank, svd_method)[0]
     S = sb.singular_values(X[None])[0]
-    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": sb.captured_energy(S)}
+    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": sb.captured_energy(S), "hw": tuple(hw)}
     for name in ("svd", "nn"):
         err, cos = sb.token_errors(X[None], d[name][None])
         d[f"{name}_err"], d[f"{name}_cos"] = err[0].float(), cos[0].float()
@@ -52,9 +51,9 @@ def compute(X, model, rank, svd_method=sb.DEFAULT_METHOD):
     return d
 
 
-def grid(v):
-    """[256] token values -> [16, 16] map: token t at row t // 16, column t % 16."""
-    return np.asarray(v, dtype=np.float64).reshape(G, G)
+def grid(v, hw):
+    """[T] token values -> [H, W] map: token t at row t // W, column t % W."""
+    return np.asarray(v, dtype=np.float64).reshape(hw)
 
 
 def title_metrics(d, arch):
@@ -70,7 +69,7 @@ def fig_channels(d, channels, head, arch):
     fig, ax = plt.subplots(5, len(channels), figsize=(2.3 * len(channels) + 1.5, 11), squeeze=False,
                            layout="constrained")
     for j, c in enumerate(channels):
-        maps = [grid(d[k][:, c]) for _, k in rows]
+        maps = [grid(d[k][:, c], d["hw"]) for _, k in rows]
         vmin, vmax = min(m.min() for m in maps), max(m.max() for m in maps)
         errs = [np.abs(maps[0] - maps[1]), np.abs(maps[0] - maps[2])]
         emax = max(e.max() for e in errs) or 1.0
@@ -90,6 +89,7 @@ def fig_channels(d, channels, head, arch):
 
 
 def fig_errors(d, head, arch, image=None, bbox=None):
+    hw = d["hw"]
     """Per-token ‖x - x̂‖ and cosine maps, SVD and NN on shared scales; with the image: error over the pixels."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -98,16 +98,17 @@ def fig_errors(d, head, arch, image=None, bbox=None):
     emax = max(d["svd_err"].max().item(), d["nn_err"].max().item())
     cmin = min(d["svd_cos"].min().item(), d["nn_cos"].min().item())
     for i, (name, label) in enumerate([("svd", "SVD"), ("nn", f"NN ({arch})")]):
-        im = ax[i, 0].imshow(grid(d[f"{name}_err"]), cmap="magma", vmin=0, vmax=emax)
+        im = ax[i, 0].imshow(grid(d[f"{name}_err"], hw), cmap="magma", vmin=0, vmax=emax)
         fig.colorbar(im, ax=ax[i, 0], shrink=0.8)
         ax[i, 0].set_title(f"{label}: token error ‖x − x̂‖")
-        im = ax[i, 1].imshow(grid(d[f"{name}_cos"]), cmap="viridis", vmin=cmin, vmax=1)
+        im = ax[i, 1].imshow(grid(d[f"{name}_cos"], hw), cmap="viridis", vmin=cmin, vmax=1)
         fig.colorbar(im, ax=ax[i, 1], shrink=0.8)
         ax[i, 1].set_title(f"{label}: token cosine")
         if image is not None:
             ax[i, 2].imshow(image)
-            up = np.kron(grid(d[f"{name}_err"]), np.ones((28, 28)))  # each token covers a 28x28 cell
-            im = ax[i, 2].imshow(up, cmap="magma", vmin=0, vmax=emax, alpha=0.55, extent=(0, 448, 448, 0))
+            H, W = image.shape[:2]  # each token covers an (H / rows) x (W / columns) cell of the resized image
+            im = ax[i, 2].imshow(grid(d[f"{name}_err"], hw), cmap="magma", vmin=0, vmax=emax, alpha=0.55,
+                                 extent=(0, W, H, 0), interpolation="nearest")
             fig.colorbar(im, ax=ax[i, 2], shrink=0.8)
             ax[i, 2].set_title(f"{label}: error over the image")
             if bbox is not None:
@@ -140,14 +141,14 @@ def fig_spectrum(d, rank, head):
 
 
 def write_html(d, channels, path, head, arch):
-    """One self-contained HTML file: a 16x16 token grid; a selector picks the view and channel, hovering shows
+    """One self-contained HTML file: the H×W token grid; a selector picks the view and channel, hovering shows
     the token's values and errors."""
     r4 = lambda t: np.round(np.asarray(t, dtype=np.float64), 4).tolist()
-    data = {"channels": channels, "arch": arch,
+    data = {"channels": channels, "arch": arch, "rows": d["hw"][0], "cols": d["hw"][1],
             "views": {k: r4(d[k][:, channels].T) for k in ("X", "svd", "nn")},
             "tok": {k: r4(d[k]) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}}
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(head)}</title><style>
-body{{font-family:sans-serif;margin:16px}} #g{{display:grid;grid-template-columns:repeat(16,28px);gap:1px}}
+body{{font-family:sans-serif;margin:16px}} #g{{display:grid;grid-template-columns:repeat({d["hw"][1]},28px);gap:1px}}
 #g div{{width:28px;height:28px}} #info{{white-space:pre;font-family:monospace;margin-top:10px;min-height:9em}}
 </style></head><body><h3>{html.escape(head)}</h3>
 <label>view <select id="view"><option value="X">original</option><option value="svd">SVD</option>
@@ -159,7 +160,7 @@ body{{font-family:sans-serif;margin:16px}} #g{{display:grid;grid-template-column
 const D={json.dumps(data)};
 const g=document.getElementById('g'),V=document.getElementById('view'),C=document.getElementById('ch');
 D.channels.forEach((c,i)=>{{const o=document.createElement('option');o.value=i;o.textContent=c;C.appendChild(o);}});
-for(let t=0;t<256;t++){{const e=document.createElement('div');e.dataset.t=t;g.appendChild(e);}}
+for(let t=0;t<D.rows*D.cols;t++){{const e=document.createElement('div');e.dataset.t=t;g.appendChild(e);}}
 function values(){{const v=V.value,i=+C.value;
  if(v==='X'||v==='svd'||v==='nn')return D.views[v][i];
  if(v==='esvd'||v==='enn'){{const r=D.views[v==='esvd'?'svd':'nn'][i];return D.views.X[i].map((x,t)=>Math.abs(x-r[t]));}}
@@ -168,12 +169,13 @@ function scale(v){{const f=V.value;
  if(f==='X'||f==='svd'||f==='nn'){{const i=+C.value,all=[...D.views.X[i],...D.views.svd[i],...D.views.nn[i]];
   return [Math.min(...all),Math.max(...all)];}}
  if(f==='svd_err'||f==='nn_err')return [0,Math.max(...D.tok.svd_err,...D.tok.nn_err)];
- return [0,Math.max(...v)];}}
+ const i=+C.value,es=D.views.X[i].map((x,t)=>Math.abs(x-D.views.svd[i][t])),en=D.views.X[i].map((x,t)=>Math.abs(x-D.views.nn[i][t]));
+ return [0,Math.max(...es,...en)];}}
 function col(x){{const r=Math.round(255*x),b=Math.round(255*(1-x));return `rgb(${{r}},${{Math.round(80+100*x)}},${{b}})`;}}
 function draw(){{const v=values(),[lo,hi]=scale(v);document.getElementById('scale').textContent=`scale ${{lo.toFixed(3)}} .. ${{hi.toFixed(3)}} (shared)`;
  [...g.children].forEach((e,t)=>e.style.background=col(hi>lo?(v[t]-lo)/(hi-lo):0));}}
 g.addEventListener('mouseover',ev=>{{const t=ev.target.dataset.t;if(t===undefined)return;const i=+C.value;
- document.getElementById('info').textContent=`token ${{t}} (row ${{Math.floor(t/16)}}, col ${{t%16}}), channel ${{D.channels[i]}}
+ document.getElementById('info').textContent=`token ${{t}} (row ${{Math.floor(t/D.cols)}}, col ${{t%D.cols}}), channel ${{D.channels[i]}}
 original ${{D.views.X[i][t]}}   SVD ${{D.views.svd[i][t]}}   NN ${{D.views.nn[i][t]}}
 SVD: token error ${{D.tok.svd_err[t]}}, token cosine ${{D.tok.svd_cos[t]}}
 NN (${{D.arch}}): token error ${{D.tok.nn_err[t]}}, token cosine ${{D.tok.nn_cos[t]}}`;}});
@@ -215,10 +217,11 @@ def main(argv=None):
             raise qd.UserError(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
                              f"samples (0..{len(idx) - 1})")
         sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
-    channels = parse_channels(args.channels)
+    hw, size = qd.cache_grid(cache_dir), qd.cache_image_size(cache_dir)  # from the manifest
     r = cfg["rank"]
     X = qd.FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
-    d = compute(X, model, r)
+    channels = parse_channels(args.channels, X.shape[1])
+    d = compute(X, model, r, hw)
     meta = qd.load_manifest(cache_dir)["samples"].get(str(sid), {})
     head = (f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}"
             + (f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers")
@@ -228,9 +231,9 @@ def main(argv=None):
     try:  # the source image, when the manifest's source is still reachable
         src = qd.Source(qd.load_manifest(cache_dir)["source"]["path"])
         if src.meta[sid]["id"] == meta.get("id"):
-            image = np.asarray(qd.load_image(src.image(sid)))
+            image = np.asarray(qd.load_image(src.image(sid), size))
             if meta.get("bbox") and meta.get("image_size"):
-                bbox = scale_bbox(meta["bbox"], meta["image_size"])
+                bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
     except Exception as e:
         print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
 
@@ -245,7 +248,7 @@ def main(argv=None):
         fig.savefig(p, dpi=args.dpi, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
-    html_channels = sorted(set(range(min(args.html_channels, qd.FEATURE_DIM))) | set(channels))
+    html_channels = sorted(set(range(min(args.html_channels, X.shape[1]))) | set(channels))
     p = out / f"{stem}_interactive.html"
     write_html(d, html_channels, p, head.replace("\n", " | "), cfg["arch"])
     paths.append(p)

@@ -253,8 +253,8 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
              lambda: V.main(["--results_dir", str(trained), "--rank", rank, "--out", str(tmp_path)]),
              lambda: tune.main(["--cache_dir", cache, "--results_dir", str(tmp_path / "tune"), "--rank", rank])]
     for call in calls:
-        with pytest.raises(SystemExit, match=f"{rank}: a rank must be between 1 and the number of tokens per image "
-                                             r"\(256\)"):
+        with pytest.raises(SystemExit, match=f"{rank}: a rank must be between 1 and min.tokens, dim. of the "
+                                             r"cache's features \(256\)"):
             call()
     assert not (tmp_path / "t").exists()
     import bench

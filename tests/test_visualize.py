@@ -54,7 +54,7 @@ def test_figures_files_and_arrays(trained, tmp_path):
 
 def test_bbox_scaled_to_448(trained, tmp_path):
     assert V.scale_bbox([100, 50, 300, 100], (1000, 300)) == pytest.approx([44.8, 74.6667, 134.4, 149.3333], abs=1e-3)
-    d = V.compute(torch.randn(256, 2048), load_checkpoint(trained / "best_model.pt")[0], 16)
+    d = V.compute(torch.randn(256, 2048), load_checkpoint(trained / "best_model.pt")[0], 16, (16, 16))
     fig = V.fig_errors(d, "t", "s", np.zeros((448, 448, 3), np.uint8), [44.8, 74.7, 134.4, 149.3])
     rect = [p for a in fig.axes for p in a.patches][0]
     assert rect.get_xy() == pytest.approx((44.8, 74.7)) and rect.get_width() == pytest.approx(134.4)
@@ -70,6 +70,6 @@ def test_out_of_range_index_gives_valid_range(trained):
 
 
 def test_parse_channels():
-    assert V.parse_channels("0-3,9") == [0, 1, 2, 3, 9]
+    assert V.parse_channels("0-3,9", 2048) == [0, 1, 2, 3, 9]
     with pytest.raises(SystemExit):
-        V.parse_channels("2040-2050")
+        V.parse_channels("2040-2050", 2048)
