@@ -1,8 +1,10 @@
 """
-Feature-extraction throughput: images per second of preprocessing and of the vision tower, at several batch sizes.
+Feature-extraction throughput: images per second of preprocessing and of the vision tower, at several batch sizes;
+and, with --towers, the size of every supported vision tower.
 
     python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size, random weights)
-    python bench_extract.py --model tiny-random --batch_sizes 1,8,32
+    python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896 --batch_sizes 1,8
+    python bench_extract.py --towers        (parameters, bf16 weight memory, tokens x dim of each published tower)
 """
 import argparse
 import time
@@ -12,38 +14,75 @@ import torch
 import demo_data
 import qwenvl_dataloader as qd
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--model", default=qd.RANDOM_3B, help="tiny-random, random-3b, a hub id or a checkpoint dir")
-ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-ap.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
-ap.add_argument("--batch_sizes", default="1,8")
-ap.add_argument("--repeats", type=int, default=3)
-args = ap.parse_args()
-dev = torch.device(args.device)
-sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-enc = qd.Encoder(args.model, dev, args.dtype)
-params = sum(p.numel() for p in enc.tower.parameters())
-rows = demo_data.make_rows(max(int(b) for b in args.batch_sizes.split(",")), seed=0)
-images = [qd.load_image(r["image"]["bytes"]) for r in rows]
-print(f"{args.model}: {params / 1e6:.1f}M parameters, {enc.info['dtype']} on {dev}, threads {torch.get_num_threads()}")
-print(f"{'batch':>6}{'preprocess img/s':>18}{'tower img/s':>14}{'both img/s':>12}")
-for b in (int(b) for b in args.batch_sizes.split(",")):
-    ims = images[:b]
-    enc(ims)  # warm-up
-    t_pre, t_fwd = [], []
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            inputs = enc.processor(images=ims, return_tensors="pt")
-            t_pre.append(time.perf_counter() - t)
-            pv, grid = inputs["pixel_values"].to(dev, enc.dtype), inputs["image_grid_thw"].to(dev)
-            sync()
-            t = time.perf_counter()
-            enc.tower(pv, grid_thw=grid)
-            sync()
-            t_fwd.append(time.perf_counter() - t)
-    pre, fwd = min(t_pre), min(t_fwd)
-    print(f"{b:>6}{b / pre:>18.1f}{b / fwd:>14.2f}{b / (pre + fwd):>12.2f}")
-if dev.type == "cuda":
-    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+def tower_table(image_size):
+    """Each real-size tower built from its published config (random weights, on the meta device: no memory)."""
+    w, h = qd.parse_image_size(image_size)
+    print(f"{'tower (published config)':<24}{'family':<12}{'params':>10}{'bf16 weights':>14}{'cell':>6}"
+          f"{f'tokens x dim at {w}x{h}':>26}")
+    rows = []
+    for name, (family, kw) in qd.RANDOM_TOWERS.items():
+        if name.startswith("tiny"):
+            continue
+        cfg_cls, model_cls, out_attr = qd.family_classes(family)
+        cfg = cfg_cls(**kw)
+        with torch.device("meta"):
+            tower = model_cls._from_config(cfg)
+        n = sum(p.numel() for p in tower.parameters())
+        cell = cfg.patch_size * cfg.spatial_merge_size
+        t = (h // cell) * (w // cell) if not (w % cell or h % cell) else None
+        dim = getattr(cfg, out_attr)
+        rows.append({"tower": name, "family": family, "params": n, "bf16_gib": 2 * n / 2 ** 30, "cell": cell,
+                     "tokens": t, "dim": dim})
+        print(f"{name:<24}{family:<12}{n / 1e6:>9.1f}M{2 * n / 2 ** 30:>12.2f} GiB{cell:>6}"
+              f"{(f'{t} x {dim}' if t else f'not a multiple of {cell}'):>26}")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=qd.RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir "
+                                                           "(default: %(default)s)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    ap.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--image_size", default=qd.DEFAULT_IMAGE_SIZE, help="448 or WxH (default: %(default)s)")
+    ap.add_argument("--batch_sizes", default="1,8", help="comma list (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept (default: %(default)s)")
+    ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
+    args = ap.parse_args(argv)
+    if args.towers:
+        return tower_table(args.image_size)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    enc = qd.Encoder(args.model, dev, args.dtype, image_size=args.image_size)
+    params = sum(p.numel() for p in enc.tower.parameters())
+    rows = demo_data.make_rows(max(int(b) for b in args.batch_sizes.split(",")), seed=0)
+    images = [qd.load_image(r["image"]["bytes"], qd.info_size(enc.info)) for r in rows]
+    print(f"{args.model} ({enc.info['family']}): {params / 1e6:.1f}M parameters, {enc.info['dtype']} on {dev}, "
+          f"{enc.info['grid'][0]}x{enc.info['grid'][1]} tokens x {enc.info['feature_dim']}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'batch':>6}{'preprocess img/s':>18}{'tower img/s':>14}{'both img/s':>12}")
+    for b in (int(b) for b in args.batch_sizes.split(",")):
+        ims = images[:b]
+        enc(ims)  # warm-up
+        t_pre, t_fwd = [], []
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                inputs = enc.processor(images=ims, return_tensors="pt")
+                t_pre.append(time.perf_counter() - t)
+                pv, grid = inputs["pixel_values"].to(dev, enc.dtype), inputs["image_grid_thw"].to(dev)
+                sync()
+                t = time.perf_counter()
+                enc.tower(pv, grid_thw=grid)
+                sync()
+                t_fwd.append(time.perf_counter() - t)
+        pre, fwd = min(t_pre), min(t_fwd)
+        print(f"{b:>6}{b / pre:>18.1f}{b / fwd:>14.2f}{b / (pre + fwd):>12.2f}")
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    qd.run_cli(main)
