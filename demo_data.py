@@ -1,7 +1,8 @@
 """
 Build a small data set in the TextVQA grounding schema (image {bytes, path}, question, answer[10], dataset_id,
 bbox [x, y, w, h] in original pixels) from real photos that scikit-image ships: random crops, flips and scales of
-each photo with a word rendered on a sign, the sign's box as bbox. No network needed.
+each photo with a word rendered on a sign, the sign's box as bbox, and the photo's name as image_id (training
+splits by it, so no test image is a crop of a training photo). No network needed.
 
     python demo_data.py --out demo_data --num 300
 """
@@ -70,7 +71,7 @@ def make_rows(num, seed=0, names=None):
         im, bbox = render_sample(photo, word, rng)
         rows.append({"image": {"bytes": encode(im), "path": f"{name}_{k}.jpg"},
                      "question": "what is written on the sign?", "answer": [word.lower()] * 10,
-                     "dataset_id": f"demo-{k:05d}", "bbox": bbox})
+                     "dataset_id": f"demo-{k:05d}", "bbox": bbox, "image_id": name})
     return rows
 
 
@@ -81,7 +82,7 @@ def write_parquet(rows, out_dir, shards=1):
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                         ("question", pa.string()), ("answer", pa.list_(pa.string())),
-                        ("dataset_id", pa.string()), ("bbox", pa.list_(pa.float64()))])
+                        ("dataset_id", pa.string()), ("bbox", pa.list_(pa.float64())), ("image_id", pa.string())])
     per = -(-len(rows) // shards)
     for s in range(shards):
         part = rows[s * per:(s + 1) * per]

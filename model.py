@@ -86,8 +86,11 @@ class Subspace(nn.Module):
         w, V = torch.linalg.eigh(cov)
         self.omega.copy_(V[:, -self.omega.shape[1]:].flip(-1).to(self.omega.dtype))
 
-    def basis(self, X):
-        Q = _orth(X @ self.omega.to(X.dtype))
+    def basis(self, X, k=None):
+        """Orthonormal Q [B, T, k] spanning X Ω[:, :k] (k: all columns by default), after the power steps. QR keeps
+        column order and the power step maps prefixes to prefixes, so Q for k columns is the first k columns of Q
+        for all of them: a small rank never pays for the full basis."""
+        Q = _orth(X @ self.omega[:, :k].to(X.dtype))
         for _ in range(self.power_iters):
             Q = _orth(X @ (X.transpose(1, 2) @ Q))
         return Q
@@ -101,9 +104,10 @@ class Subspace(nn.Module):
         r = self.rank if rank is None else rank
         if not 1 <= r <= self.rank:
             raise ValueError(f"rank {r}: this model serves ranks 1..{self.rank} (its trained rank)")
+        if self.omega.shape[1] == self.rank:               # nested by column order: only the first r columns
+            Q = self.basis(X, r)
+            return Q, Q.transpose(1, 2) @ X
         Q = self.basis(X)                                  # [B, T, m]
-        if Q.shape[-1] == self.rank:                       # nested by column order
-            return Q[..., :r], Q[..., :r].transpose(1, 2) @ X
         C = Q.transpose(1, 2) @ X                          # [B, m, D]
         w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
         V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()

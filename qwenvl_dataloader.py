@@ -181,7 +181,8 @@ class Source:
                 if "image" not in names:
                     raise UserError(f"{shard}: no 'image' column (TextVQA schema: image, question, answer, "
                                     f"dataset_id, bbox; this file has {names or 'no columns'})")
-                t = pf.read(columns=[c for c in ("question", "answer", "dataset_id", "bbox") if c in names]).to_pylist()
+                t = pf.read(columns=[c for c in ("question", "answer", "dataset_id", "bbox", "image_id")
+                                     if c in names]).to_pylist()
             except (OSError, ValueError) as e:  # pyarrow: not a parquet file, truncated, ...
                 raise UserError(f"{shard}: unreadable parquet file ({type(e).__name__}: {e})") from None
             for r, row in enumerate(t):
@@ -192,6 +193,8 @@ class Source:
                     m["answers"] = list(row["answer"])
                 if row.get("bbox") is not None:
                     m["bbox"] = [float(v) for v in row["bbox"]]
+                if row.get("image_id") is not None:  # TextVQA's image id; the demo's source photo
+                    m["image_id"] = str(row["image_id"])
                 self.meta.append(m)
                 self._where.append((s, r))
 
@@ -771,34 +774,88 @@ class FeatureDataset(torch.utils.data.Dataset):
         return x, self.indices[k]
 
 
-def make_split(indices, seed=42, fractions=(0.8, 0.1, 0.1)):
-    """Seeded split of sample indices into train/val/test (80/10/10 by default)."""
+def make_split(indices, seed=42, fractions=(0.8, 0.1, 0.1), groups=None):
+    """Seeded split of sample indices into train/val/test (80/10/10 by default). groups: {index: key}; samples with
+    one key (one photo, one image asked several questions) always land in the same split. Without groups every
+    sample is its own group."""
     indices = sorted(indices)
-    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
+    keys = [groups[i] if groups else i for i in indices]
+    order = list(dict.fromkeys(keys))  # group keys by first appearance
+    members = {k: [] for k in order}
+    for i, k in zip(indices, keys):
+        members[k].append(i)
+    perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
     n_train = int(round(fractions[0] * len(indices)))
     n_val = int(round(fractions[1] * len(indices)))
-    pick = lambda ks: sorted(indices[k] for k in ks)
-    return {"train": pick(perm[:n_train]), "val": pick(perm[n_train:n_train + n_val]),
-            "test": pick(perm[n_train + n_val:])}
+    out = {"train": [], "val": [], "test": []}
+    for g in perm:
+        part = "train" if len(out["train"]) < n_train else "val" if len(out["val"]) < n_val else "test"
+        out[part] += members[order[g]]
+    return {k: sorted(v) for k, v in out.items()}
 
 
-def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None):
-    """split.json in results_dir: read it if present (so every script sees the same test set), else make and save."""
+GROUP_AUTO = "auto"
+
+
+def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
+    """{index: group key} from the manifest: group_by a per-sample field (image_id: the photo a sample was made
+    from), 'fingerprint' (identical image bytes), 'none', or 'auto' = image_id where the source has it, else
+    fingerprint. Returns (groups or None, the field used)."""
+    samples = load_manifest(cache_dir).get("samples", {})
+    meta = [samples.get(str(i), {}) for i in indices]
+    if group_by == GROUP_AUTO:
+        group_by = next((f for f in ("image_id", "fingerprint") if meta and all(f in m for m in meta)), "none")
+    if group_by == "none":
+        return None, "none"
+    missing = [i for i, m in zip(indices, meta) if group_by not in m]
+    if missing:
+        raise UserError(f"--group_by {group_by}: the manifest of '{cache_dir}' has no '{group_by}' for sample "
+                        f"{missing[0]} ({len(missing)} samples); use another field or --group_by none")
+    return {i: json.dumps(m[group_by]) for i, m in zip(indices, meta)}, group_by
+
+
+def shared_between_splits(cache_dir, split, field):
+    """How many distinct values of a manifest field (e.g. the image fingerprint) occur in more than one split."""
+    samples = load_manifest(cache_dir).get("samples", {})
+    seen = {}
+    for part in ("train", "val", "test"):
+        for i in split[part]:
+            v = samples.get(str(i), {}).get(field)
+            if v is not None:
+                seen.setdefault(json.dumps(v), set()).add(part)
+    return sum(len(parts) > 1 for parts in seen.values())
+
+
+def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_by=GROUP_AUTO, resplit=False):
+    """split.json in results_dir: read it if present (so every script sees the same test set), else make and save.
+    A saved split made from another seed, sample count, cache or grouping is refused (resplit=True replaces it)."""
     p = Path(results_dir) / "split.json"
-    if p.exists():
+    made_from = {"seed": seed, "max_samples": max_samples, "cache_dir": str(Path(cache_dir).resolve()),
+                 "group_by": group_by}
+    if p.exists() and not resplit:
         s = json.loads(p.read_text())
+        old = dict(s, cache_dir=str(Path(s["cache_dir"]).resolve())) if "cache_dir" in s else s
+        diff = {k: (old[k], v) for k, v in made_from.items() if k in old and old[k] != v}
+        if diff:
+            raise UserError(f"{p} was made with " + ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
+                            + "; this run asks for " + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
+                            + ". Pass --resplit to replace it (its test set then changes), or use another "
+                              "--results_dir")
         missing = [i for k in ("train", "val", "test") for i in s[k] if not feature_path(cache_dir, i).exists()]
         if missing:
             raise UserError(f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
-                             f"was it made for another cache?")
+                            f"was it made for another cache?")
         return s
     idx = cached_indices(cache_dir)
     if max_samples:
         idx = idx[:max_samples]
     if len(idx) < 3:
         raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
-    s = make_split(idx, seed)
-    s.update(seed=seed, cache_dir=str(cache_dir), num_samples=len(idx))
+    groups, field = split_groups(cache_dir, idx, group_by)
+    s = make_split(idx, seed, groups=groups)
+    s.update(made_from, grouped_by=field, num_samples=len(idx),
+             shared_images=shared_between_splits(cache_dir, s, "fingerprint"),
+             **({"shared_groups": shared_between_splits(cache_dir, s, field)} if groups else {}))
     Path(results_dir).mkdir(parents=True, exist_ok=True)
     atomic_save(s, p)
     return s

@@ -228,7 +228,13 @@ def test_split_is_seeded_disjoint_and_saved(cache, tmp_path):
     assert sorted(s1["train"] + s1["val"] + s1["test"]) == idx
     s = qd.load_or_make_split(tmp_path, cache_dir, seed=0)
     assert json.loads((tmp_path / "split.json").read_text())["test"] == s["test"]
-    assert qd.load_or_make_split(tmp_path, cache_dir, seed=999)["test"] == s["test"]  # the saved one wins
+    assert qd.load_or_make_split(tmp_path, cache_dir, seed=0)["test"] == s["test"]  # the saved one is reused
+    with pytest.raises(SystemExit, match="seed 0.*seed 999.*--resplit"):  # never silently, when settings differ
+        qd.load_or_make_split(tmp_path, cache_dir, seed=999)
+    with pytest.raises(SystemExit, match="max_samples None.*max_samples 5"):
+        qd.load_or_make_split(tmp_path, cache_dir, seed=0, max_samples=5)
+    s2 = qd.load_or_make_split(tmp_path, cache_dir, seed=999, resplit=True)
+    assert s2["seed"] == 999 and json.loads((tmp_path / "split.json").read_text())["test"] == s2["test"]
 
 
 def test_folder_and_jsonl_sources(tmp_path, encoder):

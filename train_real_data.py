@@ -46,6 +46,12 @@ def get_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--group_by", default=qd.GROUP_AUTO,
+                    help="keep samples with the same value of this manifest field in one split: image_id (the "
+                         "source photo/image), fingerprint (identical image bytes), none; auto = image_id where the "
+                         "source has it, else fingerprint")
+    ap.add_argument("--resplit", action="store_true", help="replace a split.json made with another seed, sample "
+                                                           "count, cache or grouping (its test set changes)")
     ap.add_argument("--grad_clip", type=float, default=1.0)
     ap.add_argument("--hidden", type=int, default=None, help="symmetric: MLP hidden width (default 512)")
     ap.add_argument("--power_iters", type=int, default=None, help="subspace: power steps (default 0)")
@@ -124,7 +130,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
                   "cache_dir": str(Path(args.cache_dir).resolve()), "batch_size": args.batch_size, "epochs": args.epochs,
                   "lr": args.lr, "lambda_B": args.lambda_B, "lambda_ortho": args.lambda_ortho,
                   "weight_decay": args.weight_decay, "patience": args.patience, "seed": args.seed,
-                  "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world}
+                  "grad_clip": args.grad_clip, "max_samples": args.max_samples, "world_size": world,
+                  "group_by": args.group_by}
     torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
     tokens, dim = qd.cached_shape(config["cache_dir"])  # the manifest is the one source of the shape
     if "tokens" in config and (config["tokens"], config["dim"]) != (tokens, dim):
@@ -135,7 +142,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
 
     if master:
         qd.remove_stale_tmp(out) if out.exists() else None
-        split = qd.load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"])
+        split = qd.load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"],
+                                      config.get("group_by", qd.GROUP_AUTO), args.resplit and not args.resume)
         (out / "config.json").write_text(json.dumps(config, indent=1))
     if world > 1:
         dist.barrier()
@@ -156,6 +164,9 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     log(f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
         f" ({norm}); arch {config['arch']} rank {config['rank']} on {device}"
         f"{f' x {world} processes' if world > 1 else ''}")
+    log(f"split grouped by {split.get('grouped_by', 'none')}: images shared between splits "
+        f"{split.get('shared_images', '?')}"
+        + (f", {split['grouped_by']} values shared {split['shared_groups']}" if "shared_groups" in split else ""))
 
     model = build_model(config).to(device)
     if ck is not None:

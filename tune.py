@@ -31,7 +31,8 @@ def storage_from(spec, results_dir):
 
 def train_argv(p, args, trial_dir):
     argv = ["--cache_dir", args.cache_dir, "--results_dir", str(trial_dir), "--epochs", str(args.epochs),
-            "--patience", str(args.patience), "--seed", str(args.seed), "--normalize", args.normalize]
+            "--patience", str(args.patience), "--seed", str(args.seed), "--normalize", args.normalize,
+            "--group_by", args.group_by]
     for k in ("lr", "lambda_B", "lambda_ortho", "weight_decay", "batch_size", "arch", "rank"):
         argv += [f"--{k}", str(p[k])]
     if args.device:
@@ -61,7 +62,9 @@ def main(argv=None):
     ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--max_samples", type=int, default=None)
+    ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--group_by", default=qd.GROUP_AUTO, help="split grouping, as train_real_data.py's")
+    ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")
     args = ap.parse_args(argv)
 
     tokens = min(qd.cached_shape(args.cache_dir))
@@ -69,7 +72,8 @@ def main(argv=None):
         qd.check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qd.load_or_make_split(out, args.cache_dir, args.seed, args.max_samples)  # one split for every trial
+    qd.load_or_make_split(out, args.cache_dir, args.seed, args.max_samples, args.group_by,
+                          args.resplit)  # one split for every trial
     study = optuna.create_study(study_name=args.study_name, storage=storage_from(args.storage, out),
                                 direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=args.seed),

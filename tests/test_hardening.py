@@ -320,3 +320,26 @@ def test_user_errors_are_one_line(tmp_path, trained):
     line = one_line_error(r)
     assert "evil.pt is refused: it is not plain data" in line and "weights_only=False" not in r.stderr + r.stdout
     assert not (tmp_path / "pwned").exists()
+
+
+# splits by source photo (the honest-baselines issue) ---------------------------------------------------------------
+
+def test_demo_split_is_disjoint_by_photo(tmp_path):
+    rows = demo_data.make_rows(36, seed=2)
+    data = demo_data.write_parquet(rows, tmp_path / "data")
+    qd.extract(data, tmp_path / "c", qd.TINY, "cpu", progress=False, batch_size=12)
+    s = qd.load_or_make_split(tmp_path / "r", tmp_path / "c", seed=0)
+    photo = {i: r["image_id"] for i, r in enumerate(rows)}
+    parts = {k: {photo[i] for i in s[k]} for k in ("train", "val", "test")}
+    assert s["grouped_by"] == "image_id" and s["shared_groups"] == 0 and s["shared_images"] == 0
+    assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"]) and parts["test"]
+    flat = qd.load_or_make_split(tmp_path / "r2", tmp_path / "c", seed=0, group_by="none")
+    assert flat["grouped_by"] == "none" and sorted(flat["train"] + flat["val"] + flat["test"]) == list(range(36))
+    assert qd.shared_between_splits(tmp_path / "c", flat, "image_id") > 0  # 18 photos x 2 crops: most straddle
+
+
+def test_groups_keep_identical_images_together():
+    s = qd.make_split(list(range(20)), seed=1, groups={i: i // 4 for i in range(20)})  # 5 images, 4 questions each
+    where = {i: k for k, v in s.items() for i in v}
+    assert all(len({where[i] for i in range(g * 4, g * 4 + 4)}) == 1 for g in range(5))
+    assert qd.make_split(list(range(10)), seed=3) == qd.make_split(list(range(10)), seed=3, groups={i: i for i in range(10)})

@@ -158,3 +158,17 @@ def test_subspace_objective_is_the_energy_outside_each_prefix():
     # nested: the first k components are that projection
     q, _ = np.linalg.qr(X[0].numpy() @ m.omega.detach().numpy()[:, :16])
     np.testing.assert_allclose(m(X, rank=16)[0][0].detach().numpy(), q @ (q.T @ X[0].numpy()), atol=1e-10)
+
+
+def test_small_rank_uses_only_its_columns():
+    """factors(X, k) from X·Ω[:, :k] alone equals the first k components of the full rank-r basis."""
+    torch.manual_seed(1)
+    m = M.Subspace(rank=32, tokens=64, dim=96, power_iters=1)
+    X = torch.randn(3, 64, 96, dtype=torch.float64)
+    m.double()
+    with torch.no_grad():
+        Q = m.basis(X)  # all 32 columns
+        for k in (4, 16, 32):
+            A, B = m.factors(X, k)
+            assert A.shape == (3, 64, k)
+            torch.testing.assert_close(A @ B, Q[..., :k] @ (Q[..., :k].transpose(1, 2) @ X), atol=1e-9, rtol=1e-9)
