@@ -66,18 +66,22 @@ def main(argv=None):
     r, norm = cfg["rank"], cfg["normalization"]
     ds = qd.FeatureDataset(cache_dir, idx, norm)
     loader = qd.make_loader(ds, args.batch_size)
-    nn, ids, nn_s = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN")
+    nn, ids, _ = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN")
     spectra = []  # singular values from the same decomposition, for the energy curve
 
     def svd_reconstruct(X):
         A, B, S = sb.truncated_svd(X, r, args.svd_method)
         spectra.append(S)
         return A @ B
-    svd, _, svd_s = sb.evaluate(svd_reconstruct, loader, args.device, "SVD")
+    svd, _, _ = sb.evaluate(svd_reconstruct, loader, args.device, "SVD")
     n = len(ids)
     S_nn, S_svd, D = sb.summarize(nn), sb.summarize(svd), paired(nn, svd)
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
-    ms_nn, ms_svd = 1000 * nn_s / n, 1000 * svd_s / n
+    # speed as bench.py measures it: one full batch, a warm-up, the median of 3 timed calls
+    xb = next(iter(loader))[0].to(args.device)
+    xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
+    ms_nn = sb.time_ms(lambda x: model(x)[0], xb)
+    ms_svd = sb.time_ms(lambda x: sb.svd_reconstruct(x, r, args.svd_method), xb)
 
     print(f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
           f"device {args.device}, batch {args.batch_size}")
@@ -86,7 +90,10 @@ def main(argv=None):
         f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
         print(f"{k:<13}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
     print(f"NN within 0.01 cosine of SVD: {100 * within:.1f}% of samples")
-    print(f"ms per sample: SVD ({args.svd_method}) {ms_svd:.2f}, NN {ms_nn:.2f} (ratio SVD/NN {ms_svd / ms_nn:.1f}x)")
+    ratio = ms_svd / ms_nn
+    print(f"ms per sample (batch {args.batch_size}, median of 3 after a warm-up): SVD ({args.svd_method}) {ms_svd:.2f}, "
+          f"NN {ms_nn:.2f}: NN " + (f"faster by x{ratio:.1f}" if ratio >= 1 else f"slower by x{1 / ratio:.1f}")
+          + "; bench.py compares every method with the fastest exact SVD")
 
     out = Path(args.results_dir)
     stem = f"compare_rank{r}"

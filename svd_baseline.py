@@ -12,31 +12,62 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("gram", "svd")
+METHODS = ("gram", "gram32", "svd", "svd_t")
 DEFAULT_METHOD = "gram"  # measured in bench.py: same result as torch.linalg.svd, several times faster on CPU
 
 
 def truncated_svd(X, rank, method=DEFAULT_METHOD):
-    """X [B, T, D] (T <= D) -> A [B, T, r] = U_r Σ_r, B [B, r, D] = V_rᵀ, S [B, T] all singular values, descending.
-    Computed in float64, returned in X's dtype (float32 for half inputs). A @ B is the best rank-r approximation.
-    'gram': eigendecomposition of the T x T Gram matrix X Xᵀ in float64 (singular values below ~1e-8 σ₁ are lost:
-    harmless for truncation); 'svd': torch.linalg.svd."""
+    """X [B, T, D] -> A [B, T, r] = U_r Σ_r, B [B, r, D] = V_rᵀ, S [B, min(T, D)] all singular values, descending.
+    Returned in X's dtype (float32 for half inputs). A @ B is the best rank-r approximation. Methods, all exact:
+    'gram'   eigendecomposition of the T x T Gram matrix X Xᵀ, everything in float64 (singular values below ~1e-8 σ₁
+             are lost: harmless for truncation);
+    'gram32' the Gram matrix and B = U_rᵀ X as float32 matmuls, only the small eigh in float64 (fastest on CPU);
+    'svd'    torch.linalg.svd of X in float64;  'svd_t' the same on Xᵀ (the faster orientation for T < D)."""
     out_dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
-    X64 = X.double()
-    if method == "svd":
-        U, S, Vh = torch.linalg.svd(X64, full_matrices=False)
+    if method in ("svd", "svd_t"):
+        X64 = X.double()
+        if method == "svd":
+            U, S, Vh = torch.linalg.svd(X64, full_matrices=False)
+        else:  # Xᵀ = V S Uᵀ
+            V, S, Uh = torch.linalg.svd(X64.transpose(-1, -2), full_matrices=False)
+            U, Vh = Uh.transpose(-1, -2), V.transpose(-1, -2)
         A, B = U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :]
-    elif method == "gram":
-        w, U = torch.linalg.eigh(X64 @ X64.transpose(-1, -2))
-        S = w.flip(-1).clamp_min(0).sqrt()
+    elif method in ("gram", "gram32"):
+        Xw = X.double() if method == "gram" else X.float()
+        w, U = torch.linalg.eigh((Xw @ Xw.transpose(-1, -2)).double())
+        S = w.flip(-1).clamp_min(0).sqrt()[..., :min(X.shape[-2:])]
         U = U.flip(-1)[..., :rank]
         s = S[..., :rank]
         A = U * s[..., None, :]
         inv = torch.where(s > s[..., :1] * 1e-12, 1.0 / s, torch.zeros_like(s))  # null directions: B row 0
-        B = (U.transpose(-1, -2) @ X64) * inv[..., :, None]
+        B = (U.to(Xw.dtype).transpose(-1, -2) @ Xw) * inv[..., :, None].to(Xw.dtype)
     else:
         raise ValueError(f"unknown SVD method '{method}' (choose from {METHODS})")
     return A.to(out_dtype), B.to(out_dtype), S.to(out_dtype)
+
+
+def time_ms(f, x, repeats=3):
+    """ms per sample of f(x) for a batch x: one warm-up call, then the median of `repeats` timed calls, the device
+    synchronised around each (bench.py and compare_svd_nn.py time everything this way)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with torch.no_grad():
+        f(x)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            f(x)
+            sync()
+            times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2] / len(x)
+
+
+def fastest_exact(x, ranks, repeats=3):
+    """{rank: (method, ms per sample)}: the fastest exact truncated SVD of METHODS on batch x at each rank (the
+    yardstick every speed ratio is reported against), and {(method, rank): ms} for all of them."""
+    all_ms = {(m, r): time_ms(lambda b: truncated_svd(b, r, m), x, repeats) for r in ranks for m in METHODS}
+    best = {r: min(((m, all_ms[(m, r)]) for m in METHODS), key=lambda t: t[1]) for r in ranks}
+    return best, all_ms
 
 
 def svd_reconstruct(X, rank, method=DEFAULT_METHOD):
