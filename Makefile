@@ -8,7 +8,7 @@ else
 PY := .venv/bin/python
 endif
 DEMO_N ?= 300
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 3
 
 setup:
 	@if [ "$(PY)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

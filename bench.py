@@ -21,16 +21,16 @@ from compare_svd_nn import load_run
 from model import load_checkpoint
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
     ap.add_argument("--results_dir", default="results", help="a trained subspace (or other nested) model")
     ap.add_argument("--symmetric_dir", default=None, help="optional: a trained symmetric model on the same split")
-    ap.add_argument("--ranks", default="16,32,64,128")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ranks", default="16,32,64,128", help="ranks to measure, each at most the model's trained rank")
+    ap.add_argument("--batch_size", type=int, default=64, help="batch used for timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median, after a warm-up)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--eval_cache", default=None, help="measure quality on this cache's samples instead of the "
                                                         "test split (e.g. images from other photos)")
-    ap.add_argument("--max_eval", type=int, default=500)
+    ap.add_argument("--max_eval", type=int, default=500, help="at most this many --eval_cache samples")
     ap.add_argument("--out", default=None, help="JSON path (default <results_dir>/bench.json)")
     args = ap.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]

@@ -40,14 +40,13 @@ def tower_table(image_size):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=qd.RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir "
-                                                           "(default: %(default)s)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
+    ap.add_argument("--model", default=qd.RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--image_size", default=qd.DEFAULT_IMAGE_SIZE, help="448 or WxH (default: %(default)s)")
-    ap.add_argument("--batch_sizes", default="1,8", help="comma list (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept (default: %(default)s)")
+    ap.add_argument("--image_size", default=qd.DEFAULT_IMAGE_SIZE, help="448 or WxH")
+    ap.add_argument("--batch_sizes", default="1,8", help="comma list")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept")
     ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
     args = ap.parse_args(argv)
     if args.towers:

@@ -48,16 +48,18 @@ def paired(nn, svd):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Truncated SVD vs the trained factoriser, paired on the same samples.")
+    ap = argparse.ArgumentParser(description="Truncated SVD vs the trained factoriser, paired on the same samples.",
+                                 formatter_class=qd.HelpFormatter)
     ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
-    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
     ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of split.json")
     ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--svd_method", default=sb.DEFAULT_METHOD, choices=sb.METHODS)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch_size", type=int, default=64, help="samples per batch (evaluation and timing)")
+    ap.add_argument("--svd_method", default=sb.DEFAULT_METHOD, choices=sb.METHODS,
+                    help="exact truncated SVD method (svd_baseline.py); all give the same numbers")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = ap.parse_args(argv)
 
     model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank,

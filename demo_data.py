@@ -91,15 +91,16 @@ def write_parquet(rows, out_dir, shards=1):
     return out_dir
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Build a demo data set in the TextVQA grounding parquet schema from "
-                                             "scikit-image's photos (offline).")
-    ap.add_argument("--out", default="demo_data")
-    ap.add_argument("--num", type=int, default=300)
-    ap.add_argument("--shards", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+                                             "scikit-image's photos (offline).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", default="demo_data", help="output folder (parquet shards under data/)")
+    ap.add_argument("--num", type=int, default=300, help="number of samples")
+    ap.add_argument("--shards", type=int, default=3, help="number of parquet shards")
+    ap.add_argument("--seed", type=int, default=0, help="crops, words and colours")
     ap.add_argument("--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = args.photos.split(",") if args.photos else None
     bad = set(names or []) - set(PHOTOS)
     if bad:

@@ -89,6 +89,10 @@ def parse_image_size(spec):
     return size
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the description as written, and each flag's default."""
+
+
 class UserError(SystemExit):
     """A mistake the user can fix (bad input, a missing file): printed as one line 'error: ...', exit status 1,
     no traceback. LOWRANK_DEBUG=1 prints the traceback too."""
@@ -887,7 +891,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Extract and cache Qwen vision-token features (Qwen2-VL, Qwen2.5-VL, "
                                              "Qwen3-VL): one [T, D] tensor per image, e.g. [256, 2048] for "
                                              "Qwen2.5-VL-3B at 448x448.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--dataset_dir", "--source", dest="dataset_dir", required=True,
                     help="TextVQA parquet directory, a folder of images (recursive), or a .jsonl list")
     ap.add_argument("--cache_dir", default="feature_cache_real", help="where features_<i>.pt go")

@@ -163,18 +163,19 @@ def evaluate(reconstruct, loader, device="cpu", desc="eval"):
 
 def main(argv=None):
     import qwenvl_dataloader as qd
-    ap = argparse.ArgumentParser(description="Truncated-SVD baseline metrics for a feature cache.")
-    ap.add_argument("--cache_dir", default="feature_cache_real")
-    ap.add_argument("--rank", type=int, default=128)
+    ap = argparse.ArgumentParser(description="Truncated-SVD baseline metrics for a feature cache.",
+                                 formatter_class=qd.HelpFormatter)
+    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache")
+    ap.add_argument("--rank", type=int, default=128, help="rank of the truncation (without --ranks)")
     ap.add_argument("--ranks", default=None, help="comma list for a rank sweep, e.g. 16,32,64,128,256")
     ap.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                     help="samples to use; a split needs split.json in --results_dir (written by training)")
     ap.add_argument("--results_dir", default="results", help="where split.json is read and the sweep plot written")
-    ap.add_argument("--num_samples", type=int, default=None)
-    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
-    ap.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--num_samples", type=int, default=None, help="first N samples (default: all)")
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS, help="as in training")
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="exact truncated SVD method")
+    ap.add_argument("--batch_size", type=int, default=32, help="samples per batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = ap.parse_args(argv)
 
     if args.split == "all":

@@ -26,23 +26,25 @@ from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=0.001)
-    ap.add_argument("--rank", type=int, default=128)
+                                 formatter_class=qd.HelpFormatter)
+    ap.add_argument("--batch_size", type=int, default=8, help="training batch size (per process under torchrun)")
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs (epoch 0 = the starting point)")
+    ap.add_argument("--lr", type=float, default=0.001, help="AdamW learning rate")
+    ap.add_argument("--rank", type=int, default=128, help="rank r of the factorisation, 1..min(tokens, dim)")
     ap.add_argument("--lambda_B", type=float, default=0.0001, help="weight of mean(B²)")
     ap.add_argument("--lambda_ortho", type=float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
-    ap.add_argument("--weight_decay", type=float, default=0.00001)
+    ap.add_argument("--weight_decay", type=float, default=0.00001, help="AdamW weight decay")
     ap.add_argument("--patience", type=int, default=10, help="early stop after this many epochs without a better "
                                                             "validation MSE")
-    ap.add_argument("--results_dir", default="results")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--arch", default="symmetric", choices=list(ARCHS))
-    ap.add_argument("--cache_dir", default="feature_cache_real")
+    ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
+    ap.add_argument("--seed", type=int, default=42, help="split, initialisation and shuffling")
+    ap.add_argument("--arch", default="symmetric", choices=list(ARCHS),
+                    help="symmetric: the original's MLP network; subspace: learned subspace iteration")
+    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache (qwenvl_dataloader.py)")
     ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    ap.add_argument("--num_workers", type=int, default=0)
-    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
+    ap.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS,
+                    help="layer norm over the feature dims (no affine), or none; stored in the checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
@@ -52,7 +54,7 @@ def get_args(argv=None):
                          "source has it, else fingerprint")
     ap.add_argument("--resplit", action="store_true", help="replace a split.json made with another seed, sample "
                                                            "count, cache or grouping (its test set changes)")
-    ap.add_argument("--grad_clip", type=float, default=1.0)
+    ap.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping")
     ap.add_argument("--hidden", type=int, default=None, help="symmetric: MLP hidden width (default 512)")
     ap.add_argument("--power_iters", type=int, default=None, help="subspace: power steps (default 0)")
     ap.add_argument("--oversample", type=int, default=None, help="subspace: extra columns in Ω (default 0: nested ranks without an eigendecomposition)")

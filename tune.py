@@ -43,25 +43,26 @@ def train_argv(p, args, trial_dir):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Optuna search over the training hyperparameters.")
-    ap.add_argument("--cache_dir", default="feature_cache_real")
-    ap.add_argument("--results_dir", default="results_tune")
-    ap.add_argument("--study_name", default="low-rank-image")
+    ap = argparse.ArgumentParser(description="Optuna search over the training hyperparameters.",
+                                 formatter_class=qd.HelpFormatter)
+    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache")
+    ap.add_argument("--results_dir", default="results_tune", help="study folder: trials, journal, plots")
+    ap.add_argument("--study_name", default="low-rank-image", help="Optuna study name (resumed if it exists)")
     ap.add_argument("--storage", default=None, help="journal file path (default <results_dir>/optuna_journal.log) "
                                                     "or an RDB URL such as postgresql://user:pw@host/db")
     ap.add_argument("--n_trials", type=int, default=20, help="total trials in the study (resumed studies count "
                                                              "those already finished)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds for this invocation")
     ap.add_argument("--epochs", type=int, default=10, help="epochs per trial")
-    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--patience", type=int, default=10, help="early-stopping patience per trial")
     ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
-    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=128, help="rank of every trial (without --tune_rank)")
     ap.add_argument("--tune_rank", action="store_true", help="also search the rank over --ranks")
-    ap.add_argument("--ranks", default="32,64,128")
-    ap.add_argument("--batch_sizes", default="4,8,16,32")
-    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--ranks", default="32,64,128", help="ranks searched with --tune_rank")
+    ap.add_argument("--batch_sizes", default="4,8,16,32", help="batch sizes searched")
+    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS, help="as in training")
+    ap.add_argument("--seed", type=int, default=42, help="split and sampler seed")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
     ap.add_argument("--group_by", default=qd.GROUP_AUTO, help="split grouping, as train_real_data.py's")
     ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")

@@ -185,19 +185,20 @@ V.onchange=C.onchange=draw;draw();
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Spatial layout of SVD and NN reconstructions and their errors.")
+    ap = argparse.ArgumentParser(description="Spatial layout of SVD and NN reconstructions and their errors.",
+                                 formatter_class=qd.HelpFormatter)
     ap.add_argument("--image_idx", type=int, default=0, help="position in the chosen split")
     ap.add_argument("--sample_id", type=int, default=None, help="a cache index instead of --image_idx")
     ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
-    ap.add_argument("--results_dir", default="results")
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
+    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split --image_idx counts in")
     ap.add_argument("--channels", default="0-7", help="e.g. 0-7 or 0,5,100-103")
     ap.add_argument("--html_channels", type=int, default=32, help="channels selectable in the HTML view "
                                                                   "(the first N, plus --channels)")
-    ap.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
-    ap.add_argument("--dpi", type=int, default=150)
+    ap.add_argument("--format", default="png", choices=["png", "pdf", "svg"], help="figure format")
+    ap.add_argument("--dpi", type=int, default=150, help="figure resolution")
     ap.add_argument("--out", default=None, help="output folder (default: <results_dir>/vis)")
     args = ap.parse_args(argv)
     import matplotlib
