@@ -126,6 +126,7 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.hist(svd["cosine"], bins=bins, alpha=0.6, label="truncated SVD")
     ax.hist(nn["cosine"], bins=bins, alpha=0.6, label=f"NN ({arch})")
     ax.set_xlabel(f"flattened cosine, rank {r}"), ax.set_ylabel("samples"), ax.legend()
+    ax.set_title(f"Per-sample cosine, NN ({arch}) vs truncated SVD, rank {r} (n={len(nn['cosine'])})", fontsize=9)
     fig.tight_layout(), fig.savefig(paths[0]), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
@@ -137,7 +138,8 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.legend(), fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
 
     sb.plot_energy_curve(energy, paths[2], ranks=[r],
-                         points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")])
+                         points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")],
+                         title=f"Captured energy: truncated SVD curve, NN ({arch}) at rank {r}")
     return paths
 
 

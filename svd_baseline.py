@@ -214,12 +214,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "svd_rank_sweep.json").write_text(json.dumps({"n": len(ds), "normalization": args.normalize,
                                                          "split": args.split, "rows": rows}, indent=1))
-    plot_energy_curve(energy, out / "svd_energy_vs_rank.png", ranks=ranks)
+    plot_energy_curve(energy, out / "svd_energy_vs_rank.png", ranks=ranks,
+                      title=f"Truncated SVD, {args.cache_dir} ({args.split}, n={len(ds)}, {args.normalize})")
     print(f"wrote {out / 'svd_rank_sweep.json'} and {out / 'svd_energy_vs_rank.png'}")
     return rows
 
 
-def plot_energy_curve(energy, path, ranks=(), points=()):
+def plot_energy_curve(energy, path, ranks=(), points=(), title="Energy captured by truncated SVD"):
     """Mean captured energy vs rank (band: ± 1 std over samples); points: [(rank, energy, label)] to overlay."""
     import matplotlib
     matplotlib.use("Agg")
@@ -228,14 +229,17 @@ def plot_energy_curve(energy, path, ranks=(), points=()):
     m, s = energy.mean(0), energy.std(0) if len(energy) > 1 else torch.zeros(energy.shape[1])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
     ax.plot(k, m, label=f"truncated SVD (mean of {len(energy)})")
-    ax.fill_between(k, m - s, (m + s).clamp(max=1), alpha=0.25)
+    ax.fill_between(k, m - s, (m + s).clamp(max=1), alpha=0.25, label="± 1 std over samples")
     for r in ranks:
         ax.axvline(r, color="grey", lw=0.5, ls=":")
+        e = m[min(r, len(m)) - 1].item()
+        ax.annotate(f"r={r}: {e:.4f}", (r, e), textcoords="offset points", xytext=(3, -12), fontsize=7)
     for r, e, label in points:
         ax.plot([r], [e], "o", color="C3", label=label)
     ax.set_xlabel("rank r")
     ax.set_ylabel("captured energy 1 - rel_fro²")
     ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -129,27 +129,43 @@ def main(argv=None):
     return study
 
 
-def plots(study, out):
+def plots(study, out, min_trials_for_importance=5):
+    """optimization_history.png: each complete trial's validation MSE (log axis) and the best so far;
+    param_importances.png: Optuna's fANOVA importances, or, with fewer than 5 complete trials, a note saying why none
+    are drawn (importances from so few trials are noise)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as vm
-    import warnings
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    ax = vm.plot_optimization_history(study)
-    ax.figure.set_size_inches(8, 5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(out / "optimization_history.png", dpi=120)
-    plt.close("all")
-    try:
-        ax = vm.plot_param_importances(study)
-        ax.figure.set_size_inches(8, 5)
-        ax.figure.tight_layout()
-    except (RuntimeError, ValueError) as e:  # e.g. too few completed trials to rank parameters
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    n, v = [t.number for t in done], [t.value for t in done]
+    ax.plot(n, v, "o", label="trial (complete)")
+    ax.step(n, [min(v[:k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far")
+    ax.set_yscale("log"), ax.set_xlabel("trial"), ax.set_ylabel("validation MSE (best epoch)")
+    ax.set_title(f"Optuna study '{study.study_name}': {len(done)} complete, "
+                 f"{len(study.trials) - len(done)} pruned or failed"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(out / "optimization_history.png", dpi=120), plt.close(fig)
+    fig = None
+    if len(done) >= min_trials_for_importance:
+        import warnings
+        import optuna.visualization.matplotlib as vm
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        try:
+            ax = vm.plot_param_importances(study)
+            fig = ax.figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+        except (RuntimeError, ValueError) as e:
+            why = f"parameter importances unavailable: {e}"
+    else:
+        why = (f"{len(done)} complete trial(s): importances need at least {min_trials_for_importance} "
+               f"(with fewer they are noise)")
+    if fig is None:
         fig, ax = plt.subplots(figsize=(8, 5))
-        ax.text(0.5, 0.5, f"parameter importances unavailable:\n{e}", ha="center", va="center", wrap=True)
+        ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
         ax.axis("off")
-    ax.figure.savefig(out / "param_importances.png", dpi=120)
+        print(why)
+    fig.savefig(out / "param_importances.png", dpi=120)
     plt.close("all")
 
 

@@ -62,7 +62,7 @@ def title_metrics(d, arch):
             f"NN ({arch}) cos {n['cosine']:.4f} energy {n['energy']:.4f} rel_fro {n['rel_fro']:.4f}")
 
 
-def fig_channels(d, channels, head, arch):
+def fig_channels(d, channels, head, arch, image=None):
     """Rows: original, SVD, NN (one colour scale per channel, shared), |error| of SVD and NN (shared per channel)."""
     import matplotlib.pyplot as plt
     rows = [("original", "X"), ("SVD", "svd"), (f"NN ({arch})", "nn")]
@@ -75,16 +75,19 @@ def fig_channels(d, channels, head, arch):
         emax = max(e.max() for e in errs) or 1.0
         for i, m in enumerate(maps):
             im = ax[i, j].imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
-        fig.colorbar(im, ax=ax[:3, j], shrink=0.7, location="bottom", pad=0.01)
+        fig.colorbar(im, ax=ax[:3, j], shrink=0.7, location="bottom", pad=0.01, label=f"channel {c} value")
         for i, e in enumerate(errs):
             im = ax[3 + i, j].imshow(e, cmap="magma", vmin=0, vmax=emax)
-        fig.colorbar(im, ax=ax[3:, j], shrink=0.7, location="bottom", pad=0.01)
+        fig.colorbar(im, ax=ax[3:, j], shrink=0.7, location="bottom", pad=0.01, label=f"|error| in channel {c}")
         ax[0, j].set_title(f"channel {c}")
     for i, label in enumerate([r[0] for r in rows] + ["|X - SVD|", "|X - NN|"]):
         ax[i, 0].set_ylabel(label)
     for a in ax.flat:
         a.set_xticks([]), a.set_yticks([])
     fig.suptitle(f"{head}\n{title_metrics(d, arch)}", fontsize=10)
+    if image is not None:  # a thumbnail of the image the maps come from, top left
+        th = fig.add_axes((0.0, 0.9, 0.09, 0.09))
+        th.imshow(image), th.set_xticks([]), th.set_yticks([]), th.set_title("image", fontsize=7)
     return fig
 
 
@@ -140,46 +143,96 @@ def fig_spectrum(d, rank, head):
     return fig
 
 
-def write_html(d, channels, path, head, arch):
-    """One self-contained HTML file: the H×W token grid; a selector picks the view and channel, hovering shows
-    the token's values and errors."""
-    r4 = lambda t: np.round(np.asarray(t, dtype=np.float64), 4).tolist()
-    data = {"channels": channels, "arch": arch, "rows": d["hw"][0], "cols": d["hw"][1],
-            "views": {k: r4(d[k][:, channels].T) for k in ("X", "svd", "nn")},
-            "tok": {k: r4(d[k]) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}}
+def html_views(d, channels):
+    """What the HTML page draws, computed here (and tested against an independent recomputation): per view a
+    [channel][token] array (or one [token] array for the token views) and the colour scale [lo, hi] it is drawn on.
+    original / SVD / NN of a channel share one scale; |X - SVD| and |X - NN| of a channel share one; the two token
+    error maps share one; the two token cosine maps share one."""
+    X, svd, nn = (np.asarray(d[k][:, channels], dtype=np.float64).T for k in ("X", "svd", "nn"))  # [C, T]
+    esvd, enn = np.abs(X - svd), np.abs(X - nn)
+    lo = np.minimum(np.minimum(X.min(1), svd.min(1)), nn.min(1))
+    hi = np.maximum(np.maximum(X.max(1), svd.max(1)), nn.max(1))
+    emax = np.maximum(esvd.max(1), enn.max(1))
+    tok = {k: np.asarray(d[k], dtype=np.float64) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}
+    terr = [0.0, float(max(tok["svd_err"].max(), tok["nn_err"].max()))]
+    tcos = [float(min(tok["svd_cos"].min(), tok["nn_cos"].min())), 1.0]
+    per_channel = lambda a, b: [[float(x), float(y)] for x, y in zip(a, b)]
+    views = {
+        "X": ("original", X, per_channel(lo, hi), "viridis"), "svd": ("SVD", svd, per_channel(lo, hi), "viridis"),
+        "nn": ("NN", nn, per_channel(lo, hi), "viridis"),
+        "esvd": ("|X − SVD|", esvd, per_channel(0 * emax, emax), "magma"),
+        "enn": ("|X − NN|", enn, per_channel(0 * emax, emax), "magma"),
+        "svd_err": ("SVD token error ‖x − x̂‖", tok["svd_err"], terr, "magma"),
+        "nn_err": ("NN token error ‖x − x̂‖", tok["nn_err"], terr, "magma"),
+        "svd_cos": ("SVD token cosine", tok["svd_cos"], tcos, "viridis"),
+        "nn_cos": ("NN token cosine", tok["nn_cos"], tcos, "viridis")}
+    return views
+
+
+def write_html(d, channels, path, head, arch, image=None, bbox=None):
+    """One self-contained HTML file: the H×W token grid over the resized image (opacity slider), a view and channel
+    selector, a colour bar with ticks, the hovered token outlined and its values shown."""
+    import base64
+    import io
+    from matplotlib import colormaps
+    from PIL import Image
+    r5 = lambda a: np.round(np.asarray(a, dtype=np.float64), 5).tolist()
+    views = html_views(d, channels)
+    lut = {c: [[int(255 * v) for v in colormaps[c](i / 255)[:3]] for i in range(256)] for c in ("viridis", "magma")}
+    rows, cols = d["hw"]
+    cell = max(24, round(640 / max(rows, cols)))  # display px per token
+    img = ""
+    if image is not None:
+        buf = io.BytesIO()
+        Image.fromarray(image).resize((cols * cell, rows * cell)).save(buf, "PNG")
+        img = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    box = None
+    if bbox is not None and image is not None:
+        sx, sy = cols * cell / image.shape[1], rows * cell / image.shape[0]
+        box = [bbox[0] * sx, bbox[1] * sy, bbox[2] * sx, bbox[3] * sy]
+    data = {"channels": channels, "arch": arch, "rows": rows, "cols": cols, "cell": cell, "lut": lut, "bbox": box,
+            "views": {k: {"label": lab, "values": r5(v), "scale": sc, "cmap": cm} for k, (lab, v, sc, cm) in views.items()}}
+    options = "".join(f'<option value="{k}">{html.escape(v[0])}</option>' for k, v in views.items())
+    W, H = cols * cell, rows * cell
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(head)}</title><style>
-body{{font-family:sans-serif;margin:16px}} #g{{display:grid;grid-template-columns:repeat({d["hw"][1]},28px);gap:1px}}
-#g div{{width:28px;height:28px}} #info{{white-space:pre;font-family:monospace;margin-top:10px;min-height:9em}}
+body{{font-family:sans-serif;margin:16px;color:#222}} #wrap{{position:relative;width:{W}px;height:{H}px;margin-top:10px}}
+#img,#g{{position:absolute;left:0;top:0;width:{W}px;height:{H}px}}
+#g{{display:grid;grid-template-columns:repeat({cols},{cell}px);grid-auto-rows:{cell}px}}
+#g div{{box-sizing:border-box}} #g div:hover,#g div.hot{{outline:3px solid #fff;outline-offset:-3px;z-index:2}}
+#box{{position:absolute;border:2px solid cyan;pointer-events:none;z-index:3}}
+#bar{{width:{W}px;height:14px;margin-top:8px}} #ticks{{position:relative;width:{W}px;height:16px;font-size:11px}}
+#ticks span{{position:absolute;transform:translateX(-50%)}}
+#info{{white-space:pre;font-family:monospace;margin-top:14px;min-height:7em}}
 </style></head><body><h3>{html.escape(head)}</h3>
-<label>view <select id="view"><option value="X">original</option><option value="svd">SVD</option>
-<option value="nn">NN</option><option value="esvd">|X - SVD|</option><option value="enn">|X - NN|</option>
-<option value="svd_err">SVD token error</option><option value="nn_err">NN token error</option></select></label>
-<label>channel <select id="ch"></select></label> <span id="scale"></span>
-<div id="g"></div><div id="info">hover a token</div>
+<label>view <select id="view">{options}</select></label>
+<label>channel <select id="ch"></select></label>
+<label>token opacity <input id="op" type="range" min="0" max="1" step="0.05" value="0.75"></label>
+<div id="scale"></div>
+<div id="wrap">{f'<img id="img" src="{img}" alt="image">' if img else ''}<div id="g"></div><div id="box" hidden></div></div>
+<canvas id="bar" width="{W}" height="14"></canvas><div id="ticks"></div>
+<div id="info">hover a token</div>
 <script>
 const D={json.dumps(data)};
-const g=document.getElementById('g'),V=document.getElementById('view'),C=document.getElementById('ch');
+const g=document.getElementById('g'),V=document.getElementById('view'),C=document.getElementById('ch'),O=document.getElementById('op');
 D.channels.forEach((c,i)=>{{const o=document.createElement('option');o.value=i;o.textContent=c;C.appendChild(o);}});
 for(let t=0;t<D.rows*D.cols;t++){{const e=document.createElement('div');e.dataset.t=t;g.appendChild(e);}}
-function values(){{const v=V.value,i=+C.value;
- if(v==='X'||v==='svd'||v==='nn')return D.views[v][i];
- if(v==='esvd'||v==='enn'){{const r=D.views[v==='esvd'?'svd':'nn'][i];return D.views.X[i].map((x,t)=>Math.abs(x-r[t]));}}
- return D.tok[v];}}
-function scale(v){{const f=V.value;
- if(f==='X'||f==='svd'||f==='nn'){{const i=+C.value,all=[...D.views.X[i],...D.views.svd[i],...D.views.nn[i]];
-  return [Math.min(...all),Math.max(...all)];}}
- if(f==='svd_err'||f==='nn_err')return [0,Math.max(...D.tok.svd_err,...D.tok.nn_err)];
- const i=+C.value,es=D.views.X[i].map((x,t)=>Math.abs(x-D.views.svd[i][t])),en=D.views.X[i].map((x,t)=>Math.abs(x-D.views.nn[i][t]));
- return [0,Math.max(...es,...en)];}}
-function col(x){{const r=Math.round(255*x),b=Math.round(255*(1-x));return `rgb(${{r}},${{Math.round(80+100*x)}},${{b}})`;}}
-function draw(){{const v=values(),[lo,hi]=scale(v);document.getElementById('scale').textContent=`scale ${{lo.toFixed(3)}} .. ${{hi.toFixed(3)}} (shared)`;
- [...g.children].forEach((e,t)=>e.style.background=col(hi>lo?(v[t]-lo)/(hi-lo):0));}}
-g.addEventListener('mouseover',ev=>{{const t=ev.target.dataset.t;if(t===undefined)return;const i=+C.value;
+if(D.bbox){{const b=document.getElementById('box');b.hidden=false;
+ [b.style.left,b.style.top,b.style.width,b.style.height]=D.bbox.map(v=>v+'px');}}
+function cur(){{const v=D.views[V.value],i=+C.value,per=Array.isArray(v.values[0]);
+ return {{v:v,vals:per?v.values[i]:v.values,sc:per?v.scale[i]:v.scale}};}}
+function rgb(cmap,x){{const c=D.lut[cmap][Math.max(0,Math.min(255,Math.round(255*x)))];return `rgb(${{c[0]}},${{c[1]}},${{c[2]}})`;}}
+function draw(){{const {{v,vals,sc}}=cur(),[lo,hi]=sc;
+ [...g.children].forEach((e,t)=>{{e.style.background=rgb(v.cmap,hi>lo?(vals[t]-lo)/(hi-lo):0);e.style.opacity=O.value;}});
+ document.getElementById('scale').textContent=`${{v.label}}: colour scale ${{lo.toFixed(4)}} .. ${{hi.toFixed(4)}}`;
+ const bar=document.getElementById('bar').getContext('2d');
+ for(let x=0;x<{W};x++){{bar.fillStyle=rgb(v.cmap,x/({W}-1));bar.fillRect(x,0,1,14);}}
+ document.getElementById('ticks').innerHTML=[0,0.25,0.5,0.75,1].map(f=>`<span style="left:${{f*100}}%">${{(lo+f*(hi-lo)).toPrecision(3)}}</span>`).join('');}}
+g.addEventListener('mouseover',ev=>{{const t=ev.target.dataset.t;if(t===undefined)return;const i=+C.value,x=D.views;
  document.getElementById('info').textContent=`token ${{t}} (row ${{Math.floor(t/D.cols)}}, col ${{t%D.cols}}), channel ${{D.channels[i]}}
-original ${{D.views.X[i][t]}}   SVD ${{D.views.svd[i][t]}}   NN ${{D.views.nn[i][t]}}
-SVD: token error ${{D.tok.svd_err[t]}}, token cosine ${{D.tok.svd_cos[t]}}
-NN (${{D.arch}}): token error ${{D.tok.nn_err[t]}}, token cosine ${{D.tok.nn_cos[t]}}`;}});
-V.onchange=C.onchange=draw;draw();
+original ${{x.X.values[i][t]}}   SVD ${{x.svd.values[i][t]}}   NN ${{x.nn.values[i][t]}}
+SVD: token error ${{x.svd_err.values[t]}}, token cosine ${{x.svd_cos.values[t]}}
+NN (${{D.arch}}): token error ${{x.nn_err.values[t]}}, token cosine ${{x.nn_cos.values[t]}}`;}});
+V.onchange=C.onchange=O.oninput=draw;draw();
 </script></body></html>"""
     Path(path).write_text(page)
 
@@ -211,13 +264,21 @@ def main(argv=None):
         available = qd.cached_indices(cache_dir)
         if args.sample_id not in set(available):
             raise qd.UserError(f"--sample_id {args.sample_id} is not in cache {cache_dir} "
-                             f"(indices {available[0]}..{available[-1]}, {len(available)} cached)")
-        sid, where = args.sample_id, f"sample {args.sample_id}"
+                               f"(indices {available[0]}..{available[-1]}, {len(available)} cached)")
+        sid = args.sample_id
+        split = json.loads((Path(args.results_dir) / "split.json").read_text())
+        part = next((k for k in ("train", "val", "test") if sid in split[k]), None)
+        tag = f"{part}{split[part].index(sid)}_sample{sid}" if part else f"sample{sid}"
+        where = f"sample {sid} ({f'{part} split' if part else 'in no split'}" + (
+            ": SEEN IN TRAINING, not a held-out result)" if part == "train" else ")")
+        if part == "train":
+            print(f"note: sample {sid} is in the training split; its errors are not a held-out result")
     else:
         if not 0 <= args.image_idx < len(idx):
             raise qd.UserError(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
-                             f"samples (0..{len(idx) - 1})")
+                               f"samples (0..{len(idx) - 1})")
         sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
+        tag = f"{args.split}{args.image_idx}_sample{sid}"
     hw, size = qd.cache_grid(cache_dir), qd.cache_image_size(cache_dir)  # from the manifest
     r = cfg["rank"]
     X = qd.FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
@@ -240,9 +301,9 @@ def main(argv=None):
 
     out = Path(args.out or Path(args.results_dir) / "vis")
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"sample{sid}_rank{r}"
+    stem = f"{tag}_rank{r}"
     paths = []
-    for name, fig in [("channels", fig_channels(d, channels, head, cfg["arch"])),
+    for name, fig in [("channels", fig_channels(d, channels, head, cfg["arch"], image)),
                       ("errors", fig_errors(d, head, cfg["arch"], image, bbox)),
                       ("spectrum", fig_spectrum(d, r, head))]:
         p = out / f"{stem}_{name}.{args.format}"
@@ -251,7 +312,7 @@ def main(argv=None):
         paths.append(p)
     html_channels = sorted(set(range(min(args.html_channels, X.shape[1]))) | set(channels))
     p = out / f"{stem}_interactive.html"
-    write_html(d, html_channels, p, head.replace("\n", " | "), cfg["arch"])
+    write_html(d, html_channels, p, head.replace("\n", " | "), cfg["arch"], image, bbox)
     paths.append(p)
     print(f"{where}: {title_metrics(d, cfg['arch'])}")
     for p in paths:

@@ -15,7 +15,7 @@ def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
     printed = capsys.readouterr().out
     assert "NN - SVD (paired)" in printed and "ms per sample" in printed
     split = json.loads((trained / "split.json").read_text())
-    assert s["n"] == len(split["test"]) == 4
+    assert s["n"] == len(split["test"]) >= 3
     # recompute every number independently of compare's own loop
     ck = torch.load(trained / "best_model.pt", weights_only=True)
     from model import build_model

@@ -20,7 +20,7 @@ def test_figures_files_and_arrays(trained, tmp_path):
                        "--channels", "0-2,100"])
     split = json.loads((trained / "split.json").read_text())
     sid = split["test"][1]
-    assert [p.name for p in paths] == [f"sample{sid}_rank16_{n}" for n in
+    assert [p.name for p in paths] == [f"test1_sample{sid}_rank16_{n}" for n in
                                        ("channels.png", "errors.png", "spectrum.png", "interactive.html")]
     assert all(p.stat().st_size > 1000 for p in paths)
     # independent recomputation of what must be drawn
@@ -50,6 +50,24 @@ def test_figures_files_and_arrays(trained, tmp_path):
     plt.close(fig)
     html = paths[3].read_text()
     assert '"channels": [0, 1, 2, 3' in html and "100]" in html and "<script>" in html
+    # what the page draws, recomputed independently from the raw features (numpy, float64)
+    D = json.loads(html.split("const D=", 1)[1].split(";\n", 1)[0])
+    ch = D["channels"]
+    x = X.double().numpy()[:, ch].T
+    nn = model(X[None])[0][0].detach().double().numpy()[:, ch].T
+    s_ = svd.double().numpy()[:, ch].T
+    for i in range(len(ch)):
+        lo, hi = min(x[i].min(), s_[i].min(), nn[i].min()), max(x[i].max(), s_[i].max(), nn[i].max())
+        for v in ("X", "svd", "nn"):
+            assert D["views"][v]["scale"][i] == pytest.approx([lo, hi], abs=1e-4)  # one scale for the three
+        emax = max(np.abs(x[i] - s_[i]).max(), np.abs(x[i] - nn[i]).max())
+        assert D["views"]["esvd"]["scale"][i] == D["views"]["enn"]["scale"][i] == pytest.approx([0, emax], abs=1e-4)
+        np.testing.assert_allclose(D["views"]["esvd"]["values"][i], np.abs(x[i] - s_[i]), atol=2e-4)
+    err = np.linalg.norm(X.double().numpy() - svd.double().numpy(), axis=1)
+    np.testing.assert_allclose(D["views"]["svd_err"]["values"], err, atol=2e-4)
+    assert D["views"]["svd_err"]["scale"] == D["views"]["nn_err"]["scale"]
+    assert D["views"]["esvd"]["cmap"] == "magma" and D["views"]["X"]["cmap"] == "viridis" and len(D["lut"]["magma"]) == 256
+    assert (D["rows"], D["cols"]) == (16, 16) and "<img id=\"img\"" in html and D["bbox"] is not None
 
 
 def test_bbox_scaled_to_448(trained, tmp_path):
@@ -62,9 +80,19 @@ def test_bbox_scaled_to_448(trained, tmp_path):
     plt.close(fig)
 
 
+def test_training_sample_is_named_as_such(trained, tmp_path, capsys):
+    split = json.loads((trained / "split.json").read_text())
+    sid = split["train"][2]
+    d, paths = V.main(["--results_dir", str(trained), "--sample_id", str(sid), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert paths[0].name == f"train2_sample{sid}_rank16_channels.png"
+    assert "training split" in out and "SEEN IN TRAINING" in paths[3].read_text()
+
+
 def test_out_of_range_index_gives_valid_range(trained):
-    with pytest.raises(SystemExit, match=r"out of range.*\(0\.\.3\)"):
-        V.main(["--results_dir", str(trained), "--image_idx", "4"])
+    n = len(json.loads((trained / "split.json").read_text())["test"])
+    with pytest.raises(SystemExit, match=rf"out of range.*\(0\.\.{n - 1}\)"):
+        V.main(["--results_dir", str(trained), "--image_idx", str(n)])
     with pytest.raises(SystemExit, match="not in cache"):
         V.main(["--results_dir", str(trained), "--sample_id", "99999"])
 
