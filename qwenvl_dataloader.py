@@ -306,18 +306,36 @@ def family_classes(family):
     return getattr(cfg_mod, cfg_cls), getattr(model_mod, model_cls), out_attr
 
 
+def hub_reachable(timeout=2.0):
+    """False when the hub cannot be reached: HF_HUB_OFFLINE is set, or a TCP connection to the hub (HF_ENDPOINT's
+    host if set) fails within timeout seconds. Checked once, before transformers would spend its retries."""
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def checkpoint_family(model, revision=None):
     """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl, qwen2_5_vl, qwen3_vl..."""
     from transformers import AutoConfig
+    advice = (f"Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download --model "
+              f"Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache "
+              f"with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. For an offline run without weights: "
+              f"--model tiny-random.")
+    offline = not Path(model).is_dir() and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(model, revision=revision).model_type
+        return AutoConfig.from_pretrained(model, revision=revision, local_files_only=offline).model_type
     except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"could not load '{model}': {first}. Give --model a local checkpoint directory (e.g. a ModelScope "
-            f"download: modelscope download --model Qwen/Qwen2.5-VL-3B-Instruct --local_dir "
-            f"ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache with HF_HUB_OFFLINE=1, or a mirror via "
-            f"HF_ENDPOINT. For an offline run without weights: --model tiny-random.") from None
+        if offline:
+            raise UserError(f"'{model}' is not a local directory, the hub is unreachable (offline) and the model is "
+                            f"not in the local hub cache. {advice}") from None
+        raise UserError(f"could not load '{model}': {first}. {advice}") from None
 
 
 class Encoder:

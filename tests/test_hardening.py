@@ -343,3 +343,11 @@ def test_groups_keep_identical_images_together():
     where = {i: k for k, v in s.items() for i in v}
     assert all(len({where[i] for i in range(g * 4, g * 4 + 4)}) == 1 for g in range(5))
     assert qd.make_split(list(range(10)), seed=3) == qd.make_split(list(range(10)), seed=3, groups={i: i for i in range(10)})
+
+
+def test_offline_hub_id_fails_at_once_with_advice(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    assert not qd.hub_reachable()
+    with pytest.raises(SystemExit, match="hub is unreachable.*not in the local hub cache.*tiny-random"):
+        qd.Encoder("Qwen/Qwen2.5-VL-3B-Instruct", "cpu")
