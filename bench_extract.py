@@ -5,6 +5,7 @@ and, with --towers, the size of every supported vision tower.
     python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size, random weights)
     python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896 --batch_sizes 1,8
     python bench_extract.py --towers        (parameters, bf16 weight memory, tokens x dim of each published tower)
+    python bench_extract.py --read_cache feature_cache_real      (cache read ms/image against cat)
 """
 import argparse
 import time
@@ -39,6 +40,29 @@ def tower_table(image_size):
     return rows
 
 
+def read_speed(cache_dir, n=200, repeats=3):
+    """ms per image to read a cache lazily through FeatureDataset (load, checks, normalisation) against `cat` of the
+    same files (both warm in the page cache; best of `repeats`)."""
+    import subprocess
+    idx = qd.cached_indices(cache_dir)[:n]
+    files = [str(qd.feature_path(cache_dir, i)) for i in idx]
+    ds = qd.FeatureDataset(cache_dir, idx, preload=False)
+    t_cat, t_ds = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+        t_cat.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for k in range(len(ds)):
+            ds[k]
+        t_ds.append(time.perf_counter() - t)
+    cat, rd = 1000 * min(t_cat) / len(idx), 1000 * min(t_ds) / len(idx)
+    dtype = qd.read_feature(files[0]).dtype
+    print(f"{cache_dir} ({dtype}, {len(idx)} files): cat {cat:.3f} ms/image, FeatureDataset {rd:.3f} ms/image, "
+          f"ratio {rd / cat:.1f}")
+    return cat, rd
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
     ap.add_argument("--model", default=qd.RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir")
@@ -48,9 +72,13 @@ def main(argv=None):
     ap.add_argument("--batch_sizes", default="1,8", help="comma list")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept")
     ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
+    ap.add_argument("--read_cache", default=None, nargs="+",
+                    help="instead: time reading these caches through FeatureDataset against cat")
     args = ap.parse_args(argv)
     if args.towers:
         return tower_table(args.image_size)
+    if args.read_cache:
+        return [read_speed(c) for c in args.read_cache]
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import time
@@ -475,15 +476,22 @@ def _check_shape(x, path, shape):
 
 
 def read_feature(path, shape=None):
-    """Load one cached tensor; raises BadFeature naming the file if it is unreadable, not of shape (T, D) (when
-    given) or non-finite."""
+    """Load one cached tensor (memory-mapped: no copy until it is converted or normalised); raises BadFeature naming
+    the file if it is unreadable, not of shape (T, D) (when given), non-finite, or so large that squaring it
+    overflows float32 (the layer norm's variance and the loss square it: a finite 3e38 would). One pass over the
+    data (aminmax) does all the value checks."""
     try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
     _check_shape(x, path, shape)
-    if not torch.isfinite(x).all():
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise BadFeature(f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun "
+                         f"qwenvl_dataloader.py)")
+    if max(-lo, hi) ** 2 * x.shape[-1] >= torch.finfo(torch.float32).max:
+        raise BadFeature(f"{path}: finite values (largest |x| {max(-lo, hi):.3g}) overflow float32 once squared "
+                         f"in the normalisation and the loss; re-extract it (delete the file and rerun "
                          f"qwenvl_dataloader.py)")
     return x
 
@@ -770,14 +778,9 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def _load(self, k):
         path = feature_path(self.cache_dir, self.indices[k])
-        x = read_feature(path, self.shape).float()
+        x = read_feature(path, self.shape).float()  # checked: finite, and finite once squared
         y = normalize(x, self.normalization)
-        # the layer norm's variance and the loss square the values: a finite 3e38 overflows float32 there
-        if not (torch.isfinite(y).all() and torch.isfinite(x.pow(2).sum(-1)).all()):
-            raise BadFeature(f"{path}: finite values (largest |x| {x.abs().max().item():.3g}) overflow float32 in "
-                             f"the {self.normalization} normalisation; re-extract it (delete the file and rerun "
-                             f"qwenvl_dataloader.py)")
-        return y
+        return y if y.data_ptr() != x.data_ptr() else y.clone()  # never hand out the memory-mapped file
 
     def verify(self, full=False):
         """Check every file before any work: full=False reads only the headers (memory-mapped: shape, dtype),

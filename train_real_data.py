@@ -48,6 +48,9 @@ def get_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--preload", default="auto", choices=["auto", "yes", "no"],
+                    help="hold the train and validation features in RAM as float32 (auto: when they take under a "
+                         "quarter of the machine's RAM), or read them from the cache every epoch")
     ap.add_argument("--group_by", default=qd.GROUP_AUTO,
                     help="keep samples with the same value of this manifest field in one split: image_id (the "
                          "source photo/image), fingerprint (identical image bytes), none; auto = image_id where the "
@@ -154,8 +157,9 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     # every sample of all three splits is checked before epoch 1: train and val are read in full (preloaded, or
     # every file once when the data is read lazily), the test split too (it is small); a bad file is named now,
     # not after the last epoch
-    train_ds = qd.FeatureDataset(config["cache_dir"], split["train"], norm)
-    val_ds = qd.FeatureDataset(config["cache_dir"], split["val"], norm)
+    preload = {"auto": "auto", "yes": True, "no": False}[args.preload]
+    train_ds = qd.FeatureDataset(config["cache_dir"], split["train"], norm, preload)
+    val_ds = qd.FeatureDataset(config["cache_dir"], split["val"], norm, preload)
     for ds, full in ((train_ds, False), (val_ds, True)):
         ds.verify(full)
     qd.FeatureDataset(config["cache_dir"], split["test"], norm, preload=False).verify(full=True)
@@ -166,6 +170,9 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     log(f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
         f" ({norm}); arch {config['arch']} rank {config['rank']} on {device}"
         f"{f' x {world} processes' if world > 1 else ''}")
+    gib = lambda ds: len(ds) * ds.shape[0] * ds.shape[1] * 4 / 2 ** 30
+    log(f"features: train {gib(train_ds):.2f} GiB as float32 {'in RAM' if train_ds.data is not None else 'read lazily'}"
+        f", validation {'in RAM' if val_ds.data is not None else 'read lazily'} (--preload {args.preload})")
     log(f"split grouped by {split.get('grouped_by', 'none')}: images shared between splits "
         f"{split.get('shared_images', '?')}"
         + (f", {split['grouped_by']} values shared {split['shared_groups']}" if "shared_groups" in split else ""))
