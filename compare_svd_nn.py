@@ -43,8 +43,8 @@ def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=No
 
 
 def paired(nn, svd):
-    """Per-sample NN - SVD differences, summarised."""
-    return sb.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in sb.METRICS})
+    """Per-sample NN - SVD differences, summarised (box metrics over the samples that have a box)."""
+    return sb.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in nn})
 
 
 def main(argv=None):
@@ -68,14 +68,17 @@ def main(argv=None):
     r, norm = cfg["rank"], cfg["normalization"]
     ds = qd.FeatureDataset(cache_dir, idx, norm)
     loader = qd.make_loader(ds, args.batch_size)
-    nn, ids, _ = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN")
+    masks = qd.answer_box_masks(cache_dir, idx)  # tokens overlapping each sample's answer box
+    nn, ids, _ = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN", masks)
     spectra = []  # singular values from the same decomposition, for the energy curve
 
     def svd_reconstruct(X):
         A, B, S = sb.truncated_svd(X, r, args.svd_method)
         spectra.append(S)
         return A @ B
-    svd, _, _ = sb.evaluate(svd_reconstruct, loader, args.device, "SVD")
+    svd, _, _ = sb.evaluate(svd_reconstruct, loader, args.device, "SVD", masks)
+    keys = sb.METRICS + sb.BOX_METRICS
+    n_box = sum(m is not None for m in masks.values())
     n = len(ids)
     S_nn, S_svd, D = sb.summarize(nn), sb.summarize(svd), paired(nn, svd)
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
@@ -87,10 +90,14 @@ def main(argv=None):
 
     print(f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
           f"device {args.device}, batch {args.batch_size}")
-    print(f"{'metric':<13}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
+    print(f"{'metric':<17}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
     for k in sb.METRICS:
         f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
-        print(f"{k:<13}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
+        print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
+    print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
+    for k in sb.BOX_METRICS:
+        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
+        print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
     print(f"NN within 0.01 cosine of SVD: {100 * within:.1f}% of samples")
     ratio = ms_svd / ms_nn
     print(f"ms per sample (batch {args.batch_size}, median of 3 after a warm-up): SVD ({args.svd_method}) {ms_svd:.2f}, "
@@ -103,14 +110,16 @@ def main(argv=None):
                "checkpoint_epoch": ck["epoch"], "device": args.device, "batch_size": args.batch_size,
                "svd_method": args.svd_method, "svd": S_svd, "nn": S_nn, "nn_minus_svd": D,
                "share_within_0.01_cosine": within, "ms_per_sample": {"svd": ms_svd, "nn": ms_nn},
-               "cache_dir": str(cache_dir)}
+               "cache_dir": str(cache_dir), "samples_with_box": n_box, "samples_without_box": n - n_box}
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["sample_id"] + [f"svd_{k}" for k in sb.METRICS] + [f"nn_{k}" for k in sb.METRICS])
+        w.writerow(["sample_id"] + [f"svd_{k}" for k in keys] + [f"nn_{k}" for k in keys])
         for j, i in enumerate(ids):
-            w.writerow([i] + [svd[k][j] for k in sb.METRICS] + [nn[k][j] for k in sb.METRICS])
+            w.writerow([i] + [svd[k][j] for k in keys] + [nn[k][j] for k in keys])
     paths = plot(nn, svd, sb.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg["arch"], out / stem)
+    if n_box:
+        paths.append(plot_box(nn, svd, r, cfg["arch"], out / stem))
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
     return summary
 
@@ -141,6 +150,24 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
                          points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")],
                          title=f"Captured energy: truncated SVD curve, NN ({arch}) at rank {r}")
     return paths
+
+
+def plot_box(nn, svd, r, arch, stem):
+    """Per sample with a box: mean token error inside the answer box vs outside, SVD and NN."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = Path(f"{stem}_box_error.png")
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=150)
+    for name, d, c in (("truncated SVD", svd, "C0"), (f"NN ({arch})", nn, "C1")):
+        pts = [(o, i) for o, i in zip(d["rel_token_out"], d["rel_token_in"]) if o == o and i == i]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=c, label=f"{name} (n={len(pts)})")
+    lim = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot(lim, lim, "k--", lw=0.8, label="in = out")
+    ax.set_xlabel("rel_token outside the answer box"), ax.set_ylabel("rel_token inside the answer box")
+    ax.set_title(f"Error inside vs outside the answer box, rank {r}"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(path), plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

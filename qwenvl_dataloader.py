@@ -758,6 +758,19 @@ def check_rank(rank, limit, flag="--rank"):
                         f"({limit})")
 
 
+def answer_box_masks(cache_dir, indices):
+    """{index: bool [T] mask of the tokens overlapping the sample's answer box, or None (no bbox, no original image
+    size, or a box outside the image)}; the box is scaled from the original image to the cache's image size."""
+    import svd_baseline as sb
+    samples, grid, size = load_manifest(cache_dir).get("samples", {}), cache_grid(cache_dir), cache_image_size(cache_dir)
+    out = {}
+    for i in indices:
+        m = samples.get(str(i), {})
+        ok = m.get("bbox") and m.get("image_size") and len(m["bbox"]) == 4
+        out[i] = sb.box_mask(m["bbox"], m["image_size"], grid, size) if ok else None
+    return out
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """Cached features as float32 [T, D] (the manifest's shape), normalised. preload: True, False or 'auto' (into
     memory when the set takes under a quarter of the machine's RAM). Item: (features, cache index)."""

@@ -125,12 +125,49 @@ def token_errors(X, Xhat, eps=1e-12):
     return err, cos
 
 
+def box_mask(bbox, image_size, grid, resized):
+    """The tokens whose cell overlaps an answer box: bool [H*W], token t at row t // W, column t % W.
+    bbox [x, y, w, h] in pixels of the original image of size (W0, H0), scaled to the resized (W1, H1) image the
+    encoder saw; cell (r, c) covers [c*W1/W, (c+1)*W1/W) x [r*H1/H, (r+1)*H1/H); a cell overlaps when the
+    intersection has positive area. None when the box misses the image (or is empty): the sample has no box."""
+    (W0, H0), (W1, H1), (H, W) = image_size, resized, grid
+    x, y, w, h = bbox
+    x0, x1 = max(0.0, x * W1 / W0), min(float(W1), (x + w) * W1 / W0)
+    y0, y1 = max(0.0, y * H1 / H0), min(float(H1), (y + h) * H1 / H0)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    cw, ch = W1 / W, H1 / H
+    cols = torch.arange(W, dtype=torch.float64)
+    rows = torch.arange(H, dtype=torch.float64)
+    cx = (cols * cw < x1) & ((cols + 1) * cw > x0)
+    cy = (rows * ch < y1) & ((rows + 1) * ch > y0)
+    return (cy[:, None] & cx[None, :]).flatten()
+
+
+BOX_METRICS = ("rel_token_in", "rel_token_out", "token_cosine_in", "token_cosine_out")
+
+
+def box_metrics(X, Xhat, mask, eps=1e-12):
+    """Inside vs outside the answer box, for one sample X, X̂ [T, D] and its box mask [T] (bool): the mean over the
+    box's tokens (and over the rest) of rel_token ‖x − x̂‖ / ‖x‖ and of the token cosine."""
+    X, Xhat = X.double(), Xhat.double()
+    rel = (X - Xhat).norm(dim=-1) / X.norm(dim=-1).clamp_min(eps)
+    cos = (X * Xhat).sum(-1) / (X.norm(dim=-1) * Xhat.norm(dim=-1)).clamp_min(eps)
+    out = ~mask
+    return {"rel_token_in": rel[mask].mean().item(), "rel_token_out": rel[out].mean().item() if out.any() else float("nan"),
+            "token_cosine_in": cos[mask].mean().item(),
+            "token_cosine_out": cos[out].mean().item() if out.any() else float("nan")}
+
+
 def summarize(per_sample):
-    """dict of per-sample values -> {metric: {mean, std, n}} (std with Bessel's correction)."""
+    """dict of per-sample values -> {metric: {mean, std, n}} (std with Bessel's correction). NaN marks a sample the
+    metric does not apply to (the box metrics of a sample without a box): left out, n counts the rest."""
     out = {}
     for k, v in per_sample.items():
         v = torch.as_tensor(v, dtype=torch.float64)
-        out[k] = {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
+        v = v[~torch.isnan(v)]
+        out[k] = {"mean": v.mean().item() if len(v) else float("nan"), "std": v.std().item() if len(v) > 1 else 0.0,
+                  "n": len(v)}
     return out
 
 
@@ -141,11 +178,12 @@ def format_summary(summary, keys=METRICS):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-def evaluate(reconstruct, loader, device="cpu", desc="eval"):
-    """Metrics per sample of reconstruct(X) -> X̂ over a loader of (X, index).
+def evaluate(reconstruct, loader, device="cpu", desc="eval", masks=None):
+    """Metrics per sample of reconstruct(X) -> X̂ over a loader of (X, index); with masks ({index: answer-box token
+    mask or None}) also the in-box / out-of-box metrics (NaN for a sample without a box).
     Returns (dict of lists, indices, seconds spent in reconstruct, device-synchronised)."""
     from tqdm import tqdm
-    per, idx, secs = {k: [] for k in METRICS}, [], 0.0
+    per, idx, secs = {k: [] for k in METRICS + (BOX_METRICS if masks is not None else ())}, [], 0.0
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     with torch.no_grad():
         for X, i in tqdm(loader, desc=desc, leave=False):
@@ -157,6 +195,12 @@ def evaluate(reconstruct, loader, device="cpu", desc="eval"):
             secs += time.perf_counter() - t
             for k, v in metrics(X, Xh).items():
                 per[k] += v.tolist()
+            if masks is not None:
+                for x, xh, j in zip(X, Xh, i.tolist()):
+                    m = masks.get(j)
+                    b = box_metrics(x, xh, m) if m is not None else dict.fromkeys(BOX_METRICS, float("nan"))
+                    for k in BOX_METRICS:
+                        per[k].append(b[k])
             idx += i.tolist()
     return per, idx, secs
 
