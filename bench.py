@@ -81,7 +81,8 @@ def main(argv=None):
     print(f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, float32, "
           f"{'evaluated' if args.eval_cache else 'test'} n={len(X)} [{T}, {D}] from {cache_dir} "
           f"({cfg['normalization']}), model {args.results_dir} ({cfg['arch']}, trained rank {cfg['rank']}, "
-          f"options {cfg.get('arch_options', {})}); ms: median of {args.repeats} after a warm-up")
+          f"options {cfg.get('arch_options', {})}); ms: median of {args.repeats} after a warm-up"
+          f"{qd.lossy_note(cache_dir)}")
     head = (f"{'method':<36}{'rank':>5}{'cosine':>9}{'gap':>9}{'worst gap':>10}{'energy':>8}{'ms/sample':>10}"
             f"{'x linalg.svd(X)':>16}{'x fastest exact':>16}{'x GEMM floor':>13}")
     print(head)

@@ -204,8 +204,12 @@ def load_checkpoint(path, device="cpu"):
     from qwenvl_dataloader import UserError
     ck = read_checkpoint(path, device)
     try:
-        model = build_model(ck["config"])
-        model.load_state_dict(ck["model"])
+        if ck["config"].get("compressed"):  # compress.py's int8 / pruned checkpoints
+            from compress import load_compressed
+            model = load_compressed(ck)
+        else:
+            model = build_model(ck["config"])
+            model.load_state_dict(ck["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: the checkpoint's config and weights do not build a model "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

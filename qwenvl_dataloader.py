@@ -606,6 +606,8 @@ def extract(dataset_dir, cache_dir="feature_cache_real", model=DEFAULT_MODEL, de
                             f"and images made them. Rerun with --rebuild_manifest (keeps the files its sample log "
                             f"vouches for, re-extracts the rest) or use a fresh --cache_dir.")
         check_compatible(manifest, key, source_info, cache_dir)
+        if manifest.get("codec"):
+            raise UserError(f"'{cache_dir}' is a compressed cache (compress.py); extract into another --cache_dir")
     enc = encoder or Encoder(model, device, dtype, revision, image_size)
     shape = (enc.info["grid"][0] * enc.info["grid"][1], enc.info["feature_dim"])
     check_compatible(manifest, enc.info, source_info, cache_dir)
@@ -771,6 +773,16 @@ def answer_box_masks(cache_dir, indices):
     return out
 
 
+def lossy_note(cache_dir):
+    """'' for a cache of encoder features; for a compressed cache (compress.py) a note every report prints: the codec
+    and its measured cosine to the source features."""
+    c = read_manifest(cache_dir).get("codec")
+    if not c:
+        return ""
+    return (f" [LOSSY: compressed cache, codec {c['name']}{f' rank ' + str(c['rank']) if c.get('rank') else ''}, "
+            f"cosine to the source {c['cosine_mean']:.5f} ± {c['cosine_std']:.5f}]")
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """Cached features as float32 [T, D] (the manifest's shape), normalised. preload: True, False or 'auto' (into
     memory when the set takes under a quarter of the machine's RAM). Item: (features, cache index)."""
@@ -779,6 +791,10 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.cache_dir, self.normalization = Path(cache_dir), normalization
         self.indices = list(cached_indices(cache_dir) if indices is None else indices)
         self.shape = cached_shape(cache_dir)
+        self.codec = read_manifest(cache_dir).get("codec")  # a compressed cache (compress.py): decoded on load
+        self.basis = None
+        if self.codec and (self.cache_dir / "basis.pt").exists():
+            self.basis = torch.load(self.cache_dir / "basis.pt", weights_only=True)
         normalize(torch.zeros(1, 4), normalization)  # fail early on a bad mode
         if preload == "auto":
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -791,6 +807,13 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def _load(self, k):
         path = feature_path(self.cache_dir, self.indices[k])
+        if self.codec:
+            import compress
+            try:
+                x = compress.decode(self.codec["name"], torch.load(path, weights_only=True), self.basis)
+            except Exception as e:
+                raise BadFeature(f"{path}: unreadable compressed feature file ({type(e).__name__}: {e})") from None
+            return normalize(x, self.normalization)
         x = read_feature(path, self.shape).float()  # checked: finite, and finite once squared
         y = normalize(x, self.normalization)
         return y if y.data_ptr() != x.data_ptr() else y.clone()  # never hand out the memory-mapped file
@@ -802,6 +825,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         if self.data is not None:
             return
         for k in range(len(self.indices)):
+            if self.codec:  # small files: decode each
+                self._load(k)
+                continue
             self._load(k) if full else check_feature_header(feature_path(self.cache_dir, self.indices[k]), self.shape)
 
     def __len__(self):

@@ -238,7 +238,7 @@ def main(argv=None):
     ds = qd.FeatureDataset(args.cache_dir, idx, args.normalize)
     loader = qd.make_loader(ds, args.batch_size)
     print(f"cache {args.cache_dir}: {len(ds)} samples ({args.split}), normalisation {args.normalize}, "
-          f"method {args.method}, device {args.device}")
+          f"method {args.method}, device {args.device}{qd.lossy_note(args.cache_dir)}")
     if not args.ranks:
         per, _, secs = evaluate(lambda X: svd_reconstruct(X, args.rank, args.method), loader, args.device, "svd")
         s = summarize(per)

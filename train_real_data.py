@@ -169,7 +169,7 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     val_loader = qd.make_loader(val_ds, 64, num_workers=args.num_workers)
     log(f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
         f" ({norm}); arch {config['arch']} rank {config['rank']} on {device}"
-        f"{f' x {world} processes' if world > 1 else ''}")
+        f"{f' x {world} processes' if world > 1 else ''}{qd.lossy_note(config['cache_dir'])}")
     gib = lambda ds: len(ds) * ds.shape[0] * ds.shape[1] * 4 / 2 ** 30
     log(f"features: train {gib(train_ds):.2f} GiB as float32 {'in RAM' if train_ds.data is not None else 'read lazily'}"
         f", validation {'in RAM' if val_ds.data is not None else 'read lazily'} (--preload {args.preload})")

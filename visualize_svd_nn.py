@@ -285,7 +285,7 @@ def main(argv=None):
     channels = parse_channels(args.channels, X.shape[1])
     d = compute(X, model, r, hw)
     meta = qd.load_manifest(cache_dir)["samples"].get(str(sid), {})
-    head = (f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}"
+    head = (f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}{qd.lossy_note(cache_dir)}"
             + (f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers")
                else ""))
 
