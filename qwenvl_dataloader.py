@@ -919,6 +919,7 @@ def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_
     s = make_split(idx, seed, groups=groups)
     s.update(made_from, grouped_by=field, num_samples=len(idx),
              shared_images=shared_between_splits(cache_dir, s, "fingerprint"),
+             shared_image_ids=shared_between_splits(cache_dir, s, "image_id"),  # source photos / image ids
              **({"shared_groups": shared_between_splits(cache_dir, s, field)} if groups else {}))
     Path(results_dir).mkdir(parents=True, exist_ok=True)
     atomic_save(s, p)

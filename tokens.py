@@ -45,16 +45,18 @@ def pivoted_qr(X, k):
     norm after removing its components along the tokens already kept (modified Gram-Schmidt, float64)."""
     R = X.double().clone()
     norms = (R * R).sum(1)
+    tiny = 1e-24 * max(1.0, float(norms.max()))
     kept = []
     for _ in range(min(k, len(R))):
         norms[kept] = -1.0
         t = int(norms.argmax())
-        if norms[t] <= 1e-24 * max(1.0, float((X.double() ** 2).sum(1).max())):
+        if norms[t] <= tiny:
             break  # the rest lies in the span already kept: any further token adds nothing
         kept.append(t)
         q = R[t] / R[t].norm()
-        R -= torch.outer(R @ q, q)
-        norms = (R * R).sum(1)
+        c = R @ q
+        R -= torch.outer(c, q)
+        norms = (R * R).sum(1) if len(kept) % 16 == 0 else norms - c * c  # downdate, recomputed now and then
     if len(kept) < k:  # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
         rest = [t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept]
         kept += rest[: k - len(kept)]
@@ -76,8 +78,9 @@ def grid_tokens(hw, k):
 
 def select(rule, X, k, hw=None, basis=None, generator=None):
     """Indices [k] of the tokens rule keeps for one image X [T, D]."""
-    if rule == "leverage":
-        U = torch.linalg.svd(X.double(), full_matrices=False)[0][:, :k]
+    if rule == "leverage":  # U_k from the eigenvectors of the T x T Gram matrix (float64)
+        Xd = X.double()
+        U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
         return (U * U).sum(1).topk(k).indices
     if rule == "lrcp":
         Xd = X.double()

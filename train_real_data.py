@@ -173,8 +173,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     gib = lambda ds: len(ds) * ds.shape[0] * ds.shape[1] * 4 / 2 ** 30
     log(f"features: train {gib(train_ds):.2f} GiB as float32 {'in RAM' if train_ds.data is not None else 'read lazily'}"
         f", validation {'in RAM' if val_ds.data is not None else 'read lazily'} (--preload {args.preload})")
-    log(f"split grouped by {split.get('grouped_by', 'none')}: images shared between splits "
-        f"{split.get('shared_images', '?')}"
+    log(f"split grouped by {split.get('grouped_by', 'none')}: identical images shared between splits "
+        f"{split.get('shared_images', '?')}, image_id values (source photos) shared {split.get('shared_image_ids', '?')}"
         + (f", {split['grouped_by']} values shared {split['shared_groups']}" if "shared_groups" in split else ""))
 
     model = build_model(config).to(device)
