@@ -315,7 +315,10 @@ def quantize_model(model):
         with torch.no_grad():
             m.omega.copy_(dequantize_rows(q).T)
         return m, {"omega_int8": q}
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), None
+    import warnings
+    with warnings.catch_warnings():  # torch 2.x: eager-mode quantisation is announced as moving to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), None
 
 
 def prune_model(model, amount):
@@ -384,7 +387,7 @@ def quantized_state(qmodel):
             sd[f"{name}.weight_scale"] = torch.tensor(w.q_scale())
             sd[f"{name}.weight_zero_point"] = torch.tensor(w.q_zero_point())
             sd[f"{name}.bias"] = b
-        elif not list(mod.children()):
+        elif not list(mod.children()) and "_packed_params" not in name:  # (the quantised Linear's own packing)
             for k, v in mod.state_dict().items():
                 sd[f"{name}.{k}"] = v
     return sd

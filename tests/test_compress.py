@@ -113,6 +113,26 @@ def test_pruning_leaves_the_stated_share_of_zeros(amount):
     assert not any(hasattr(mod, "weight_orig") for mod in m.modules())  # pruning made permanent
 
 
+def test_int8_symmetric_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = Symmetric(rank=8, tokens=256, dim=2048, hidden=32).eval()
+    q, _ = Z.quantize_model(m)
+    from model import make_checkpoint
+    cfg = {"arch": "symmetric", "rank": 8, "arch_options": {"hidden": 32, "n_blocks": 2}, "compressed": "int8"}
+    ck = make_checkpoint(m, cfg, 1, 0.0)
+    ck["model"] = Z.quantized_state(q)
+    torch.save(ck, tmp_path / "q.pt")
+    loaded, _ = load_checkpoint(tmp_path / "q.pt")
+    mods = dict(loaded.named_modules())
+    n = 0
+    for name, a in q.named_modules():
+        if isinstance(a, torch.ao.nn.quantized.dynamic.Linear):  # the float weight is exactly the int8 one, dequantised
+            torch.testing.assert_close(mods[name].weight, a.weight().dequantize(), rtol=0, atol=0)
+            n += 1
+    assert n == len([x for x in m.modules() if isinstance(x, torch.nn.Linear)])
+    assert sum(v.numel() for k, v in ck["model"].items() if k.endswith("weight_int8")) > 0
+
+
 def test_compressed_checkpoints_load_for_compare(trained, tmp_path):
     rows = Z.main(["model", "--results_dir", str(trained)])
     assert [r["variant"] for r in rows] == ["float32", "int8", "pruned 30%", "pruned 50%", "pruned 70%"]
