@@ -238,10 +238,11 @@ def plot_rd(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=150)
-    for codec in dict.fromkeys(r["codec"] for r in rows):
+    for c, codec in enumerate(dict.fromkeys(r["codec"] for r in rows)):
         mine = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"])
         ax.plot([r["bytes_per_image_amortised"] for r in mine], [r["cosine"] for r in mine],
-                "o-" if len(mine) > 1 else "s", label=codec, ms=4)
+                "o" if len(mine) > 1 else "s", label=codec, ms=4, color=plt.cm.tab20(c % 20),
+                ls=("--" if codec.startswith("omega") else "-") if len(mine) > 1 else "none")  # omega starts at PCA: dashed, so both show
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes_per_image_amortised"])
     ax.plot([r["bytes_per_image_amortised"] for r in front], [r["cosine"] for r in front], "k--", lw=1,
             label="Pareto front")

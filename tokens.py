@@ -259,7 +259,7 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
         print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token grid only")
     H, W = hw
     cols = math.ceil(len(rules) / 2)
-    fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 7.6), dpi=130, squeeze=False)
+    fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained")
     for a, rule in zip(ax.flat, rules):
         kept = select(rule, X, k, hw, basis, torch.Generator().manual_seed(seed))
         m = np.zeros(H * W)
@@ -276,7 +276,6 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
     for a in ax.flat[len(rules):]:
         a.axis("off")
     fig.suptitle(f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)", fontsize=10)
-    fig.tight_layout()
     path = Path(f"{stem}_kept.png")
     fig.savefig(path), plt.close(fig)
     return path
