@@ -46,7 +46,7 @@ def get_args(argv=None):
     ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS,
                     help="layer norm over the feature dims (no affine), or none; stored in the checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
     ap.add_argument("--preload", default="auto", choices=["auto", "yes", "no"],
                     help="hold the train and validation features in RAM as float32 (auto: when they take under a "
@@ -195,9 +195,7 @@ def main(argv=None, on_epoch=None, test_at_end=True):
         best, bad_epochs = ck["best_val_mse"], ck["bad_epochs"]
         torch.set_rng_state(ck["rng_cpu"])
         log(f"resumed from {out / 'last.pt'} at epoch {ck['epoch']} (best val MSE {best:.6g})")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
-    if args.amp and device.type != "cuda":
-        log("--amp: bf16 autocast is for CUDA; training in float32 on this device")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
 
     svd_val = None
     if master:  # the target: SVD at the same rank on the validation samples
