@@ -10,7 +10,6 @@ svd_baseline's Gram methods; the fastest is named) and against the floor of one 
 """
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch

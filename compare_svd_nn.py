@@ -91,11 +91,9 @@ def main(argv=None):
     print(f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
           f"device {args.device}, batch {args.batch_size}{qd.lossy_note(cache_dir)}")
     print(f"{'metric':<17}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
-    for k in sb.METRICS:
-        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
-        print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
-    print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
-    for k in sb.BOX_METRICS:
+    for k in keys:
+        if k == sb.BOX_METRICS[0]:
+            print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
         f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
         print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
     print(f"NN within 0.01 cosine of SVD: {100 * within:.1f}% of samples")
@@ -110,7 +108,8 @@ def main(argv=None):
                "checkpoint_epoch": ck["epoch"], "device": args.device, "batch_size": args.batch_size,
                "svd_method": args.svd_method, "svd": S_svd, "nn": S_nn, "nn_minus_svd": D,
                "share_within_0.01_cosine": within, "ms_per_sample": {"svd": ms_svd, "nn": ms_nn},
-               "cache_dir": str(cache_dir), "lossy": qd.lossy_note(cache_dir).strip(" []"), "samples_with_box": n_box, "samples_without_box": n - n_box}
+               "cache_dir": str(cache_dir), "lossy": qd.lossy_note(cache_dir).strip(" []"),
+               "samples_with_box": n_box, "samples_without_box": n - n_box}
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.writer(fh)

@@ -20,10 +20,6 @@ import argparse
 import copy
 import csv
 import json
-import math
-import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -126,13 +122,9 @@ def codec_settings(codecs, ranks, T, D, omega_rank):
 # shared bases and the run's data
 
 def pca_basis(cache, indices, norm):
-    """Orthonormal [D, D']: principal directions (uncentred, Σ XᵀX in float64, descending) of the training tokens."""
-    cov = None
-    for X, _ in qd.make_loader(qd.FeatureDataset(cache, indices, norm, preload=False), 32):
-        c = torch.einsum("btd,bte->de", X.double(), X.double())
-        cov = c if cov is None else cov + c
-    w, V = torch.linalg.eigh(cov)
-    return V.flip(-1).float()
+    """Orthonormal [D, D]: principal directions (uncentred, descending) of the training tokens."""
+    loader = qd.make_loader(qd.FeatureDataset(cache, indices, norm, preload=False), 32)
+    return sb.principal_directions(X for X, _ in loader).float()
 
 
 def omega_basis(results_dir):
@@ -148,11 +140,7 @@ def omega_basis(results_dir):
 
 
 def load_run(results_dir, cache_dir=None):
-    out = Path(results_dir)
-    if not (out / "config.json").exists() or not (out / "split.json").exists():
-        raise qd.UserError(f"{out} has no config.json / split.json: train first (python train_real_data.py "
-                           f"--results_dir {out})")
-    cfg, split = json.loads((out / "config.json").read_text()), json.loads((out / "split.json").read_text())
+    cfg, split = qd.read_run(results_dir)
     cache = cache_dir or cfg["cache_dir"]
     if qd.read_manifest(cache).get("codec"):
         raise qd.UserError(f"'{cache}' is already a compressed cache ({qd.read_manifest(cache)['codec']['name']}): "

@@ -78,13 +78,9 @@ class Subspace(nn.Module):
     @torch.no_grad()
     def init_from_data(self, batches):
         """Ω = top principal directions of the training tokens (eigenvectors of Σ XᵀX), in float64."""
-        cov = None
-        for X in batches:
-            X = X.double().to(self.omega.device)
-            c = torch.einsum("btd,bte->de", X, X)
-            cov = c if cov is None else cov + c
-        w, V = torch.linalg.eigh(cov)
-        self.omega.copy_(V[:, -self.omega.shape[1]:].flip(-1).to(self.omega.dtype))
+        from svd_baseline import principal_directions
+        V = principal_directions(batches, self.omega.device)
+        self.omega.copy_(V[:, : self.omega.shape[1]].to(self.omega.dtype))
 
     def basis(self, X, k=None):
         """Orthonormal Q [B, T, k] spanning X Ω[:, :k] (k: all columns by default), after the power steps. QR keeps

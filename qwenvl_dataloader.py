@@ -8,7 +8,8 @@ plus manifest.json, the one record of T, D and the token grid):
     python qwenvl_dataloader.py --dataset_dir data/textvqa --model Qwen/Qwen2.5-VL-3B-Instruct
     python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir feature_cache_real
 
-Under torchrun each process takes the indices rank::world_size and rank 0 merges the manifests.
+Under torchrun each process takes the indices rank::world_size and merges its samples into the one manifest under
+the cache's lock, as separate extraction processes do.
 """
 import argparse
 import fcntl
@@ -324,10 +325,10 @@ def hub_reachable(timeout=2.0):
 def checkpoint_family(model, revision=None):
     """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl, qwen2_5_vl, qwen3_vl..."""
     from transformers import AutoConfig
-    advice = (f"Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download --model "
-              f"Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache "
-              f"with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. For an offline run without weights: "
-              f"--model tiny-random.")
+    advice = ("Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download --model "
+              "Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache "
+              "with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. For an offline run without weights: "
+              "--model tiny-random.")
     offline = not Path(model).is_dir() and not hub_reachable()
     try:
         return AutoConfig.from_pretrained(model, revision=revision, local_files_only=offline).model_type
@@ -739,7 +740,7 @@ def cache_grid(cache_dir):
 def cached_shape(cache_dir):
     """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature shape."""
     h, w = cache_grid(cache_dir)
-    return h * w, load_manifest(cache_dir)["encoder"]["feature_dim"]
+    return h * w, read_manifest(cache_dir)["encoder"]["feature_dim"]  # cache_grid checked it is there
 
 
 def cache_image_size(cache_dir):
@@ -924,6 +925,15 @@ def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_
     Path(results_dir).mkdir(parents=True, exist_ok=True)
     atomic_save(s, p)
     return s
+
+
+def read_run(results_dir):
+    """(config, split) of a training run's folder: the cache, normalisation and test set every later script uses."""
+    out = Path(results_dir)
+    if not (out / "config.json").exists() or not (out / "split.json").exists():
+        raise UserError(f"{out} has no config.json / split.json: train first (python train_real_data.py "
+                        f"--results_dir {out})")
+    return json.loads((out / "config.json").read_text()), json.loads((out / "split.json").read_text())
 
 
 def make_loader(dataset, batch_size, shuffle=False, num_workers=0, sampler=None, seed=0):

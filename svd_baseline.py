@@ -62,14 +62,6 @@ def time_ms(f, x, repeats=3):
     return 1000 * sorted(times)[len(times) // 2] / len(x)
 
 
-def fastest_exact(x, ranks, repeats=3):
-    """{rank: (method, ms per sample)}: the fastest exact truncated SVD of METHODS on batch x at each rank (the
-    yardstick every speed ratio is reported against), and {(method, rank): ms} for all of them."""
-    all_ms = {(m, r): time_ms(lambda b: truncated_svd(b, r, m), x, repeats) for r in ranks for m in METHODS}
-    best = {r: min(((m, all_ms[(m, r)]) for m in METHODS), key=lambda t: t[1]) for r in ranks}
-    return best, all_ms
-
-
 def svd_reconstruct(X, rank, method=DEFAULT_METHOD):
     A, B, _ = truncated_svd(X, rank, method)
     return A @ B
@@ -125,15 +117,34 @@ def token_errors(X, Xhat, eps=1e-12):
     return err, cos
 
 
+def principal_directions(batches, device=None):
+    """Orthonormal [D, D], columns descending: the (uncentred) principal directions of all the tokens in batches of
+    [B, T, D] or [T, D] features, eigenvectors of Σ XᵀX in float64. The subspace model's start, tokens.py's lrcp
+    basis and compress.py's PCA codecs all use this one."""
+    cov = None
+    for X in batches:
+        X = X.double().to(device) if device is not None else X.double()
+        c = torch.einsum("...td,...te->de", X, X)
+        cov = c if cov is None else cov + c
+    return torch.linalg.eigh(cov)[1].flip(-1)
+
+
+def scale_bbox(bbox, image_size, resized=(448, 448)):
+    """[x, y, w, h] in pixels of the original image of size (W0, H0) -> the same box on the resized (W1, H1) image."""
+    (W0, H0), (x, y, w, h) = image_size, bbox
+    sx, sy = resized[0] / W0, resized[1] / H0
+    return [x * sx, y * sy, w * sx, h * sy]
+
+
 def box_mask(bbox, image_size, grid, resized):
     """The tokens whose cell overlaps an answer box: bool [H*W], token t at row t // W, column t % W.
     bbox [x, y, w, h] in pixels of the original image of size (W0, H0), scaled to the resized (W1, H1) image the
     encoder saw; cell (r, c) covers [c*W1/W, (c+1)*W1/W) x [r*H1/H, (r+1)*H1/H); a cell overlaps when the
     intersection has positive area. None when the box misses the image (or is empty): the sample has no box."""
-    (W0, H0), (W1, H1), (H, W) = image_size, resized, grid
-    x, y, w, h = bbox
-    x0, x1 = max(0.0, x * W1 / W0), min(float(W1), (x + w) * W1 / W0)
-    y0, y1 = max(0.0, y * H1 / H0), min(float(H1), (y + h) * H1 / H0)
+    (W1, H1), (H, W) = resized, grid
+    x, y, w, h = scale_bbox(bbox, image_size, resized)
+    x0, x1 = max(0.0, x), min(float(W1), x + w)
+    y0, y1 = max(0.0, y), min(float(H1), y + h)
     if x1 <= x0 or y1 <= y0:
         return None
     cw, ch = W1 / W, H1 / H

@@ -20,7 +20,6 @@ Each image i is X_i = U_i diag(σ_i) V_iᵀ, scaled to unit RMS per entry:
 This is a generator fitted to two published/measured numbers, not real features: say so when quoting it.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch

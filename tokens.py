@@ -33,13 +33,6 @@ import svd_baseline as sb
 RULES = ("leverage", "lrcp", "pivoted_qr", "norm", "grid", "random")
 
 
-def principal_basis(X_train, rank):
-    """Orthonormal [D, rank]: the top principal directions (uncentred, as the subspace model's start) of the
-    training tokens, from Σ XᵀX in float64."""
-    cov = sum(torch.einsum("td,te->de", x.double(), x.double()) for x in X_train)
-    return torch.linalg.eigh(cov)[1][:, -rank:].flip(-1)
-
-
 def pivoted_qr(X, k):
     """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token with the largest
     norm after removing its components along the tokens already kept (modified Gram-Schmidt, float64)."""
@@ -132,11 +125,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     out = Path(args.results_dir)
-    cfg_p, split_p = out / "config.json", out / "split.json"
-    if not cfg_p.exists() or not split_p.exists():
-        raise qd.UserError(f"{out} has no config.json / split.json: train first (python train_real_data.py "
-                           f"--results_dir {out})")
-    cfg, split = json.loads(cfg_p.read_text()), json.loads(split_p.read_text())
+    cfg, split = qd.read_run(out)
     cache, norm = args.cache_dir or cfg["cache_dir"], cfg["normalization"]
     T, D = qd.cached_shape(cache)
     hw = qd.cache_grid(cache)
@@ -153,8 +142,8 @@ def main(argv=None):
     basis = None
     if "lrcp" in rules:
         qd.check_rank(args.lrcp_rank, min(T, D), "--lrcp_rank")
-        basis = principal_basis((x for x, _ in qd.FeatureDataset(cache, split["train"], norm, preload=False)),
-                                args.lrcp_rank)
+        train = qd.make_loader(qd.FeatureDataset(cache, split["train"], norm, preload=False), 32)
+        basis = sb.principal_directions(X for X, _ in train)[:, : args.lrcp_rank]
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{len(idx)} {args.split} samples [{T}, {D}] ({hw[0]}x{hw[1]} grid) from {cache} ({norm}); "
           f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
@@ -269,9 +258,8 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
         a.imshow(m.reshape(H, W), cmap="magma", alpha=0.5, vmin=0, vmax=1, extent=(0, size[0], size[1], 0),
                  interpolation="nearest")
         if meta.get("bbox") and meta.get("image_size"):
-            (W0, H0), (x, y, w, h) = meta["image_size"], meta["bbox"]
-            sx, sy = size[0] / W0, size[1] / H0
-            a.add_patch(Rectangle((x * sx, y * sy), w * sx, h * sy, fill=False, ec="cyan", lw=2))
+            x, y, w, h = sb.scale_bbox(meta["bbox"], meta["image_size"], size)
+            a.add_patch(Rectangle((x, y), w, h, fill=False, ec="cyan", lw=2))
         a.set_title(f"{rule}: {k} of {H * W} kept", fontsize=9), a.set_xticks([]), a.set_yticks([])
     for a in ax.flat[len(rules):]:
         a.axis("off")

@@ -9,7 +9,6 @@ Writes into --results_dir: best_model.pt, last.pt, split.json, config.json, hist
 import argparse
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -146,7 +145,8 @@ def main(argv=None, on_epoch=None, test_at_end=True):
     qd.check_rank(config["rank"], min(tokens, dim))
 
     if master:
-        qd.remove_stale_tmp(out) if out.exists() else None
+        if out.exists():
+            qd.remove_stale_tmp(out)
         split = qd.load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"],
                                       config.get("group_by", qd.GROUP_AUTO), args.resplit and not args.resume)
         (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -154,9 +154,9 @@ def main(argv=None, on_epoch=None, test_at_end=True):
         dist.barrier()
     split = json.loads((out / "split.json").read_text())
     norm = config["normalization"]
-    # every sample of all three splits is checked before epoch 1: train and val are read in full (preloaded, or
-    # every file once when the data is read lazily), the test split too (it is small); a bad file is named now,
-    # not after the last epoch
+    # every sample of all three splits is checked before epoch 1: preloaded data was read and checked in full, a
+    # lazily read train split gets header checks (shape, dtype; its values are checked as each file is read),
+    # validation and test are read in full (they are small); a bad file is named now, not after the last epoch
     preload = {"auto": "auto", "yes": True, "no": False}[args.preload]
     train_ds = qd.FeatureDataset(config["cache_dir"], split["train"], norm, preload)
     val_ds = qd.FeatureDataset(config["cache_dir"], split["val"], norm, preload)

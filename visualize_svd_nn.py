@@ -16,6 +16,7 @@ import torch
 import qwenvl_dataloader as qd
 import svd_baseline as sb
 from compare_svd_nn import load_run
+from svd_baseline import scale_bbox
 
 def parse_channels(spec, dim):
     """'0-7' or '0,5,9-11' -> list of ints, each checked against dim."""
@@ -27,13 +28,6 @@ def parse_channels(spec, dim):
     if bad or not out:
         raise qd.UserError(f"--channels {spec}: channels must lie in 0..{dim - 1}")
     return out
-
-
-def scale_bbox(bbox, image_size, resized=(448, 448)):
-    """[x, y, w, h] in original pixels of an image of size (W, H) -> the same box on the resized (W', H') image."""
-    (W, H), (x, y, w, h) = image_size, bbox
-    sx, sy = resized[0] / W, resized[1] / H
-    return [x * sx, y * sy, w * sx, h * sy]
 
 
 def compute(X, model, rank, hw, svd_method=sb.DEFAULT_METHOD):
