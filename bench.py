@@ -6,7 +6,9 @@ Quality and speed of the factorisers against truncated SVD, measured in one run 
 Quality: mean flattened cosine and energy on the results directory's test split (disjoint from training).
 Speed: ms per sample to produce the factors A, B at --batch_size (default 64), median of --repeats runs after a
 warm-up, against the fastest exact truncated SVD at each rank (torch.linalg.svd on X and on Xᵀ, and
-svd_baseline's Gram methods; the fastest is named) and against the floor of one GEMM X·W with W [D, r].
+svd_baseline's Gram methods; the fastest is named; each exact method's largest relative deviation from
+torch.linalg.svd in float64 over the evaluated images is printed) and against the floor of one GEMM X·W with
+W [D, r]. --profile prints torch.profiler's breakdown of the factoriser's call at each rank.
 """
 import argparse
 import json
@@ -17,7 +19,27 @@ import torch
 import qwenvl_dataloader as qd
 import svd_baseline as sb
 from compare_svd_nn import load_run
-from model import load_checkpoint
+from model import ARCH_DEFAULTS, load_checkpoint
+
+def model_options(cfg):
+    """The options the model runs with (the checkpoint's, defaults filled in)."""
+    return dict(ARCH_DEFAULTS.get(cfg["arch"], {}), **cfg.get("arch_options", {}))
+
+
+def profile(f, x, title, rows=8):
+    """torch.profiler's operators of one call f(x) (after a warm-up), by self time."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with torch.no_grad():
+        f(x)
+        with prof(activities=acts) as p:
+            f(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    print(f"profile: {title}, batch {len(x)}")
+    print(p.key_averages().table(sort_by=key, row_limit=rows))
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
@@ -30,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--eval_cache", default=None, help="measure quality on this cache's samples instead of the "
                                                         "test split (e.g. images from other photos)")
     ap.add_argument("--max_eval", type=int, default=500, help="at most this many --eval_cache samples")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the factoriser's "
+                                                           "call at each rank (one timed batch)")
     ap.add_argument("--out", default=None, help="JSON path (default <results_dir>/bench.json)")
     args = ap.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -47,12 +71,28 @@ def main(argv=None):
     if len(xb) < args.batch_size:  # time a full batch even on a small test split
         xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
     T, D = X.shape[1:]
-    exact = {  # every exact truncated SVD we have; the fastest at each rank is the yardstick
-        "torch.linalg.svd(X)": lambda x, r: torch.linalg.svd(x, full_matrices=False),
-        "torch.linalg.svd(Xᵀ)": lambda x, r: torch.linalg.svd(x.transpose(1, 2), full_matrices=False),
+    def linalg_svd(x, r, transposed=False):
+        if transposed:  # Xᵀ = V S Uᵀ
+            V, S, Uh = torch.linalg.svd(x.transpose(1, 2), full_matrices=False)
+            return Uh[:, :r].transpose(1, 2) * S[:, None, :r], V[..., :r].transpose(1, 2)
+        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        return U[..., :r] * S[:, None, :r], Vh[:, :r]
+
+    exact = {  # every exact truncated SVD we have, each returning (A, B); the fastest at each rank is the yardstick
+        "torch.linalg.svd(X)": linalg_svd,
+        "torch.linalg.svd(Xᵀ)": lambda x, r: linalg_svd(x, r, transposed=True),
         "svd_baseline gram (fp64)": lambda x, r: sb.truncated_svd(x, r, "gram")[:2],
         "svd_baseline gram32": lambda x, r: sb.truncated_svd(x, r, "gram32")[:2],
     }
+    with torch.no_grad():  # the truth for the exact methods: torch.linalg.svd in float64
+        U64, S64, Vh64 = torch.linalg.svd(X.double(), full_matrices=False)
+
+    def deviation(f, r):
+        """max over images of ‖f's rank-r X̂ - float64 SVD's‖ / ‖float64 SVD's‖"""
+        truth = (U64[..., :r] * S64[:, None, :r]) @ Vh64[:, :r]
+        with torch.no_grad():
+            got = torch.cat([torch.matmul(*f(x, r)) for x in X.split(64)]).double()
+        return ((got - truth).norm(dim=(1, 2)) / truth.norm(dim=(1, 2))).max().item()
     approx = {
         f"{cfg['arch']} (NN)": lambda x, r: model.factors(x, r),
         "torch.svd_lowrank (q=r+8, 2 iters)": lambda x, r: torch.svd_lowrank(x, q=min(r + 8, T), niter=2),
@@ -80,10 +120,10 @@ def main(argv=None):
     print(f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, float32, "
           f"{'evaluated' if args.eval_cache else 'test'} n={len(X)} [{T}, {D}] from {cache_dir} "
           f"({cfg['normalization']}), model {args.results_dir} ({cfg['arch']}, trained rank {cfg['rank']}, "
-          f"options {cfg.get('arch_options', {})}); ms: median of {args.repeats} after a warm-up"
-          f"{qd.lossy_note(cache_dir)}")
+          f"options {model_options(cfg)}); features: {qd.read_manifest(cache_dir)['encoder']['model']}; ms: "
+          f"median of {args.repeats} after a warm-up{qd.lossy_note(cache_dir)}")
     head = (f"{'method':<36}{'rank':>5}{'cosine':>9}{'gap':>9}{'worst gap':>10}{'energy':>8}{'ms/sample':>10}"
-            f"{'x linalg.svd(X)':>16}{'x fastest exact':>16}{'x GEMM floor':>13}")
+            f"{'x linalg.svd(X)':>16}{'x fastest exact':>16}{'x GEMM floor':>13}{'dev. vs fp64 SVD':>17}")
     print(head)
     for r in ranks:
         t_exact = {name: sb.time_ms(lambda x: f(x, r), xb, args.repeats) for name, f in exact.items()}
@@ -92,6 +132,7 @@ def main(argv=None):
         svd_q = per_image(lambda x: sb.svd_reconstruct(x, r))
         times = dict(t_exact)
         quals = {name: svd_q for name in exact}
+        devs = {name: deviation(f, r) for name, f in exact.items()}
         for name, f in approx.items():
             if name.startswith("symmetric") and r != sym.rank:
                 continue
@@ -106,17 +147,24 @@ def main(argv=None):
                 gap = q["cosine"] - svd_q["cosine"]
                 row.update(cosine=q["cosine"].mean().item(), energy=q["energy"].mean().item(),
                            gap=gap.mean().item(), worst_gap=gap.min().item())
+            if name in devs:
+                row["max_rel_dev_vs_fp64_svd"] = devs[name]
             rows.append(row)
             qs = (f"{row['cosine']:>9.4f}{row['gap']:>9.4f}{row['worst_gap']:>10.4f}{row['energy']:>8.4f}" if q is not None
                   else f"{'':>36}")
             label = name + (" *" if name == fastest else "")
             print(f"{label:<36}{r:>5}{qs}{t:>10.2f}{row['speedup_vs_linalg_svd']:>16.1f}"
-                  f"{row['speedup_vs_fastest_exact']:>16.2f}{row['x_gemm_floor']:>13.1f}")
+                  f"{row['speedup_vs_fastest_exact']:>16.2f}{row['x_gemm_floor']:>13.1f}"
+                  + (f"{devs[name]:>17.1e}" if name in devs else ""))
+        if args.profile:
+            profile(lambda x: model.factors(x, r), xb, f"{cfg['arch']} factors at rank {r}")
     print("* the fastest exact truncated SVD at that rank: the yardstick of 'x fastest exact'. gap: cosine minus "
-          "exact SVD's, mean over images; worst gap: the lowest image's")
+          "exact SVD's, mean over images; worst gap: the lowest image's; dev.: largest relative Frobenius distance of "
+          "an image's rank-r reconstruction from torch.linalg.svd's in float64")
     out = Path(args.out or Path(args.results_dir) / "bench.json")
     out.write_text(json.dumps({"normalization": cfg["normalization"], "device": str(dev), "threads": torch.get_num_threads(),
-                               "shape": [T, D], "arch": cfg["arch"], "arch_options": cfg.get("arch_options", {}),
+                               "shape": [T, D], "arch": cfg["arch"], "arch_options": model_options(cfg),
+                               "features": qd.read_manifest(cache_dir)["encoder"]["model"],
                                "batch_size": args.batch_size, "n_test": len(X), "cache_dir": str(cache_dir), "rows": rows},
                               indent=1))
     print(f"wrote {out}")

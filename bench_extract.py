@@ -8,7 +8,9 @@ and, with --towers, the size of every supported vision tower.
     python bench_extract.py --read_cache feature_cache_real      (cache read ms/image against cat)
 """
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--image_size", default=qd.DEFAULT_IMAGE_SIZE, help="448 or WxH")
     ap.add_argument("--batch_sizes", default="1,8", help="comma list")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept")
+    ap.add_argument("--json", default=None, help="also write the speed rows to this JSON file")
     ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
     ap.add_argument("--read_cache", default=None, nargs="+",
                     help="instead: time reading these caches through FeatureDataset against cat")
@@ -90,6 +93,7 @@ def main(argv=None):
           f"{enc.info['grid'][0]}x{enc.info['grid'][1]} tokens x {enc.info['feature_dim']}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'batch':>6}{'preprocess img/s':>18}{'tower img/s':>14}{'both img/s':>12}")
+    out = []
     for b in (int(b) for b in args.batch_sizes.split(",")):
         ims = images[:b]
         enc(ims)  # warm-up
@@ -107,8 +111,14 @@ def main(argv=None):
                 t_fwd.append(time.perf_counter() - t)
         pre, fwd = min(t_pre), min(t_fwd)
         print(f"{b:>6}{b / pre:>18.1f}{b / fwd:>14.2f}{b / (pre + fwd):>12.2f}")
-    if dev.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        out.append({"batch": b, "preprocess_img_s": b / pre, "tower_img_s": b / fwd, "both_img_s": b / (pre + fwd)})
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+    if peak is not None:
+        print(f"peak GPU memory {peak:.2f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "device": str(dev), "dtype": enc.info["dtype"],
+                                               "params": params, "peak_gib": peak, "rows": out}, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ except the checkpoint readers.
                from a D-dim token, the same kind of MLP over the columns of X (T-dim) makes each column of B.
     subspace   learned subspace iteration: Q = orth(X·Ω) with a learned Ω [D, r] (initialised from the training
                data's principal directions), A = Q, B = QᵀX; QR keeps column order, so the first k components
-               serve every rank k <= r. Optional oversampling (exact SVD of the small QᵀX) and power steps.
+               serve every rank k <= r. One power step by default; optional oversampling (exact SVD of the small QᵀX).
 """
 import math
 import pickle
@@ -53,23 +53,55 @@ class Symmetric(nn.Module):
         return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)   # [B, T, r], [B, r, D]
 
 
-def _orth(Y):
-    """Orthonormal basis of Y's columns, in column order; in float32 at least (QR has no bf16 kernels)."""
-    return torch.linalg.qr(Y if Y.dtype in (torch.float32, torch.float64) else Y.float(), mode="reduced")[0]
+def _chol_orth(Y, gram64):
+    """One Cholesky-QR pass: R = chol(YᵀY), Q = Y R⁻¹ (R upper triangular, so Q[..., :j] spans Y[..., :j]). The
+    k x k Gram matrix and its Cholesky in float64 (gram64: the Gram matrix too, for an ill-conditioned Y), the
+    triangular solve in Y's dtype. -> (Q, bad): bad marks samples whose Gram matrix is not numerically positive
+    definite (Y rank-deficient, or κ(Y) beyond ~1e6, where a float32 Y R⁻¹ would not come out orthonormal)."""
+    G = Y.double().transpose(-1, -2) @ Y.double() if gram64 else (Y.transpose(-1, -2) @ Y).double()
+    with torch.no_grad():
+        R, info = torch.linalg.cholesky_ex(G, upper=True)
+        d = R.diagonal(dim1=-2, dim2=-1)
+        bad = (info > 0) | ~torch.isfinite(d).all(-1) | (d.min(-1).values <= 1e-6 * d.max(-1).values)
+    if bad.any():  # keep the failing samples out of the (differentiable) factorisation: identity in their place
+        G = torch.where(bad[:, None, None], torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), G)
+    R = torch.linalg.cholesky(G, upper=True) if torch.is_grad_enabled() or bad.any() else R
+    return torch.linalg.solve_triangular(R.to(Y.dtype), Y, upper=True, left=False), bad
+
+
+def _orth(Y, passes=2):
+    """Orthonormal basis Q of Y's columns [B, T, k] in column order (Q[..., :j] spans Y[..., :j] for every j), in
+    float32 at least (bf16 under --amp is promoted). Cholesky-QR twice (CholQR2; Yamamoto et al. 2015): the first
+    pass (float64 Gram) takes Y to a nearly orthonormal Q, the second (float32 Gram, κ ≈ 1 now) restores
+    orthogonality to float32 rounding; one pass is enough where only the span matters (inside a power step).
+    Safeguard: any sample one pass marks as rank-deficient or too ill-conditioned is redone with Householder QR
+    (torch.linalg.qr: same column order, always orthonormal, slower on these tall-skinny batches) and passes no
+    gradient, so a degenerate sample cannot put NaN into Ω during training."""
+    Y = Y if Y.dtype in (torch.float32, torch.float64) else Y.float()
+    Q, bad = _chol_orth(Y, gram64=True)
+    for _ in range(passes - 1):
+        Q, bad2 = _chol_orth(Q, gram64=False)
+        bad = bad | bad2
+    if bad.any():  # constant for autograd: QR's gradient is undefined (NaN) on rank-deficient input
+        Q = Q.clone()
+        Q[bad] = torch.linalg.qr(Y[bad].detach(), mode="reduced")[0]
+    return Q
 
 
 class Subspace(nn.Module):
-    """Learned subspace iteration. Ω [D, m] is a parameter, m = r + oversample; per sample Q = orth(X Ω) (QR keeps
-    column order, so the first k columns of Q span X Ω[:, :k]), then power_iters steps Q = orth(X (Xᵀ Q)).
-    oversample 0 (default): A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range(X Ω), and the first k
-    components give the projection onto range(X Ω[:, :k]): nested ranks by construction.
+    """Learned subspace iteration. Ω [D, m] is a parameter, m = r + oversample; per sample Q = orth(X Ω) (column
+    order kept, so the first k columns of Q span X Ω[:, :k]), then power_iters steps Q = orth(X (Xᵀ Q)) (default
+    1: on features of real-model difficulty Ω alone is 0.005-0.008 cosine below SVD, one step 0.001; README).
+    oversample 0 (default): A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range((X Xᵀ)^p X Ω), and
+    the first k components give the projection onto range((X Xᵀ)^p X Ω[:, :k]): nested ranks by construction.
     oversample > 0: C = Qᵀ X, C = V Σ Wᵀ via the m x m Gram matrix, A = Q V_r Σ_r, B = W_rᵀ: the best rank-r
     approximation inside range(Q), ordered by singular value.
     Either way X̂ is exact when range(Q) holds X's top-r left singular vectors. Ω starts at the training tokens'
     top principal directions and is trained to maximise the energy of X captured by each prefix of Q
-    (objective), differentiable through QR, no eigendecomposition in the loss."""
+    (objective), differentiable through the orthonormalisation, no eigendecomposition in the loss. Cost: 2 + 2p
+    products with X (each about one GEMM floor X·W) plus small k x k work."""
 
-    def __init__(self, rank=128, tokens=256, dim=2048, oversample=0, power_iters=0):
+    def __init__(self, rank=128, tokens=256, dim=2048, oversample=0, power_iters=1):
         super().__init__()
         self.rank, self.power_iters = rank, power_iters
         m = min(rank + oversample, tokens)
@@ -86,9 +118,9 @@ class Subspace(nn.Module):
         """Orthonormal Q [B, T, k] spanning X Ω[:, :k] (k: all columns by default), after the power steps. QR keeps
         column order and the power step maps prefixes to prefixes, so Q for k columns is the first k columns of Q
         for all of them: a small rank never pays for the full basis."""
-        Q = _orth(X @ self.omega[:, :k].to(X.dtype))
-        for _ in range(self.power_iters):
-            Q = _orth(X @ (X.transpose(1, 2) @ Q))
+        Q = _orth(X @ self.omega[:, :k].to(X.dtype), passes=1 if self.power_iters else 2)
+        for i in range(self.power_iters):
+            Q = _orth(X @ (X.transpose(1, 2) @ Q), passes=1 if i < self.power_iters - 1 else 2)
         return Q
 
     def forward(self, X, rank=None):
@@ -126,7 +158,7 @@ class Subspace(nn.Module):
 
 
 ARCHS = {"symmetric": Symmetric, "subspace": Subspace}
-ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=0, power_iters=0)}
+ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=0, power_iters=1)}
 
 
 def build_model(config):
