@@ -6,8 +6,8 @@ Quality and speed of the factorisers against truncated SVD, measured in one run 
 Quality: mean flattened cosine and energy on the results directory's test split (disjoint from training).
 Speed: ms per sample to produce the factors A, B at --batch_size (default 64), median of --repeats runs after a
 warm-up, against the fastest exact truncated SVD at each rank (torch.linalg.svd on X and on Xᵀ, and
-svd_baseline's Gram methods; the fastest is named; each exact method's largest relative deviation from
-torch.linalg.svd in float64 over the evaluated images is printed) and against the floor of one GEMM X·W with
+svd_baseline's Gram methods; each one's largest relative deviation from torch.linalg.svd in float64 over the
+evaluated images is printed, and the fastest of those within 1e-5 is the named yardstick) and against the floor of one GEMM X·W with
 W [D, r]. --profile prints torch.profiler's breakdown of the factoriser's call at each rank.
 """
 import argparse
@@ -20,6 +20,9 @@ import qwenvl_dataloader as qd
 import svd_baseline as sb
 from compare_svd_nn import load_run
 from model import ARCH_DEFAULTS, load_checkpoint
+
+EXACT_TOL = 1e-5  # an exact method is a yardstick only within this relative distance of float64 SVD on the data
+
 
 def model_options(cfg):
     """The options the model runs with (the checkpoint's, defaults filled in)."""
@@ -127,12 +130,13 @@ def main(argv=None):
     print(head)
     for r in ranks:
         t_exact = {name: sb.time_ms(lambda x: f(x, r), xb, args.repeats) for name, f in exact.items()}
-        fastest = min(t_exact, key=t_exact.get)
+        devs = {name: deviation(f, r) for name, f in exact.items()}
+        exact_enough = [n for n in t_exact if devs[n] <= EXACT_TOL] or list(t_exact)
+        fastest = min(exact_enough, key=t_exact.get)  # the yardstick: fastest of those within EXACT_TOL
         t_floor = sb.time_ms(lambda x: floor(x, r), xb, args.repeats)
         svd_q = per_image(lambda x: sb.svd_reconstruct(x, r))
         times = dict(t_exact)
         quals = {name: svd_q for name in exact}
-        devs = {name: deviation(f, r) for name, f in exact.items()}
         for name, f in approx.items():
             if name.startswith("symmetric") and r != sym.rank:
                 continue
@@ -158,7 +162,8 @@ def main(argv=None):
                   + (f"{devs[name]:>17.1e}" if name in devs else ""))
         if args.profile:
             profile(lambda x: model.factors(x, r), xb, f"{cfg['arch']} factors at rank {r}")
-    print("* the fastest exact truncated SVD at that rank: the yardstick of 'x fastest exact'. gap: cosine minus "
+    print(f"* the fastest exact truncated SVD at that rank among those within {EXACT_TOL:g} of float64 SVD (dev.): "
+          "the yardstick of 'x fastest exact'. gap: cosine minus "
           "exact SVD's, mean over images; worst gap: the lowest image's; dev.: largest relative Frobenius distance of "
           "an image's rank-r reconstruction from torch.linalg.svd's in float64")
     out = Path(args.out or Path(args.results_dir) / "bench.json")

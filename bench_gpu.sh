@@ -6,10 +6,11 @@
 #   3. bench.py on it: quality, ms/sample vs exact SVD and the GEMM floor, profile   GPU, fp32, batch 64
 #   4. random-3b extraction img/s at batch 8 and 32                   GPU, bf16
 # then prints one table. Usage: ./bench_gpu.sh [work_dir]   (default bench_gpu_work; the cache is reused if present)
-# A dry run of the plumbing on CPU (what the tests do): DEVICE=cpu NUM=40 EXTRACT_MODEL=tiny-random ./bench_gpu.sh
+# A dry run of the plumbing on CPU (what the tests do):
+#   DEVICE=cpu NUM=30 RANKS=16 BATCH=8 EXTRACT_MODEL=tiny-random ./bench_gpu.sh /tmp/bench_gpu_dry
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n 2,10p "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
 W=${1:-bench_gpu_work}
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
@@ -20,13 +21,13 @@ fi
 [[ -f "$W/hard/manifest.json" ]] || $PY synth_features.py --out "$W/hard" --num "${NUM:-600}"
 $PY train_real_data.py --cache_dir "$W/hard" --arch subspace --rank 128 --epochs 1 --amp --device "$DEVICE" \
     --results_dir "$W/results" --resplit 2>&1 | tee "$W/train.log"
-$PY bench.py --results_dir "$W/results" --device "$DEVICE" --batch_size 64 --profile 2>&1 | tee "$W/bench.log"
+$PY bench.py --results_dir "$W/results" --device "$DEVICE" --batch_size "${BATCH:-64}" --ranks "${RANKS:-16,32,64,128}" --profile 2>&1 | tee "$W/bench.log"
 $PY bench_extract.py --model "${EXTRACT_MODEL:-random-3b}" --device "$DEVICE" --batch_sizes 8,32 \
     --json "$W/extract.json" 2>&1 | tee "$W/extract.log"
 $PY - "$W" <<'PYEOF'
 import json, sys, torch
 W = sys.argv[1]
-b = json.load(open(f"{W}/bench.json"))
+b = json.load(open(f"{W}/results/bench.json"))
 h = json.load(open(f"{W}/results/history.json"))
 e = json.load(open(f"{W}/extract.json"))
 dev = torch.cuda.get_device_name() if b["device"].startswith("cuda") else "CPU (a dry run: these are not GPU figures)"

@@ -130,3 +130,32 @@ def test_power_step_closes_most_of_the_gap_on_hard_features(hard):
     for k in (16, 32, 64, 128):
         assert gaps[1, k] > gaps[0, k] + 0.5 * abs(gaps[0, k]), (k, gaps)  # at least halves the gap
     assert gaps[1, 128] > -0.005, gaps
+
+
+def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
+    """bench_gpu.sh's plumbing, run on CPU with small sizes: hard cache -> one bf16-autocast epoch -> bench.py (with
+    its profile) -> extraction speed -> one table. The exact yardstick is within 1e-5 of float64 SVD, the factoriser
+    never beats SVD, and the table names what it ran on."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DEVICE="cpu", NUM="20", RANKS="16", BATCH="4", EXTRACT_MODEL="tiny-random",
+               PYTHON=sys.executable)
+    r = subprocess.run([str(root / "bench_gpu.sh"), str(tmp_path / "w")], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("== bench_gpu.sh on CPU (a dry run"):]
+    assert "features synthetic-hard" in table and "subspace (NN)" in table and "GEMM floor" in table
+    assert "train, 1 epoch bf16 amp" in table and "extraction img/s, batch 32" in table
+    assert "profile: subspace factors at rank 16" in r.stdout and "aten::" in r.stdout
+    b = json.loads((tmp_path / "w" / "results" / "bench.json").read_text())
+    assert b["features"] == "synthetic-hard" and b["arch_options"]["power_iters"] == 1
+    rows = {row["method"]: row for row in b["rows"]}
+    fastest = rows["subspace (NN)"]["fastest_exact"]
+    assert rows[fastest]["max_rel_dev_vs_fp64_svd"] <= 1e-5
+    assert rows["subspace (NN)"]["gap"] <= 1e-6 and rows["subspace (NN)"]["x_gemm_floor"] > 1
+    e = json.loads((tmp_path / "w" / "extract.json").read_text())
+    assert [row["batch"] for row in e["rows"]] == [8, 32] and all(row["both_img_s"] > 0 for row in e["rows"])
