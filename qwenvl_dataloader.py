@@ -340,25 +340,54 @@ def checkpoint_family(model, revision=None):
         raise UserError(f"could not load '{model}': {first}. {advice}") from None
 
 
+def random_tower(name):
+    """One of RANDOM_TOWERS, built in code with random weights from TINY_SEED: the same weights every time (vqa_eval.py
+    puts the tiny one inside a full tiny Qwen2.5-VL, so its answers use the very features a tiny-random cache holds).
+    -> (tower, family)"""
+    family, cfg_kw = RANDOM_TOWERS[name]
+    cfg_cls, model_cls, _ = family_classes(family)
+    torch.manual_seed(TINY_SEED)
+    return model_cls._from_config(cfg_cls(**cfg_kw), attn_implementation="sdpa"), family
+
+
+def image_processor(vision_config, family, size, model=None, revision=None):
+    """The family's image processor, fixed to exactly size = (W, H) pixels in (min_pixels = max_pixels = W·H, after
+    the toolkit's own resize to W x H): (H/cell)·(W/cell) tokens, cell = patch x merge. A checkpoint's own
+    preprocessor settings (mean/std) are used where it has them."""
+    try:  # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL one
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
+    cfg = vision_config
+    cell = cfg.patch_size * cfg.spatial_merge_size
+    w, h = size
+    if w % cell or h % cell:
+        raise UserError(f"--image_size {w}x{h}: each side must be a multiple of {cell} px for {family} "
+                        f"({cfg.patch_size}-px patches merged {cfg.spatial_merge_size}x{cfg.spatial_merge_size})")
+    proc_kw = dict(min_pixels=w * h, max_pixels=w * h, patch_size=cfg.patch_size, merge_size=cfg.spatial_merge_size,
+                   temporal_patch_size=cfg.temporal_patch_size)
+    if family in FAMILY_MEAN_STD:
+        proc_kw["image_mean"], proc_kw["image_std"] = FAMILY_MEAN_STD[family]
+    if model is not None and model not in RANDOM_TOWERS:
+        try:
+            return Proc.from_pretrained(model, revision=revision, **proc_kw)
+        except OSError:
+            pass
+    return Proc(**proc_kw)
+
+
 class Encoder:
     """A Qwen vision tower + its processor. __call__(list of PIL RGB images of image_size) -> [N, T, D] features,
     T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size * spatial_merge_size (28 px for Qwen2-VL
     and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's output dim (what the language model sees)."""
 
     def __init__(self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE):
-        try:  # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL one
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
-        except ImportError:
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
         self.device = torch.device(device)
         key = encoder_key(model, revision, dtype, device, image_size)
         self.dtype = getattr(torch, key["dtype"])
         self.size = parse_image_size(image_size)
         if model in RANDOM_TOWERS:
-            family, cfg_kw = RANDOM_TOWERS[model]
-            cfg_cls, model_cls, out_attr = family_classes(family)
-            torch.manual_seed(TINY_SEED)
-            self.tower = model_cls._from_config(cfg_cls(**cfg_kw), attn_implementation="sdpa")
+            self.tower, family = random_tower(model)
             self.tower.to(self.dtype)
         else:
             family = checkpoint_family(model, revision)
@@ -371,24 +400,11 @@ class Encoder:
                                 f"checkpoint (e.g. {sorted(info['missing_keys'])[:3]}); refusing random weights.")
         self.tower.eval().to(self.device)
         cfg = self.tower.config
+        self.processor = image_processor(cfg, family, self.size, model, revision)
         cell = cfg.patch_size * cfg.spatial_merge_size
         w, h = self.size
-        if w % cell or h % cell:
-            raise UserError(f"--image_size {w}x{h}: each side must be a multiple of {cell} px for {family} "
-                            f"({cfg.patch_size}-px patches merged {cfg.spatial_merge_size}x{cfg.spatial_merge_size})")
         self.grid = [h // cell, w // cell]  # rows, columns
-        self.dim = getattr(cfg, out_attr)
-        pixels = w * h
-        proc_kw = dict(min_pixels=pixels, max_pixels=pixels, patch_size=cfg.patch_size,
-                       merge_size=cfg.spatial_merge_size, temporal_patch_size=cfg.temporal_patch_size)
-        if family in FAMILY_MEAN_STD:
-            proc_kw["image_mean"], proc_kw["image_std"] = FAMILY_MEAN_STD[family]
-        self.processor = Proc(**proc_kw)
-        if model not in RANDOM_TOWERS:  # the checkpoint's own preprocessor settings (mean/std), where it has them
-            try:
-                self.processor = Proc.from_pretrained(model, revision=revision, **proc_kw)
-            except OSError:
-                pass
+        self.dim = getattr(cfg, family_classes(family)[2])
         self.info = dict(key, family=family, cell=cell, grid=self.grid, feature_dim=self.dim,
                          tiny_seed=TINY_SEED if model in RANDOM_TOWERS else None)
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["qwenvl_dataloader", "train_real_data", "compare_svd_nn", "visualize_svd_nn", "svd_baseline", "bench",
-           "bench_extract", "tune", "demo_data", "tokens", "compress", "synth_features"]
+           "bench_extract", "tune", "demo_data", "tokens", "compress", "synth_features", "vqa_eval"]
 
 
 class Captured(Exception):
