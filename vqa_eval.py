@@ -459,8 +459,12 @@ def plot(summary, path, settings):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "keep" not in label else "s--", label=label)
     for s, style in ((summary[0], "k-"), (next((s for s in summary if s["kind"] == "zeros"), None), "k:")):
         if s is not None:
-            ax.axhline(s["vqa_acc"], color="k", ls=style[1:], lw=1, label=f"{s['condition']} tokens")
+            ax.axhline(s["vqa_acc"], color="k", ls=style[1:], lw=1, label="original tokens" if s["kind"] == "original" else "all-zero tokens")
     ax.set_xscale("log", base=2)
+    xs = sorted({p[0] for pts in groups.values() for p in pts})
+    if xs:
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("rank r (reconstructions) or kept tokens k")
     ax.set_ylabel("VQA accuracy")
     ax.set_title(f"VQA accuracy by vision-token budget, {settings['model']}, n={summary[0]['n']}")
