@@ -361,7 +361,9 @@ def main(argv=None):
     if todo:
         model, proc = load_vlm(name, dev, dtype, size, args.revision)
         img_id = model.config.image_token_id
-        eos_ids = {model.config.eos_token_id, proc.tokenizer.eos_token_id} - {None}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # int or list (e.g. Qwen's 2)
+        eos_ids = ({getattr(model.config, "eos_token_id", None), proc.tokenizer.eos_token_id}
+                   | set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])) - {None}
         gen = torch.Generator().manual_seed(args.seed)
         nn_model = nn_model.to(dev) if nn_model is not None else None
         images = dict(source.iter_images(sorted({i for i, _ in todo})))

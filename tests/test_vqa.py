@@ -175,3 +175,21 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
 def test_wrong_model_for_the_cache_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match="holds features of tiny-random"):
         V.main(["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)])
+
+
+def test_checkpoint_directory_path(vlm, tmp_path):
+    """The path a real checkpoint takes (config.json, weights, tokenizer with its chat template, preprocessor config):
+    the tiny model saved to a directory loads through it and answers exactly as the model built in code."""
+    model, proc = vlm
+    model.save_pretrained(tmp_path)
+    proc.tokenizer.chat_template = V.CHAT_TEMPLATE
+    proc.tokenizer.save_pretrained(tmp_path)
+    proc.image_processor.save_pretrained(tmp_path)
+    loaded, lproc = V.load_vlm(str(tmp_path), torch.device("cpu"), torch.float32, (448, 448))
+    inp, linp = prompt_inputs(proc), prompt_inputs(lproc)
+    assert torch.equal(inp["input_ids"], linp["input_ids"])
+    torch.testing.assert_close(inp["pixel_values"], linp["pixel_values"], rtol=0, atol=0)
+    with torch.no_grad():
+        a = model.generate(**inp, max_new_tokens=4, do_sample=False)
+        b = loaded.generate(**linp, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
