@@ -5,9 +5,11 @@
 #   2. one epoch of subspace training with bf16 autocast (--amp)      GPU
 #   3. bench.py on it: quality, ms/sample vs exact SVD and the GEMM floor, profile   GPU, fp32, batch 64
 #   4. random-3b extraction img/s at batch 8 and 32                   GPU, bf16
+#   5. vqa_eval.py with the full real-size Qwen2.5-VL-3B (random weights, batch 1, bf16): ms/sample per condition,
+#      on 40 demo images (random-3b features, a rank-64 subspace model trained for one epoch)
 # then prints one table. Usage: ./bench_gpu.sh [work_dir]   (default bench_gpu_work; the cache is reused if present)
 # A dry run of the plumbing on CPU (what the tests do):
-#   DEVICE=cpu NUM=30 RANKS=16 BATCH=8 EXTRACT_MODEL=tiny-random ./bench_gpu.sh /tmp/bench_gpu_dry
+#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random ./bench_gpu.sh /tmp/bench_gpu_dry
 set -euo pipefail
 cd "$(dirname "$0")"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
@@ -24,9 +26,18 @@ $PY train_real_data.py --cache_dir "$W/hard" --arch subspace --rank 128 --epochs
 $PY bench.py --results_dir "$W/results" --device "$DEVICE" --batch_size "${BATCH:-64}" --ranks "${RANKS:-16,32,64,128}" --profile 2>&1 | tee "$W/bench.log"
 $PY bench_extract.py --model "${EXTRACT_MODEL:-random-3b}" --device "$DEVICE" --batch_sizes 8,32 \
     --json "$W/extract.json" 2>&1 | tee "$W/extract.log"
+M=${EXTRACT_MODEL:-random-3b}
+[[ -d "$W/demo" ]] || $PY demo_data.py --out "$W/demo" --num 40 --shards 1
+$PY qwenvl_dataloader.py --dataset_dir "$W/demo" --model "$M" --cache_dir "$W/cache_vqa" --device "$DEVICE" \
+    2>&1 | tail -3
+$PY train_real_data.py --cache_dir "$W/cache_vqa" --arch subspace --rank 64 --epochs 1 --device "$DEVICE" \
+    --results_dir "$W/results_vqa" --resplit 2>&1 | tail -3
+$PY vqa_eval.py --results_dir "$W/results_vqa" --model "$M" --device "$DEVICE" --split train --limit "${VQA_LIMIT:-8}" \
+    --svd_ranks 64 --nn_ranks 64 --rules leverage --keep 64 --zeros --restart 2>&1 | tee "$W/vqa.log"
 $PY - "$W" <<'PYEOF'
 import json, sys, torch
 W = sys.argv[1]
+v = json.load(open(f"{W}/results_vqa/vqa_train.json"))
 b = json.load(open(f"{W}/results/bench.json"))
 h = json.load(open(f"{W}/results/history.json"))
 e = json.load(open(f"{W}/extract.json"))
@@ -42,6 +53,8 @@ print(f"{'train, 1 epoch bf16 amp (s), val cosine':<44}{'128':>5}{last['val_cosi
 for r in e["rows"]:
     print(f"{e['model'] + ' extraction img/s, batch ' + str(r['batch']):<44}{'':>32}{r['both_img_s']:>11.1f}"
           f"   (tower only {r['tower_img_s']:.1f})")
+for r in v["summary"]:
+    print(f"{v['settings']['model'] + ' VQA ms/sample: ' + r['condition']:<44}{'':>32}{r['ms_per_sample']:>11.1f}")
 if e["peak_gib"] is not None:
-    print(f"peak GPU memory in extraction: {e['peak_gib']:.2f} GiB")
+    print(f"peak GPU memory: extraction {e['peak_gib']:.2f} GiB, full model VQA {v['peak_gpu_gib']:.2f} GiB")
 PYEOF

@@ -119,36 +119,56 @@ def make_processor(tokenizer, image_processor, chat_template):
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
-def tiny_model(tokenizer):
-    """A tiny full Qwen2.5-VL (1 text layer) with random weights from qd.TINY_SEED; its vision tower carries the
-    tiny-random encoder's weights, so a tiny-random cache holds exactly its vision tokens."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+# Full models built in code with random weights: the text side of each; the vision side is qd.RANDOM_TOWERS[name].
+# tiny-random proves the mechanics in seconds on a CPU; random-3b has Qwen2.5-VL-3B's published sizes (3.75B
+# parameters) for ms/sample and memory figures on a GPU without the weights (bench_gpu.sh).
+RANDOM_TEXT = {
+    qd.TINY: dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+                  vocab_size=None, rope_scaling={"type": "mrope", "mrope_section": [256, 128, 128]}),
+    qd.RANDOM_3B: dict(num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008,
+                       vocab_size=151936, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+}
+
+
+def random_config(name, tokenizer):
+    """The Qwen2_5_VLConfig of a RANDOM_TEXT model, its special tokens those of tokenizer."""
+    from transformers import Qwen2_5_VLConfig
     ids = dict(zip(SPECIAL, tokenizer.convert_tokens_to_ids(SPECIAL)))
-    vision = qd.RANDOM_TOWERS[qd.TINY][1]
-    text = dict(hidden_size=vision["out_hidden_size"], num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, intermediate_size=256, vocab_size=len(tokenizer),
-                rope_scaling={"type": "mrope", "mrope_section": [256, 128, 128]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
-                           eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = qd.RANDOM_TOWERS[name][1]
+    text = dict(RANDOM_TEXT[name], hidden_size=vision["out_hidden_size"], bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text["vocab_size"] = text["vocab_size"] or len(tokenizer)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
+                            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                            tie_word_embeddings=text.get("tie_word_embeddings", False))
+
+
+def random_vlm(name, tokenizer, device):
+    """A full Qwen2.5-VL with random weights from qd.TINY_SEED, built on device; its vision tower carries the weights
+    of the encoder of the same name, so a cache extracted with --model <name> holds exactly its vision tokens."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(qd.TINY_SEED)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    model.model.visual.load_state_dict(qd.random_tower(qd.TINY)[0].state_dict())
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(random_config(name, tokenizer),
+                                                                attn_implementation="sdpa")
+    model.model.visual.load_state_dict(qd.random_tower(name)[0].state_dict())
     return model
 
 
 def load_vlm(name, device, dtype, size, revision=None):
-    """-> (model in eval mode, processor, family). 'tiny-random' or a Qwen2.5-VL checkpoint (local dir or hub id)."""
-    if name == qd.TINY:
+    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2.5-VL checkpoint (local
+    directory or hub id)."""
+    if name in RANDOM_TEXT:
         tok = tiny_tokenizer()
-        model = tiny_model(tok)
+        model = random_vlm(name, tok, device)
         proc = make_processor(tok, qd.image_processor(model.config.vision_config, "qwen2_5_vl", size), CHAT_TEMPLATE)
         return model.to(device, dtype).eval(), proc
     if name in qd.RANDOM_TOWERS:
-        raise qd.UserError(f"--model {name}: a vision tower only; vqa_eval needs a full model ('{qd.TINY}' offline, "
-                           f"or a Qwen2.5-VL checkpoint)")
+        raise qd.UserError(f"--model {name}: a vision tower only; vqa_eval needs a full model "
+                           f"({', '.join(RANDOM_TEXT)} built in code, or a Qwen2.5-VL checkpoint)")
     family = qd.checkpoint_family(name, revision)
     if family != "qwen2_5_vl":
         raise qd.UserError(f"--model {name} is a {family} checkpoint; vqa_eval handles Qwen2.5-VL (its M-RoPE "
@@ -262,7 +282,8 @@ def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens,
         embeds[0, img[kept]] = V.to(embeds.dtype)
         embeds, pos = embeds[:, keep], positions[:, keep]
     out = greedy(model, embeds, pos.to(embeds.device), max_new_tokens, eos_ids)
-    return proc.tokenizer.decode(out, skip_special_tokens=True).strip(), out
+    text = proc.tokenizer.decode([t for t in out if t < len(proc.tokenizer)], skip_special_tokens=True)  # random-3b:
+    return text.strip(), out                                            # a vocabulary larger than the byte tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,8 +292,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
     ap.add_argument("--results_dir", default="results", help="a training run: its split.json and cache; its "
                                                            "best_model.pt for the factoriser conditions")
-    ap.add_argument("--model", default=None, help="the full Qwen2.5-VL: a local directory or hub id, or 'tiny-random' "
-                                                  "(offline, built in code); default: the cache's encoder")
+    ap.add_argument("--model", default=None, help="the full Qwen2.5-VL: a local directory or hub id, or 'tiny-random' / "
+                                                  "'random-3b' (random weights, built in code: mechanics / real-size "
+                                                  "cost); default: the cache's encoder")
     ap.add_argument("--revision", default=None, help="hub revision of --model")
     ap.add_argument("--dataset_dir", default=None, help="the images (default: the source recorded in the cache)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of the run")
@@ -430,9 +452,11 @@ def report(idx, conds, done, samples, stem, settings):
         print(f"{n:<22}{acc:>9.4f}{s['delta']:>+13.4f}{s['exact']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}")
     print("VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; changed: share of "
           "answers that differ from the original tokens'; ms: median per sample (the vision tower's run is shared)")
-    if settings["model"] == qd.TINY:
-        print("tiny-random is a randomly initialised model: these accuracies mean nothing; they prove the mechanics")
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary,
+    if settings["model"] in RANDOM_TEXT:
+        print(f"{settings['model']} is a randomly initialised model: these accuracies mean nothing; they prove the "
+              f"mechanics (and, at real size, the cost)")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "peak_gpu_gib": peak,
                                                      "samples": per_sample}, indent=1))
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.writer(f)

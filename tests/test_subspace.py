@@ -134,7 +134,7 @@ def test_power_step_closes_most_of_the_gap_on_hard_features(hard):
 
 def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     """bench_gpu.sh's plumbing, run on CPU with small sizes: hard cache -> one bf16-autocast epoch -> bench.py (with
-    its profile) -> extraction speed -> one table. The exact yardstick is within 1e-5 of float64 SVD, the factoriser
+    its profile) -> extraction speed -> full-model VQA timing -> one table. The exact yardstick is within 1e-5 of float64 SVD, the factoriser
     never beats SVD, and the table names what it ran on."""
     import json
     import os
@@ -142,7 +142,7 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DEVICE="cpu", NUM="20", RANKS="16", BATCH="4", EXTRACT_MODEL="tiny-random",
+    env = dict(os.environ, DEVICE="cpu", NUM="12", RANKS="16", BATCH="4", VQA_LIMIT="2", EXTRACT_MODEL="tiny-random",
                PYTHON=sys.executable)
     r = subprocess.run([str(root / "bench_gpu.sh"), str(tmp_path / "w")], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -150,6 +150,7 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     table = r.stdout[r.stdout.index("== bench_gpu.sh on CPU (a dry run"):]
     assert "features synthetic-hard" in table and "subspace (NN)" in table and "GEMM floor" in table
     assert "train, 1 epoch bf16 amp" in table and "extraction img/s, batch 32" in table
+    assert "tiny-random VQA ms/sample: original" in table and "tiny-random VQA ms/sample: svd r=64" in table
     assert "profile: subspace factors at rank 16" in r.stdout and "aten::" in r.stdout
     b = json.loads((tmp_path / "w" / "results" / "bench.json").read_text())
     assert b["features"] == "synthetic-hard" and b["arch_options"]["power_iters"] == 1
@@ -159,3 +160,5 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     assert rows["subspace (NN)"]["gap"] <= 1e-6 and rows["subspace (NN)"]["x_gemm_floor"] > 1
     e = json.loads((tmp_path / "w" / "extract.json").read_text())
     assert [row["batch"] for row in e["rows"]] == [8, 32] and all(row["both_img_s"] > 0 for row in e["rows"])
+    v = json.loads((tmp_path / "w" / "results_vqa" / "vqa_train.json").read_text())
+    assert [s["condition"] for s in v["summary"]] == ["original", "zeros", "svd r=64", "subspace r=64", "leverage k=64"]

@@ -142,23 +142,30 @@ def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
     assert cfg["arch_options"] == {"hidden": 16, "n_blocks": 2}
 
 
-def test_subspace_objective_is_the_energy_outside_each_prefix():
+@pytest.mark.parametrize("power_iters", [0, 1])
+def test_subspace_objective_is_the_energy_outside_each_prefix(power_iters):
     torch.manual_seed(0)
-    m = M.Subspace(rank=32)
+    m = M.Subspace(rank=32, power_iters=power_iters)
     X = torch.randn(2, 256, 2048).double()
     m.double()
     Xh, A, B = m(X)
     got = M.Subspace.objective(X, Xh, A, B).item()
+
+    def basis(x, k):  # independent, NumPy: range((x xᵀ)^p x Ω[:, :k])
+        y = x @ m.omega.detach().numpy()[:, :k]
+        for _ in range(power_iters):
+            y = x @ (x.T @ np.linalg.qr(y)[0])
+        return np.linalg.qr(y)[0]
     ref = []
-    for k in (16, 32):  # independent: project onto range(X Ω[:, :k]) with NumPy
+    for k in (16, 32):
         out = []
         for x in X.numpy():
-            q, _ = np.linalg.qr(x @ m.omega.detach().numpy()[:, :k])
+            q = basis(x, k)
             out.append(1 - np.sum((q @ (q.T @ x)) ** 2) / np.sum(x ** 2))
         ref.append(np.mean(out))
     assert abs(got - np.mean(ref)) < 1e-10
     # nested: the first k components are that projection
-    q, _ = np.linalg.qr(X[0].numpy() @ m.omega.detach().numpy()[:, :16])
+    q = basis(X[0].numpy(), 16)
     np.testing.assert_allclose(m(X, rank=16)[0][0].detach().numpy(), q @ (q.T @ X[0].numpy()), atol=1e-10)
 
 

@@ -193,3 +193,15 @@ def test_checkpoint_directory_path(vlm, tmp_path):
         a = model.generate(**inp, max_new_tokens=4, do_sample=False)
         b = loaded.generate(**linp, max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)
+
+
+def test_random_3b_has_the_published_size():
+    """random-3b, the real-size full model for GPU timing, has Qwen2.5-VL-3B's 3,754,622,976 parameters, its tower the
+    random-3b encoder's 668,684,288 (built on the meta device: no memory)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        m = Qwen2_5_VLForConditionalGeneration._from_config(V.random_config(qd.RANDOM_3B, V.tiny_tokenizer()))
+    assert sum(p.numel() for p in m.parameters()) == 3_754_622_976
+    with torch.device("meta"):
+        tower = qd.random_tower(qd.RANDOM_3B)[0]
+    assert sum(p.numel() for p in m.model.visual.parameters()) == sum(p.numel() for p in tower.parameters()) == 668_684_288
