@@ -38,6 +38,7 @@ import torch
 import qwenvl_dataloader as qd
 import svd_baseline as sb
 import tokens as tk
+from model import Symmetric
 
 PROMPT = "{question}\nAnswer the question using a single word or phrase."
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -240,8 +241,8 @@ def conditions(args, nn_rank, arch):
         out.append(("zeros", "zeros", None))
     out += [(f"svd r={r}", "svd", r) for r in ints(args.svd_ranks)]
     if nn_rank:
-        out += [(f"{arch} r={r}", "nn", r) for r in (ints(args.nn_ranks) if args.nn_ranks != "auto" else
-                                                     [r for r in ints(args.svd_ranks) if r <= nn_rank])]
+        auto = [r for r in ints(args.svd_ranks) if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
+        out += [(f"{arch} r={r}", "nn", r) for r in (ints(args.nn_ranks) if args.nn_ranks != "auto" else auto)]
     rules = [r for r in args.rules.split(",") if r.strip()]
     out += [(f"{rule} k={k}", "keep", (rule, k)) for rule in rules for k in ints(args.keep)]
     return out
@@ -261,7 +262,7 @@ def vision_tokens(kind, value, X, norm, nn_model, hw, basis, gen):
     if kind == "svd":
         Xh = sb.svd_reconstruct(Xn[None], value)[0]
     else:
-        Xh = nn_model(Xn[None], rank=value)[0]
+        Xh = (nn_model(Xn[None])[0] if isinstance(nn_model, Symmetric) else nn_model(Xn[None], rank=value)[0])
     if norm == "layernorm":  # undo F.layer_norm (eps 1e-5) with the original token statistics
         Xh = Xh * (X.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + X.mean(-1, keepdim=True)
     return Xh, None
@@ -338,6 +339,9 @@ def main(argv=None):
         nn_rank = ck["config"]["rank"]
     conds = conditions(args, nn_rank, arch)
     for _, kind, v in conds:
+        if kind == "nn" and arch == "symmetric" and v != nn_rank:
+            raise qd.UserError(f"--nn_ranks {v}: the symmetric model in {args.results_dir} serves only its trained "
+                               f"rank {nn_rank}")
         if kind in ("svd", "nn"):
             qd.check_rank(v, nn_rank if kind == "nn" else min(hw[0] * hw[1], enc["feature_dim"]),
                           "--nn_ranks" if kind == "nn" else "--svd_ranks")
