@@ -9,7 +9,8 @@
 #      on 40 demo images (random-3b features, a rank-64 subspace model trained for one epoch)
 # then prints one table. Usage: ./bench_gpu.sh [work_dir]   (default bench_gpu_work; the cache is reused if present)
 # A dry run of the plumbing on CPU (what the tests do):
-#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random ./bench_gpu.sh /tmp/bench_gpu_dry
+#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random EXTRACT_BATCHES=2,4 \
+#       ./bench_gpu.sh /tmp/bench_gpu_dry
 set -euo pipefail
 cd "$(dirname "$0")"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
@@ -24,7 +25,7 @@ fi
 $PY train_real_data.py --cache_dir "$W/hard" --arch subspace --rank 128 --epochs 1 --amp --device "$DEVICE" \
     --results_dir "$W/results" --resplit 2>&1 | tee "$W/train.log"
 $PY bench.py --results_dir "$W/results" --device "$DEVICE" --batch_size "${BATCH:-64}" --ranks "${RANKS:-16,32,64,128}" --profile 2>&1 | tee "$W/bench.log"
-$PY bench_extract.py --model "${EXTRACT_MODEL:-random-3b}" --device "$DEVICE" --batch_sizes 8,32 \
+$PY bench_extract.py --model "${EXTRACT_MODEL:-random-3b}" --device "$DEVICE" --batch_sizes "${EXTRACT_BATCHES:-8,32}" \
     --json "$W/extract.json" 2>&1 | tee "$W/extract.log"
 M=${EXTRACT_MODEL:-random-3b}
 [[ -d "$W/demo" ]] || $PY demo_data.py --out "$W/demo" --num 40 --shards 1

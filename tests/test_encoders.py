@@ -48,7 +48,7 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
         cfg = json.loads((out / "config.json").read_text())
         assert (cfg["tokens"], cfg["dim"], cfg["grid"]) == (h * w, dim, [h, w])
         assert res["nn"]["cosine"]["n"] == 1  # 12 images: 10 train, 1 val, 1 test
-        c = C.main(["--results_dir", str(out), "--device", "cpu"])
+        c = C.main(["--results_dir", str(out), "--device", "cpu", "--batch_size", "4"])
         assert c["svd"]["cosine"]["mean"] >= c["nn"]["cosine"]["mean"] - 1e-9
     d, paths = V.main(["--results_dir", str(tmp_path / "subspace"), "--out", str(tmp_path / "vis"),
                        "--channels", f"0,{dim - 1}"])
