@@ -272,7 +272,9 @@ def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens,
     """Greedy answer with the image tokens' embeddings replaced by V (all T of them), or only the kept ones (V None:
     the original tokens at the kept indices, their positions kept, the others removed from the sequence)."""
     embeds = model.get_input_embeddings()(ids[None])
+    positions = positions.to(ids.device)
     img = (ids == image_token_id).nonzero().squeeze(1)
+    kept = kept.to(ids.device) if kept is not None else None
     if kept is None:
         embeds[0, img] = V.to(embeds.dtype)
         pos = positions
@@ -282,7 +284,7 @@ def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens,
         keep[img[kept]] = True
         embeds[0, img[kept]] = V.to(embeds.dtype)
         embeds, pos = embeds[:, keep], positions[:, keep]
-    out = greedy(model, embeds, pos.to(embeds.device), max_new_tokens, eos_ids)
+    out = greedy(model, embeds, pos, max_new_tokens, eos_ids)
     text = proc.tokenizer.decode([t for t in out if t < len(proc.tokenizer)], skip_special_tokens=True)  # random-3b:
     return text.strip(), out                                            # a vocabulary larger than the byte tokenizer
 
