@@ -395,6 +395,13 @@ def main(argv=None):
         gen = torch.Generator().manual_seed(args.seed)
         nn_model = nn_model.to(dev) if nn_model is not None else None
         images = dict(source.iter_images(sorted({i for i, _ in todo})))
+        for i in sorted({i for i, _ in todo}):  # the image must be the one the cache's features (and question) came from
+            fp = samples[str(i)].get("fingerprint")
+            if i not in images or (fp and qd.fingerprint(images[i]) != fp):
+                what = (f"not in {source.path}" if i not in images else
+                        f"{source.path} holds another image than the one the cache {cache} was extracted from")
+                raise qd.UserError(f"sample {i} ({samples[str(i)].get('id')}): {what}; point --dataset_dir at the "
+                                   f"data set the cache was made from")
         bar = tqdm(total=len(todo), desc="vqa")
         with log_path.open("a") as log:
             for i in idx:
@@ -402,7 +409,11 @@ def main(argv=None):
                 if not mine:
                     continue
                 meta = samples[str(i)]
-                image = qd.load_image(images[i], size)
+                try:
+                    image = qd.load_image(images[i], size)
+                except Exception as e:
+                    raise qd.UserError(f"sample {i} ({meta.get('id')}): unreadable image ({type(e).__name__}: {e}); "
+                                       f"the {len(done)} answers so far are kept in {log_path}") from None
                 messages = [{"role": "user", "content": [{"type": "image"},
                                                          {"type": "text", "text": args.prompt.format(question=meta["question"])}]}]
                 text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

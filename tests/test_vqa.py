@@ -205,3 +205,14 @@ def test_random_3b_has_the_published_size():
     with torch.device("meta"):
         tower = qd.random_tower(qd.RANDOM_3B)[0]
     assert sum(p.numel() for p in m.model.visual.parameters()) == sum(p.numel() for p in tower.parameters()) == 668_684_288
+
+
+def test_another_data_set_is_refused(trained, tmp_path):
+    """--dataset_dir pointing at other images (same schema, same count) is refused before anything is asked: the
+    questions and features belong to the cache's images (per-sample fingerprints)."""
+    import demo_data
+    other = tmp_path / "other"
+    demo_data.write_parquet(demo_data.make_rows(40, seed=11), other / "data", shards=2)
+    with pytest.raises(SystemExit, match="holds another image than the one the cache"):
+        run(trained, tmp_path, "--dataset_dir", str(other), "--svd_ranks", "8", "--nn_ranks", "")
+    assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1  # the header only: nothing asked
