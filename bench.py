@@ -39,7 +39,7 @@ def profile(f, x, title, rows=8):
             f(x)
             if x.is_cuda:
                 torch.cuda.synchronize()
-    key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
     print(f"profile: {title}, batch {len(x)}")
     print(p.key_averages().table(sort_by=key, row_limit=rows))
 
