@@ -269,8 +269,8 @@ def vision_tokens(kind, value, X, norm, nn_model, hw, basis, gen):
 
 
 def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
-    """Greedy answer with the image tokens' embeddings replaced by V (all T of them), or only the kept ones (V None:
-    the original tokens at the kept indices, their positions kept, the others removed from the sequence)."""
+    """Greedy answer with the image tokens' embeddings replaced by V [T, D]; with kept indices, V [k, D] holds only
+    the kept tokens: they keep their own positions and the other image tokens leave the sequence."""
     embeds = model.get_input_embeddings()(ids[None])
     positions = positions.to(ids.device)
     img = (ids == image_token_id).nonzero().squeeze(1)
