@@ -216,3 +216,27 @@ def test_another_data_set_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match="holds another image than the one the cache"):
         run(trained, tmp_path, "--dataset_dir", str(other), "--svd_ranks", "8", "--nn_ranks", "")
     assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1  # the header only: nothing asked
+
+
+def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
+    """With answers fixed by hand (the original gives the most common reference, svd r=8 a wrong word), the table's
+    accuracy, change against the original, exact match and share changed are what they must be."""
+    samples = json.loads((trained / "split.json").read_text())["test"][:2]
+    manifest = qd.read_manifest(json.loads((trained / "config.json").read_text())["cache_dir"])["samples"]
+    refs = {str(i): manifest[str(i)]["answers"] for i in samples}
+
+    calls = iter(range(100))
+
+    def by_condition(model, proc, ids, positions, Vt, kept, *a):
+        n = next(calls)
+        i = samples[n // 2]
+        best = max(set(refs[str(i)]), key=refs[str(i)].count)
+        return (best.upper() + ".", [0]) if n % 2 == 0 else ("wrong", [1])   # original, then svd r=8
+
+    monkeypatch.setattr(V, "answer", by_condition)
+    summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
+    want = sum(V.vqa_accuracy(max(set(r), key=r.count), r) for r in refs.values()) / 2
+    assert summary["original"]["vqa_acc"] == pytest.approx(want) and want > 0
+    assert summary["original"]["exact"] == 1.0 and summary["original"]["changed"] == 0.0
+    assert summary["svd r=8"]["vqa_acc"] == 0.0 and summary["svd r=8"]["delta"] == pytest.approx(-want)
+    assert summary["svd r=8"]["exact"] == 0.0 and summary["svd r=8"]["changed"] == 1.0
