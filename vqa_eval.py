@@ -456,19 +456,23 @@ def report(idx, conds, done, samples, stem, settings):
             row[n] = {"answer": a, "vqa_acc": vqa_accuracy(a, refs), "exact": exact_match(a, refs),
                       "changed": a != done[(i, "original")]["answer"], "ms": done[(i, n)]["ms"]}
         per_sample.append(row)
-    summary = []
-    base = sum(r["original"]["vqa_acc"] for r in per_sample) / len(per_sample)
-    print(f"{'condition':<22}{'VQA acc':>9}{'vs original':>13}{'exact':>8}{'changed':>9}{'ms/sample':>11}")
+    summary, N = [], len(per_sample)
+    base = sum(r["original"]["vqa_acc"] for r in per_sample) / N
+    print(f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'exact':>8}{'changed':>9}{'ms/sample':>11}")
     for (n, kind, v) in conds:
-        acc = sum(r[n]["vqa_acc"] for r in per_sample) / len(per_sample)
-        s = {"condition": n, "kind": kind, "value": v, "n": len(per_sample), "vqa_acc": acc, "delta": acc - base,
-             "exact": sum(r[n]["exact"] for r in per_sample) / len(per_sample),
-             "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
-             "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[len(per_sample) // 2]}
+        acc = sum(r[n]["vqa_acc"] for r in per_sample) / N
+        d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in per_sample]  # paired: the same questions
+        se = (sum((x - acc + base) ** 2 for x in d) / (N - 1) / N) ** 0.5 if N > 1 else float("nan")
+        s = {"condition": n, "kind": kind, "value": v, "n": N, "vqa_acc": acc, "delta": acc - base, "delta_se": se,
+             "exact": sum(r[n]["exact"] for r in per_sample) / N,
+             "changed": sum(r[n]["changed"] for r in per_sample) / N,
+             "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[N // 2]}
         summary.append(s)
-        print(f"{n:<22}{acc:>9.4f}{s['delta']:>+13.4f}{s['exact']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}")
-    print("VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; changed: share of "
-          "answers that differ from the original tokens'; ms: median per sample (the vision tower's run is shared)")
+        print(f"{n:<22}{acc:>9.4f}{s['delta']:>+17.4f} ± {1.96 * se:<6.4f}{s['exact']:>8.3f}{s['changed']:>9.3f}"
+              f"{s['ms_per_sample']:>11.1f}")
+    print("VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
+          "difference, ± 1.96 standard errors over the samples; changed: share of answers that differ from the "
+          "original tokens'; ms: median per sample (the vision tower's run is shared)")
     if settings["model"] in RANDOM_TEXT:
         print(f"{settings['model']} is a randomly initialised model: these accuracies mean nothing; they prove the "
               f"mechanics (and, at real size, the cost)")

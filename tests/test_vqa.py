@@ -219,24 +219,27 @@ def test_another_data_set_is_refused(trained, tmp_path):
 
 
 def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
-    """With answers fixed by hand (the original gives the most common reference, svd r=8 a wrong word), the table's
-    accuracy, change against the original, exact match and share changed are what they must be."""
+    """With answers fixed by hand (original: the most common reference for the first sample, a wrong word for the
+    second; svd r=8: wrong for both), the table's accuracy, paired change and its standard error, exact match and
+    share changed are what they must be."""
+    import numpy as np
     samples = json.loads((trained / "split.json").read_text())["test"][:2]
     manifest = qd.read_manifest(json.loads((trained / "config.json").read_text())["cache_dir"])["samples"]
-    refs = {str(i): manifest[str(i)]["answers"] for i in samples}
-
+    refs = [manifest[str(i)]["answers"] for i in samples]
+    best = max(set(refs[0]), key=refs[0].count)
     calls = iter(range(100))
 
-    def by_condition(model, proc, ids, positions, Vt, kept, *a):
-        n = next(calls)
-        i = samples[n // 2]
-        best = max(set(refs[str(i)]), key=refs[str(i)].count)
-        return (best.upper() + ".", [0]) if n % 2 == 0 else ("wrong", [1])   # original, then svd r=8
+    def by_condition(*a, **k):
+        n = next(calls)  # per sample: original, then svd r=8
+        return (best.upper() + ".", [0]) if n == 0 else ("wrong", [1])
 
     monkeypatch.setattr(V, "answer", by_condition)
     summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
-    want = sum(V.vqa_accuracy(max(set(r), key=r.count), r) for r in refs.values()) / 2
-    assert summary["original"]["vqa_acc"] == pytest.approx(want) and want > 0
-    assert summary["original"]["exact"] == 1.0 and summary["original"]["changed"] == 0.0
-    assert summary["svd r=8"]["vqa_acc"] == 0.0 and summary["svd r=8"]["delta"] == pytest.approx(-want)
-    assert summary["svd r=8"]["exact"] == 0.0 and summary["svd r=8"]["changed"] == 1.0
+    acc0 = V.vqa_accuracy(best, refs[0])
+    assert acc0 > 0 and V.vqa_accuracy("wrong", refs[1]) == 0
+    assert summary["original"]["vqa_acc"] == pytest.approx(acc0 / 2)
+    assert summary["original"]["exact"] == 0.5 and summary["original"]["changed"] == 0.0
+    s = summary["svd r=8"]
+    assert s["vqa_acc"] == 0.0 and s["delta"] == pytest.approx(-acc0 / 2)
+    assert s["delta_se"] == pytest.approx(np.std([-acc0, 0.0], ddof=1) / np.sqrt(2)) and s["delta_se"] > 0
+    assert s["exact"] == 0.0 and s["changed"] == 0.5
