@@ -735,6 +735,13 @@ def normalize(x, mode="layernorm"):
     raise ValueError(f"unknown normalisation '{mode}' (choose from {NORMALIZATIONS})")
 
 
+def denormalize(xn, x, mode="layernorm"):
+    """normalize's inverse for features xn made from x: each token's own mean and standard deviation restored."""
+    if mode == "layernorm":
+        return xn * (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + x.mean(-1, keepdim=True)
+    return normalize(xn, mode)
+
+
 def cached_indices(cache_dir):
     """Sorted indices of the samples whose features the manifest lists as extracted."""
     m = load_manifest(cache_dir)

@@ -90,6 +90,12 @@ def select(rule, X, k, hw=None, basis=None, generator=None):
     raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
 
 
+def lrcp_basis(cache, train_idx, norm, rank):
+    """lrcp's basis: the top `rank` principal directions [D, rank] of the training split's tokens."""
+    train = qd.make_loader(qd.FeatureDataset(cache, train_idx, norm, preload=False), 32)
+    return sb.principal_directions(X for X, _ in train)[:, :rank]
+
+
 def reconstruct_from(X, kept, rtol=1e-10):
     """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably as X·V·Vᵀ with V
     the right singular vectors of X_S above rtol·σ₁ (float64)."""
@@ -142,8 +148,7 @@ def main(argv=None):
     basis = None
     if "lrcp" in rules:
         qd.check_rank(args.lrcp_rank, min(T, D), "--lrcp_rank")
-        train = qd.make_loader(qd.FeatureDataset(cache, split["train"], norm, preload=False), 32)
-        basis = sb.principal_directions(X for X, _ in train)[:, : args.lrcp_rank]
+        basis = lrcp_basis(cache, split["train"], norm, args.lrcp_rank)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{len(idx)} {args.split} samples [{T}, {D}] ({hw[0]}x{hw[1]} grid) from {cache} ({norm}); "
           f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "

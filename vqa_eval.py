@@ -248,24 +248,22 @@ def conditions(args, nn_rank, arch):
     return out
 
 
-def vision_tokens(kind, value, X, norm, nn_model, hw, basis, gen):
-    """-> (tokens [T', D] in the model's scale, kept indices or None). Reconstructions in the factoriser's space
-    (norm), mapped back with each token's own mean and standard deviation."""
+def vision_tokens(kind, value, X, Xn, svd, norm, nn_model, hw, basis, gen):
+    """-> (tokens [T', D] in the model's scale, kept indices or None). X: the tower's tokens, Xn = normalize(X);
+    svd: (A, B) of Xn's truncated SVD at the largest --svd_ranks. Reconstructions in the factoriser's space (norm),
+    mapped back with each token's own mean and standard deviation."""
     if kind == "original":
         return X, None
     if kind == "zeros":
         return torch.zeros_like(X), None
-    Xn = qd.normalize(X, norm)
     if kind == "keep":
         rule, k = value
         return None, tk.select(rule, Xn, k, hw, basis, gen).sort().values
     if kind == "svd":
-        Xh = sb.svd_reconstruct(Xn[None], value)[0]
+        Xh = svd[0][:, :value] @ svd[1][:value]
     else:
         Xh = (nn_model(Xn[None])[0] if isinstance(nn_model, Symmetric) else nn_model(Xn[None], rank=value)[0])
-    if norm == "layernorm":  # undo F.layer_norm (eps 1e-5) with the original token statistics
-        Xh = Xh * (X.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + X.mean(-1, keepdim=True)
-    return Xh, None
+    return qd.denormalize(Xh, X, norm), None
 
 
 def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
@@ -344,17 +342,18 @@ def main(argv=None):
         if kind == "nn" and arch == "symmetric" and v != nn_rank:
             raise qd.UserError(f"--nn_ranks {v}: the symmetric model in {args.results_dir} serves only its trained "
                                f"rank {nn_rank}")
-        if kind in ("svd", "nn"):
-            qd.check_rank(v, nn_rank if kind == "nn" else min(hw[0] * hw[1], enc["feature_dim"]),
-                          "--nn_ranks" if kind == "nn" else "--svd_ranks")
+        if kind == "nn" and not 1 <= v <= nn_rank:
+            raise qd.UserError(f"--nn_ranks {v}: the model in {args.results_dir} serves ranks 1..{nn_rank} (its "
+                               f"trained rank)")
+        if kind == "svd":
+            qd.check_rank(v, min(hw[0] * hw[1], enc["feature_dim"]), "--svd_ranks")
         if kind == "keep":
             if v[0] not in tk.RULES:
                 raise qd.UserError(f"--rules: unknown '{v[0]}'; choose from {', '.join(tk.RULES)}")
             qd.check_rank(v[1], hw[0] * hw[1], "--keep")
     basis = None
     if any(kind == "keep" and v[0] == "lrcp" for _, kind, v in conds):
-        train = qd.make_loader(qd.FeatureDataset(cache, split["train"], norm, preload=False), 32)
-        basis = sb.principal_directions(X for X, _ in train)[:, : args.lrcp_rank]
+        basis = tk.lrcp_basis(cache, split["train"], norm, args.lrcp_rank)
 
     idx = split[args.split][: args.limit] if args.limit else split[args.split]
     samples = manifest["samples"]
@@ -393,6 +392,7 @@ def main(argv=None):
         eos_ids = ({getattr(model.config, "eos_token_id", None), proc.tokenizer.eos_token_id}
                    | set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])) - {None}
         gen = torch.Generator().manual_seed(args.seed)
+        max_svd = max((v for _, kind, v in conds if kind == "svd"), default=0)
         nn_model = nn_model.to(dev) if nn_model is not None else None
         images = dict(source.iter_images(sorted({i for i, _ in todo})))
         for i in sorted({i for i, _ in todo}):  # the image must be the one the cache's features (and question) came from
@@ -425,10 +425,12 @@ def main(argv=None):
                     V = getattr(V, "pooler_output", V).float()
                     tower_ms = (time.perf_counter() - t0) * 1e3
                 positions = mrope_positions(ids.cpu(), img_id, hw)
+                Xn = qd.normalize(V, norm)
+                svd = [f[0] for f in sb.truncated_svd(Xn[None], max_svd)[:2]] if max_svd else None
                 for cname, kind, v in mine:
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        Vc, kept = vision_tokens(kind, v, V, norm, nn_model, hw, basis, gen)
+                        Vc, kept = vision_tokens(kind, v, V, Xn, svd, norm, nn_model, hw, basis, gen)
                         if kept is not None:
                             Vc = V[kept.to(V.device)]
                     text_out, toks = answer(model, proc, ids, positions, Vc, kept, img_id, args.max_new_tokens, eos_ids)
