@@ -1,5 +1,6 @@
 # make demo : fresh clone -> demo data, tiny-encoder features, training, SVD comparison, figures (offline, CPU)
-# make test : the whole test suite (what CI runs)
+# make test : lint (ruff) and the whole test suite (what CI runs)
+# make docs : regenerate docs/flags.md from the parsers
 # Uses the active virtualenv/conda environment if there is one, else creates .venv here.
 SHELL := /bin/bash
 ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
@@ -12,14 +13,21 @@ DEMO_EPOCHS ?= 3
 
 setup:
 	@if [ "$(PY)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-	@if ! $(PY) -c "import torch, transformers, pyarrow, skimage, matplotlib, tqdm, optuna, pytest" 2>/dev/null; then \
+	@if ! $(PY) -c "import torch, transformers, pyarrow, skimage, matplotlib, tqdm, optuna, pytest, ruff" 2>/dev/null; then \
 	  echo "installing requirements into $$($(PY) -c 'import sys; print(sys.prefix)')"; \
 	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch \
 	    --index-url https://download.pytorch.org/whl/cpu; \
 	  $(PY) -m pip install -q -r requirements.txt; fi
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
+
+docs: setup
+	$(PY) docs/gen_flags.py
 
 demo: setup
 	@echo "== 1/5 demo data: TextVQA-schema parquet from scikit-image's photos"
@@ -37,9 +45,9 @@ demo: setup
 	@echo
 	@echo "The encoder above had RANDOM weights. For Qwen2.5-VL-3B-Instruct on a GPU:"
 	@echo "  python qwenvl_dataloader.py --dataset_dir <TextVQA parquet dir> --model Qwen/Qwen2.5-VL-3B-Instruct"
-	@echo "  (see README.md, 'Real model')"
+	@echo "  (see docs/models.md)"
 
 clean-demo:
 	rm -rf demo_data feature_cache_demo results_demo
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup lint test docs demo clean-demo

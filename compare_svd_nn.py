@@ -6,6 +6,7 @@ Compare a trained factoriser with truncated SVD at the same rank, on the same sa
 Writes compare_rank<r>.json, compare_rank<r>.csv, compare_rank<r>_cosine_hist.png, compare_rank<r>_scatter.png
 and compare_rank<r>_energy.png into the results directory.
 """
+
 import argparse
 import csv
 import json
@@ -13,43 +14,19 @@ from pathlib import Path
 
 import torch
 
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-from model import load_checkpoint
+import metrics
+from cli import HelpFormatter, run_cli
+from feature_cache import answer_box_masks, lossy_note
+from qwenvl_dataloader import FeatureDataset, make_loader
+from runs import first, load_run
+from svd_baseline import plot_energy_curve
 
 
-def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=None, device="cpu"):
-    """(model, checkpoint, config, the split's sample indices, cache dir), all from the results directory."""
-    results_dir = Path(results_dir)
-    ckpt = Path(checkpoint) if checkpoint else results_dir / "best_model.pt"
-    model, ck = load_checkpoint(ckpt, device)
-    cfg = ck["config"]
-    shape = qd.cached_shape(cache_dir or cfg["cache_dir"])
-    if rank is not None:
-        qd.check_rank(rank, min(shape))
-    trained = (cfg.get("tokens", 256), cfg.get("dim", 2048))  # checkpoints before shapes were stored: Qwen2.5-VL-3B
-    if trained != shape:
-        raise qd.UserError(f"{ckpt} was trained on [{trained[0]}, {trained[1]}] features; the cache "
-                           f"{cache_dir or cfg['cache_dir']} holds [{shape[0]}, {shape[1]}]: use a cache of the same "
-                           f"encoder and image size, or train on this one")
-    if rank is not None and rank != cfg["rank"]:
-        raise qd.UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
-    sp = results_dir / "split.json"
-    if not sp.exists():
-        raise qd.UserError(f"{sp} not found: it is written by training (python train_real_data.py --results_dir "
-                         f"{results_dir})")
-    idx = json.loads(sp.read_text())[split]
-    return model, ck, cfg, idx, cache_dir or cfg["cache_dir"]
-
-
-def paired(nn, svd):
-    """Per-sample NN - SVD differences, summarised (box metrics over the samples that have a box)."""
-    return sb.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in nn})
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Truncated SVD vs the trained factoriser, paired on the same samples.",
-                                 formatter_class=qd.HelpFormatter)
+def get_args_parser():
+    ap = argparse.ArgumentParser(
+        description="Truncated SVD vs the trained factoriser, paired on the same samples.",
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
     ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
     ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
@@ -57,76 +34,120 @@ def main(argv=None):
     ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
     ap.add_argument("--batch_size", type=int, default=64, help="samples per batch (evaluation and timing)")
-    ap.add_argument("--svd_method", default=sb.DEFAULT_METHOD, choices=sb.METHODS,
-                    help="exact truncated SVD method (svd_baseline.py); all give the same numbers")
+    ap.add_argument(
+        "--svd_method",
+        default=metrics.DEFAULT_METHOD,
+        choices=metrics.METHODS,
+        help="exact truncated SVD method (svd_baseline.py); all give the same numbers",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    args = ap.parse_args(argv)
+    return ap
 
-    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank,
-                                              args.cache_dir, args.device)
-    idx = idx[: args.num_samples] if args.num_samples else idx
+
+def paired(nn, svd):
+    """Per-sample NN - SVD differences, summarised (box metrics over the samples that have a box)."""
+    return metrics.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in nn})
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    model, ck, cfg, idx, cache_dir = load_run(
+        args.results_dir, args.checkpoint, args.split, args.rank, args.cache_dir, args.device
+    )
+    idx = first(idx, args.num_samples)
     r, norm = cfg["rank"], cfg["normalization"]
-    ds = qd.FeatureDataset(cache_dir, idx, norm)
-    loader = qd.make_loader(ds, args.batch_size)
-    masks = qd.answer_box_masks(cache_dir, idx)  # tokens overlapping each sample's answer box
-    nn, ids, _ = sb.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN", masks)
+    loader = make_loader(FeatureDataset(cache_dir, idx, norm), args.batch_size)
+    masks = answer_box_masks(cache_dir, idx)  # tokens overlapping each sample's answer box
+    nn, ids, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN", masks)
     spectra = []  # singular values from the same decomposition, for the energy curve
 
     def svd_reconstruct(X):
-        A, B, S = sb.truncated_svd(X, r, args.svd_method)
+        A, B, S = metrics.truncated_svd(X, r, args.svd_method)
         spectra.append(S)
         return A @ B
-    svd, _, _ = sb.evaluate(svd_reconstruct, loader, args.device, "SVD", masks)
-    keys = sb.METRICS + sb.BOX_METRICS
-    n_box = sum(m is not None for m in masks.values())
-    n = len(ids)
-    S_nn, S_svd, D = sb.summarize(nn), sb.summarize(svd), paired(nn, svd)
+
+    svd, _, _ = metrics.evaluate(svd_reconstruct, loader, args.device, "SVD", masks)
+    n, n_box = len(ids), sum(m is not None for m in masks.values())
+    S_nn, S_svd, D = metrics.summarize(nn), metrics.summarize(svd), paired(nn, svd)
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
     # speed as bench.py measures it: one full batch, a warm-up, the median of 3 timed calls
     xb = next(iter(loader))[0].to(args.device)
     xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
-    ms_nn = sb.time_ms(lambda x: model(x)[0], xb)
-    ms_svd = sb.time_ms(lambda x: sb.svd_reconstruct(x, r, args.svd_method), xb)
+    ms = {
+        "svd": metrics.time_ms(lambda x: metrics.svd_reconstruct(x, r, args.svd_method), xb),
+        "nn": metrics.time_ms(lambda x: model(x)[0], xb),
+    }
 
-    print(f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
-          f"device {args.device}, batch {args.batch_size}{qd.lossy_note(cache_dir)}")
-    print(f"{'metric':<17}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
-    for k in keys:
-        if k == sb.BOX_METRICS[0]:
-            print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
-        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
-        print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
+    print(
+        f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
+        f"device {args.device}, batch {args.batch_size}{lossy_note(cache_dir)}"
+    )
+    print_table(S_svd, S_nn, D, n_box, n)
     print(f"NN within 0.01 cosine of SVD: {100 * within:.1f}% of samples")
-    ratio = ms_svd / ms_nn
-    print(f"ms per sample (batch {args.batch_size}, median of 3 after a warm-up): SVD ({args.svd_method}) {ms_svd:.2f}, "
-          f"NN {ms_nn:.2f}: NN " + (f"faster by x{ratio:.1f}" if ratio >= 1 else f"slower by x{1 / ratio:.1f}")
-          + "; bench.py compares every method with the fastest exact SVD")
+    ratio = ms["svd"] / ms["nn"]
+    print(
+        f"ms per sample (batch {args.batch_size}, median of 3 after a warm-up): SVD ({args.svd_method}) "
+        f"{ms['svd']:.2f}, NN {ms['nn']:.2f}: NN "
+        + (f"faster by x{ratio:.1f}" if ratio >= 1 else f"slower by x{1 / ratio:.1f}")
+        + "; bench.py compares every method with the fastest exact SVD"
+    )
 
     out = Path(args.results_dir)
     stem = f"compare_rank{r}"
-    summary = {"rank": r, "split": args.split, "n": n, "normalization": norm, "arch": cfg["arch"],
-               "checkpoint_epoch": ck["epoch"], "device": args.device, "batch_size": args.batch_size,
-               "svd_method": args.svd_method, "svd": S_svd, "nn": S_nn, "nn_minus_svd": D,
-               "share_within_0.01_cosine": within, "ms_per_sample": {"svd": ms_svd, "nn": ms_nn},
-               "cache_dir": str(cache_dir), "lossy": qd.lossy_note(cache_dir).strip(" []"),
-               "samples_with_box": n_box, "samples_without_box": n - n_box}
+    summary = {
+        "rank": r,
+        "split": args.split,
+        "n": n,
+        "normalization": norm,
+        "arch": cfg["arch"],
+        "checkpoint_epoch": ck["epoch"],
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "svd_method": args.svd_method,
+        "svd": S_svd,
+        "nn": S_nn,
+        "nn_minus_svd": D,
+        "share_within_0.01_cosine": within,
+        "ms_per_sample": ms,
+        "cache_dir": str(cache_dir),
+        "lossy": lossy_note(cache_dir).strip(" []"),
+        "samples_with_box": n_box,
+        "samples_without_box": n - n_box,
+    }
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["sample_id"] + [f"svd_{k}" for k in keys] + [f"nn_{k}" for k in keys])
-        for j, i in enumerate(ids):
-            w.writerow([i] + [svd[k][j] for k in keys] + [nn[k][j] for k in keys])
-    paths = plot(nn, svd, sb.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg["arch"], out / stem)
+    write_csv(out / f"{stem}.csv", ids, svd, nn)
+    paths = plot(nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg["arch"], out / stem)
     if n_box:
         paths.append(plot_box(nn, svd, r, cfg["arch"], out / stem))
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
     return summary
 
 
+def print_table(S_svd, S_nn, D, n_box, n):
+    print(f"{'metric':<17}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
+    for k in metrics.METRICS + metrics.BOX_METRICS:
+        if k == metrics.BOX_METRICS[0]:
+            print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
+        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"  # noqa: E731
+        print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
+
+
+def write_csv(path, ids, svd, nn):
+    """One row per sample: every metric of SVD and of the factoriser."""
+    keys = metrics.METRICS + metrics.BOX_METRICS
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sample_id"] + [f"svd_{k}" for k in keys] + [f"nn_{k}" for k in keys])
+        for j, i in enumerate(ids):
+            w.writerow([i] + [svd[k][j] for k in keys] + [nn[k][j] for k in keys])
+
+
 def plot(nn, svd, energy, S_nn, r, arch, stem):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     paths = [Path(f"{stem}_cosine_hist.png"), Path(f"{stem}_scatter.png"), Path(f"{stem}_energy.png")]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
     lo = min(min(nn["cosine"]), min(svd["cosine"]))
@@ -145,17 +166,23 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.set_xlabel("SVD cosine"), ax.set_ylabel(f"NN ({arch}) cosine"), ax.set_title(f"per sample, rank {r}")
     ax.legend(), fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
 
-    sb.plot_energy_curve(energy, paths[2], ranks=[r],
-                         points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")],
-                         title=f"Captured energy: truncated SVD curve, NN ({arch}) at rank {r}")
+    plot_energy_curve(
+        energy,
+        paths[2],
+        ranks=[r],
+        points=[(r, S_nn["energy"]["mean"], f"NN ({arch}) at rank {r}")],
+        title=f"Captured energy: truncated SVD curve, NN ({arch}) at rank {r}",
+    )
     return paths
 
 
 def plot_box(nn, svd, r, arch, stem):
     """Per sample with a box: mean token error inside the answer box vs outside, SVD and NN."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     path = Path(f"{stem}_box_error.png")
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=150)
     for name, d, c in (("truncated SVD", svd, "C0"), (f"NN ({arch})", nn, "C1")):
@@ -170,4 +197,4 @@ def plot_box(nn, svd, r, arch, stem):
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

@@ -9,194 +9,108 @@ compressed cache that every script reads transparently, and the factoriser itsel
 Every codec works on the features as training sees them (the run's normalisation); bytes per image are exact: codes
 plus their scales. A shared basis (PCA of the training split's tokens, or the subspace model's Ω orthonormalised)
 is stored once per data set; its bytes are reported apart and amortised over the cache's images.
-Codecs (setting: the rank r where there is one):
-    fp32, fp16, bf16          the features as floats
-    int8, int4                per-token absmax quantisation (one float32 scale per token)
-    svd_fp16, svd_int8        per-image truncated SVD factors A = U_rΣ_r [T, r], B = V_rᵀ [r, D] (int8: absmax per row)
-    pca_fp16/int8/int4        coefficients X·P [T, r] on the training split's top-r principal directions P [D, r]
-    omega_fp16/int8/int4      the same on the trained subspace model's Ω, orthonormalised (a subspace run only)
+Codecs (feature_codecs.py; the setting is the rank r where there is one): fp32, fp16, bf16 (floats); int8, int4
+(per-token absmax); svd_fp16, svd_int8 (per-image SVD factors); pca_fp16/int8/int4 (coefficients on the training
+split's principal directions); omega_fp16/int8/int4 (the same on a subspace model's Ω, orthonormalised).
 """
+
 import argparse
 import copy
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.utils.prune as prune
+from tqdm import tqdm
 
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-
-FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BITS = {"int8": 8, "int4": 4}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# codecs: encode(X [T, D] float32, rank, basis) -> payload (dict of tensors); decode(payload, basis) -> X̂ float32
-
-def quantize_rows(Y, bits):
-    """Symmetric absmax quantisation of each row: codes in [-q, q] (q = 2^(bits-1) - 1) and one float32 scale per
-    row; int4 codes are packed two per byte."""
-    q = 2 ** (bits - 1) - 1
-    scale = (Y.abs().amax(-1) / q).clamp_min(torch.finfo(torch.float32).tiny).float()
-    codes = torch.round(Y / scale[:, None]).clamp(-q, q).to(torch.int8)
-    if bits == 4:
-        flat = (codes.flatten() + 8).to(torch.uint8)
-        flat = torch.cat([flat, flat.new_full((len(flat) % 2,), 8)])
-        codes = (flat[0::2] | (flat[1::2] << 4))
-    return {"codes": codes, "scale": scale, "shape": torch.tensor(Y.shape)}
-
-
-def dequantize_rows(p):
-    shape = tuple(p["shape"].tolist())
-    codes = p["codes"]
-    if codes.dtype == torch.uint8:  # packed int4
-        both = torch.stack([codes & 15, codes >> 4], 1).flatten()[: shape[0] * shape[1]]
-        codes = both.to(torch.int8) - 8
-    return codes.reshape(shape).float() * p["scale"][:, None]
-
-
-def payload_bytes(p):
-    """Bytes of a payload's numbers (codes and scales; the shape record is bookkeeping, not counted)."""
-    return sum(v.numel() * v.element_size() for k, v in flat_items(p) if not k.endswith("shape"))
-
-
-def flat_items(p, prefix=""):
-    for k, v in p.items():
-        if isinstance(v, dict):
-            yield from flat_items(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def family(codec):
-    return codec.split("_")[0] if "_" in codec else codec
-
-
-def encode(codec, X, rank=None, basis=None):
-    fam, kind = family(codec), codec.split("_")[-1]
-    if codec in FLOATS:
-        return {"x": X.to(FLOATS[codec])}
-    if codec in BITS:
-        return quantize_rows(X, BITS[codec])
-    if fam == "svd":
-        A, B, _ = sb.truncated_svd(X[None], rank)
-        A, B = A[0], B[0]
-        if kind == "fp16":
-            return {"A": A.half(), "B": B.half()}
-        return {"A": quantize_rows(A, 8), "B": quantize_rows(B, 8)}
-    if fam in ("pca", "omega"):
-        C = X @ basis[:, :rank]
-        return {"C": C.half()} if kind == "fp16" else {"C": quantize_rows(C, BITS[kind])}
-    raise ValueError(f"unknown codec '{codec}'")
-
-
-def decode(codec, p, basis=None):
-    fam = family(codec)
-    if codec in FLOATS:
-        return p["x"].float()
-    if codec in BITS:
-        return dequantize_rows(p)
-    part = lambda v: dequantize_rows(v) if isinstance(v, dict) else v.float()
-    if fam == "svd":
-        return part(p["A"]) @ part(p["B"])
-    C = part(p["C"])
-    return C @ basis[:, : C.shape[1]].T
-
-
-def codec_settings(codecs, ranks, T, D, omega_rank):
-    """(codec, rank) pairs to measure: rank codecs at each rank up to min(T, D) (omega: up to Ω's columns)."""
-    out = []
-    for c in codecs:
-        if family(c) == "omega" and not omega_rank:
-            continue
-        if c in FLOATS or c in BITS:
-            out.append((c, None))
-        else:
-            top = omega_rank if family(c) == "omega" else min(T, D)
-            out += [(c, r) for r in ranks if r <= top]
-    return out
-
+import metrics
+from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from feature_cache import (
+    MANIFEST,
+    atomic_save,
+    cached_indices,
+    cached_shape,
+    feature_path,
+    load_manifest,
+    read_manifest,
+)
+from feature_codecs import CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
+from model import Subspace, load_checkpoint, make_checkpoint, quantized_state, read_checkpoint
+from quantize import dequantize_rows, quantize_rows
+from qwenvl_dataloader import FeatureDataset, principal_basis
+from runs import BEST, first, read_run
 
 # ----------------------------------------------------------------------------------------------------------------
 # shared bases and the run's data
 
-def pca_basis(cache, indices, norm):
-    """Orthonormal [D, D]: principal directions (uncentred, descending) of the training tokens."""
-    loader = qd.make_loader(qd.FeatureDataset(cache, indices, norm, preload=False), 32)
-    return sb.principal_directions(X for X, _ in loader).float()
-
 
 def omega_basis(results_dir):
     """The subspace model's Ω orthonormalised (QR keeps the column order, so its prefixes serve every rank)."""
-    p = Path(results_dir) / "best_model.pt"
+    p = Path(results_dir) / BEST
     if not p.exists():
         return None
-    from model import read_checkpoint
     ck = read_checkpoint(p)
     if ck["config"]["arch"] != "subspace":
         return None
     return torch.linalg.qr(ck["model"]["omega"].double())[0].float()
 
 
-def load_run(results_dir, cache_dir=None):
-    cfg, split = qd.read_run(results_dir)
+def source_run(results_dir, cache_dir=None):
+    """(config, split, cache) of the run whose features are compressed: never an already compressed cache."""
+    cfg, split = read_run(results_dir)
     cache = cache_dir or cfg["cache_dir"]
-    if qd.read_manifest(cache).get("codec"):
-        raise qd.UserError(f"'{cache}' is already a compressed cache ({qd.read_manifest(cache)['codec']['name']}): "
-                           f"compress the original cache it was made from")
+    codec = read_manifest(cache).get("codec")
+    if codec:
+        raise UserError(
+            f"'{cache}' is already a compressed cache ({codec['name']}): compress the original cache it was made from"
+        )
     return cfg, split, cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. rate-distortion study
 
+
 def study(args):
-    cfg, split, cache = load_run(args.results_dir, args.cache_dir)
+    cfg, split, cache = source_run(args.results_dir, args.cache_dir)
     norm = cfg["normalization"]
-    T, D = qd.cached_shape(cache)
-    n_cache = len(qd.cached_indices(cache))
-    idx = split[args.split][: args.num_samples] if args.num_samples else split[args.split]
-    X = torch.stack([x for x, _ in qd.FeatureDataset(cache, idx, norm)])
-    ranks = [int(r) for r in args.ranks.split(",")]
-    pca = pca_basis(cache, split["train"], norm)
+    T, D = cached_shape(cache)
+    n_cache = len(cached_indices(cache))
+    idx = first(split[args.split], args.num_samples)
+    X = torch.stack([x for x, _ in FeatureDataset(cache, idx, norm)])
+    ranks = parse_ints(args.ranks)
+    pca = principal_basis(cache, split["train"], norm).float()
     omega = omega_basis(args.results_dir)
     settings = codec_settings(args.codecs.split(","), ranks, T, D, 0 if omega is None else omega.shape[1])
-    print(f"{len(idx)} {args.split} images [{T}, {D}] from {cache} ({norm}); PCA basis from {len(split['train'])} "
-          f"training images; {'Ω from ' + args.results_dir if omega is not None else 'no subspace model: no omega codecs'}")
-    from tqdm import tqdm
-    rows = []
-    for codec, r in tqdm(settings, desc="codecs", leave=False):
-        basis = pca if family(codec) == "pca" else omega
-        payloads = [encode(codec, x, r, basis) for x in X]
-        Xh = torch.stack([decode(codec, p, basis) for p in payloads])
-        m = sb.summarize({k: v.tolist() for k, v in sb.metrics(X, Xh).items()})
-        per_image = payload_bytes(payloads[0])
-        shared = 2 * D * r if family(codec) in ("pca", "omega") else 0  # the basis, stored once as fp16
-        rows.append({"codec": codec, "rank": r, "bytes_per_image": per_image, "shared_bytes": shared,
-                     "bytes_per_image_amortised": per_image + shared / n_cache,
-                     "ratio_to_fp32": T * D * 4 / per_image, "ratio_to_bf16": T * D * 2 / per_image,
-                     **{k: m[k]["mean"] for k in ("cosine", "energy", "rel_fro")}, "cosine_std": m["cosine"]["std"]})
+    print(
+        f"{len(idx)} {args.split} images [{T}, {D}] from {cache} ({norm}); PCA basis from {len(split['train'])} "
+        f"training images; "
+        + (f"Ω from {args.results_dir}" if omega is not None else "no subspace model: no omega codecs")
+    )
+    rows = measure_codecs(X, settings, pca, omega, n_cache)
     front = pareto(rows)
     for r in rows:
         r["pareto"] = (r["codec"], r["rank"]) in front
-    print(f"{'codec':<12}{'rank':>5}{'bytes/image':>13}{'+shared/img':>12}{'x fp32':>8}{'cosine':>9}{'energy':>9}"
-          f"{'rel_fro':>9}  pareto")
-    for r in rows:
-        print(f"{r['codec']:<12}{r['rank'] or '':>5}{r['bytes_per_image']:>13,}"
-              f"{r['bytes_per_image_amortised'] - r['bytes_per_image']:>12.0f}{r['ratio_to_fp32']:>8.1f}"
-              f"{r['cosine']:>9.5f}{r['energy']:>9.5f}{r['rel_fro']:>9.5f}  {'*' if r['pareto'] else ''}")
-    print("smallest setting of each codec (bytes/image, shared basis amortised) reaching a cosine of:")
     best = smallest(rows, (0.99, 0.995, 0.999))
-    for codec, hits in best.items():
-        print(f"  {codec:<12}" + "  ".join(f">= {t}: " + (f"{h['codec']}{'' if h['rank'] is None else ' r=' + str(h['rank'])}"
-                                                           f" {h['bytes_per_image_amortised']:,.0f} B" if h else "none")
-                                           for t, h in hits.items()))
+    print_study(rows, best)
     stem = Path(args.results_dir) / f"rd_{args.name or args.split}"
-    Path(f"{stem}.json").write_text(json.dumps({"split": args.split, "n": len(idx), "shape": [T, D], "cache_dir": cache,
-                                                "normalization": norm, "cache_images": n_cache, "rows": rows,
-                                                "smallest": {c: {str(t): h for t, h in v.items()} for c, v in best.items()}},
-                                               indent=1))
+    Path(f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "split": args.split,
+                "n": len(idx),
+                "shape": [T, D],
+                "cache_dir": cache,
+                "normalization": norm,
+                "cache_images": n_cache,
+                "rows": rows,
+                "smallest": {c: {str(t): h for t, h in v.items()} for c, v in best.items()},
+            },
+            indent=1,
+        )
+    )
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader(), w.writerows(rows)
@@ -205,12 +119,73 @@ def study(args):
     return rows
 
 
+def measure_codecs(X, settings, pca, omega, n_cache):
+    """Bytes and quality of every (codec, rank) setting on the features X -> one row each."""
+    T, D = X.shape[1:]
+    rows = []
+    for codec, r in tqdm(settings, desc="codecs", leave=False):
+        basis = pca if family(codec) == "pca" else omega
+        payloads = [encode(codec, x, r, basis) for x in X]
+        Xh = torch.stack([decode(codec, p, basis) for p in payloads])
+        m = metrics.summarize({k: v.tolist() for k, v in metrics.metrics(X, Xh).items()})
+        per_image = payload_bytes(payloads[0])
+        shared = 2 * D * r if family(codec) in SHARED_BASIS else 0  # the basis, stored once as fp16
+        rows.append(
+            {
+                "codec": codec,
+                "rank": r,
+                "bytes_per_image": per_image,
+                "shared_bytes": shared,
+                "bytes_per_image_amortised": per_image + shared / n_cache,
+                "ratio_to_fp32": T * D * 4 / per_image,
+                "ratio_to_bf16": T * D * 2 / per_image,
+                **{k: m[k]["mean"] for k in ("cosine", "energy", "rel_fro")},
+                "cosine_std": m["cosine"]["std"],
+            }
+        )
+    return rows
+
+
+def print_study(rows, best):
+    print(
+        f"{'codec':<12}{'rank':>5}{'bytes/image':>13}{'+shared/img':>12}{'x fp32':>8}{'cosine':>9}{'energy':>9}"
+        f"{'rel_fro':>9}  pareto"
+    )
+    for r in rows:
+        print(
+            f"{r['codec']:<12}{r['rank'] or '':>5}{r['bytes_per_image']:>13,}"
+            f"{r['bytes_per_image_amortised'] - r['bytes_per_image']:>12.0f}{r['ratio_to_fp32']:>8.1f}"
+            f"{r['cosine']:>9.5f}{r['energy']:>9.5f}{r['rel_fro']:>9.5f}  {'*' if r['pareto'] else ''}"
+        )
+    print("smallest setting of each codec (bytes/image, shared basis amortised) reaching a cosine of:")
+    for codec, hits in best.items():
+        print(
+            f"  {codec:<12}"
+            + "  ".join(
+                f">= {t}: "
+                + (
+                    f"{h['codec']}{'' if h['rank'] is None else ' r=' + str(h['rank'])}"
+                    f" {h['bytes_per_image_amortised']:,.0f} B"
+                    if h
+                    else "none"
+                )
+                for t, h in hits.items()
+            )
+        )
+
+
 def pareto(rows):
     """(codec, rank) of the settings no other setting beats on both bytes (amortised) and cosine."""
-    return {(r["codec"], r["rank"]) for r in rows
-            if not any(o["bytes_per_image_amortised"] <= r["bytes_per_image_amortised"] and o["cosine"] >= r["cosine"]
-                       and (o["bytes_per_image_amortised"], o["cosine"]) != (r["bytes_per_image_amortised"], r["cosine"])
-                       for o in rows)}
+    return {
+        (r["codec"], r["rank"])
+        for r in rows
+        if not any(
+            o["bytes_per_image_amortised"] <= r["bytes_per_image_amortised"]
+            and o["cosine"] >= r["cosine"]
+            and (o["bytes_per_image_amortised"], o["cosine"]) != (r["bytes_per_image_amortised"], r["cosine"])
+            for o in rows
+        )
+    }
 
 
 def smallest(rows, targets):
@@ -223,23 +198,40 @@ def smallest(rows, targets):
 
 def plot_rd(rows, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=150)
     for c, codec in enumerate(dict.fromkeys(r["codec"] for r in rows)):
         mine = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"])
-        ax.plot([r["bytes_per_image_amortised"] for r in mine], [r["cosine"] for r in mine],
-                "o" if len(mine) > 1 else "s", label=codec, ms=4, color=plt.cm.tab20(c % 20),
-                ls=("--" if codec.startswith("omega") else "-") if len(mine) > 1 else "none")  # omega starts at PCA: dashed, so both show
+        ax.plot(
+            [r["bytes_per_image_amortised"] for r in mine],
+            [r["cosine"] for r in mine],
+            "o" if len(mine) > 1 else "s",
+            label=codec,
+            ms=4,
+            color=plt.cm.tab20(c % 20),
+            ls=("--" if codec.startswith("omega") else "-") if len(mine) > 1 else "none",
+        )  # omega starts at PCA: dashed, so both show
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes_per_image_amortised"])
-    ax.plot([r["bytes_per_image_amortised"] for r in front], [r["cosine"] for r in front], "k--", lw=1,
-            label="Pareto front")
-    ax.scatter([r["bytes_per_image_amortised"] for r in front], [r["cosine"] for r in front], s=60,
-               facecolors="none", edgecolors="k")
+    ax.plot(
+        [r["bytes_per_image_amortised"] for r in front], [r["cosine"] for r in front], "k--", lw=1, label="Pareto front"
+    )
+    ax.scatter(
+        [r["bytes_per_image_amortised"] for r in front],
+        [r["cosine"] for r in front],
+        s=60,
+        facecolors="none",
+        edgecolors="k",
+    )
     for t in (0.99, 0.999):
         ax.axhline(t, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log"), ax.set_xlabel("bytes per image (a shared basis amortised over the cache)")
-    ax.set_ylabel("cosine to the original features"), ax.set_ylim(max(0.9, min(r["cosine"] for r in rows) - 0.005), 1.0005)
+    (
+        ax.set_ylabel("cosine to the original features"),
+        ax.set_ylim(max(0.9, min(r["cosine"] for r in rows) - 0.005), 1.0005),
+    )
     ax.set_title(f"Rate-distortion: {title}", fontsize=9), ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout(), fig.savefig(path), plt.close(fig)
@@ -248,63 +240,81 @@ def plot_rd(rows, path, title):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. a compressed cache
 
+
 def write_cache(args):
-    cfg, split, cache = load_run(args.results_dir, args.cache_dir)
+    cfg, split, cache = source_run(args.results_dir, args.cache_dir)
     norm = cfg["normalization"]
-    T, D = qd.cached_shape(cache)
+    T, D = cached_shape(cache)
     codec, r = args.codec, args.rank
     if family(codec) in ("svd", "pca", "omega"):
-        qd.check_rank(r, min(T, D))
-    basis = pca_basis(cache, split["train"], norm) if family(codec) == "pca" else (
-        omega_basis(args.results_dir) if family(codec) == "omega" else None)
+        check_rank(r, min(T, D))
+    basis = (
+        principal_basis(cache, split["train"], norm).float()
+        if family(codec) == "pca"
+        else (omega_basis(args.results_dir) if family(codec) == "omega" else None)
+    )
     if family(codec) == "omega" and basis is None:
-        raise qd.UserError(f"--codec {codec} needs a subspace model in {args.results_dir}")
+        raise UserError(f"--codec {codec} needs a subspace model in {args.results_dir}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise qd.UserError(f"--out {out} exists and is not empty: choose a new folder")
+        raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     out.mkdir(parents=True)
-    src = qd.load_manifest(cache)
-    idx = qd.cached_indices(cache)
+    src = load_manifest(cache)
+    idx = cached_indices(cache)
     if basis is not None:
         basis = basis[:, :r].contiguous()
-        qd.atomic_save(basis, out / "basis.pt")
-    from tqdm import tqdm
+        atomic_save(basis, out / "basis.pt")
     cos, total = [], 0
-    ds = qd.FeatureDataset(cache, idx, norm, preload=False)
+    ds = FeatureDataset(cache, idx, norm, preload=False)
     for k in tqdm(range(len(ds)), desc=f"compress {codec}"):
         X, i = ds[k]
         p = encode(codec, X, r, basis)
-        qd.atomic_save(p, qd.feature_path(out, i))
-        total += qd.feature_path(out, i).stat().st_size
-        cos.append(sb.metrics(X[None], decode(codec, p, basis)[None])["cosine"].item())
-    cs = sb.summarize({"cosine": cos})["cosine"]
-    m = {"encoder": src["encoder"], "source": src.get("source", {}), "samples": src["samples"], "failed": src.get("failed", {}),
-         "codec": {"name": codec, "rank": r, "stored_normalization": norm, "source_cache": str(Path(cache).resolve()),
-                   "basis_fitted_on": f"train split of {Path(args.results_dir).resolve()} ({len(split['train'])} images)"
-                   if basis is not None else None,
-                   "cosine_mean": cs["mean"], "cosine_std": cs["std"], "n": cs["n"], "bytes_on_disk": total}}
-    qd.atomic_save(m, out / qd.MANIFEST)
-    src_bytes = sum(qd.feature_path(cache, i).stat().st_size for i in idx)
-    print(f"wrote {len(idx)} images to {out} with {codec}{f' rank {r}' if r else ''}: {total / 2**20:.1f} MiB "
-          f"(source {src_bytes / 2**20:.1f} MiB, x{src_bytes / total:.1f} smaller); cosine to the source "
-          f"{cs['mean']:.5f} ± {cs['std']:.5f} (on {norm} features)")
+        atomic_save(p, feature_path(out, i))
+        total += feature_path(out, i).stat().st_size
+        cos.append(metrics.metrics(X[None], decode(codec, p, basis)[None])["cosine"].item())
+    cs = metrics.summarize({"cosine": cos})["cosine"]
+    m = {
+        "encoder": src["encoder"],
+        "source": src.get("source", {}),
+        "samples": src["samples"],
+        "failed": src.get("failed", {}),
+        "codec": {
+            "name": codec,
+            "rank": r,
+            "stored_normalization": norm,
+            "source_cache": str(Path(cache).resolve()),
+            "basis_fitted_on": f"train split of {Path(args.results_dir).resolve()} ({len(split['train'])} images)"
+            if basis is not None
+            else None,
+            "cosine_mean": cs["mean"],
+            "cosine_std": cs["std"],
+            "n": cs["n"],
+            "bytes_on_disk": total,
+        },
+    }
+    atomic_save(m, out / MANIFEST)
+    src_bytes = sum(feature_path(cache, i).stat().st_size for i in idx)
+    print(
+        f"wrote {len(idx)} images to {out} with {codec}{f' rank {r}' if r else ''}: {total / 2**20:.1f} MiB "
+        f"(source {src_bytes / 2**20:.1f} MiB, x{src_bytes / total:.1f} smaller); cosine to the source "
+        f"{cs['mean']:.5f} ± {cs['std']:.5f} (on {norm} features)"
+    )
     return m
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. the factoriser compressed: int8 weights and magnitude pruning
 
+
 def quantize_model(model):
     """int8: the symmetric MLP's Linear layers through torch's dynamic quantisation; subspace's Ω as int8 with one
     float32 scale per column (dequantised on load: the same Ω every later script sees)."""
-    from model import Subspace
     if isinstance(model, Subspace):
         q = quantize_rows(model.omega.detach().T.contiguous(), 8)  # per column of Ω
         m = copy.deepcopy(model)
         with torch.no_grad():
             m.omega.copy_(dequantize_rows(q).T)
         return m, {"omega_int8": q}
-    import warnings
     with warnings.catch_warnings():  # torch 2.x: eager-mode quantisation is announced as moving to torchao
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), None
@@ -312,7 +322,6 @@ def quantize_model(model):
 
 def prune_model(model, amount):
     """Global L1 magnitude pruning of every weight matrix (Ω for subspace), then made permanent."""
-    import torch.nn.utils.prune as prune
     m = copy.deepcopy(model)
     params = [(mod, "weight") for mod in m.modules() if isinstance(mod, torch.nn.Linear)] or [(m, "omega")]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
@@ -323,11 +332,10 @@ def prune_model(model, amount):
 
 
 def model_table(args):
-    from model import load_checkpoint, make_checkpoint
-    cfg, split, cache = load_run(args.results_dir, args.cache_dir)
+    cfg, split, cache = source_run(args.results_dir, args.cache_dir)
     model, ck = load_checkpoint(Path(args.results_dir) / "best_model.pt")
     idx = split["test"][: args.num_samples] if args.num_samples else split["test"]
-    X = torch.stack([x for x, _ in qd.FeatureDataset(cache, idx, cfg["normalization"])])
+    X = torch.stack([x for x, _ in FeatureDataset(cache, idx, cfg["normalization"])])
     xb = X.repeat((64 + len(X) - 1) // len(X), 1, 1)[:64]
     out = Path(args.results_dir)
     variants = [("float32", model, None, None)]
@@ -337,95 +345,87 @@ def model_table(args):
         pm, zeros = prune_model(model, a)
         variants.append((f"pruned {int(a * 100)}%", pm, None, zeros))
     rows, base = [], None
-    print(f"{cfg['arch']} rank {cfg['rank']} from {args.results_dir}; test n={len(X)}; CPU ms/sample at batch 64 "
-          f"(median of 3 after a warm-up), threads {torch.get_num_threads()}")
-    print(f"{'variant':<12}{'size on disk':>14}{'zeros':>8}{'ms/sample':>11}{'x float32':>10}{'cosine':>9}{'change':>10}")
+    print(
+        f"{cfg['arch']} rank {cfg['rank']} from {args.results_dir}; test n={len(X)}; CPU ms/sample at batch 64 "
+        f"(median of 3 after a warm-up), threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'variant':<12}{'size on disk':>14}{'zeros':>8}{'ms/sample':>11}{'x float32':>10}{'cosine':>9}{'change':>10}"
+    )
     for name, m, extra, zeros in variants:
         m.eval()
         with torch.no_grad():
-            cos = sb.metrics(X, torch.cat([m(x)[0].float() for x in X.split(64)]))["cosine"].mean().item()
-        ms = sb.time_ms(lambda x: m(x)[0], xb)
+            cos = metrics.metrics(X, torch.cat([m(x)[0].float() for x in X.split(64)]))["cosine"].mean().item()
+        ms = metrics.time_ms(lambda x: m(x)[0], xb)
         fname = out / ("best_model.pt" if name == "float32" else f"model_{name.replace(' ', '_').replace('%', '')}.pt")
         if name != "float32":
             sd_model = m if extra is None or cfg["arch"] != "subspace" else model
-            ckd = make_checkpoint(sd_model, dict(ck["config"], compressed=name), ck["epoch"], ck["best_val_mse"],
-                                  extra=extra)
+            ckd = make_checkpoint(
+                sd_model, dict(ck["config"], compressed=name), ck["epoch"], ck["best_val_mse"], extra=extra
+            )
             if name == "int8" and cfg["arch"] != "subspace":  # quantised Linear layers: keep the int8 weights only
                 ckd["model"] = {k: v for k, v in quantized_state(m).items()}
             if name == "int8" and cfg["arch"] == "subspace":
                 ckd["model"] = {k: v for k, v in model.state_dict().items() if k != "omega"}
-            qd.atomic_save(ckd, fname)
+            atomic_save(ckd, fname)
         size = fname.stat().st_size
         base = base or (ms, cos, size)
-        rows.append({"variant": name, "file": str(fname), "bytes": size, "zeros": zeros, "ms_per_sample": ms,
-                     "speed_ratio": base[0] / ms, "cosine": cos, "cosine_change": cos - base[1]})
-        print(f"{name:<12}{size / 2**20:>11.2f} MiB{'' if zeros is None else f'{zeros:.0%}':>8}{ms:>11.2f}"
-              f"{base[0] / ms:>10.2f}{cos:>9.5f}{cos - base[1]:>+10.5f}")
+        rows.append(
+            {
+                "variant": name,
+                "file": str(fname),
+                "bytes": size,
+                "zeros": zeros,
+                "ms_per_sample": ms,
+                "speed_ratio": base[0] / ms,
+                "cosine": cos,
+                "cosine_change": cos - base[1],
+            }
+        )
+        print(
+            f"{name:<12}{size / 2**20:>11.2f} MiB{'' if zeros is None else f'{zeros:.0%}':>8}{ms:>11.2f}"
+            f"{base[0] / ms:>10.2f}{cos:>9.5f}{cos - base[1]:>+10.5f}"
+        )
     (out / "compressed_models.json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {out / 'compressed_models.json'} and the checkpoints; compare/visualise load them with --checkpoint")
     return rows
 
 
-def quantized_state(qmodel):
-    """A dynamically quantised model's Linear layers as plain tensors: int8 weight, its scale and zero point, bias."""
-    sd = {}
-    for name, mod in qmodel.named_modules():
-        if isinstance(mod, torch.ao.nn.quantized.dynamic.Linear):
-            w, b = mod._packed_params._weight_bias()
-            sd[f"{name}.weight_int8"] = w.int_repr()
-            sd[f"{name}.weight_scale"] = torch.tensor(w.q_scale())
-            sd[f"{name}.weight_zero_point"] = torch.tensor(w.q_zero_point())
-            sd[f"{name}.bias"] = b
-        elif not list(mod.children()) and "_packed_params" not in name:  # (the quantised Linear's own packing)
-            for k, v in mod.state_dict().items():
-                sd[f"{name}.{k}"] = v
-    return sd
-
-
-def load_compressed(ck):
-    """Rebuild the float model a compressed checkpoint describes (model.load_checkpoint calls this): int8 Ω or int8
-    Linear weights are dequantised into the float model, which computes in float32 from the int8 values."""
-    from model import build_model
-    model = build_model(ck["config"])
-    sd = dict(ck["model"])
-    if "omega_int8" in ck:
-        sd["omega"] = dequantize_rows(ck["omega_int8"]).T
-    for k in [k for k in sd if k.endswith(".weight_int8")]:
-        stem = k[: -len(".weight_int8")]
-        sd[f"{stem}.weight"] = (sd.pop(k).float() - sd.pop(f"{stem}.weight_zero_point").float()) * \
-            sd.pop(f"{stem}.weight_scale").float()
-    model.load_state_dict(sd)
-    return model
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
-    ap.add_argument("task", choices=["study", "cache", "model"], help="study: rate-distortion of every codec; cache: "
-                                                                     "write a compressed cache; model: compress the factoriser")
+def get_args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "task",
+        choices=["study", "cache", "model"],
+        help="study: rate-distortion of every codec; cache: write a compressed cache; model: compress the factoriser",
+    )
     ap.add_argument("--results_dir", default="results", help="a training run: split, normalisation, (subspace) Ω")
     ap.add_argument("--cache_dir", default=None, help="default: the run's cache")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="study: images measured")
     ap.add_argument("--num_samples", type=int, default=None, help="study / model: the first N of the split")
-    ap.add_argument("--codecs", default="fp32,fp16,bf16,int8,int4,svd_fp16,svd_int8,pca_fp16,pca_int8,pca_int4,"
-                                        "omega_fp16,omega_int8,omega_int4", help="study: codecs measured")
+    ap.add_argument("--codecs", default=",".join(CODECS), help="study: codecs measured")
     ap.add_argument("--ranks", default="16,32,64,128,256", help="study: ranks of the rank codecs")
     ap.add_argument("--name", default=None, help="study: output stem rd_<name> (default: the split)")
     ap.add_argument("--codec", default="pca_int8", help="cache: the codec")
     ap.add_argument("--rank", type=int, default=256, help="cache: its rank, for svd/pca/omega codecs")
     ap.add_argument("--out", default=None, help="cache: the new cache's folder")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     if args.task == "study":
+        unknown = [c for c in args.codecs.split(",") if c not in CODECS]
+        if unknown:
+            raise UserError(f"--codecs {','.join(unknown)}: choose from {', '.join(CODECS)}")
         return study(args)
     if args.task == "cache":
         if not args.out:
-            raise qd.UserError("compress.py cache needs --out DIR")
-        known = set(FLOATS) | set(BITS) | {f"{f}_{k}" for f in ("pca", "omega") for k in ("fp16", "int8", "int4")} | \
-            {"svd_fp16", "svd_int8"}
-        if args.codec not in known:
-            raise qd.UserError(f"--codec {args.codec}: choose from {', '.join(sorted(known))}")
+            raise UserError("compress.py cache needs --out DIR")
+        if args.codec not in CODECS:
+            raise UserError(f"--codec {args.codec}: choose from {', '.join(sorted(CODECS))}")
         return write_cache(args)
     return model_table(args)
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

@@ -1,110 +1,39 @@
 """
-Build a small data set in the TextVQA grounding schema (image {bytes, path}, question, answer[10], dataset_id,
-bbox [x, y, w, h] in original pixels) from real photos that scikit-image ships: random crops, flips and scales of
-each photo with a word rendered on a sign, the sign's box as bbox, and the photo's name as image_id (training
-splits by it, so no test image is a crop of a training photo). No network needed.
+Build a small data set in the TextVQA grounding schema from real photos that scikit-image ships (demo_set.py says
+how). No network needed.
 
     python demo_data.py --out demo_data --num 300
 """
+
 import argparse
-import io
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "camera", "moon", "coins", "brick", "grass", "gravel", "clock", "page", "text", "cell", "colorwheel"]
-WORDS = ["STOP", "EXIT", "OPEN", "CAFE", "SALE", "PARK", "BUS 42", "HOTEL", "PIZZA", "BOOKS", "BANK", "TAXI",
-         "MARKET", "NO ENTRY", "ONE WAY", "PHARMACY", "BAKERY", "GATE 7", "PLATFORM 3", "LIBRARY"]
+from cli import HelpFormatter, UserError, run_cli
+from demo_set import PHOTOS, make_rows, write_parquet
 
 
-def photos(names=None):
-    import skimage.data
-    out = []
-    for name in names or PHOTOS:
-        a = getattr(skimage.data, name)()
-        if a.dtype != np.uint8:
-            a = (a * 255).astype(np.uint8) if a.max() <= 1 else a.astype(np.uint8)
-        out.append((name, Image.fromarray(a).convert("RGB")))
-    return out
-
-
-def render_sample(photo, word, rng):
-    """A crop of photo at a random size and aspect, maybe flipped, with word on a sign; returns image, bbox."""
-    W, H = photo.size
-    w = int(rng.integers(min(W, 160), W + 1))
-    h = int(np.clip(w * rng.uniform(0.5, 1.6), min(H, 120), H))
-    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-    im = photo.crop((x0, y0, x0 + w, y0 + h))
-    if rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    scale = rng.uniform(0.6, 1.8)
-    im = im.resize((max(32, int(w * scale)), max(32, int(h * scale))), Image.BICUBIC)
-    font = ImageFont.load_default(size=int(np.clip(min(im.size) * rng.uniform(0.08, 0.2), 10, 80)))
-    d = ImageDraw.Draw(im)
-    l, t, r, b = d.textbbox((0, 0), word, font=font)
-    pad = max(2, (b - t) // 4)
-    bw, bh = r - l + 2 * pad, b - t + 2 * pad
-    bx = int(rng.integers(0, max(1, im.size[0] - bw)))
-    by = int(rng.integers(0, max(1, im.size[1] - bh)))
-    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    d.rectangle((bx, by, bx + bw, by + bh), fill=colour)
-    ink = (255, 255, 255) if sum(colour) < 380 else (0, 0, 0)
-    d.text((bx + pad - l, by + pad - t), word, fill=ink, font=font)
-    return im, [float(bx), float(by), float(bw), float(bh)]
-
-
-def encode(im, fmt="JPEG"):
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def make_rows(num, seed=0, names=None):
-    rng = np.random.default_rng(seed)
-    ph = photos(names)
-    rows = []
-    for k in range(num):
-        name, photo = ph[k % len(ph)]
-        word = WORDS[int(rng.integers(len(WORDS)))]
-        im, bbox = render_sample(photo, word, rng)
-        rows.append({"image": {"bytes": encode(im), "path": f"{name}_{k}.jpg"},
-                     "question": "what is written on the sign?", "answer": [word.lower()] * 10,
-                     "dataset_id": f"demo-{k:05d}", "bbox": bbox, "image_id": name})
-    return rows
-
-
-def write_parquet(rows, out_dir, shards=1):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    out_dir = Path(out_dir)
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        ("question", pa.string()), ("answer", pa.list_(pa.string())),
-                        ("dataset_id", pa.string()), ("bbox", pa.list_(pa.float64())), ("image_id", pa.string())])
-    per = -(-len(rows) // shards)
-    for s in range(shards):
-        part = rows[s * per:(s + 1) * per]
-        table = pa.Table.from_pylist(part, schema=schema)
-        pq.write_table(table, out_dir / "data" / f"train-{s:05d}-of-{shards:05d}.parquet")
-    return out_dir
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a demo data set in the TextVQA grounding parquet schema from "
-                                             "scikit-image's photos (offline).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser():
+    ap = argparse.ArgumentParser(
+        description="Build a demo data set in the TextVQA grounding parquet schema from "
+        "scikit-image's photos (offline).",
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--out", default="demo_data", help="output folder (parquet shards under data/)")
     ap.add_argument("--num", type=int, default=300, help="number of samples")
     ap.add_argument("--shards", type=int, default=3, help="number of parquet shards")
     ap.add_argument("--seed", type=int, default=0, help="crops, words and colours")
-    ap.add_argument("--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})"
+    )
+    return ap
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     names = args.photos.split(",") if args.photos else None
     bad = set(names or []) - set(PHOTOS)
     if bad:
-        raise SystemExit(f"--photos: unknown {sorted(bad)}; choose from {PHOTOS}")
+        raise UserError(f"--photos: unknown {sorted(bad)}; choose from {PHOTOS}")
     out = Path(args.out)
     if out.exists() and any(out.rglob("*.parquet")):
         print(f"{out} already holds parquet shards; leaving it as it is")
@@ -114,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

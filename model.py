@@ -1,7 +1,8 @@
 """
 Low-rank factorisers X [B, T, D] -> (X̂, A [B, T, r], B [B, r, D]) with X̂ = A·B (T tokens, D dims: [256, 2048] for
-Qwen2.5-VL-3B at 448², the cache's shape in general), selected by --arch, and the training loss. Pure torch, no I/O
-except the checkpoint readers.
+Qwen2.5-VL-3B at 448², the cache's shape in general), selected by --arch, the training loss, and the checkpoint
+format (plain and compressed). Pure torch; of the project it imports only the error type, the metrics/SVD module
+and the row quantiser.
 
     symmetric  the original toolkit's design (LowRankProjSymmetric): a token-wise residual MLP makes each row of A
                from a D-dim token, the same kind of MLP over the columns of X (T-dim) makes each column of B.
@@ -9,6 +10,7 @@ except the checkpoint readers.
                data's principal directions), A = Q, B = QᵀX; QR keeps column order, so the first k components
                serve every rank k <= r. One power step by default; optional oversampling (exact SVD of the small QᵀX).
 """
+
 import math
 import pickle
 import re
@@ -17,6 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cli import UserError
+from metrics import principal_directions
+from quantize import dequantize_rows
 
 
 class ResBlock(nn.Module):
@@ -33,7 +39,9 @@ class ResBlock(nn.Module):
 
 
 def branch(d_in, d_hidden, d_out, n_blocks):
-    return nn.Sequential(ResBlock(d_in, d_hidden, d_out), *[ResBlock(d_out, d_hidden, d_out) for _ in range(n_blocks - 1)])
+    return nn.Sequential(
+        ResBlock(d_in, d_hidden, d_out), *[ResBlock(d_out, d_hidden, d_out) for _ in range(n_blocks - 1)]
+    )
 
 
 class Symmetric(nn.Module):
@@ -50,7 +58,7 @@ class Symmetric(nn.Module):
         return A @ B, A, B
 
     def factors(self, X):
-        return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)   # [B, T, r], [B, r, D]
+        return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)  # [B, T, r], [B, r, D]
 
 
 def _chol_orth(Y, gram64):
@@ -91,7 +99,7 @@ def _orth(Y, passes=2):
 class Subspace(nn.Module):
     """Learned subspace iteration. Ω [D, m] is a parameter, m = r + oversample; per sample Q = orth(X Ω) (column
     order kept, so the first k columns of Q span X Ω[:, :k]), then power_iters steps Q = orth(X (Xᵀ Q)) (default
-    1: on features of real-model difficulty Ω alone is 0.005-0.008 cosine below SVD, one step 0.001; README).
+    1: Ω alone falls short of SVD on features of real-model difficulty; docs/results.md).
     oversample 0 (default): A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range((X Xᵀ)^p X Ω), and
     the first k components give the projection onto range((X Xᵀ)^p X Ω[:, :k]): nested ranks by construction.
     oversample > 0: C = Qᵀ X, C = V Σ Wᵀ via the m x m Gram matrix, A = Q V_r Σ_r, B = W_rᵀ: the best rank-r
@@ -110,7 +118,6 @@ class Subspace(nn.Module):
     @torch.no_grad()
     def init_from_data(self, batches):
         """Ω = top principal directions of the training tokens (eigenvectors of Σ XᵀX), in float64."""
-        from svd_baseline import principal_directions
         V = principal_directions(batches, self.omega.device)
         self.omega.copy_(V[:, : self.omega.shape[1]].to(self.omega.dtype))
 
@@ -132,11 +139,11 @@ class Subspace(nn.Module):
         r = self.rank if rank is None else rank
         if not 1 <= r <= self.rank:
             raise ValueError(f"rank {r}: this model serves ranks 1..{self.rank} (its trained rank)")
-        if self.omega.shape[1] == self.rank:               # nested by column order: only the first r columns
+        if self.omega.shape[1] == self.rank:  # nested by column order: only the first r columns
             Q = self.basis(X, r)
             return Q, Q.transpose(1, 2) @ X
-        Q = self.basis(X)                                  # [B, T, m]
-        C = Q.transpose(1, 2) @ X                          # [B, m, D]
+        Q = self.basis(X)  # [B, T, m]
+        C = Q.transpose(1, 2) @ X  # [B, m, D]
         w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
         V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()
         V, s = V.to(X.dtype), s.to(X.dtype)
@@ -146,13 +153,13 @@ class Subspace(nn.Module):
         return A, B
 
     @staticmethod
-    def objective(X, Xhat, A, B):
+    def objective(X, A, B):
         """What subspace training minimises: the mean over nested ranks k = 16, 32, ..., r of the share of X's
         energy outside the first k components, 1 - Σ_{i<=k} ‖a_i‖²‖b_i‖² / ‖X‖² (exact here because A's columns
         and B's rows are mutually orthogonal: Q is orthonormal, or B = W_rᵀ). Differentiable through QR."""
-        cum = (A.pow(2).sum(1) * B.pow(2).sum(2)).cumsum(1)    # [batch, r]
+        cum = (A.pow(2).sum(1) * B.pow(2).sum(2)).cumsum(1)  # [batch, r]
         r = A.shape[-1]
-        ks = sorted({2 ** j for j in range(4, 16) if 2 ** j < r} | {r})  # 16, 32, 64, ... below r, and r
+        ks = sorted({2**j for j in range(4, 16) if 2**j < r} | {r})  # 16, 32, 64, ... below r, and r
         total = X.pow(2).sum((1, 2))
         return torch.stack([1 - (cum[:, k - 1] / total).mean() for k in ks]).mean()
 
@@ -182,7 +189,7 @@ def loss_terms(X, Xhat, A, B, lambda_B=1e-4, lambda_ortho=1e-3):
     recon = F.mse_loss(Xhat, X)
     b_reg = B.pow(2).mean()
     eye = torch.eye(r, device=B.device, dtype=B.dtype)
-    ortho = (B @ B.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean() / r ** 2
+    ortho = (B @ B.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean() / r**2
     total = recon + lambda_B * b_reg + lambda_ortho * ortho
     return {"total": total, "recon": recon, "b_reg": b_reg, "ortho": ortho}
 
@@ -190,9 +197,15 @@ def loss_terms(X, Xhat, A, B, lambda_B=1e-4, lambda_ortho=1e-3):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoint format: a plain dict, loaded with weights_only=True
 
+
 def make_checkpoint(model, config, epoch, best_val_mse, optimizer=None, scheduler=None, extra=None):
-    ck = {"format": "low-rank-image/1", "config": config, "model": model.state_dict(), "epoch": epoch,
-          "best_val_mse": best_val_mse}
+    ck = {
+        "format": "low-rank-image/1",
+        "config": config,
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "best_val_mse": best_val_mse,
+    }
     if optimizer is not None:
         ck["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -204,7 +217,6 @@ def make_checkpoint(model, config, epoch, best_val_mse, optimizer=None, schedule
 def read_checkpoint(path, device="cpu"):
     """The checkpoint dict, read as plain data (weights_only): a .pt from elsewhere is data, never unpickled code.
     Every way a file can fail to be a checkpoint ends in one UserError line."""
-    from qwenvl_dataloader import UserError
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: train first (./train.sh ... or python train_real_data.py)")
@@ -212,16 +224,22 @@ def read_checkpoint(path, device="cpu"):
         ck = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a pickle of objects: a damaged or foreign file
-            raise UserError(f"{path} is not a readable checkpoint (UnpicklingError: "
-                            f"{str(e).splitlines()[0][:200]}); was it written completely?") from None
+            raise UserError(
+                f"{path} is not a readable checkpoint (UnpicklingError: "
+                f"{str(e).splitlines()[0][:200]}); was it written completely?"
+            ) from None
         # weights_only refused a pickled object: never load it as code
         found = re.search(r"GLOBAL (\S+)", str(e))
-        raise UserError(f"{path} is refused: it is not plain data (it holds a pickled Python object"
-                        f"{f', {found.group(1)}' if found else ''}); a low-rank-image checkpoint holds only tensors "
-                        f"and plain types") from None
+        raise UserError(
+            f"{path} is refused: it is not plain data (it holds a pickled Python object"
+            f"{f', {found.group(1)}' if found else ''}); a low-rank-image checkpoint holds only tensors "
+            f"and plain types"
+        ) from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); was it written completely?") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); was it written completely?"
+        ) from None
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
         raise UserError(f"{path} is not a low-rank-image checkpoint (no config/model entries)")
     return ck
@@ -229,16 +247,47 @@ def read_checkpoint(path, device="cpu"):
 
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode on device, checkpoint dict)."""
-    from qwenvl_dataloader import UserError
     ck = read_checkpoint(path, device)
     try:
         if ck["config"].get("compressed"):  # compress.py's int8 / pruned checkpoints
-            from compress import load_compressed
             model = load_compressed(ck)
         else:
             model = build_model(ck["config"])
             model.load_state_dict(ck["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: the checkpoint's config and weights do not build a model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{path}: the checkpoint's config and weights do not build a model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     return model.to(device).eval(), ck
+
+
+def quantized_state(qmodel):
+    """A dynamically quantised model's Linear layers as plain tensors: int8 weight, its scale and zero point, bias."""
+    sd = {}
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, torch.ao.nn.quantized.dynamic.Linear):
+            w, b = mod._packed_params._weight_bias()
+            sd[f"{name}.weight_int8"] = w.int_repr()
+            sd[f"{name}.weight_scale"] = torch.tensor(w.q_scale())
+            sd[f"{name}.weight_zero_point"] = torch.tensor(w.q_zero_point())
+            sd[f"{name}.bias"] = b
+        elif not list(mod.children()) and "_packed_params" not in name:  # (the quantised Linear's own packing)
+            for k, v in mod.state_dict().items():
+                sd[f"{name}.{k}"] = v
+    return sd
+
+
+def load_compressed(ck):
+    """Rebuild the float model a compressed checkpoint describes (compress.py model): int8 Ω or int8 Linear weights
+    are dequantised into the float model, which computes in float32 from the int8 values."""
+    model = build_model(ck["config"])
+    sd = dict(ck["model"])
+    if "omega_int8" in ck:
+        sd["omega"] = dequantize_rows(ck["omega_int8"]).T
+    for k in [k for k in sd if k.endswith(".weight_int8")]:
+        stem = k[: -len(".weight_int8")]
+        scale, zero = sd.pop(f"{stem}.weight_scale").float(), sd.pop(f"{stem}.weight_zero_point").float()
+        sd[f"{stem}.weight"] = (sd.pop(k).float() - zero) * scale
+    model.load_state_dict(sd)
+    return model

@@ -19,12 +19,15 @@ Each image i is X_i = U_i diag(σ_i) V_iᵀ, scaled to unit RMS per entry:
           vision-transformer tokens gave about 0.02 and 0.005: this is a little easier at 16 and harder at 128.
 This is a generator fitted to two published/measured numbers, not real features: say so when quoting it.
 """
+
 import argparse
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-import qwenvl_dataloader as qd
+from cli import HelpFormatter, UserError, run_cli
+from feature_cache import MANIFEST, atomic_save, feature_path
 
 
 def generate(num, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), ramp=64, seed=0):
@@ -37,48 +40,80 @@ def generate(num, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), 
         a = alpha + alpha_std * torch.randn((), generator=g, dtype=torch.float64)
         sig = j ** (-a)
         U = torch.linalg.qr(torch.randn(T, T, generator=g, dtype=torch.float64))[0]
-        W = rho.sqrt() * S + (1 - rho).sqrt() * torch.randn(D, T, generator=g, dtype=torch.float64) / D ** 0.5
+        W = rho.sqrt() * S + (1 - rho).sqrt() * torch.randn(D, T, generator=g, dtype=torch.float64) / D**0.5
         V = torch.linalg.qr(W)[0]  # column order kept: image direction j is mostly common direction j
         yield i, ((U * sig) @ V.T * (T * D) ** 0.5 / sig.norm()).float()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
+def get_args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", default="feature_cache_hard", help="the cache folder to write")
     ap.add_argument("--num", type=int, default=600, help="number of images")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per image T (a square grid)")
     ap.add_argument("--dim", type=int, default=2048, help="feature dim D")
     ap.add_argument("--alpha", type=float, default=0.8, help="power-law exponent of each image's spectrum (mean)")
     ap.add_argument("--alpha_std", type=float, default=0.05, help="its spread over images")
-    ap.add_argument("--shared_top", type=float, default=0.05, help="share of an image's top direction in the common "
-                                                                    "subspace")
+    ap.add_argument(
+        "--shared_top", type=float, default=0.05, help="share of an image's top direction in the common subspace"
+    )
     ap.add_argument("--shared_tail", type=float, default=0.3, help="the same share from direction --ramp on")
     ap.add_argument("--ramp", type=int, default=64, help="directions over which the share rises")
-    ap.add_argument("--groups", type=int, default=20, help="images are split by group (like photos): image i is in "
-                                                           "group i %% groups")
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=20,
+        help="images are split by group (like photos): image i is in group i %% groups",
+    )
     ap.add_argument("--seed", type=int, default=0, help="everything above is drawn from this seed")
-    args = ap.parse_args(argv)
-    side = round(args.tokens ** 0.5)
+    return ap
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    side = round(args.tokens**0.5)
     if side * side != args.tokens:
-        raise qd.UserError(f"--tokens {args.tokens}: a square grid is needed (e.g. 256 = 16 x 16)")
+        raise UserError(f"--tokens {args.tokens}: a square grid is needed (e.g. 256 = 16 x 16)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise qd.UserError(f"--out {out} exists and is not empty: choose a new folder")
+        raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     out.mkdir(parents=True)
-    from tqdm import tqdm
     params = {k: getattr(args, k) for k in ("alpha", "alpha_std", "shared_top", "shared_tail", "ramp", "seed", "num")}
     samples = {}
-    for i, X in tqdm(generate(args.num, args.tokens, args.dim, args.alpha, args.alpha_std,
-                              (args.shared_top, args.shared_tail), args.ramp, args.seed), total=args.num, desc="synth"):
-        qd.atomic_save(X, qd.feature_path(out, i))
+    for i, X in tqdm(
+        generate(
+            args.num,
+            args.tokens,
+            args.dim,
+            args.alpha,
+            args.alpha_std,
+            (args.shared_top, args.shared_tail),
+            args.ramp,
+            args.seed,
+        ),
+        total=args.num,
+        desc="synth",
+    ):
+        atomic_save(X, feature_path(out, i))
         samples[str(i)] = {"id": f"synth-{i:05d}", "image_id": f"group-{i % args.groups}"}
-    m = {"encoder": {"model": "synthetic-hard", "family": "synthetic", "revision": None, "dtype": "float32",
-                     "image_size": side * 28, "cell": 28, "grid": [side, side], "feature_dim": args.dim,
-                     "generator": params},
-         "source": {"kind": "synthetic", "path": None, "num_samples": args.num}, "samples": samples, "failed": {}}
-    qd.atomic_save(m, out / qd.MANIFEST)
+    m = {
+        "encoder": {
+            "model": "synthetic-hard",
+            "family": "synthetic",
+            "revision": None,
+            "dtype": "float32",
+            "image_size": side * 28,
+            "cell": 28,
+            "grid": [side, side],
+            "feature_dim": args.dim,
+            "generator": params,
+        },
+        "source": {"kind": "synthetic", "path": None, "num_samples": args.num},
+        "samples": samples,
+        "failed": {},
+    }
+    atomic_save(m, out / MANIFEST)
     print(f"wrote {args.num} synthetic [{args.tokens}, {args.dim}] feature matrices to {out} ({params})")
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

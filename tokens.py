@@ -5,18 +5,11 @@ with rank-k truncated SVD, which no choice of k tokens can beat (X̂ has rank <=
 
     python tokens.py --results_dir results --ks 16,32,64,128
 
-Rules (each per image, on the normalised features):
-    leverage    the k largest leverage scores of the rank-k SVD, ‖U_k[t]‖² (SVD-Prune, arXiv 2604.11530)
-    lrcp        the k tokens worst explained by the training split's top principal subspace (--lrcp_rank), i.e.
-                the largest residual ‖x − P x‖ (LRCP, arXiv 2605.15621)
-    pivoted_qr  column-pivoted QR of Xᵀ: greedily the token farthest from the span of those already kept (a classical
-                column-subset selection; LAPACK's geqp3 criterion)
-    norm        the k largest token norms ‖x_t‖
-    grid        a uniform spatial grid of k cells over the H×W token grid
-    random      k tokens drawn uniformly (seeded)
+Rules (token_selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, norm, grid, random.
 Writes tokens_<name>.json / .csv, tokens_<name>_cosine.png (cosine vs k per rule, with SVD), tokens_<name>_box.png
 (answer-box recall vs k) and tokens_<name>_kept.png (the kept tokens over one image, with its box).
 """
+
 import argparse
 import csv
 import json
@@ -26,96 +19,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-
-RULES = ("leverage", "lrcp", "pivoted_qr", "norm", "grid", "random")
-
-
-def pivoted_qr(X, k):
-    """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token with the largest
-    norm after removing its components along the tokens already kept (modified Gram-Schmidt, float64)."""
-    R = X.double().clone()
-    norms = (R * R).sum(1)
-    tiny = 1e-24 * max(1.0, float(norms.max()))
-    kept = []
-    for _ in range(min(k, len(R))):
-        norms[kept] = -1.0
-        t = int(norms.argmax())
-        if norms[t] <= tiny:
-            break  # the rest lies in the span already kept: any further token adds nothing
-        kept.append(t)
-        q = R[t] / R[t].norm()
-        c = R @ q
-        R -= torch.outer(c, q)
-        norms = (R * R).sum(1) if len(kept) % 16 == 0 else norms - c * c  # downdate, recomputed now and then
-    if len(kept) < k:  # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
-        rest = [t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept]
-        kept += rest[: k - len(kept)]
-    return torch.tensor(kept)
+import metrics
+from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
+from images import Source, load_image
+from metrics import scale_bbox
+from qwenvl_dataloader import FeatureDataset, principal_basis
+from runs import first, read_run
+from token_selection import RULES, box_hits, reconstruct_from, select
 
 
-def grid_tokens(hw, k):
-    """k tokens on a uniform spatial lattice of the H×W grid: gh × gw cell centres (gh/gw ≈ H/W, gh·gw >= k), thinned
-    evenly to exactly k, raster order."""
-    H, W = hw
-    gh = max(1, min(H, round(math.sqrt(k * H / W))))
-    gw = min(W, math.ceil(k / gh))
-    while gh * gw < k:
-        gh, gw = min(H, gh + 1), min(W, math.ceil(k / min(H, gh + 1)))
-    pts = [int((i + 0.5) * H / gh) * W + int((j + 0.5) * W / gw) for i in range(gh) for j in range(gw)]
-    keep = np.round(np.linspace(0, len(pts) - 1, k)).astype(int)
-    return torch.tensor(sorted({pts[i] for i in keep}))
-
-
-def select(rule, X, k, hw=None, basis=None, generator=None):
-    """Indices [k] of the tokens rule keeps for one image X [T, D]."""
-    if rule == "leverage":  # U_k from the eigenvectors of the T x T Gram matrix (float64)
-        Xd = X.double()
-        U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
-        return (U * U).sum(1).topk(k).indices
-    if rule == "lrcp":
-        Xd = X.double()
-        resid = Xd - (Xd @ basis) @ basis.T
-        return (resid * resid).sum(1).topk(k).indices
-    if rule == "pivoted_qr":
-        return pivoted_qr(X, k)
-    if rule == "norm":
-        return (X.double() ** 2).sum(1).topk(k).indices
-    if rule == "grid":
-        return grid_tokens(hw, k)
-    if rule == "random":
-        return torch.randperm(len(X), generator=generator)[:k]
-    raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
-
-
-def lrcp_basis(cache, train_idx, norm, rank):
-    """lrcp's basis: the top `rank` principal directions [D, rank] of the training split's tokens."""
-    train = qd.make_loader(qd.FeatureDataset(cache, train_idx, norm, preload=False), 32)
-    return sb.principal_directions(X for X, _ in train)[:, :rank]
-
-
-def reconstruct_from(X, kept, rtol=1e-10):
-    """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably as X·V·Vᵀ with V
-    the right singular vectors of X_S above rtol·σ₁ (float64)."""
-    Xd = X.double()
-    _, S, Vh = torch.linalg.svd(Xd[kept], full_matrices=False)
-    V = Vh[S > rtol * S[0]].T if len(S) and S[0] > 0 else Vh[:0].T
-    return (Xd @ V) @ V.T
-
-
-def box_hits(kept, mask):
-    """(recall, precision) of a kept set against an answer-box mask: the share of the box's tokens kept, and the
-    share of the kept tokens inside the box."""
-    hit = int(mask[kept].sum())
-    return hit / int(mask.sum()), hit / len(kept)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=qd.HelpFormatter)
-    ap.add_argument("--results_dir", default="results", help="a training run's folder: its split.json and config "
-                                                           "(cache, normalisation) are used; no model is needed")
+def get_args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--results_dir",
+        default="results",
+        help="a training run's folder: its split.json and config (cache, normalisation) are used; no model is needed",
+    )
     ap.add_argument("--cache_dir", default=None, help="default: the cache of the training run")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="samples to evaluate")
     ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
@@ -124,110 +46,166 @@ def main(argv=None):
     ap.add_argument("--lrcp_rank", type=int, default=32, help="lrcp: rank of the training split's principal subspace")
     ap.add_argument("--seed", type=int, default=0, help="random rule")
     ap.add_argument("--name", default=None, help="output stem tokens_<name> (default: the split)")
-    ap.add_argument("--draw_idx", type=int, default=0, help="position in the split of the image drawn with its kept "
-                                                           "tokens")
+    ap.add_argument(
+        "--draw_idx", type=int, default=0, help="position in the split of the image drawn with its kept tokens"
+    )
     ap.add_argument("--draw_k", type=int, default=32, help="k of that drawing")
-    args = ap.parse_args(argv)
-    from tqdm import tqdm
+    return ap
 
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     out = Path(args.results_dir)
-    cfg, split = qd.read_run(out)
+    cfg, split = read_run(out)
     cache, norm = args.cache_dir or cfg["cache_dir"], cfg["normalization"]
-    T, D = qd.cached_shape(cache)
-    hw = qd.cache_grid(cache)
-    ks = [int(k) for k in args.ks.split(",")]
-    rules = args.rules.split(",")
+    T, D = cached_shape(cache)
+    hw = cache_grid(cache)
+    ks, rules = parse_ints(args.ks), args.rules.split(",")
     for k in ks:
-        qd.check_rank(k, min(T, D), "--ks")
+        check_rank(k, min(T, D), "--ks")
     bad = set(rules) - set(RULES)
     if bad:
-        raise qd.UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES)}")
-    idx = split[args.split][: args.num_samples] if args.num_samples else split[args.split]
-    X_all = [x for x, _ in qd.FeatureDataset(cache, idx, norm)]
-    masks = qd.answer_box_masks(cache, idx)
+        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES)}")
+    idx = first(split[args.split], args.num_samples)
+    X_all = [x for x, _ in FeatureDataset(cache, idx, norm)]
+    masks = answer_box_masks(cache, idx)
     basis = None
     if "lrcp" in rules:
-        qd.check_rank(args.lrcp_rank, min(T, D), "--lrcp_rank")
-        basis = lrcp_basis(cache, split["train"], norm, args.lrcp_rank)
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"{len(idx)} {args.split} samples [{T}, {D}] ({hw[0]}x{hw[1]} grid) from {cache} ({norm}); "
-          f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
-          f"principal directions of {len(split['train'])} training images")
-
-    rows, per_sample = [], []
-    for k in ks:
-        svd_m = sb.metrics(torch.stack(X_all), torch.cat([sb.svd_reconstruct(x[None], k) for x in X_all]))
-        for rule in tqdm(rules, desc=f"k={k}", leave=False):
-            cos, en, rec, prec, base_rec, base_prec, secs = [], [], [], [], [], [], 0.0
-            for j, (i, X) in enumerate(zip(idx, X_all)):
-                t0 = time.perf_counter()
-                kept = select(rule, X, k, hw, basis, gen)
-                secs += time.perf_counter() - t0
-                m = sb.metrics(X[None], reconstruct_from(X, kept)[None])
-                cos.append(m["cosine"].item()), en.append(m["energy"].item())
-                rec_i = prec_i = None
-                if masks[i] is not None:
-                    rec_i, prec_i = box_hits(kept, masks[i])
-                    rec.append(rec_i), prec.append(prec_i)
-                    base_rec.append(k / T), base_prec.append(int(masks[i].sum()) / T)
-                per_sample.append({"sample_id": i, "rule": rule, "k": k, "cosine": cos[-1], "energy": en[-1],
-                                   "svd_cosine": svd_m["cosine"][j].item(), "box_recall": rec_i,
-                                   "box_precision": prec_i})
-            svd_cos = svd_m["cosine"].numpy()
-            row = {"rule": rule, "k": k, "n": len(idx), "cosine": float(np.mean(cos)), "cosine_std": float(np.std(cos)),
-                   "energy": float(np.mean(en)), "svd_cosine": float(svd_cos.mean()),
-                   "gap_to_svd": float(np.mean(np.array(cos) - svd_cos)),
-                   "box_n": len(rec), "box_recall": float(np.mean(rec)) if rec else None,
-                   "box_precision": float(np.mean(prec)) if prec else None,
-                   "random_expected_recall": float(np.mean(base_rec)) if rec else None,
-                   "box_area_share": float(np.mean(base_prec)) if rec else None,
-                   "ms_per_sample": 1000 * secs / len(idx)}
-            rows.append(row)
-
-    print(f"{'rule':<11}{'k':>5}{'cosine':>9}{'rank-k SVD':>11}{'gap':>9}{'energy':>8}{'box recall':>11}"
-          f"{'(random)':>9}{'precision':>10}{'(area)':>8}{'ms/sample':>10}")
-    for r in rows:
-        f = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'—':>{w}}"
-        print(f"{r['rule']:<11}{r['k']:>5}{r['cosine']:>9.4f}{r['svd_cosine']:>11.4f}{r['gap_to_svd']:>9.4f}"
-              f"{r['energy']:>8.4f}{f(r['box_recall'], 11)}{f(r['random_expected_recall'], 9)}"
-              f"{f(r['box_precision'], 10)}{f(r['box_area_share'], 8)}{r['ms_per_sample']:>10.2f}")
+        check_rank(args.lrcp_rank, min(T, D), "--lrcp_rank")
+        basis = principal_basis(cache, split["train"], norm)[:, : args.lrcp_rank]
+    print(
+        f"{len(idx)} {args.split} samples [{T}, {D}] ({hw[0]}x{hw[1]} grid) from {cache} ({norm}); "
+        f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
+        f"principal directions of {len(split['train'])} training images"
+    )
+    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, torch.Generator().manual_seed(args.seed))
+    print_rows(rows)
     stem = out / f"tokens_{args.name or args.split}"
-    meta = {"split": args.split, "n": len(idx), "cache_dir": str(cache), "normalization": norm, "grid": list(hw),
-            "shape": [T, D], "lrcp_rank": args.lrcp_rank, "seed": args.seed, "rows": rows}
+    meta = {
+        "split": args.split,
+        "n": len(idx),
+        "cache_dir": str(cache),
+        "normalization": norm,
+        "grid": list(hw),
+        "shape": [T, D],
+        "lrcp_rank": args.lrcp_rank,
+        "seed": args.seed,
+        "rows": rows,
+    }
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(per_sample[0]))
         w.writeheader(), w.writerows(per_sample)
     paths = plot(rows, ks, rules, stem)
     if 0 <= args.draw_idx < len(idx):
-        paths.append(draw_kept(X_all[args.draw_idx], idx[args.draw_idx], cache, rules, args.draw_k, hw, basis,
-                               args.seed, stem))
+        paths.append(
+            draw_kept(X_all[args.draw_idx], idx[args.draw_idx], cache, rules, args.draw_k, hw, basis, args.seed, stem)
+        )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
     return rows
 
 
+def measure(X_all, idx, masks, ks, rules, hw, basis, gen):
+    """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample, rule and k)."""
+    T = len(X_all[0])
+    rows, per_sample = [], []
+    for k in ks:
+        svd_m = metrics.metrics(torch.stack(X_all), torch.cat([metrics.svd_reconstruct(x[None], k) for x in X_all]))
+        for rule in tqdm(rules, desc=f"k={k}", leave=False):
+            cos, en, rec, prec, base_rec, base_prec, secs = [], [], [], [], [], [], 0.0
+            for j, (i, X) in enumerate(zip(idx, X_all)):
+                t0 = time.perf_counter()
+                kept = select(rule, X, k, hw, basis, gen)
+                secs += time.perf_counter() - t0
+                m = metrics.metrics(X[None], reconstruct_from(X, kept)[None])
+                cos.append(m["cosine"].item()), en.append(m["energy"].item())
+                rec_i = prec_i = None
+                if masks[i] is not None:
+                    rec_i, prec_i = box_hits(kept, masks[i])
+                    rec.append(rec_i), prec.append(prec_i)
+                    base_rec.append(k / T), base_prec.append(int(masks[i].sum()) / T)
+                per_sample.append(
+                    {
+                        "sample_id": i,
+                        "rule": rule,
+                        "k": k,
+                        "cosine": cos[-1],
+                        "energy": en[-1],
+                        "svd_cosine": svd_m["cosine"][j].item(),
+                        "box_recall": rec_i,
+                        "box_precision": prec_i,
+                    }
+                )
+            svd_cos = svd_m["cosine"].numpy()
+            mean = lambda v: float(np.mean(v)) if rec else None  # noqa: E731
+            rows.append(
+                {
+                    "rule": rule,
+                    "k": k,
+                    "n": len(idx),
+                    "cosine": float(np.mean(cos)),
+                    "cosine_std": float(np.std(cos)),
+                    "energy": float(np.mean(en)),
+                    "svd_cosine": float(svd_cos.mean()),
+                    "gap_to_svd": float(np.mean(np.array(cos) - svd_cos)),
+                    "box_n": len(rec),
+                    "box_recall": mean(rec),
+                    "box_precision": mean(prec),
+                    "random_expected_recall": mean(base_rec),
+                    "box_area_share": mean(base_prec),
+                    "ms_per_sample": 1000 * secs / len(idx),
+                }
+            )
+    return rows, per_sample
+
+
+def print_rows(rows):
+    print(
+        f"{'rule':<11}{'k':>5}{'cosine':>9}{'rank-k SVD':>11}{'gap':>9}{'energy':>8}{'box recall':>11}"
+        f"{'(random)':>9}{'precision':>10}{'(area)':>8}{'ms/sample':>10}"
+    )
+    for r in rows:
+        f = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'—':>{w}}"  # noqa: E731
+        print(
+            f"{r['rule']:<11}{r['k']:>5}{r['cosine']:>9.4f}{r['svd_cosine']:>11.4f}{r['gap_to_svd']:>9.4f}"
+            f"{r['energy']:>8.4f}{f(r['box_recall'], 11)}{f(r['random_expected_recall'], 9)}"
+            f"{f(r['box_precision'], 10)}{f(r['box_area_share'], 8)}{r['ms_per_sample']:>10.2f}"
+        )
+
+
 def plot(rows, ks, rules, stem):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     paths = [Path(f"{stem}_cosine.png"), Path(f"{stem}_box.png")]
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=150)
     svd = [next(r["svd_cosine"] for r in rows if r["k"] == k) for k in ks]
     ax.plot(ks, svd, "k-", lw=2, label="rank-k truncated SVD (the optimum)")
     for rule in rules:
-        ax.plot(ks, [next(r["cosine"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks], "o-",
-                label=rule)
+        ax.plot(
+            ks, [next(r["cosine"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks], "o-", label=rule
+        )
     ax.set_xscale("log", base=2), ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("tokens kept k"), ax.set_ylabel("cosine of all tokens rebuilt from the kept ones")
     ax.set_title("Token selection vs truncated SVD"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(paths[0]), plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=150)
     if rows[0]["box_recall"] is not None:
-        ax.plot(ks, [next(r["random_expected_recall"] for r in rows if r["k"] == k) for k in ks], "k--",
-                label="random (expected: k / T)")
+        ax.plot(
+            ks,
+            [next(r["random_expected_recall"] for r in rows if r["k"] == k) for k in ks],
+            "k--",
+            label="random (expected: k / T)",
+        )
         for rule in rules:
-            ax.plot(ks, [next(r["box_recall"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks],
-                    "o-", label=rule)
+            ax.plot(
+                ks,
+                [next(r["box_recall"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks],
+                "o-",
+                label=rule,
+            )
         ax.set_title(f"Answer-box recall (n={rows[0]['box_n']} samples with a box)")
     else:
         ax.text(0.5, 0.5, "no sample of this split has an answer box", ha="center", transform=ax.transAxes)
@@ -240,15 +218,17 @@ def plot(rows, ks, rules, stem):
 def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
     """The kept tokens of each rule over the image, with the answer box."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    size = qd.cache_image_size(cache)
-    meta = qd.load_manifest(cache)["samples"].get(str(sid), {})
+
+    size = cache_image_size(cache)
+    manifest = load_manifest(cache)
+    meta = manifest["samples"].get(str(sid), {})
     image = None
     try:
-        src = qd.Source(qd.load_manifest(cache)["source"]["path"])
-        image = np.asarray(qd.load_image(src.image(sid), size))
+        image = np.asarray(load_image(Source(manifest["source"]["path"]).image(sid), size))
     except Exception as e:  # the source moved: draw the grid alone
         print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token grid only")
     H, W = hw
@@ -260,13 +240,20 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
         m[kept.numpy()] = 1
         if image is not None:
             a.imshow(image)
-        a.imshow(m.reshape(H, W), cmap="magma", alpha=0.5, vmin=0, vmax=1, extent=(0, size[0], size[1], 0),
-                 interpolation="nearest")
+        a.imshow(
+            m.reshape(H, W),
+            cmap="magma",
+            alpha=0.5,
+            vmin=0,
+            vmax=1,
+            extent=(0, size[0], size[1], 0),
+            interpolation="nearest",
+        )
         if meta.get("bbox") and meta.get("image_size"):
-            x, y, w, h = sb.scale_bbox(meta["bbox"], meta["image_size"], size)
+            x, y, w, h = scale_bbox(meta["bbox"], meta["image_size"], size)
             a.add_patch(Rectangle((x, y), w, h, fill=False, ec="cyan", lw=2))
         a.set_title(f"{rule}: {k} of {H * W} kept", fontsize=9), a.set_xticks([]), a.set_yticks([])
-    for a in ax.flat[len(rules):]:
+    for a in ax.flat[len(rules) :]:
         a.axis("off")
     fig.suptitle(f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)", fontsize=10)
     path = Path(f"{stem}_kept.png")
@@ -275,4 +262,4 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

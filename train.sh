@@ -13,8 +13,9 @@ if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   cat <<'USAGE'
 usage: ./train.sh [batch_size] [epochs] [lr] [rank] [lambda_B] [lambda_ortho] [results_dir] [flags...]
 
-Positionals (all optional, in this order; defaults 8 20 0.001 128 0.0001 0.001 results), then any flags of
-train_real_data.py, passed through. Flags alone are fine: ./train.sh --cache_dir feature_cache_real --arch subspace
+Positionals (all optional, in this order), then any flags of train_real_data.py, passed through. A positional
+that is not given takes train_real_data.py's default (listed below): the parser is the one source of every default.
+Flags alone are fine: ./train.sh --cache_dir feature_cache_real --arch subspace
 The python used: $PYTHON, else the active environment's, else the .venv beside this script.
 
 train_real_data.py's own help:
@@ -26,14 +27,9 @@ pos=()
 while [ $# -gt 0 ] && [ ${#pos[@]} -lt 7 ] && [[ "$1" != -* || "$1" =~ ^-?[0-9.]+([eE][-+]?[0-9]+)?$ ]]; do
   pos+=("$1"); shift
 done
-BATCH_SIZE=${pos[0]:-8}
-EPOCHS=${pos[1]:-20}
-LR=${pos[2]:-0.001}
-RANK=${pos[3]:-128}
-LAMBDA_B=${pos[4]:-0.0001}
-LAMBDA_ORTHO=${pos[5]:-0.001}
-RESULTS_DIR=${pos[6]:-results}
-cmd=("$PY" "$here/train_real_data.py" --batch_size "$BATCH_SIZE" --epochs "$EPOCHS" --lr "$LR" --rank "$RANK"
-     --lambda_B "$LAMBDA_B" --lambda_ortho "$LAMBDA_ORTHO" --results_dir "$RESULTS_DIR" "$@")
+names=(--batch_size --epochs --lr --rank --lambda_B --lambda_ortho --results_dir)
+cmd=("$PY" "$here/train_real_data.py")
+for i in "${!pos[@]}"; do cmd+=("${names[$i]}" "${pos[$i]}"); done
+cmd+=("$@")
 echo "+ ${cmd[*]}"
 exec "${cmd[@]}"

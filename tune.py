@@ -8,6 +8,7 @@ arch (and rank with --tune_rank), pruning on the per-epoch validation MSE. Resum
 Writes into --results_dir: split.json (shared by every trial), trial_<n>/ (each trial's run), best_params.json,
 optimization_history.png, param_importances.png, and prints the train.sh command of the best trial.
 """
+
 import argparse
 import json
 import shutil
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import optuna
 
-import qwenvl_dataloader as qd
-import train_real_data as T
+from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from feature_cache import NORMALIZATIONS, cached_shape
+from runs import load_or_make_split
+from training import get_args_parser as training_parser
+from training import train
+
+TRAINING = training_parser()  # each trial's flags are training's, its defaults the one source of theirs
 
 
 def storage_from(spec, results_dir):
@@ -26,13 +32,27 @@ def storage_from(spec, results_dir):
         return spec
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
     return JournalStorage(JournalFileBackend(spec))
 
 
 def train_argv(p, args, trial_dir):
-    argv = ["--cache_dir", args.cache_dir, "--results_dir", str(trial_dir), "--epochs", str(args.epochs),
-            "--patience", str(args.patience), "--seed", str(args.seed), "--normalize", args.normalize,
-            "--group_by", args.group_by]
+    argv = [
+        "--cache_dir",
+        args.cache_dir,
+        "--results_dir",
+        str(trial_dir),
+        "--epochs",
+        str(args.epochs),
+        "--patience",
+        str(args.patience),
+        "--seed",
+        str(args.seed),
+        "--normalize",
+        args.normalize,
+        "--group_by",
+        args.group_by,
+    ]
     for k in ("lr", "lambda_B", "lambda_ortho", "weight_decay", "batch_size", "arch", "rank"):
         argv += [f"--{k}", str(p[k])]
     if args.device:
@@ -42,53 +62,64 @@ def train_argv(p, args, trial_dir):
     return argv
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Optuna search over the training hyperparameters.",
-                                 formatter_class=qd.HelpFormatter)
-    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache")
+def get_args_parser():
+    ap = argparse.ArgumentParser(
+        description="Optuna search over the training hyperparameters.", formatter_class=HelpFormatter
+    )
+    ap.add_argument("--cache_dir", default=TRAINING.get_default("cache_dir"), help="the feature cache")
     ap.add_argument("--results_dir", default="results_tune", help="study folder: trials, journal, plots")
     ap.add_argument("--study_name", default="low-rank-image", help="Optuna study name (resumed if it exists)")
-    ap.add_argument("--storage", default=None, help="journal file path (default <results_dir>/optuna_journal.log) "
-                                                    "or an RDB URL such as postgresql://user:pw@host/db")
-    ap.add_argument("--n_trials", type=int, default=20, help="total trials in the study (resumed studies count "
-                                                             "those already finished)")
+    ap.add_argument(
+        "--storage",
+        default=None,
+        help="journal file path (default <results_dir>/optuna_journal.log) "
+        "or an RDB URL such as postgresql://user:pw@host/db",
+    )
+    ap.add_argument(
+        "--n_trials",
+        type=int,
+        default=20,
+        help="total trials in the study (resumed studies count those already finished)",
+    )
     ap.add_argument("--timeout", type=float, default=None, help="seconds for this invocation")
     ap.add_argument("--epochs", type=int, default=10, help="epochs per trial")
-    ap.add_argument("--patience", type=int, default=10, help="early-stopping patience per trial")
+    ap.add_argument(
+        "--patience", type=int, default=TRAINING.get_default("patience"), help="early-stopping patience per trial"
+    )
     ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
-    ap.add_argument("--rank", type=int, default=128, help="rank of every trial (without --tune_rank)")
+    ap.add_argument(
+        "--rank", type=int, default=TRAINING.get_default("rank"), help="rank of every trial (without --tune_rank)"
+    )
     ap.add_argument("--tune_rank", action="store_true", help="also search the rank over --ranks")
     ap.add_argument("--ranks", default="32,64,128", help="ranks searched with --tune_rank")
     ap.add_argument("--batch_sizes", default="4,8,16,32", help="batch sizes searched")
-    ap.add_argument("--normalize", default="layernorm", choices=qd.NORMALIZATIONS, help="as in training")
-    ap.add_argument("--seed", type=int, default=42, help="split and sampler seed")
+    ap.add_argument(
+        "--normalize", default=TRAINING.get_default("normalize"), choices=NORMALIZATIONS, help="as in training"
+    )
+    ap.add_argument("--seed", type=int, default=TRAINING.get_default("seed"), help="split and sampler seed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
-    ap.add_argument("--group_by", default=qd.GROUP_AUTO, help="split grouping, as train_real_data.py's")
+    ap.add_argument(
+        "--group_by", default=TRAINING.get_default("group_by"), help="split grouping, as train_real_data.py's"
+    )
     ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")
-    args = ap.parse_args(argv)
+    return ap
 
-    tokens = min(qd.cached_shape(args.cache_dir))
-    for r in ([int(r) for r in args.ranks.split(",")] if args.tune_rank else [args.rank]):
-        qd.check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    qd.load_or_make_split(out, args.cache_dir, args.seed, args.max_samples, args.group_by,
-                          args.resplit)  # one split for every trial
-    study = optuna.create_study(study_name=args.study_name, storage=storage_from(args.storage, out),
-                                direction="minimize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=args.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+
+def make_objective(args, out):
+    """Optuna's objective: one training per trial in <out>/trial_<n>, on the study's split; the best validation MSE,
+    reported after every epoch so the pruner can stop a poor trial."""
 
     def objective(trial):
-        p = {"lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-             "lambda_B": trial.suggest_float("lambda_B", 1e-6, 1e-2, log=True),
-             "lambda_ortho": trial.suggest_float("lambda_ortho", 1e-5, 1e-1, log=True),
-             "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
-             "batch_size": trial.suggest_categorical("batch_size", [int(b) for b in args.batch_sizes.split(",")]),
-             "arch": trial.suggest_categorical("arch", args.archs.split(",")),
-             "rank": (trial.suggest_categorical("rank", [int(r) for r in args.ranks.split(",")])
-                      if args.tune_rank else args.rank)}
+        p = {
+            "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            "lambda_B": trial.suggest_float("lambda_B", 1e-6, 1e-2, log=True),
+            "lambda_ortho": trial.suggest_float("lambda_ortho", 1e-5, 1e-1, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", parse_ints(args.batch_sizes)),
+            "arch": trial.suggest_categorical("arch", args.archs.split(",")),
+            "rank": (trial.suggest_categorical("rank", parse_ints(args.ranks)) if args.tune_rank else args.rank),
+        }
         trial_dir = out / f"trial_{trial.number}"
         if trial_dir.exists():  # a trial that died midway starts again cleanly
             shutil.rmtree(trial_dir)
@@ -101,31 +132,75 @@ def main(argv=None):
             trial.report(rec["val_mse"], rec["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {rec['epoch']} (val MSE {rec['val_mse']:.5g})")
-        T.main(train_argv(p, args, trial_dir), on_epoch=on_epoch, test_at_end=False)
+
+        train(TRAINING.parse_args(train_argv(p, args, trial_dir)), on_epoch=on_epoch, test_at_end=False)
         return best[0]
 
-    done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                         optuna.trial.TrialState.PRUNED)])
+    return objective
+
+
+def write_best(study, args, out, complete):
+    """best_params.json -> the best trial's parameters."""
+    best = study.best_trial
+    p = dict(best.params)
+    p.setdefault("rank", args.rank)
+    (out / "best_params.json").write_text(
+        json.dumps(
+            {
+                "trial": best.number,
+                "val_mse": best.value,
+                "params": p,
+                "epochs": args.epochs,
+                "n_complete": len(complete),
+                "n_pruned": len(study.trials) - len(complete),
+            },
+            indent=1,
+        )
+    )
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+
+    tokens = min(cached_shape(args.cache_dir))
+    for r in parse_ints(args.ranks) if args.tune_rank else [args.rank]:
+        check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    load_or_make_split(
+        out, args.cache_dir, args.seed, args.max_samples, args.group_by, args.resplit
+    )  # one split for every trial
+    study = optuna.create_study(
+        study_name=args.study_name,
+        storage=storage_from(args.storage, out),
+        direction="minimize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=args.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+
+    objective = make_objective(args, out)
+    done = len(
+        [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    )
     todo = max(0, args.n_trials - done)
     print(f"study '{args.study_name}': {done} trials done, running {todo} more")
     if todo:
         study.optimize(objective, n_trials=todo, timeout=args.timeout, catch=(SystemExit,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise qd.UserError("no trial completed")
-    best = study.best_trial
-    p = dict(best.params)
-    p.setdefault("rank", args.rank)
-    (out / "best_params.json").write_text(json.dumps({"trial": best.number, "val_mse": best.value, "params": p,
-                                                      "epochs": args.epochs, "n_complete": len(complete),
-                                                      "n_pruned": len(study.trials) - len(complete)}, indent=1))
+        raise UserError("no trial completed")
+    p = write_best(study, args, out, complete)
     plots(study, out)
-    print(f"best trial {best.number}: val MSE {best.value:.6g} with {p}")
+    print(f"best trial {study.best_trial.number}: val MSE {study.best_trial.value:.6g} with {p}")
     print(f"wrote {out / 'best_params.json'}, {out / 'optimization_history.png'}, {out / 'param_importances.png'}")
     print("reproduce it with:")
-    print(f"  ./train.sh {p['batch_size']} {args.epochs} {p['lr']:.3g} {p['rank']} {p['lambda_B']:.3g} "
-          f"{p['lambda_ortho']:.3g} results_best --arch {p['arch']} --weight_decay {p['weight_decay']:.3g} "
-          f"--seed {args.seed} --cache_dir {args.cache_dir}")
+    print(
+        f"  ./train.sh {p['batch_size']} {args.epochs} {p['lr']:.3g} {p['rank']} {p['lambda_B']:.3g} "
+        f"{p['lambda_ortho']:.3g} results_best --arch {p['arch']} --weight_decay {p['weight_decay']:.3g} "
+        f"--seed {args.seed} --cache_dir {args.cache_dir}"
+    )
     return study
 
 
@@ -134,21 +209,30 @@ def plots(study, out, min_trials_for_importance=5):
     param_importances.png: Optuna's fANOVA importances, or, with fewer than 5 complete trials, a note saying why none
     are drawn (importances from so few trials are noise)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     fig, ax = plt.subplots(figsize=(8, 5))
     n, v = [t.number for t in done], [t.value for t in done]
     ax.plot(n, v, "o", label="trial (complete)")
-    ax.step(n, [min(v[:k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far")
+    ax.step(n, [min(v[: k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far")
     ax.set_yscale("log"), ax.set_xlabel("trial"), ax.set_ylabel("validation MSE (best epoch)")
-    ax.set_title(f"Optuna study '{study.study_name}': {len(done)} complete, "
-                 f"{len(study.trials) - len(done)} pruned or failed"), ax.legend(), ax.grid(alpha=0.3)
+    (
+        ax.set_title(
+            f"Optuna study '{study.study_name}': {len(done)} complete, {len(study.trials) - len(done)} pruned or failed"
+        ),
+        ax.legend(),
+        ax.grid(alpha=0.3),
+    )
     fig.tight_layout(), fig.savefig(out / "optimization_history.png", dpi=120), plt.close(fig)
     fig = None
     if len(done) >= min_trials_for_importance:
         import warnings
+
         import optuna.visualization.matplotlib as vm
+
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         try:
             ax = vm.plot_param_importances(study)
@@ -158,8 +242,10 @@ def plots(study, out, min_trials_for_importance=5):
         except (RuntimeError, ValueError) as e:
             why = f"parameter importances unavailable: {e}"
     else:
-        why = (f"{len(done)} complete trial(s): importances need at least {min_trials_for_importance} "
-               f"(with fewer they are noise)")
+        why = (
+            f"{len(done)} complete trial(s): importances need at least {min_trials_for_importance} "
+            f"(with fewer they are noise)"
+        )
     if fig is None:
         fig, ax = plt.subplots(figsize=(8, 5))
         ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
@@ -170,4 +256,4 @@ def plots(study, out, min_trials_for_importance=5):
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

@@ -5,6 +5,7 @@ interactive HTML view.
 
     python visualize_svd_nn.py --image_idx 0 --rank 128 --results_dir results
 """
+
 import argparse
 import html
 import json
@@ -13,10 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-from compare_svd_nn import load_run
-from svd_baseline import scale_bbox
+import metrics
+from cli import HelpFormatter, UserError, run_cli
+from feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
+from images import Source, load_image
+from metrics import scale_bbox
+from qwenvl_dataloader import FeatureDataset
+from runs import load_run, read_split
+
 
 def parse_channels(spec, dim):
     """'0-7' or '0,5,9-11' -> list of ints, each checked against dim."""
@@ -26,22 +31,22 @@ def parse_channels(spec, dim):
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     bad = [c for c in out if not 0 <= c < dim]
     if bad or not out:
-        raise qd.UserError(f"--channels {spec}: channels must lie in 0..{dim - 1}")
+        raise UserError(f"--channels {spec}: channels must lie in 0..{dim - 1}")
     return out
 
 
-def compute(X, model, rank, hw, svd_method=sb.DEFAULT_METHOD):
+def compute(X, model, rank, hw, svd_method=metrics.DEFAULT_METHOD):
     """Everything drawn, for one normalised sample X [T, D] on an H×W token grid hw: reconstructions, per-token
     errors, spectrum."""
     with torch.no_grad():
         nn = model(X[None])[0][0].float()
-    svd = sb.svd_reconstruct(X[None], rank, svd_method)[0]
-    S = sb.singular_values(X[None])[0]
-    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": sb.captured_energy(S), "hw": tuple(hw)}
+    svd = metrics.svd_reconstruct(X[None], rank, svd_method)[0]
+    S = metrics.singular_values(X[None])[0]
+    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": metrics.captured_energy(S), "hw": tuple(hw)}
     for name in ("svd", "nn"):
-        err, cos = sb.token_errors(X[None], d[name][None])
-        d[f"{name}_err"], d[f"{name}_cos"] = err[0].float(), cos[0].float()
-        d[f"{name}_metrics"] = {k: v.item() for k, v in sb.metrics(X[None], d[name][None]).items()}
+        tok = metrics.token_metrics(X[None], d[name][None])
+        d[f"{name}_err"], d[f"{name}_cos"] = tok["err"][0].float(), tok["cos"][0].float()
+        d[f"{name}_metrics"] = {k: v.item() for k, v in metrics.metrics(X[None], d[name][None]).items()}
     return d
 
 
@@ -52,16 +57,20 @@ def grid(v, hw):
 
 def title_metrics(d, arch):
     s, n = d["svd_metrics"], d["nn_metrics"]
-    return (f"SVD cos {s['cosine']:.4f} energy {s['energy']:.4f} rel_fro {s['rel_fro']:.4f}  |  "
-            f"NN ({arch}) cos {n['cosine']:.4f} energy {n['energy']:.4f} rel_fro {n['rel_fro']:.4f}")
+    return (
+        f"SVD cos {s['cosine']:.4f} energy {s['energy']:.4f} rel_fro {s['rel_fro']:.4f}  |  "
+        f"NN ({arch}) cos {n['cosine']:.4f} energy {n['energy']:.4f} rel_fro {n['rel_fro']:.4f}"
+    )
 
 
 def fig_channels(d, channels, head, arch, image=None):
     """Rows: original, SVD, NN (one colour scale per channel, shared), |error| of SVD and NN (shared per channel)."""
     import matplotlib.pyplot as plt
+
     rows = [("original", "X"), ("SVD", "svd"), (f"NN ({arch})", "nn")]
-    fig, ax = plt.subplots(5, len(channels), figsize=(2.3 * len(channels) + 1.5, 11), squeeze=False,
-                           layout="constrained")
+    fig, ax = plt.subplots(
+        5, len(channels), figsize=(2.3 * len(channels) + 1.5, 11), squeeze=False, layout="constrained"
+    )
     for j, c in enumerate(channels):
         maps = [grid(d[k][:, c], d["hw"]) for _, k in rows]
         vmin, vmax = min(m.min() for m in maps), max(m.max() for m in maps)
@@ -90,6 +99,7 @@ def fig_errors(d, head, arch, image=None, bbox=None):
     """Per-token ‖x - x̂‖ and cosine maps, SVD and NN on shared scales; with the image: error over the pixels."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
     ncol = 3 if image is not None else 2
     fig, ax = plt.subplots(2, ncol, figsize=(4.6 * ncol, 8.6), squeeze=False)
     emax = max(d["svd_err"].max().item(), d["nn_err"].max().item())
@@ -104,13 +114,21 @@ def fig_errors(d, head, arch, image=None, bbox=None):
         if image is not None:
             ax[i, 2].imshow(image)
             H, W = image.shape[:2]  # each token covers an (H / rows) x (W / columns) cell of the resized image
-            im = ax[i, 2].imshow(grid(d[f"{name}_err"], hw), cmap="magma", vmin=0, vmax=emax, alpha=0.55,
-                                 extent=(0, W, H, 0), interpolation="nearest")
+            im = ax[i, 2].imshow(
+                grid(d[f"{name}_err"], hw),
+                cmap="magma",
+                vmin=0,
+                vmax=emax,
+                alpha=0.55,
+                extent=(0, W, H, 0),
+                interpolation="nearest",
+            )
             fig.colorbar(im, ax=ax[i, 2], shrink=0.8)
             ax[i, 2].set_title(f"{label}: error over the image")
             if bbox is not None:
-                ax[i, 2].add_patch(Rectangle(bbox[:2], bbox[2], bbox[3], fill=False, ec="cyan", lw=2,
-                                             label="data set bbox"))
+                ax[i, 2].add_patch(
+                    Rectangle(bbox[:2], bbox[2], bbox[3], fill=False, ec="cyan", lw=2, label="data set bbox")
+                )
                 ax[i, 2].legend(loc="lower right", fontsize=8)
     for a in ax.flat:
         a.set_xticks([]), a.set_yticks([])
@@ -121,6 +139,7 @@ def fig_errors(d, head, arch, image=None, bbox=None):
 
 def fig_spectrum(d, rank, head):
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     k = np.arange(1, len(d["S"]) + 1)
     ax[0].semilogy(k, d["S"].numpy())
@@ -150,16 +169,21 @@ def html_views(d, channels):
     tok = {k: np.asarray(d[k], dtype=np.float64) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}
     terr = [0.0, float(max(tok["svd_err"].max(), tok["nn_err"].max()))]
     tcos = [float(min(tok["svd_cos"].min(), tok["nn_cos"].min())), 1.0]
-    per_channel = lambda a, b: [[float(x), float(y)] for x, y in zip(a, b)]
+
+    def per_channel(a, b):
+        return [[float(x), float(y)] for x, y in zip(a, b)]
+
     views = {
-        "X": ("original", X, per_channel(lo, hi), "viridis"), "svd": ("SVD", svd, per_channel(lo, hi), "viridis"),
+        "X": ("original", X, per_channel(lo, hi), "viridis"),
+        "svd": ("SVD", svd, per_channel(lo, hi), "viridis"),
         "nn": ("NN", nn, per_channel(lo, hi), "viridis"),
         "esvd": ("|X − SVD|", esvd, per_channel(0 * emax, emax), "magma"),
         "enn": ("|X − NN|", enn, per_channel(0 * emax, emax), "magma"),
         "svd_err": ("SVD token error ‖x − x̂‖", tok["svd_err"], terr, "magma"),
         "nn_err": ("NN token error ‖x − x̂‖", tok["nn_err"], terr, "magma"),
         "svd_cos": ("SVD token cosine", tok["svd_cos"], tcos, "viridis"),
-        "nn_cos": ("NN token cosine", tok["nn_cos"], tcos, "viridis")}
+        "nn_cos": ("NN token cosine", tok["nn_cos"], tcos, "viridis"),
+    }
     return views
 
 
@@ -168,9 +192,13 @@ def write_html(d, channels, path, head, arch, image=None, bbox=None):
     selector, a colour bar with ticks, the hovered token outlined and its values shown."""
     import base64
     import io
+
     from matplotlib import colormaps
     from PIL import Image
-    r5 = lambda a: np.round(np.asarray(a, dtype=np.float64), 5).tolist()
+
+    def r5(a):
+        return np.round(np.asarray(a, dtype=np.float64), 5).tolist()
+
     views = html_views(d, channels)
     lut = {c: [[int(255 * v) for v in colormaps[c](i / 255)[:3]] for i in range(256)] for c in ("viridis", "magma")}
     rows, cols = d["hw"]
@@ -184,8 +212,16 @@ def write_html(d, channels, path, head, arch, image=None, bbox=None):
     if bbox is not None and image is not None:
         sx, sy = cols * cell / image.shape[1], rows * cell / image.shape[0]
         box = [bbox[0] * sx, bbox[1] * sy, bbox[2] * sx, bbox[3] * sy]
-    data = {"channels": channels, "arch": arch, "rows": rows, "cols": cols, "cell": cell, "lut": lut, "bbox": box,
-            "views": {k: {"label": lab, "values": r5(v), "scale": sc, "cmap": cm} for k, (lab, v, sc, cm) in views.items()}}
+    data = {
+        "channels": channels,
+        "arch": arch,
+        "rows": rows,
+        "cols": cols,
+        "cell": cell,
+        "lut": lut,
+        "bbox": box,
+        "views": {k: {"label": lab, "values": r5(v), "scale": sc, "cmap": cm} for k, (lab, v, sc, cm) in views.items()},
+    }
     options = "".join(f'<option value="{k}">{html.escape(v[0])}</option>' for k, v in views.items())
     W, H = cols * cell, rows * cell
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(head)}</title><style>
@@ -202,7 +238,7 @@ body{{font-family:sans-serif;margin:16px;color:#222}} #wrap{{position:relative;w
 <label>channel <select id="ch"></select></label>
 <label>token opacity <input id="op" type="range" min="0" max="1" step="0.05" value="0.75"></label>
 <div id="scale"></div>
-<div id="wrap">{f'<img id="img" src="{img}" alt="image">' if img else ''}<div id="g"></div><div id="box" hidden></div></div>
+<div id="wrap">{f'<img id="img" src="{img}" alt="image">' if img else ""}<div id="g"></div><div id="box" hidden></div></div>
 <canvas id="bar" width="{W}" height="14"></canvas><div id="ticks"></div>
 <div id="info">hover a token</div>
 <script>
@@ -231,9 +267,10 @@ V.onchange=C.onchange=O.oninput=draw;draw();
     Path(path).write_text(page)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Spatial layout of SVD and NN reconstructions and their errors.",
-                                 formatter_class=qd.HelpFormatter)
+def get_args_parser():
+    ap = argparse.ArgumentParser(
+        description="Spatial layout of SVD and NN reconstructions and their errors.", formatter_class=HelpFormatter
+    )
     ap.add_argument("--image_idx", type=int, default=0, help="position in the chosen split")
     ap.add_argument("--sample_id", type=int, default=None, help="a cache index instead of --image_idx")
     ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
@@ -242,52 +279,72 @@ def main(argv=None):
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split --image_idx counts in")
     ap.add_argument("--channels", default="0-7", help="e.g. 0-7 or 0,5,100-103")
-    ap.add_argument("--html_channels", type=int, default=32, help="channels selectable in the HTML view "
-                                                                  "(the first N, plus --channels)")
+    ap.add_argument(
+        "--html_channels",
+        type=int,
+        default=32,
+        help="channels selectable in the HTML view (the first N, plus --channels)",
+    )
     ap.add_argument("--format", default="png", choices=["png", "pdf", "svg"], help="figure format")
     ap.add_argument("--dpi", type=int, default=150, help="figure resolution")
     ap.add_argument("--out", default=None, help="output folder (default: <results_dir>/vis)")
-    args = ap.parse_args(argv)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return ap
 
-    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank,
-                                              args.cache_dir)
+
+def pick_sample(args, idx, cache_dir):
+    """The sample drawn -> (its cache index, where it sits in the run's split, the file name tag)."""
     if args.sample_id is not None:
-        available = qd.cached_indices(cache_dir)
+        available = cached_indices(cache_dir)
         if args.sample_id not in set(available):
-            raise qd.UserError(f"--sample_id {args.sample_id} is not in cache {cache_dir} "
-                               f"(indices {available[0]}..{available[-1]}, {len(available)} cached)")
+            raise UserError(
+                f"--sample_id {args.sample_id} is not in cache {cache_dir} "
+                f"(indices {available[0]}..{available[-1]}, {len(available)} cached)"
+            )
         sid = args.sample_id
-        split = json.loads((Path(args.results_dir) / "split.json").read_text())
+        split = read_split(args.results_dir)
         part = next((k for k in ("train", "val", "test") if sid in split[k]), None)
         tag = f"{part}{split[part].index(sid)}_sample{sid}" if part else f"sample{sid}"
         where = f"sample {sid} ({f'{part} split' if part else 'in no split'}" + (
-            ": SEEN IN TRAINING, not a held-out result)" if part == "train" else ")")
+            ": SEEN IN TRAINING, not a held-out result)" if part == "train" else ")"
+        )
         if part == "train":
             print(f"note: sample {sid} is in the training split; its errors are not a held-out result")
     else:
         if not 0 <= args.image_idx < len(idx):
-            raise qd.UserError(f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
-                               f"samples (0..{len(idx) - 1})")
+            raise UserError(
+                f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
+                f"samples (0..{len(idx) - 1})"
+            )
         sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
         tag = f"{args.split}{args.image_idx}_sample{sid}"
-    hw, size = qd.cache_grid(cache_dir), qd.cache_image_size(cache_dir)  # from the manifest
+    return sid, where, tag
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank, args.cache_dir)
+    sid, where, tag = pick_sample(args, idx, cache_dir)
+    hw, size = cache_grid(cache_dir), cache_image_size(cache_dir)  # from the manifest
     r = cfg["rank"]
-    X = qd.FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
+    X = FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
     channels = parse_channels(args.channels, X.shape[1])
     d = compute(X, model, r, hw)
-    meta = qd.load_manifest(cache_dir)["samples"].get(str(sid), {})
-    head = (f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}{qd.lossy_note(cache_dir)}"
-            + (f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers")
-               else ""))
+    manifest = load_manifest(cache_dir)
+    meta = manifest["samples"].get(str(sid), {})
+    head = f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}{lossy_note(cache_dir)}" + (
+        f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers") else ""
+    )
 
     image = bbox = None
     try:  # the source image, when the manifest's source is still reachable
-        src = qd.Source(qd.load_manifest(cache_dir)["source"]["path"])
+        src = Source(manifest["source"]["path"])
         if src.meta[sid]["id"] == meta.get("id"):
-            image = np.asarray(qd.load_image(src.image(sid), size))
+            image = np.asarray(load_image(src.image(sid), size))
             if meta.get("bbox") and meta.get("image_size"):
                 bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
     except Exception as e:
@@ -297,9 +354,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{tag}_rank{r}"
     paths = []
-    for name, fig in [("channels", fig_channels(d, channels, head, cfg["arch"], image)),
-                      ("errors", fig_errors(d, head, cfg["arch"], image, bbox)),
-                      ("spectrum", fig_spectrum(d, r, head))]:
+    for name, fig in [
+        ("channels", fig_channels(d, channels, head, cfg["arch"], image)),
+        ("errors", fig_errors(d, head, cfg["arch"], image, bbox)),
+        ("spectrum", fig_spectrum(d, r, head)),
+    ]:
         p = out / f"{stem}_{name}.{args.format}"
         fig.savefig(p, dpi=args.dpi, bbox_inches="tight")
         plt.close(fig)
@@ -315,4 +374,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    qd.run_cli(main)
+    run_cli(main)

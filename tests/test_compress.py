@@ -1,16 +1,21 @@
 """compress.py against independent computations: bytes by hand, quantisation error bounds, exact full bases, the
 compressed cache read transparently, quantised and pruned factorisers."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import compare_svd_nn as C
-import compress as Z
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-import train_real_data as T
+import compare_svd_nn
+import compress
+import feature_cache
+import feature_codecs
+import metrics
+import model
+import quantize
+import qwenvl_dataloader
+import train_real_data
 from model import Subspace, Symmetric, load_checkpoint
 
 
@@ -21,30 +26,41 @@ def X_(T_=256, D=2048, seed=0):
 def test_bytes_per_image_by_hand():
     X = X_()
     basis = torch.linalg.qr(torch.randn(2048, 64))[0]
-    cases = {("fp32", None): 256 * 2048 * 4, ("fp16", None): 256 * 2048 * 2, ("bf16", None): 256 * 2048 * 2,
-             ("int8", None): 256 * 2048 + 256 * 4,            # codes + one float32 scale per token
-             ("int4", None): 256 * 2048 // 2 + 256 * 4,       # two codes per byte
-             ("svd_fp16", 32): 2 * (256 * 32 + 32 * 2048),
-             ("svd_int8", 32): (256 * 32 + 32 * 2048) + 4 * (256 + 32),
-             ("pca_fp16", 64): 2 * 256 * 64, ("pca_int8", 64): 256 * 64 + 4 * 256, ("pca_int4", 64): 256 * 32 + 4 * 256}
+    cases = {
+        ("fp32", None): 256 * 2048 * 4,
+        ("fp16", None): 256 * 2048 * 2,
+        ("bf16", None): 256 * 2048 * 2,
+        ("int8", None): 256 * 2048 + 256 * 4,  # codes + one float32 scale per token
+        ("int4", None): 256 * 2048 // 2 + 256 * 4,  # two codes per byte
+        ("svd_fp16", 32): 2 * (256 * 32 + 32 * 2048),
+        ("svd_int8", 32): (256 * 32 + 32 * 2048) + 4 * (256 + 32),
+        ("pca_fp16", 64): 2 * 256 * 64,
+        ("pca_int8", 64): 256 * 64 + 4 * 256,
+        ("pca_int4", 64): 256 * 32 + 4 * 256,
+    }
     for (codec, r), want in cases.items():
-        assert Z.payload_bytes(Z.encode(codec, X, r, basis)) == want, codec
+        assert feature_codecs.payload_bytes(feature_codecs.encode(codec, X, r, basis)) == want, codec
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantisation_round_trip_error_bound(bits):
     Y = X_(37, 101, seed=1)  # odd sizes: int4 packing pads one nibble
-    p = Z.quantize_rows(Y, bits)
-    err = (Z.dequantize_rows(p) - Y).abs()
+    p = quantize.quantize_rows(Y, bits)
+    err = (quantize.dequantize_rows(p) - Y).abs()
     half_step = Y.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1) / 2
     assert (err <= half_step * (1 + 1e-5) + 1e-7).all()  # round-to-nearest: at most half a step per entry
-    assert Z.dequantize_rows(p).shape == Y.shape
+    assert quantize.dequantize_rows(p).shape == Y.shape
 
 
 def test_full_dimension_basis_is_exact():
     X = X_(64, 96)
     basis = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0].float()  # a complete orthonormal basis
-    torch.testing.assert_close(Z.decode("pca_fp16", Z.encode("pca_fp16", X, 96, basis), basis), X, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        feature_codecs.decode("pca_fp16", feature_codecs.encode("pca_fp16", X, 96, basis), basis),
+        X,
+        atol=5e-3,
+        rtol=1e-3,
+    )
     Xd = X.double()
     b = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0]
     torch.testing.assert_close((Xd @ b) @ b.T, Xd)  # the projection itself is exact
@@ -55,8 +71,17 @@ def test_full_dimension_basis_is_exact():
 
 
 def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
-    rows = Z.main(["study", "--results_dir", str(trained), "--ranks", "8,16",
-                   "--codecs", "fp32,int8,int4,svd_int8,pca_int8,omega_int8"])
+    rows = compress.main(
+        [
+            "study",
+            "--results_dir",
+            str(trained),
+            "--ranks",
+            "8,16",
+            "--codecs",
+            "fp32,int8,int4,svd_int8,pca_int8,omega_int8",
+        ]
+    )
     assert {r["codec"] for r in rows} >= {"fp32", "int8", "svd_int8", "pca_int8", "omega_int8"}
     fp32 = next(r for r in rows if r["codec"] == "fp32")
     assert fp32["cosine"] == pytest.approx(1.0) and fp32["pareto"]
@@ -64,40 +89,58 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
     for f in ("rd_test.json", "rd_test.csv", "rd_test.png"):
         assert (trained / f).exists()
     out = tmp_path / "c"
-    m = Z.main(["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "64", "--out", str(out)])
+    m = compress.main(
+        ["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "64", "--out", str(out)]
+    )
     cfg = json.loads((trained / "config.json").read_text())
-    ds_src = qd.FeatureDataset(cfg["cache_dir"])
-    ds_c = qd.FeatureDataset(out)
+    ds_src = qwenvl_dataloader.FeatureDataset(cfg["cache_dir"])
+    ds_c = qwenvl_dataloader.FeatureDataset(out)
     basis = torch.load(out / "basis.pt", weights_only=True)
     cos = []
     for k in range(len(ds_src)):
         x, i = ds_src[k]
-        y = Z.decode("pca_int8", Z.encode("pca_int8", x, 64, basis), basis)
-        torch.testing.assert_close(ds_c[k][0], qd.normalize(y), atol=1e-5, rtol=1e-5)  # read transparently
-        cos.append(sb.metrics(x[None], y[None])["cosine"].item())
+        y = feature_codecs.decode("pca_int8", feature_codecs.encode("pca_int8", x, 64, basis), basis)
+        torch.testing.assert_close(ds_c[k][0], feature_cache.normalize(y), atol=1e-5, rtol=1e-5)  # read transparently
+        cos.append(metrics.metrics(x[None], y[None])["cosine"].item())
     assert m["codec"]["cosine_mean"] == pytest.approx(np.mean(cos), abs=1e-9)  # the manifest's figure, recomputed
     assert m["codec"]["cosine_std"] == pytest.approx(np.std(cos, ddof=1), abs=1e-9)
-    assert "LOSSY" in qd.lossy_note(out) and "pca_int8" in qd.lossy_note(out)
+    assert "LOSSY" in feature_cache.lossy_note(out) and "pca_int8" in feature_cache.lossy_note(out)
     # every script runs on it unchanged, and says the features are lossy
-    res = T.main(["--cache_dir", str(out), "--results_dir", str(tmp_path / "r"), "--device", "cpu", "--rank", "8",
-                  "--arch", "subspace", "--epochs", "1", "--batch_size", "8"])
+    res = train_real_data.main(
+        [
+            "--cache_dir",
+            str(out),
+            "--results_dir",
+            str(tmp_path / "r"),
+            "--device",
+            "cpu",
+            "--rank",
+            "8",
+            "--arch",
+            "subspace",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "8",
+        ]
+    )
     assert res["nn"]["cosine"]["n"] > 0
-    s = C.main(["--results_dir", str(tmp_path / "r"), "--device", "cpu"])
+    s = compare_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--device", "cpu"])
     assert "LOSSY" in capsys.readouterr().out and "pca_int8" in s["lossy"]
     with pytest.raises(SystemExit, match="already a compressed cache"):
-        Z.main(["cache", "--results_dir", str(tmp_path / "r"), "--codec", "int8", "--out", str(tmp_path / "cc")])
+        compress.main(["cache", "--results_dir", str(tmp_path / "r"), "--codec", "int8", "--out", str(tmp_path / "cc")])
 
 
 def test_quantised_models_close_to_float():
     torch.manual_seed(0)
-    X = qd.normalize(X_(256, 2048)[None].repeat(2, 1, 1) + torch.randn(2, 256, 2048))
+    X = feature_cache.normalize(X_(256, 2048)[None].repeat(2, 1, 1) + torch.randn(2, 256, 2048))
     sym = Symmetric(rank=8, hidden=32).eval()
-    q, _ = Z.quantize_model(sym)
+    q, _ = compress.quantize_model(sym)
     with torch.no_grad():
         a, b = sym(X)[0], q(X)[0]
     assert ((a - b).norm() / a.norm()).item() < 0.05  # int8 dynamic quantisation: a few per cent at most
     sub = Subspace(rank=16).eval()
-    q, extra = Z.quantize_model(sub)
+    q, extra = compress.quantize_model(sub)
     w, wq = sub.omega.detach(), q.omega.detach()
     step = w.abs().amax(0) / 127  # per column of Ω
     assert ((w - wq).abs() <= step / 2 * (1 + 1e-5) + 1e-8).all() and extra["omega_int8"]["codes"].dtype == torch.int8
@@ -106,7 +149,7 @@ def test_quantised_models_close_to_float():
 @pytest.mark.parametrize("amount", [0.3, 0.5, 0.7])
 def test_pruning_leaves_the_stated_share_of_zeros(amount):
     torch.manual_seed(0)
-    m, zeros = Z.prune_model(Symmetric(rank=8, hidden=32), amount)
+    m, zeros = compress.prune_model(Symmetric(rank=8, hidden=32), amount)
     ws = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
     share = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
     assert share == pytest.approx(amount, abs=1e-3) and zeros == pytest.approx(share)
@@ -116,11 +159,12 @@ def test_pruning_leaves_the_stated_share_of_zeros(amount):
 def test_int8_symmetric_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = Symmetric(rank=8, tokens=256, dim=2048, hidden=32).eval()
-    q, _ = Z.quantize_model(m)
+    q, _ = compress.quantize_model(m)
     from model import make_checkpoint
+
     cfg = {"arch": "symmetric", "rank": 8, "arch_options": {"hidden": 32, "n_blocks": 2}, "compressed": "int8"}
     ck = make_checkpoint(m, cfg, 1, 0.0)
-    ck["model"] = Z.quantized_state(q)
+    ck["model"] = model.quantized_state(q)
     torch.save(ck, tmp_path / "q.pt")
     loaded, _ = load_checkpoint(tmp_path / "q.pt")
     mods = dict(loaded.named_modules())
@@ -134,11 +178,11 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
 
 
 def test_compressed_checkpoints_load_for_compare(trained, tmp_path):
-    rows = Z.main(["model", "--results_dir", str(trained)])
+    rows = compress.main(["model", "--results_dir", str(trained)])
     assert [r["variant"] for r in rows] == ["float32", "int8", "pruned 30%", "pruned 50%", "pruned 70%"]
     int8 = next(r for r in rows if r["variant"] == "int8")
     assert int8["bytes"] < rows[0]["bytes"] / 3  # Ω as int8
     m, ck = load_checkpoint(int8["file"])
     assert ck["config"]["compressed"] == "int8"
-    s = C.main(["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"])
+    s = compare_svd_nn.main(["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"])
     assert s["nn"]["cosine"]["mean"] == pytest.approx(int8["cosine"], abs=1e-4)

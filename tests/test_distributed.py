@@ -1,4 +1,5 @@
 """torchrun on CPU (gloo): 2-process training matches 1 process; sharded extraction covers every sample once."""
+
 import json
 import os
 import subprocess
@@ -7,22 +8,47 @@ from pathlib import Path
 
 import torch
 
-import qwenvl_dataloader as qd
+import feature_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchrun(n, script, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(ROOT / script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            str(ROOT / script),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
 def test_ddp_two_processes_match_one(tiny_cache, tmp_path):
-    common = ["--cache_dir", tiny_cache / "cache", "--rank", "8", "--hidden", "16", "--epochs", "3", "--seed", "3",
-              "--device", "cpu"]
+    common = [
+        "--cache_dir",
+        tiny_cache / "cache",
+        "--rank",
+        "8",
+        "--hidden",
+        "16",
+        "--epochs",
+        "3",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     # 2 processes x batch 4 see the same 8 samples per step as 1 process x batch 8 (DistributedSampler order)
     out2 = torchrun(2, "train_real_data.py", *common, "--batch_size", "4", "--results_dir", tmp_path / "ddp")
     torchrun(1, "train_real_data.py", *common, "--batch_size", "8", "--results_dir", tmp_path / "one")
@@ -37,21 +63,47 @@ def test_ddp_two_processes_match_one(tiny_cache, tmp_path):
     ck = torch.load(tmp_path / "ddp" / "best_model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ck["model"])  # same checkpoint format as one process
     # --resume under DDP continues from the saved epoch
-    out = torchrun(2, "train_real_data.py", *common[:-4], "--epochs", "4", "--seed", "3", "--device", "cpu",
-                   "--batch_size", "4", "--results_dir", tmp_path / "ddp", "--resume")
+    out = torchrun(
+        2,
+        "train_real_data.py",
+        *common[:-4],
+        "--epochs",
+        "4",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--results_dir",
+        tmp_path / "ddp",
+        "--resume",
+    )
     assert "resumed from" in out and "epoch   4 |" in out
     assert len(json.loads((tmp_path / "ddp" / "history.json").read_text())) == 5
 
 
 def test_sharded_extraction(tiny_cache, tmp_path):
     src = tiny_cache / "data"
-    out = torchrun(2, "qwenvl_dataloader.py", "--dataset_dir", src, "--model", "tiny-random",
-                   "--cache_dir", tmp_path / "c", "--device", "cpu")
+    out = torchrun(
+        2,
+        "qwenvl_dataloader.py",
+        "--dataset_dir",
+        src,
+        "--model",
+        "tiny-random",
+        "--cache_dir",
+        tmp_path / "c",
+        "--device",
+        "cpu",
+    )
     assert "extracted 40, skipped 0" in out
     assert not list((tmp_path / "c").glob("manifest.rank*"))
-    m = qd.load_manifest(tmp_path / "c")
-    ref = qd.load_manifest(tiny_cache / "cache")
+    m = feature_cache.load_manifest(tmp_path / "c")
+    ref = feature_cache.load_manifest(tiny_cache / "cache")
     assert m["samples"] == ref["samples"] and m["failed"] == {}
     for i in range(40):
-        assert torch.equal(qd.read_feature(qd.feature_path(tmp_path / "c", i)),
-                           qd.read_feature(qd.feature_path(tiny_cache / "cache", i))), i
+        assert torch.equal(
+            feature_cache.read_feature(feature_cache.feature_path(tmp_path / "c", i)),
+            feature_cache.read_feature(feature_cache.feature_path(tiny_cache / "cache", i)),
+        ), i

@@ -1,5 +1,6 @@
 """Any Qwen vision encoder, any resolution: each family's tiny encoder and two resolutions run extract -> train
 (both archs) -> compare -> visualise, the token layout holds on a non-square grid, and shapes never mix."""
+
 import json
 import os
 
@@ -8,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-import compare_svd_nn as C
-import demo_data
-import qwenvl_dataloader as qd
-import train_real_data as T
-import visualize_svd_nn as V
+import compare_svd_nn
+import demo_set
+import encoders
+import feature_cache
+import images
+import qwenvl_dataloader
+import train_real_data
+import visualize_svd_nn
 
-# (model, --image_size) -> expected grid (rows, columns) and dim
 MATRIX = {
     ("tiny-random", "448"): ((16, 16), 2048),
     ("tiny-random-qwen2-vl", "448"): ((16, 16), 1536),
@@ -27,31 +30,50 @@ MATRIX = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc_data")
-    return demo_data.write_parquet(demo_data.make_rows(12, seed=5), root / "data")
+    return demo_set.write_parquet(demo_set.make_rows(12, seed=5), root / "data")
 
 
 @pytest.mark.parametrize("model,size", list(MATRIX))
 def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
     (h, w), dim = MATRIX[(model, size)]
     cache = tmp_path / "cache"
-    s = qd.extract(data, cache, model, "cpu", batch_size=4, progress=False, image_size=size)
+    s = qwenvl_dataloader.extract(data, cache, model, "cpu", batch_size=4, progress=False, image_size=size)
     assert s["extracted"] == 12
-    m = qd.load_manifest(cache)["encoder"]
-    assert m["grid"] == [h, w] and m["feature_dim"] == dim and m["family"] == qd.RANDOM_TOWERS[model][0]
-    assert qd.cached_shape(cache) == (h * w, dim)
-    x = qd.read_feature(qd.feature_path(cache, 0))
+    m = feature_cache.load_manifest(cache)["encoder"]
+    assert m["grid"] == [h, w] and m["feature_dim"] == dim and m["family"] == encoders.RANDOM_TOWERS[model][0]
+    assert feature_cache.cached_shape(cache) == (h * w, dim)
+    x = feature_cache.read_feature(feature_cache.feature_path(cache, 0))
     assert x.shape == (h * w, dim) and torch.isfinite(x).all() and x.std() > 0
     for arch in ("subspace", "symmetric"):
         out = tmp_path / arch
-        res = T.main(["--cache_dir", str(cache), "--results_dir", str(out), "--device", "cpu", "--rank", "8",
-                      "--arch", arch, "--epochs", "1", "--batch_size", "4", "--hidden", "16"])
+        res = train_real_data.main(
+            [
+                "--cache_dir",
+                str(cache),
+                "--results_dir",
+                str(out),
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                "--arch",
+                arch,
+                "--epochs",
+                "1",
+                "--batch_size",
+                "4",
+                "--hidden",
+                "16",
+            ]
+        )
         cfg = json.loads((out / "config.json").read_text())
         assert (cfg["tokens"], cfg["dim"], cfg["grid"]) == (h * w, dim, [h, w])
         assert res["nn"]["cosine"]["n"] == 1  # 12 images: 10 train, 1 val, 1 test
-        c = C.main(["--results_dir", str(out), "--device", "cpu", "--batch_size", "4"])
+        c = compare_svd_nn.main(["--results_dir", str(out), "--device", "cpu", "--batch_size", "4"])
         assert c["svd"]["cosine"]["mean"] >= c["nn"]["cosine"]["mean"] - 1e-9
-    d, paths = V.main(["--results_dir", str(tmp_path / "subspace"), "--out", str(tmp_path / "vis"),
-                       "--channels", f"0,{dim - 1}"])
+    d, paths = visualize_svd_nn.main(
+        ["--results_dir", str(tmp_path / "subspace"), "--out", str(tmp_path / "vis"), "--channels", f"0,{dim - 1}"]
+    )
     assert d["hw"] == (h, w) and all(p.exists() for p in paths)
     page = paths[-1].read_text()
     assert f"repeat({w}," in page and f'"rows": {h}, "cols": {w}' in page
@@ -59,66 +81,90 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
 
 def test_token_layout_on_a_non_square_grid():
     """Token t covers the cell at row t // W, column t % W: invert one 28x28 cell, see which token moves most."""
-    enc = qd.Encoder(qd.TINY, "cpu", image_size="448x896")
+    enc = encoders.Encoder(encoders.TINY, "cpu", image_size="448x896")
     assert enc.grid == [32, 16]
-    base = qd.load_image(demo_data.encode(dict(demo_data.photos(["astronaut"]))["astronaut"]), (448, 896))
+    base = images.load_image(demo_set.encode(dict(demo_set.photos(["astronaut"]))["astronaut"]), (448, 896))
     x0 = enc([base])[0]
     for r, c in [(0, 0), (0, 15), (31, 0), (20, 7), (31, 15)]:
         a = np.array(base).copy()
-        a[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28] = 255 - a[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+        a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = 255 - a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
         change = (enc([Image.fromarray(a)])[0] - x0).norm(dim=1)
         assert int(change.argmax()) == r * 16 + c, (r, c)
 
 
 def test_qwen3_layout_uses_32_px_cells():
-    enc = qd.Encoder("tiny-random-qwen3-vl", "cpu")
-    base = qd.load_image(demo_data.encode(dict(demo_data.photos(["coffee"]))["coffee"]), (448, 448))
+    enc = encoders.Encoder("tiny-random-qwen3-vl", "cpu")
+    base = images.load_image(demo_set.encode(dict(demo_set.photos(["coffee"]))["coffee"]), (448, 448))
     x0 = enc([base])[0]
     for r, c in [(0, 13), (6, 9)]:
         a = np.array(base).copy()
-        a[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = 255 - a[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
+        a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] = 255 - a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]
         assert int((enc([Image.fromarray(a)])[0] - x0).norm(dim=1).argmax()) == r * 14 + c
 
 
 def test_image_size_must_fit_the_cells(data, tmp_path):
     with pytest.raises(SystemExit, match="multiple of 28"):
-        qd.Encoder(qd.TINY, "cpu", image_size="450")
+        encoders.Encoder(encoders.TINY, "cpu", image_size="450")
     with pytest.raises(SystemExit, match="multiple of 32"):
-        qd.Encoder("tiny-random-qwen3-vl", "cpu", image_size="700")  # 672 = 21 x 32 fits
+        encoders.Encoder("tiny-random-qwen3-vl", "cpu", image_size="700")  # 672 = 21 x 32 fits
     with pytest.raises(SystemExit, match="WxH"):
-        qd.parse_image_size("big")
+        images.parse_image_size("big")
 
 
 def test_shapes_never_mix(data, tmp_path):
     a, b = tmp_path / "a448", tmp_path / "b672"
-    qd.extract(data, a, qd.TINY, "cpu", progress=False)
-    qd.extract(data, b, qd.TINY, "cpu", progress=False, image_size="672")
+    qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False)
+    qwenvl_dataloader.extract(data, b, encoders.TINY, "cpu", progress=False, image_size="672")
     with pytest.raises(SystemExit, match="another encoder.*image_size"):  # before loading the encoder
-        qd.extract(data, a, qd.TINY, "cpu", progress=False, image_size="672")
-    T.main(["--cache_dir", str(a), "--results_dir", str(tmp_path / "r"), "--device", "cpu", "--rank", "8",
-            "--arch", "subspace", "--epochs", "1", "--batch_size", "4"])
+        qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False, image_size="672")
+    train_real_data.main(
+        [
+            "--cache_dir",
+            str(a),
+            "--results_dir",
+            str(tmp_path / "r"),
+            "--device",
+            "cpu",
+            "--rank",
+            "8",
+            "--arch",
+            "subspace",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "4",
+        ]
+    )
     with pytest.raises(SystemExit, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
-        C.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
+        compare_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
     with pytest.raises(SystemExit, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
-        V.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
+        visualize_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
 
 
 def write_checkpoint(d, family, tiny):
     """A checkpoint laid out as the hub's are: Qwen2-VL and Qwen2.5-VL keep the tower under visual.*, Qwen3-VL
     under model.visual.*; the language model's weights are never loaded."""
-    from safetensors.torch import save_file
     import transformers
+    from safetensors.torch import save_file
+
     top = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[family]
-    text = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=128,
-                intermediate_size=64)
+    text = dict(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        intermediate_size=64,
+    )
     if family == "qwen2_vl":
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 4, 4]}
-    top(vision_config=qd.RANDOM_TOWERS[tiny][1], text_config=text).save_pretrained(d)
+    top(vision_config=encoders.RANDOM_TOWERS[tiny][1], text_config=text).save_pretrained(d)
     prefix = "model.visual." if family == "qwen3_vl" else "visual."
-    enc = qd.Encoder(tiny, "cpu")
+    enc = encoders.Encoder(tiny, "cpu")
     sd = {prefix + k: v.contiguous() for k, v in enc.tower.state_dict().items()}
-    sd["model.language_model.embed_tokens.weight" if family == "qwen3_vl" else "model.embed_tokens.weight"] = \
+    sd["model.language_model.embed_tokens.weight" if family == "qwen3_vl" else "model.embed_tokens.weight"] = (
         torch.zeros(8, 8)
+    )
     save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     return enc
 
@@ -126,9 +172,9 @@ def write_checkpoint(d, family, tiny):
 @pytest.mark.parametrize("family,tiny", [("qwen2_vl", "tiny-random-qwen2-vl"), ("qwen3_vl", "tiny-random-qwen3-vl")])
 def test_checkpoint_family_is_read_from_its_config(tmp_path, family, tiny):
     ref = write_checkpoint(tmp_path, family, tiny)
-    enc = qd.Encoder(str(tmp_path), "cpu")
+    enc = encoders.Encoder(str(tmp_path), "cpu")
     assert enc.info["family"] == family and enc.info["feature_dim"] == ref.dim
     for (k, a), b in zip(ref.tower.state_dict().items(), enc.tower.state_dict().values()):
         assert torch.equal(a, b), k
-    ims = [qd.load_image(demo_data.encode(im)) for _, im in demo_data.photos()[:2]]
+    ims = [images.load_image(demo_set.encode(im)) for _, im in demo_set.photos()[:2]]
     assert torch.equal(enc(ims), ref(ims))

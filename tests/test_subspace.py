@@ -1,19 +1,22 @@
 """The subspace factoriser's orthonormalisation (Cholesky-QR2 with a Householder safeguard) against torch.linalg.qr,
 and its nested ranks on the hard synthetic features."""
+
 import pytest
 import torch
 
-import model as M
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-import synth_features as SF
+import feature_cache
+import metrics
+import model
+import synth_features
 
 
 def prefix_error(Q, Qref, ks):
     """Largest entry of Q_k Q_kᵀ - Qref_k Qref_kᵀ over the prefixes k: 0 when every prefix spans the same space."""
     Q, Qref = Q.double(), Qref.double()
-    return max((Q[..., :k] @ Q[..., :k].transpose(-1, -2) - Qref[..., :k] @ Qref[..., :k].transpose(-1, -2))
-               .abs().max().item() for k in ks)
+    return max(
+        (Q[..., :k] @ Q[..., :k].transpose(-1, -2) - Qref[..., :k] @ Qref[..., :k].transpose(-1, -2)).abs().max().item()
+        for k in ks
+    )
 
 
 def prefix_projectors_close(Q, Qref, ks, atol=1e-5):
@@ -40,23 +43,23 @@ def test_orth_equals_householder_qr(cond):
     truth is Householder QR in float64; float32 Householder's own error is the allowance where it exceeds 1e-5
     (at κ = 1e4 it is 4e-5, ours 1.2e-5: the float64 Gram matrix makes Cholesky-QR2 the more accurate here)."""
     Y = conditioned(cond)
-    Q = M._orth(Y)
+    Q = model._orth(Y)
     assert_orthonormal(Q)
     ks = (1, 8, 16, 32, 63, 64)
     truth = torch.linalg.qr(Y.double())[0]
     assert prefix_error(Q, truth, ks) <= max(1e-5, prefix_error(torch.linalg.qr(Y)[0], truth, ks))
     prefix_projectors_close(Q, torch.linalg.qr(Y)[0], ks, atol=1e-4)
-    torch.testing.assert_close(Q @ (Q.transpose(1, 2) @ Y), Y, atol=1e-5, rtol=1e-4)   # Y lies in span(Q)
+    torch.testing.assert_close(Q @ (Q.transpose(1, 2) @ Y), Y, atol=1e-5, rtol=1e-4)  # Y lies in span(Q)
 
 
 def rank_deficient_cases():
     g = torch.Generator().manual_seed(1)
     Y1 = torch.randn(3, 256, 64, generator=g)
-    Y1[:, :, 20:] = 0                                           # zero columns: rank 20
+    Y1[:, :, 20:] = 0  # zero columns: rank 20
     Y2 = torch.randn(3, 256, 64, generator=g)
-    Y2[:, :, 10] = 2 * Y2[:, :, 3]                              # a repeated direction: rank 63
+    Y2[:, :, 10] = 2 * Y2[:, :, 3]  # a repeated direction: rank 63
     Y3 = torch.randn(3, 256, 8, generator=g) @ torch.randn(3, 8, 64, generator=g)  # rank 8, every column mixed
-    Y4 = conditioned(1e8, B=3)                                  # beyond float32: numerically rank-deficient
+    Y4 = conditioned(1e8, B=3)  # beyond float32: numerically rank-deficient
     return [("zero columns", Y1, 20), ("repeated column", Y2, 10), ("rank 8", Y3, 8), ("cond 1e8", Y4, 16)]
 
 
@@ -65,7 +68,7 @@ def test_orth_on_rank_deficient_input(name, Y, rank):
     """Rank-deficient and ill-conditioned Y: still orthonormal and finite, the well-defined prefixes (up to the rank)
     span what Householder QR's do, Y is reproduced, and gradients stay finite (training goes through _orth)."""
     Y = Y.clone().requires_grad_(True)
-    Q = M._orth(Y)
+    Q = model._orth(Y)
     assert_orthonormal(Q.detach())
     prefix_projectors_close(Q.detach(), torch.linalg.qr(Y.detach())[0], ks=range(1, rank + 1), atol=1e-4)
     torch.testing.assert_close(Q @ (Q.transpose(1, 2) @ Y), Y, atol=1e-4, rtol=1e-3)
@@ -78,13 +81,13 @@ def test_orth_mixed_batch_only_redoes_the_bad_samples():
     Y = conditioned(1e2, B=3)
     bad = Y.clone()
     bad[1, :, 5:] = 0
-    Q_alone, Q_mixed = M._orth(Y), M._orth(bad)
+    Q_alone, Q_mixed = model._orth(Y), model._orth(bad)
     torch.testing.assert_close(Q_mixed[[0, 2]], Q_alone[[0, 2]])
     assert_orthonormal(Q_mixed)
 
 
 def test_bf16_input_gives_float32_basis():
-    Q = M._orth(conditioned(10, B=2).bfloat16())
+    Q = model._orth(conditioned(10, B=2).bfloat16())
     assert Q.dtype == torch.float32
     assert_orthonormal(Q)
 
@@ -92,7 +95,7 @@ def test_bf16_input_gives_float32_basis():
 @pytest.fixture(scope="module")
 def hard():
     """100 hard synthetic images ([256, 2048], real-model difficulty), layer-normed: 90 to fit Ω, 10 to evaluate."""
-    X = qd.normalize(torch.stack([x for _, x in SF.generate(100, seed=7)]))
+    X = feature_cache.normalize(torch.stack([x for _, x in synth_features.generate(100, seed=7)]))
     return X[:90], X[90:]
 
 
@@ -100,7 +103,7 @@ def test_nested_ranks_on_the_hard_benchmark(hard):
     """One model serves every rank: the rank-k factors are the first k components of the rank-128 ones (with the
     default power step), and every rank k is the projection onto range(X X^T X Ω[:, :k])."""
     fit, X = hard
-    m = M.build_model({"arch": "subspace", "rank": 128, "tokens": 256, "dim": 2048})
+    m = model.build_model({"arch": "subspace", "rank": 128, "tokens": 256, "dim": 2048})
     assert m.power_iters == 1  # the default, chosen on the hard benchmark (README)
     m.init_from_data(fit.split(30))
     with torch.no_grad():
@@ -110,8 +113,9 @@ def test_nested_ranks_on_the_hard_benchmark(hard):
             torch.testing.assert_close(Ak @ Bk, A[..., :k] @ B[:, :k], atol=1e-4, rtol=1e-3)
             Y = (X.double() @ X.double().transpose(1, 2)) @ X.double() @ m.omega[:, :k].double()
             Qref = torch.linalg.qr(Y)[0]
-            torch.testing.assert_close((Ak @ Bk).double(), Qref @ (Qref.transpose(1, 2) @ X.double()),
-                                       atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(
+                (Ak @ Bk).double(), Qref @ (Qref.transpose(1, 2) @ X.double()), atol=1e-4, rtol=1e-3
+            )
 
 
 def test_power_step_closes_most_of_the_gap_on_hard_features(hard):
@@ -120,11 +124,14 @@ def test_power_step_closes_most_of_the_gap_on_hard_features(hard):
     fit, X = hard
     gaps = {}
     for p in (0, 1):
-        m = M.Subspace(rank=128, tokens=256, dim=2048, power_iters=p)
+        m = model.Subspace(rank=128, tokens=256, dim=2048, power_iters=p)
         m.init_from_data(fit.split(30))
         with torch.no_grad():
             for k in (16, 32, 64, 128):
-                gap = sb.metrics(X, m(X, k)[0])["cosine"] - sb.metrics(X, sb.svd_reconstruct(X, k))["cosine"]
+                gap = (
+                    metrics.metrics(X, m(X, k)[0])["cosine"]
+                    - metrics.metrics(X, metrics.svd_reconstruct(X, k))["cosine"]
+                )
                 assert (gap <= 1e-6).all()
                 gaps[p, k] = gap.mean().item()
     for k in (16, 32, 64, 128):
@@ -134,21 +141,36 @@ def test_power_step_closes_most_of_the_gap_on_hard_features(hard):
 
 def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     """bench_gpu.sh's plumbing, run on CPU with small sizes: hard cache -> one bf16-autocast epoch -> bench.py (with
-    its profile) -> extraction speed -> full-model VQA timing -> one table. The exact yardstick is within 1e-5 of float64 SVD, the factoriser
-    never beats SVD, and the table names what it ran on."""
+    its profile) -> extraction speed -> full-model VQA timing -> one table. The exact yardstick is within 1e-5 of
+    float64 SVD, the factoriser never beats SVD, and the table names what it ran on."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DEVICE="cpu", NUM="12", RANKS="16", BATCH="4", VQA_LIMIT="2", EXTRACT_MODEL="tiny-random",
-               EXTRACT_BATCHES="2,4",
-               PYTHON=sys.executable)
-    r = subprocess.run([str(root / "bench_gpu.sh"), str(tmp_path / "w")], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = dict(
+        os.environ,
+        DEVICE="cpu",
+        NUM="12",
+        RANKS="16",
+        BATCH="4",
+        VQA_LIMIT="2",
+        EXTRACT_MODEL="tiny-random",
+        EXTRACT_BATCHES="2,4",
+        PYTHON=sys.executable,
+    )
+    r = subprocess.run(
+        [str(root / "bench_gpu.sh"), str(tmp_path / "w")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    table = r.stdout[r.stdout.index("== bench_gpu.sh on CPU (a dry run"):]
+    table = r.stdout[r.stdout.index("== bench_gpu.sh on CPU (a dry run") :]
     assert "features synthetic-hard" in table and "subspace (NN)" in table and "GEMM floor" in table
     assert "train, 1 epoch bf16 amp" in table and "extraction img/s, batch 4" in table
     assert "tiny-random VQA ms/sample: original" in table and "tiny-random VQA ms/sample: svd r=64" in table

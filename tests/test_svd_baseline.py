@@ -1,9 +1,13 @@
 """svd_baseline.py against an independent float64 NumPy computation."""
+
 import numpy as np
 import pytest
 import torch
 
-import svd_baseline as sb
+import feature_cache
+import metrics
+import qwenvl_dataloader
+import synth_features
 
 
 def random_mats(kind, n=3, T=256, D=2048, seed=0):
@@ -16,16 +20,16 @@ def random_mats(kind, n=3, T=256, D=2048, seed=0):
 
 
 def np_metrics(X, Xh):
-    out = {k: [] for k in sb.METRICS}
+    out = {k: [] for k in metrics.METRICS}
     for x, xh in zip(X, Xh):
         e = x - xh
         out["cosine"].append((x * xh).sum() / np.linalg.norm(x) / np.linalg.norm(xh))
         out["token_cosine"].append(np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, xh)]))
-        out["mse"].append((e ** 2).mean())
+        out["mse"].append((e**2).mean())
         rf = np.linalg.norm(e) / np.linalg.norm(x)
         out["rel_fro"].append(rf)
         out["rel_token"].append(np.mean(np.linalg.norm(e, axis=1) / np.linalg.norm(x, axis=1)))
-        out["energy"].append(1 - rf ** 2)
+        out["energy"].append(1 - rf**2)
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -38,18 +42,18 @@ def np_truncated(x, r):
 def test_metrics_match_numpy(kind):
     X = random_mats(kind)
     Xh = X + 0.3 * np.random.default_rng(1).standard_normal(X.shape) * X.std()
-    got = sb.metrics(torch.from_numpy(X).float(), torch.from_numpy(Xh).float())
+    got = metrics.metrics(torch.from_numpy(X).float(), torch.from_numpy(Xh).float())
     ref = np_metrics(X, Xh)
-    for k in sb.METRICS:
+    for k in metrics.METRICS:
         np.testing.assert_allclose(got[k].numpy(), ref[k], rtol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("method", sb.METHODS)
+@pytest.mark.parametrize("method", metrics.METHODS)
 @pytest.mark.parametrize("kind", ["random", "lowrank"])
 def test_truncated_svd_is_optimal(method, kind):
     X = random_mats(kind)
     r = 32
-    A, B, S = sb.truncated_svd(torch.from_numpy(X).float(), r, method)
+    A, B, S = metrics.truncated_svd(torch.from_numpy(X).float(), r, method)
     assert A.shape == (3, 256, r) and B.shape == (3, r, 2048) and S.shape == (3, 256)
     Xt = torch.from_numpy(X).float()
     Xh = A @ B
@@ -60,17 +64,17 @@ def test_truncated_svd_is_optimal(method, kind):
         # Eckart-Young: the error energy is the energy of the dropped singular values
         err2 = ((Xt[k].double() - Xh[k].double()) ** 2).sum().item()
         np.testing.assert_allclose(err2, (Sref[r:] ** 2).sum(), rtol=1e-4)
-    m = sb.metrics(Xt, Xh)
+    m = metrics.metrics(Xt, Xh)
     # for an orthogonal projection the flattened cosine is sqrt(captured energy)
-    e = sb.captured_energy(S)[:, r - 1]
+    e = metrics.captured_energy(S)[:, r - 1]
     np.testing.assert_allclose(m["cosine"].numpy(), e.sqrt().numpy(), rtol=1e-5)
     np.testing.assert_allclose(m["energy"].numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", sb.METHODS)
+@pytest.mark.parametrize("method", metrics.METHODS)
 def test_full_rank_reconstructs(method):
     X = torch.from_numpy(random_mats("random", n=2, T=64, D=300)).float()
-    A, B, _ = sb.truncated_svd(X, 64, method)
+    A, B, _ = metrics.truncated_svd(X, 64, method)
     torch.testing.assert_close(A @ B, X, rtol=1e-4, atol=1e-4)
     # B's rows are orthonormal (V_rᵀ)
     torch.testing.assert_close(B @ B.transpose(1, 2), torch.eye(64).expand(2, 64, 64), atol=1e-4, rtol=0)
@@ -79,36 +83,34 @@ def test_full_rank_reconstructs(method):
 def test_gram_agrees_with_linalg_svd():
     X = torch.from_numpy(random_mats("lowrank", seed=5)).float()
     for r in (16, 64, 128):
-        a = sb.svd_reconstruct(X, r, "gram")
-        b = sb.svd_reconstruct(X, r, "svd")
+        a = metrics.svd_reconstruct(X, r, "gram")
+        b = metrics.svd_reconstruct(X, r, "svd")
         assert (a - b).norm() / b.norm() < 1e-5
 
 
 def test_rank_deficient_input_has_no_nan():
     X = torch.from_numpy(random_mats("lowrank", n=2, T=64, D=200)).float()
     X[:, 10:] = 0  # rank <= 10
-    A, B, S = sb.truncated_svd(X, 32, "gram")
+    A, B, S = metrics.truncated_svd(X, 32, "gram")
     assert torch.isfinite(A).all() and torch.isfinite(B).all()
     torch.testing.assert_close(A @ B, X, atol=1e-4, rtol=1e-4)
 
 
 def test_summarize():
-    s = sb.summarize({"cosine": [0.9, 0.8, 1.0]})
+    s = metrics.summarize({"cosine": [0.9, 0.8, 1.0]})
     assert s["cosine"]["n"] == 3 and abs(s["cosine"]["mean"] - 0.9) < 1e-12
     assert abs(s["cosine"]["std"] - np.std([0.9, 0.8, 1.0], ddof=1)) < 1e-12
 
 
 def test_hard_synthetic_cache_matches_the_real_spectrum(tmp_path):
     """synth_features.py: a normal cache, reproducible, whose rank-128 SVD cosine is the real model's 0.99 ± 0.005."""
-    import qwenvl_dataloader as qd
-    import synth_features as SF
-    SF.main(["--out", str(tmp_path / "hard"), "--num", "12", "--groups", "4"])
-    ds = qd.FeatureDataset(tmp_path / "hard")
-    assert len(ds) == 12 and qd.cached_shape(tmp_path / "hard") == (256, 2048)
+    synth_features.main(["--out", str(tmp_path / "hard"), "--num", "12", "--groups", "4"])
+    ds = qwenvl_dataloader.FeatureDataset(tmp_path / "hard")
+    assert len(ds) == 12 and feature_cache.cached_shape(tmp_path / "hard") == (256, 2048)
     X = torch.stack([x for x, _ in ds])
-    cos = sb.metrics(X, sb.svd_reconstruct(X, 128))["cosine"]
+    cos = metrics.metrics(X, metrics.svd_reconstruct(X, 128))["cosine"]
     assert abs(cos.mean().item() - 0.99) < 0.005 and cos.std().item() < 0.006
-    again = next(SF.generate(1))[1]
+    again = next(synth_features.generate(1))[1]
     assert torch.equal(torch.load(tmp_path / "hard" / "features_0.pt", weights_only=True), again)
     with pytest.raises(SystemExit, match="not empty"):
-        SF.main(["--out", str(tmp_path / "hard"), "--num", "2"])
+        synth_features.main(["--out", str(tmp_path / "hard"), "--num", "2"])

@@ -1,5 +1,6 @@
 """tokens.py and the answer-box metrics: every rule against an independent NumPy computation, exact bases of low-rank
 matrices, the box -> token mapping on hand-made boxes, recall/precision by hand, and the script end to end."""
+
 import csv
 import json
 
@@ -8,10 +9,12 @@ import pytest
 import scipy.linalg
 import torch
 
-import compare_svd_nn as C
-import qwenvl_dataloader as qd
-import svd_baseline as sb
-import tokens as TK
+import compare_svd_nn
+import feature_cache
+import metrics
+import qwenvl_dataloader
+import token_selection
+import tokens
 
 
 def small(T=24, D=40, seed=0):
@@ -23,23 +26,25 @@ def test_rules_against_numpy():
     x = X.numpy()
     k = 6
     U = np.linalg.svd(x, full_matrices=False)[0][:, :k]
-    assert set(TK.select("leverage", X, k).tolist()) == set(np.argsort(-(U ** 2).sum(1))[:k])
-    assert set(TK.select("norm", X, k).tolist()) == set(np.argsort(-np.linalg.norm(x, axis=1))[:k])
+    assert set(token_selection.select("leverage", X, k).tolist()) == set(np.argsort(-(U**2).sum(1))[:k])
+    assert set(token_selection.select("norm", X, k).tolist()) == set(np.argsort(-np.linalg.norm(x, axis=1))[:k])
     basis = torch.linalg.qr(torch.randn(40, 5, dtype=torch.float64))[0]
     b = basis.numpy()
     resid = np.linalg.norm(x - x @ b @ b.T, axis=1)
-    assert set(TK.select("lrcp", X, k, basis=basis).tolist()) == set(np.argsort(-resid)[:k])
+    assert set(token_selection.select("lrcp", X, k, basis=basis).tolist()) == set(np.argsort(-resid)[:k])
     piv = scipy.linalg.qr(x.T, pivoting=True, mode="economic")[2]  # LAPACK geqp3 on Xᵀ: tokens are columns
-    assert TK.select("pivoted_qr", X, k).tolist() == piv[:k].tolist()
-    r1 = TK.select("random", X, k, generator=torch.Generator().manual_seed(3))
-    r2 = TK.select("random", X, k, generator=torch.Generator().manual_seed(3))
+    assert token_selection.select("pivoted_qr", X, k).tolist() == piv[:k].tolist()
+    r1 = token_selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
+    r2 = token_selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
     assert torch.equal(r1, r2) and len(set(r1.tolist())) == k and max(r1) < 24
 
 
 def test_grid_rule_by_hand():
-    assert TK.grid_tokens((16, 16), 16).tolist() == sorted(r * 16 + c for r in (2, 6, 10, 14) for c in (2, 6, 10, 14))
+    assert token_selection.grid_tokens((16, 16), 16).tolist() == sorted(
+        r * 16 + c for r in (2, 6, 10, 14) for c in (2, 6, 10, 14)
+    )
     for hw, k in (((16, 16), 32), ((16, 16), 128), ((32, 16), 64), ((14, 14), 16)):
-        t = TK.grid_tokens(hw, k)
+        t = token_selection.grid_tokens(hw, k)
         assert len(t) == k and len(set(t.tolist())) == k and t.max() < hw[0] * hw[1]
 
 
@@ -47,9 +52,9 @@ def test_grid_rule_by_hand():
 def test_exact_basis_of_a_rank_k_matrix(rule):
     g = torch.Generator().manual_seed(1)
     X = torch.randn(30, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g, dtype=torch.float64)
-    kept = TK.select(rule, X, 8)
-    torch.testing.assert_close(TK.reconstruct_from(X, kept), X, atol=1e-9, rtol=1e-9)
-    m = sb.metrics(X[None], TK.reconstruct_from(X, kept)[None])
+    kept = token_selection.select(rule, X, 8)
+    torch.testing.assert_close(token_selection.reconstruct_from(X, kept), X, atol=1e-9, rtol=1e-9)
+    m = metrics.metrics(X[None], token_selection.reconstruct_from(X, kept)[None])
     assert m["cosine"].item() == pytest.approx(1.0, abs=1e-12)
 
 
@@ -58,10 +63,12 @@ def test_reconstruction_is_the_projection_onto_the_kept_span():
     kept = torch.tensor([0, 3, 7])
     x = X.numpy()
     ref = x @ np.linalg.pinv(x[[0, 3, 7]]) @ x[[0, 3, 7]]
-    np.testing.assert_allclose(TK.reconstruct_from(X, kept).numpy(), ref, atol=1e-10)
+    np.testing.assert_allclose(token_selection.reconstruct_from(X, kept).numpy(), ref, atol=1e-10)
     # no k-token selection beats rank-k truncated SVD
-    assert sb.metrics(X[None], torch.from_numpy(ref)[None])["cosine"] <= \
-        sb.metrics(X[None], sb.svd_reconstruct(X[None], 3, "svd"))["cosine"] + 1e-12
+    assert (
+        metrics.metrics(X[None], torch.from_numpy(ref)[None])["cosine"]
+        <= metrics.metrics(X[None], metrics.svd_reconstruct(X[None], 3, "svd"))["cosine"] + 1e-12
+    )
 
 
 def tokens_of(mask):
@@ -70,30 +77,30 @@ def tokens_of(mask):
 
 def test_box_to_tokens_by_hand():
     g, s = (16, 16), (448, 448)
-    assert tokens_of(sb.box_mask([0, 0, 28, 28], s, g, s)) == [0]  # exactly one cell
-    assert tokens_of(sb.box_mask([27, 0, 2, 2], s, g, s)) == [0, 1]  # straddles a cell edge
-    assert tokens_of(sb.box_mask([5 * 28 + 3, 3 * 28 + 3, 5, 5], s, g, s)) == [3 * 16 + 5]  # smaller than a cell
-    assert tokens_of(sb.box_mask([440, 440, 100, 100], s, g, s)) == [255]  # clipped at the image edge
-    assert sb.box_mask([500, 500, 10, 10], s, g, s) is None  # outside the image
-    assert sb.box_mask([10, 10, 0, 5], s, g, s) is None  # empty
+    assert tokens_of(metrics.box_mask([0, 0, 28, 28], s, g, s)) == [0]  # exactly one cell
+    assert tokens_of(metrics.box_mask([27, 0, 2, 2], s, g, s)) == [0, 1]  # straddles a cell edge
+    assert tokens_of(metrics.box_mask([5 * 28 + 3, 3 * 28 + 3, 5, 5], s, g, s)) == [3 * 16 + 5]  # smaller than a cell
+    assert tokens_of(metrics.box_mask([440, 440, 100, 100], s, g, s)) == [255]  # clipped at the image edge
+    assert metrics.box_mask([500, 500, 10, 10], s, g, s) is None  # outside the image
+    assert metrics.box_mask([10, 10, 0, 5], s, g, s) is None  # empty
     # a 1000x300 image resized to 448x448: x scales by 0.448, y by 1.4933
-    assert tokens_of(sb.box_mask([500, 150, 10, 10], (1000, 300), g, s)) == [8 * 16 + 8]
-    assert len(tokens_of(sb.box_mask([0, 0, 1000, 300], (1000, 300), g, s))) == 256
+    assert tokens_of(metrics.box_mask([500, 150, 10, 10], (1000, 300), g, s)) == [8 * 16 + 8]
+    assert len(tokens_of(metrics.box_mask([0, 0, 1000, 300], (1000, 300), g, s))) == 256
     # a non-square grid: 448 wide x 896 high, 32 rows of 16
-    assert tokens_of(sb.box_mask([0, 868, 28, 28], (448, 896), (32, 16), (448, 896))) == [31 * 16]
+    assert tokens_of(metrics.box_mask([0, 868, 28, 28], (448, 896), (32, 16), (448, 896))) == [31 * 16]
 
 
 def test_recall_and_precision_by_hand():
     mask = torch.zeros(64, dtype=torch.bool)
     mask[[5, 6, 7, 8]] = True
-    assert TK.box_hits(torch.tensor([5, 6, 8, 20, 21, 22, 23, 24]), mask) == (0.75, 3 / 8)
+    assert token_selection.box_hits(torch.tensor([5, 6, 8, 20, 21, 22, 23, 24]), mask) == (0.75, 3 / 8)
 
 
 def test_box_metrics_against_numpy():
     X, Xh = small(), small(seed=5)
     mask = torch.zeros(24, dtype=torch.bool)
     mask[[1, 2, 10]] = True
-    b = sb.box_metrics(X, Xh, mask)
+    b = metrics.box_metrics(X, Xh, mask)
     x, xh = X.numpy(), Xh.numpy()
     rel = np.linalg.norm(x - xh, axis=1) / np.linalg.norm(x, axis=1)
     cos = (x * xh).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(xh, axis=1)
@@ -105,30 +112,37 @@ def test_box_metrics_against_numpy():
 
 
 def test_tokens_script_end_to_end(trained, capsys):
-    rows = TK.main(["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"])
+    rows = tokens.main(["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"])
     out = capsys.readouterr().out
-    assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in TK.RULES for k in (4, 16)}
+    assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in token_selection.RULES for k in (4, 16)}
     for r in rows:
         assert r["cosine"] <= r["svd_cosine"] + 1e-9  # the optimum is never beaten
-        assert r["box_n"] > 0 and 0 <= r["box_recall"] <= 1 and r["random_expected_recall"] == pytest.approx(r["k"] / 256)
-    for f in ("tokens_test.json", "tokens_test.csv", "tokens_test_cosine.png", "tokens_test_box.png",
-              "tokens_test_kept.png"):
+        assert (
+            r["box_n"] > 0 and 0 <= r["box_recall"] <= 1 and r["random_expected_recall"] == pytest.approx(r["k"] / 256)
+        )
+    for f in (
+        "tokens_test.json",
+        "tokens_test.csv",
+        "tokens_test_cosine.png",
+        "tokens_test_box.png",
+        "tokens_test_kept.png",
+    ):
         assert (trained / f).stat().st_size > 0, f
     per = list(csv.DictReader(open(trained / "tokens_test.csv")))
     split = json.loads((trained / "split.json").read_text())
-    assert len(per) == len(split["test"]) * len(TK.RULES) * 2 and "leverage" in out
+    assert len(per) == len(split["test"]) * len(token_selection.RULES) * 2 and "leverage" in out
 
 
 def test_compare_reports_inside_and_outside_the_box(trained, capsys):
-    s = C.main(["--results_dir", str(trained), "--device", "cpu"])
+    s = compare_svd_nn.main(["--results_dir", str(trained), "--device", "cpu"])
     assert "inside vs outside the answer box" in capsys.readouterr().out
     assert s["samples_with_box"] > 0 and s["svd"]["rel_token_in"]["n"] == s["samples_with_box"]
     split = json.loads((trained / "split.json").read_text())
     cfg = json.loads((trained / "config.json").read_text())
     i = split["test"][0]
-    X = qd.FeatureDataset(cfg["cache_dir"], [i])[0][0]
-    mask = qd.answer_box_masks(cfg["cache_dir"], [i])[i]
-    ref = sb.box_metrics(X, sb.svd_reconstruct(X[None], 16, "svd")[0], mask)
+    X = qwenvl_dataloader.FeatureDataset(cfg["cache_dir"], [i])[0][0]
+    mask = feature_cache.answer_box_masks(cfg["cache_dir"], [i])[i]
+    ref = metrics.box_metrics(X, metrics.svd_reconstruct(X[None], 16, "svd")[0], mask)
     row = next(r for r in csv.DictReader(open(trained / "compare_rank16.csv")) if int(r["sample_id"]) == i)
     assert float(row["svd_rel_token_in"]) == pytest.approx(ref["rel_token_in"], abs=1e-6)
     assert (trained / "compare_rank16_box_error.png").exists()

@@ -1,4 +1,5 @@
 """Training: loss terms by hand, files written, early stopping, resume, NaN handling, train.sh."""
+
 import json
 import shutil
 import subprocess
@@ -9,34 +10,38 @@ import numpy as np
 import pytest
 import torch
 
-import model as M
-import train_real_data as T
+import metrics
+import model
+import train_real_data
+import training
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--rank", "8", "--hidden", "16", "--batch_size", "8"]
 
 
 def run(cache, out, *extra):
-    return T.main(["--cache_dir", str(cache), "--results_dir", str(out), "--device", "cpu", *SMALL, *extra])
+    return train_real_data.main(
+        ["--cache_dir", str(cache), "--results_dir", str(out), "--device", "cpu", *SMALL, *extra]
+    )
 
 
 def test_loss_terms_by_hand():
     g = torch.Generator().manual_seed(0)
     X, A, B = torch.randn(2, 6, 10, generator=g), torch.randn(2, 6, 3, generator=g), torch.randn(2, 3, 10, generator=g)
     Xh = A @ B
-    t = M.loss_terms(X, Xh, A, B, lambda_B=0.5, lambda_ortho=0.25)
+    t = model.loss_terms(X, Xh, A, B, lambda_B=0.5, lambda_ortho=0.25)
     x, a, b = X.double().numpy(), A.double().numpy(), B.double().numpy()
     recon = np.mean((a @ b - x) ** 2)
-    b_reg = np.mean(b ** 2)
+    b_reg = np.mean(b**2)
     ortho = np.mean([np.sum((bb @ bb.T - np.eye(3)) ** 2) for bb in b]) / 9
     for k, v in {"recon": recon, "b_reg": b_reg, "ortho": ortho, "total": recon + 0.5 * b_reg + 0.25 * ortho}.items():
         assert abs(t[k].item() - v) < 1e-4 * max(1, abs(v)), k
 
 
-@pytest.mark.parametrize("arch", list(M.ARCHS))
+@pytest.mark.parametrize("arch", list(model.ARCHS))
 def test_models_shapes_any_rank(arch):
     for r in (4, 16):
-        m = M.build_model({"arch": arch, "rank": r, "arch_options": {"hidden": 16} if arch == "symmetric" else {}})
+        m = model.build_model({"arch": arch, "rank": r, "arch_options": {"hidden": 16} if arch == "symmetric" else {}})
         Xh, A, B = m(torch.randn(3, 256, 2048))
         assert Xh.shape == (3, 256, 2048) and A.shape == (3, 256, r) and B.shape == (3, r, 2048)
         torch.testing.assert_close(Xh, A @ B)
@@ -44,17 +49,16 @@ def test_models_shapes_any_rank(arch):
 
 def test_subspace_is_exact_when_omega_spans_the_row_space():
     """Ω = the true top right singular vectors -> the output is truncated SVD."""
-    import svd_baseline as sb
     U = torch.linalg.qr(torch.randn(256, 256))[0]
     V = torch.linalg.qr(torch.randn(2048, 256))[0]
     X = (U * (0.9 ** torch.arange(256.0))) @ V.T
-    m = M.Subspace(rank=16, oversample=4)
+    m = model.Subspace(rank=16, oversample=4)
     with torch.no_grad():
         m.omega.copy_(V[:, :20])
     Xh, _, _ = m(X[None])
-    torch.testing.assert_close(Xh, sb.svd_reconstruct(X[None], 16), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Xh, metrics.svd_reconstruct(X[None], 16), atol=1e-5, rtol=1e-4)
     for k in (4, 8):  # nested: the first k components are the rank-k truncation
-        torch.testing.assert_close(m(X[None], rank=k)[0], sb.svd_reconstruct(X[None], k), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m(X[None], rank=k)[0], metrics.svd_reconstruct(X[None], k), atol=1e-5, rtol=1e-4)
 
 
 def test_training_writes_everything(tiny_cache, tmp_path):
@@ -63,8 +67,18 @@ def test_training_writes_everything(tiny_cache, tmp_path):
         assert (tmp_path / f).exists(), f
     h = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in h] == [0, 1, 2]  # epoch 0: the starting point, validated
-    for k in ("train_recon", "train_b_reg", "train_ortho", "train_total", "val_mse", "val_cosine", "val_rel_fro",
-              "val_energy", "lr", "seconds"):
+    for k in (
+        "train_recon",
+        "train_b_reg",
+        "train_ortho",
+        "train_total",
+        "val_mse",
+        "val_cosine",
+        "val_rel_fro",
+        "val_energy",
+        "lr",
+        "seconds",
+    ):
         assert k in h[1] and np.isfinite(h[1][k]), k
     ck = torch.load(tmp_path / "best_model.pt", weights_only=True)
     assert ck["config"]["arch"] == "symmetric" and ck["config"]["rank"] == 8
@@ -108,7 +122,7 @@ def test_nan_in_cache_is_named(tiny_cache, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cache, tmp_path, monkeypatch, capsys):
-    real = M.loss_terms
+    real = model.loss_terms
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -117,7 +131,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cache, tmp_path, monkeyp
         if calls["n"] > 4:  # epoch 1 has 4 steps; epoch 2 gets a NaN
             t["total"] = t["total"] * float("nan")
         return t
-    monkeypatch.setattr(T, "loss_terms", poisoned)
+
+    monkeypatch.setattr(training, "loss_terms", poisoned)
     with pytest.raises(SystemExit):
         run(tiny_cache / "cache", tmp_path, "--epochs", "3")
     assert "NaN" in capsys.readouterr().out
@@ -131,37 +146,63 @@ def test_missing_cache_names_extraction_command(tmp_path):
 
 
 def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
-    r = subprocess.run([str(ROOT / "train.sh"), "8", "1", "0.002", "4", "0.0002", "0.003", str(tmp_path / "res"),
-                        "--cache_dir", str(tiny_cache / "cache"), "--hidden", "16", "--device", "cpu"],
-                       capture_output=True, text=True, cwd="/", env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [
+            str(ROOT / "train.sh"),
+            "8",
+            "1",
+            "0.002",
+            "4",
+            "0.0002",
+            "0.003",
+            str(tmp_path / "res"),
+            "--cache_dir",
+            str(tiny_cache / "cache"),
+            "--hidden",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "+ " in r.stdout and "--lambda_ortho 0.003" in r.stdout
     cfg = json.loads((tmp_path / "res" / "config.json").read_text())
-    assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == \
-        (8, 1, 0.002, 4, 0.0002, 0.003)
+    assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == (
+        8,
+        1,
+        0.002,
+        4,
+        0.0002,
+        0.003,
+    )
     assert cfg["arch_options"] == {"hidden": 16, "n_blocks": 2}
 
 
 @pytest.mark.parametrize("power_iters", [0, 1])
 def test_subspace_objective_is_the_energy_outside_each_prefix(power_iters):
     torch.manual_seed(0)
-    m = M.Subspace(rank=32, power_iters=power_iters)
+    m = model.Subspace(rank=32, power_iters=power_iters)
     X = torch.randn(2, 256, 2048).double()
     m.double()
     Xh, A, B = m(X)
-    got = M.Subspace.objective(X, Xh, A, B).item()
+    got = model.Subspace.objective(X, A, B).item()
 
     def basis(x, k):  # independent, NumPy: range((x xᵀ)^p x Ω[:, :k])
         y = x @ m.omega.detach().numpy()[:, :k]
         for _ in range(power_iters):
             y = x @ (x.T @ np.linalg.qr(y)[0])
         return np.linalg.qr(y)[0]
+
     ref = []
     for k in (16, 32):
         out = []
         for x in X.numpy():
             q = basis(x, k)
-            out.append(1 - np.sum((q @ (q.T @ x)) ** 2) / np.sum(x ** 2))
+            out.append(1 - np.sum((q @ (q.T @ x)) ** 2) / np.sum(x**2))
         ref.append(np.mean(out))
     assert abs(got - np.mean(ref)) < 1e-10
     # nested: the first k components are that projection
@@ -172,7 +213,7 @@ def test_subspace_objective_is_the_energy_outside_each_prefix(power_iters):
 def test_small_rank_uses_only_its_columns():
     """factors(X, k) from X·Ω[:, :k] alone equals the first k components of the full rank-r basis."""
     torch.manual_seed(1)
-    m = M.Subspace(rank=32, tokens=64, dim=96, power_iters=1)
+    m = model.Subspace(rank=32, tokens=64, dim=96, power_iters=1)
     X = torch.randn(3, 64, 96, dtype=torch.float64)
     m.double()
     with torch.no_grad():
@@ -186,8 +227,10 @@ def test_small_rank_uses_only_its_columns():
 def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
     """--amp under torch.autocast('cpu', bfloat16): the subspace forward stays finite, its QR runs in float32, and the
     trained model's quality is within 0.002 cosine of float32 training."""
-    X = torch.stack([x for x, _ in __import__("qwenvl_dataloader").FeatureDataset(tiny_cache / "cache", list(range(8)))])
-    m = M.Subspace(rank=16)
+    X = torch.stack(
+        [x for x, _ in __import__("qwenvl_dataloader").FeatureDataset(tiny_cache / "cache", list(range(8)))]
+    )
+    m = model.Subspace(rank=16)
     m.init_from_data([X])
     with torch.no_grad():
         ref = m(X)[0]
@@ -195,12 +238,23 @@ def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
             Q = m.basis(X)
             out = m(X)[0]
     assert Q.dtype == torch.float32 and torch.isfinite(out).all()
-    import svd_baseline as sb
-    assert abs(sb.metrics(X, out.float())["cosine"].mean() - sb.metrics(X, ref)["cosine"].mean()) < 0.002
+    assert abs(metrics.metrics(X, out.float())["cosine"].mean() - metrics.metrics(X, ref)["cosine"].mean()) < 0.002
     common = ["--arch", "subspace", "--rank", "16", "--epochs", "1", "--batch_size", "8", "--seed", "5"]
-    r32 = T.main(["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path / "f32"), "--device", "cpu", *common])
-    rbf = T.main(["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path / "bf16"), "--device", "cpu",
-                  "--amp", *common])
+    r32 = train_real_data.main(
+        ["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path / "f32"), "--device", "cpu", *common]
+    )
+    rbf = train_real_data.main(
+        [
+            "--cache_dir",
+            str(tiny_cache / "cache"),
+            "--results_dir",
+            str(tmp_path / "bf16"),
+            "--device",
+            "cpu",
+            "--amp",
+            *common,
+        ]
+    )
     assert abs(r32["nn"]["cosine"]["mean"] - rbf["nn"]["cosine"]["mean"]) < 0.002
     h = json.loads((tmp_path / "bf16" / "history.json").read_text())
     assert all(np.isfinite(r["val_mse"]) for r in h)

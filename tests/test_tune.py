@@ -1,4 +1,5 @@
 """tune.py: a 3-trial Optuna study on the tiny cache, resumable from its journal file."""
+
 import json
 
 import optuna
@@ -7,8 +8,22 @@ import tune
 
 
 def test_three_trials_then_resume(tiny_cache, tmp_path, capsys):
-    argv = ["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path), "--epochs", "2",
-            "--n_trials", "3", "--device", "cpu", "--batch_sizes", "8,16", "--rank", "8"]
+    argv = [
+        "--cache_dir",
+        str(tiny_cache / "cache"),
+        "--results_dir",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--n_trials",
+        "3",
+        "--device",
+        "cpu",
+        "--batch_sizes",
+        "8,16",
+        "--rank",
+        "8",
+    ]
     study = tune.main(argv)
     assert len(study.trials) == 3
     out = capsys.readouterr().out

@@ -1,16 +1,19 @@
 """vqa_eval.py on the tiny full Qwen2.5-VL (offline): the scoring, the M-RoPE positions, the decoding loop against
 the model's own generate, the hook really acting, full-rank identity, and resuming."""
+
 import inspect
 import json
 
 import pytest
 import torch
 
-import qwenvl_dataloader as qd
-import vqa_eval as V
+import encoders
+import feature_cache
+import images
+import vlm
+import vqa
+import vqa_eval
 
-
-# ---------------------------------------------------------------------------------------------------------- scoring
 
 def test_vqa_accuracy_partial_credit_by_hand():
     """min(#matching others / 3, 1) averaged over the 10 leave-one-out subsets."""
@@ -18,61 +21,75 @@ def test_vqa_accuracy_partial_credit_by_hand():
     # n matches: the n subsets that leave a match out see n-1, the other 10-n see n
     for n, want in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         hand = (n * min((n - 1) / 3, 1) + (10 - n) * min(n / 3, 1)) / 10 if n else 0.0
-        assert V.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
-    assert V.vqa_accuracy("exit", refs(3)) == 1.0
+        assert vqa.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
+    assert vqa.vqa_accuracy("exit", refs(3)) == 1.0
 
 
-@pytest.mark.parametrize("answer,ref", [("Two", "2"), ("the dog.", "dog"), ("A Dog!", "dog"), ("coca-cola", "coca cola"),
-                                        ("1,000", "1000"), ("  yes\n", "yes"), ("3.5", "3.5"), ("ten", "10"),
-                                        ("hello, world", "hello world")])
+@pytest.mark.parametrize(
+    "answer,ref",
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("A Dog!", "dog"),
+        ("coca-cola", "coca cola"),
+        ("1,000", "1000"),
+        ("  yes\n", "yes"),
+        ("3.5", "3.5"),
+        ("ten", "10"),
+        ("hello, world", "hello world"),
+    ],
+)
 def test_answer_normalisation(answer, ref):
-    assert V.normalize_answer(answer) == V.normalize_answer(ref)
-    assert V.vqa_accuracy(answer, [ref] * 10) == 1.0
+    assert vqa.normalize_answer(answer) == vqa.normalize_answer(ref)
+    assert vqa.vqa_accuracy(answer, [ref] * 10) == 1.0
 
 
 def test_normalisation_keeps_what_matters():
-    assert V.normalize_answer("3.5") == "3.5" and V.normalize_answer("3.5") != V.normalize_answer("35")
-    assert V.normalize_answer("gate 7") != V.normalize_answer("gate 8")
-    assert V.vqa_accuracy("", ["yes"] * 10) == 0.0
+    assert vqa.normalize_answer("3.5") == "3.5" and vqa.normalize_answer("3.5") != vqa.normalize_answer("35")
+    assert vqa.normalize_answer("gate 7") != vqa.normalize_answer("gate 8")
+    assert vqa.vqa_accuracy("", ["yes"] * 10) == 0.0
 
 
 def test_exact_match_is_against_the_most_common_answer():
     refs = ["bank"] * 6 + ["the bank"] * 2 + ["bnak"] * 2
-    assert V.exact_match("Bank", refs) == 1.0 and V.exact_match("bnak", refs) == 0.0
-    assert V.vqa_accuracy("bnak", refs) == pytest.approx(0.6)
+    assert vqa.exact_match("Bank", refs) == 1.0 and vqa.exact_match("bnak", refs) == 0.0
+    assert vqa.vqa_accuracy("bnak", refs) == pytest.approx(0.6)
 
 
 # ---------------------------------------------------------------------------------------------------------- the model
 
+
 @pytest.fixture(scope="module")
-def vlm():
-    model, proc = V.load_vlm(qd.TINY, torch.device("cpu"), torch.float32, (448, 448))
+def tiny_vlm():
+    model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
     return model, proc
 
 
 def prompt_inputs(proc, question="what is written on the sign?", seed=0):
-    import demo_data
-    row = demo_data.make_rows(1, seed=seed)[0]
-    image = qd.load_image(row["image"]["bytes"], (448, 448))
+    import demo_set
+
+    row = demo_set.make_rows(1, seed=seed)[0]
+    image = images.load_image(row["image"]["bytes"], (448, 448))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return proc(text=[text], images=[image], return_tensors="pt")
 
 
-def test_tiny_model_tower_is_the_tiny_encoder(vlm):
+def test_tiny_model_tower_is_the_tiny_encoder(tiny_vlm):
     """The tiny full model's vision tower gives exactly the tiny-random encoder's features (what a cache holds)."""
-    model, proc = vlm
-    import demo_data
-    enc = qd.Encoder(qd.TINY, "cpu")
-    image = qd.load_image(demo_data.make_rows(1, seed=0)[0]["image"]["bytes"], (448, 448))
+    model, proc = tiny_vlm
+    import demo_set
+
+    enc = encoders.Encoder(encoders.TINY, "cpu")
+    image = images.load_image(demo_set.make_rows(1, seed=0)[0]["image"]["bytes"], (448, 448))
     inp = enc.processor(images=[image], return_tensors="pt")
     with torch.no_grad():
         out = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
     torch.testing.assert_close(getattr(out, "pooler_output", out), enc([image])[0], rtol=0, atol=0)
 
 
-def test_mrope_positions_equal_the_models_own(vlm):
-    model, proc = vlm
+def test_mrope_positions_equal_the_models_own(tiny_vlm):
+    model, proc = tiny_vlm
     inp = prompt_inputs(proc)
     ids = inp["input_ids"]
     assert (ids == model.config.image_token_id).sum() == 256
@@ -81,52 +98,69 @@ def test_mrope_positions_equal_the_models_own(vlm):
     if "mm_token_type_ids" in params:  # transformers 5.x
         kw["mm_token_type_ids"] = inp["mm_token_type_ids"]
     ref, _ = model.model.get_rope_index(ids, **kw)
-    assert torch.equal(V.mrope_positions(ids[0], model.config.image_token_id, (16, 16)), ref[:, 0])
+    assert torch.equal(vlm.mrope_positions(ids[0], model.config.image_token_id, (16, 16)), ref[:, 0])
 
 
-def test_greedy_loop_equals_generate(vlm):
+def test_greedy_loop_equals_generate(tiny_vlm):
     """Our decoding from inputs_embeds + explicit M-RoPE positions gives the tokens of the model's own generate()."""
-    model, proc = vlm
+    model, proc = tiny_vlm
     inp = prompt_inputs(proc)
     ids = inp["input_ids"][0]
     with torch.no_grad():
-        ref = model.generate(**inp, max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        ref = model.generate(**inp, max_new_tokens=6, do_sample=False)[0, len(ids) :].tolist()
         Vt = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
         Vt = getattr(Vt, "pooler_output", Vt)
-    pos = V.mrope_positions(ids, model.config.image_token_id, (16, 16))
-    _, toks = V.answer(model, proc, ids, pos, Vt, None, model.config.image_token_id, 6, set())
+    pos = vlm.mrope_positions(ids, model.config.image_token_id, (16, 16))
+    _, toks = vlm.answer(model, proc, ids, pos, Vt, None, model.config.image_token_id, 6, set())
     assert toks == ref
 
 
-def test_keeping_every_token_is_the_original(vlm):
+def test_keeping_every_token_is_the_original(tiny_vlm):
     """The kept-token path with all 256 tokens kept (in order) answers exactly as the original."""
-    model, proc = vlm
+    model, proc = tiny_vlm
     inp = prompt_inputs(proc)
     ids = inp["input_ids"][0]
     with torch.no_grad():
         Vt = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
         Vt = getattr(Vt, "pooler_output", Vt)
-    pos = V.mrope_positions(ids, model.config.image_token_id, (16, 16))
+    pos = vlm.mrope_positions(ids, model.config.image_token_id, (16, 16))
     img = model.config.image_token_id
-    full = V.answer(model, proc, ids, pos, Vt, None, img, 6, set())[1]
+    full = vlm.answer(model, proc, ids, pos, Vt, None, img, 6, set())[1]
     kept = torch.arange(256)
-    assert V.answer(model, proc, ids, pos, Vt[kept], kept, img, 6, set())[1] == full
+    assert vlm.answer(model, proc, ids, pos, Vt[kept], kept, img, 6, set())[1] == full
     half = torch.arange(0, 256, 2)  # dropping tokens changes what the model sees
-    assert V.answer(model, proc, ids, pos, Vt[half], half, img, 6, set())[1] != full
+    assert vlm.answer(model, proc, ids, pos, Vt[half], half, img, 6, set())[1] != full
 
 
 # ---------------------------------------------------------------------------------------------------------- the CLI
 
+
 def run(trained, tmp_path, *extra):
-    return V.main(["--results_dir", str(trained), "--model", qd.TINY, "--limit", "2", "--max_new_tokens", "5",
-                   "--out_dir", str(tmp_path), "--device", "cpu", *extra])
+    return vqa_eval.main(
+        [
+            "--results_dir",
+            str(trained),
+            "--model",
+            encoders.TINY,
+            "--limit",
+            "2",
+            "--max_new_tokens",
+            "5",
+            "--out_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, capsys):
     """At full rank (256) the SVD reconstruction generates exactly the original tokens; zeroed vision tokens change
     the answers (the replacement really acts); outputs are written per sample and per condition."""
-    summary = run(trained, tmp_path, "--svd_ranks", "8,256", "--nn_ranks", "16", "--zeros", "--rules", "leverage",
-                  "--keep", "32")
+    summary = run(
+        trained, tmp_path, "--svd_ranks", "8,256", "--nn_ranks", "16", "--zeros", "--rules", "leverage", "--keep", "32"
+    )
     out = capsys.readouterr().out
     rows = {s["condition"]: s for s in summary}
     assert list(rows) == ["original", "zeros", "svd r=8", "svd r=256", "subspace r=16", "leverage k=32"]
@@ -139,10 +173,10 @@ def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, 
     assert rows["svd r=256"]["changed"] == 0.0 and rows["zeros"]["changed"] == 1.0
     assert any(toks[i, "zeros"] != toks[i, "original"] for i in samples)
     d = json.loads((tmp_path / "vqa_test.json").read_text())
-    assert d["settings"]["model"] == qd.TINY and len(d["samples"]) == 2
+    assert d["settings"]["model"] == encoders.TINY and len(d["samples"]) == 2
     s0 = d["samples"][0]
     assert s0["question"] and len(s0["answers"]) == 10 and "answer" in s0["original"]
-    assert s0["original"]["vqa_acc"] == V.vqa_accuracy(s0["original"]["answer"], s0["answers"])
+    assert s0["original"]["vqa_acc"] == vqa.vqa_accuracy(s0["original"]["answer"], s0["answers"])
     assert (tmp_path / "vqa_test.csv").read_text().count("\n") == 3 and (tmp_path / "vqa_test.png").stat().st_size > 0
     assert "mean nothing" in out and "VQA acc" in out
 
@@ -150,7 +184,7 @@ def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, 
 def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
     """Interrupted after 3 answers, the rerun asks only the 3 missing ones; a third run asks none."""
     calls = []
-    real = V.answer
+    real = vlm.answer
 
     def counting(*a, **k):
         calls.append(1)
@@ -158,13 +192,13 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the user's Ctrl-C
         return real(*a, **k)
 
-    monkeypatch.setattr(V, "answer", counting)
+    monkeypatch.setattr(vqa, "answer", counting)
     with pytest.raises(KeyboardInterrupt):
         run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
     assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1 + 3
     counting.resumed, calls[:] = True, []
     run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
-    assert len(calls) == 3                       # 2 samples x 3 conditions - 3 done
+    assert len(calls) == 3  # 2 samples x 3 conditions - 3 done
     calls[:] = []
     summary = run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
     assert calls == [] and [s["n"] for s in summary] == [2, 2, 2]
@@ -174,18 +208,18 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
 
 def test_wrong_model_for_the_cache_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match="holds features of tiny-random"):
-        V.main(["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)])
+        vqa_eval.main(["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)])
 
 
-def test_checkpoint_directory_path(vlm, tmp_path):
+def test_checkpoint_directory_path(tiny_vlm, tmp_path):
     """The path a real checkpoint takes (config.json, weights, tokenizer with its chat template, preprocessor config):
     the tiny model saved to a directory loads through it and answers exactly as the model built in code."""
-    model, proc = vlm
+    model, proc = tiny_vlm
     model.save_pretrained(tmp_path)
-    proc.tokenizer.chat_template = V.CHAT_TEMPLATE
+    proc.tokenizer.chat_template = vlm.CHAT_TEMPLATE
     proc.tokenizer.save_pretrained(tmp_path)
     proc.image_processor.save_pretrained(tmp_path)
-    loaded, lproc = V.load_vlm(str(tmp_path), torch.device("cpu"), torch.float32, (448, 448))
+    loaded, lproc = vlm.load_vlm(str(tmp_path), torch.device("cpu"), torch.float32, (448, 448))
     inp, linp = prompt_inputs(proc), prompt_inputs(lproc)
     assert torch.equal(inp["input_ids"], linp["input_ids"])
     torch.testing.assert_close(inp["pixel_values"], linp["pixel_values"], rtol=0, atol=0)
@@ -199,20 +233,24 @@ def test_random_3b_has_the_published_size():
     """random-3b, the real-size full model for GPU timing, has Qwen2.5-VL-3B's 3,754,622,976 parameters, its tower the
     random-3b encoder's 668,684,288 (built on the meta device: no memory)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration._from_config(V.random_config(qd.RANDOM_3B, V.tiny_tokenizer()))
+        m = Qwen2_5_VLForConditionalGeneration._from_config(vlm.random_config(encoders.RANDOM_3B, vlm.tiny_tokenizer()))
     assert sum(p.numel() for p in m.parameters()) == 3_754_622_976
     with torch.device("meta"):
-        tower = qd.random_tower(qd.RANDOM_3B)[0]
-    assert sum(p.numel() for p in m.model.visual.parameters()) == sum(p.numel() for p in tower.parameters()) == 668_684_288
+        tower = encoders.random_tower(encoders.RANDOM_3B)[0]
+    assert (
+        sum(p.numel() for p in m.model.visual.parameters()) == sum(p.numel() for p in tower.parameters()) == 668_684_288
+    )
 
 
 def test_another_data_set_is_refused(trained, tmp_path):
     """--dataset_dir pointing at other images (same schema, same count) is refused before anything is asked: the
     questions and features belong to the cache's images (per-sample fingerprints)."""
-    import demo_data
+    import demo_set
+
     other = tmp_path / "other"
-    demo_data.write_parquet(demo_data.make_rows(40, seed=11), other / "data", shards=2)
+    demo_set.write_parquet(demo_set.make_rows(40, seed=11), other / "data", shards=2)
     with pytest.raises(SystemExit, match="holds another image than the one the cache"):
         run(trained, tmp_path, "--dataset_dir", str(other), "--svd_ranks", "8", "--nn_ranks", "")
     assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1  # the header only: nothing asked
@@ -223,8 +261,9 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
     second; svd r=8: wrong for both), the table's accuracy, paired change and its standard error, exact match and
     share changed are what they must be."""
     import numpy as np
+
     samples = json.loads((trained / "split.json").read_text())["test"][:2]
-    manifest = qd.read_manifest(json.loads((trained / "config.json").read_text())["cache_dir"])["samples"]
+    manifest = feature_cache.read_manifest(json.loads((trained / "config.json").read_text())["cache_dir"])["samples"]
     refs = [manifest[str(i)]["answers"] for i in samples]
     best = max(set(refs[0]), key=refs[0].count)
     calls = iter(range(100))
@@ -233,10 +272,10 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
         n = next(calls)  # per sample: original, then svd r=8
         return (best.upper() + ".", [0]) if n == 0 else ("wrong", [1])
 
-    monkeypatch.setattr(V, "answer", by_condition)
+    monkeypatch.setattr(vqa, "answer", by_condition)
     summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
-    acc0 = V.vqa_accuracy(best, refs[0])
-    assert acc0 > 0 and V.vqa_accuracy("wrong", refs[1]) == 0
+    acc0 = vqa.vqa_accuracy(best, refs[0])
+    assert acc0 > 0 and vqa.vqa_accuracy("wrong", refs[1]) == 0
     assert summary["original"]["vqa_acc"] == pytest.approx(acc0 / 2)
     assert summary["original"]["exact"] == 0.5 and summary["original"]["changed"] == 0.0
     s = summary["svd r=8"]

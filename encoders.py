@@ -1,0 +1,239 @@
+"""
+Qwen vision encoders: the families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) by their checkpoint's model_type, towers built
+in code with random weights (tiny ones for offline runs, real-size ones for cost figures), each family's image
+processor at a fixed size, and Encoder: PIL images -> [N, T, D] vision tokens, what the language model sees.
+"""
+
+import importlib
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from cli import UserError
+from images import parse_image_size
+
+DEFAULT_IMAGE_SIZE = "448"  # --image_size: one side (square) or WxH; a multiple of the encoder's cell (28 or 32 px)
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+# Vision towers by the checkpoint's model_type: (transformers module, vision config class, vision model class, the
+# config attribute that is the output (merger) dim). The tower's output is what the language model sees.
+FAMILIES = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLVisionConfig", "Qwen2VisionTransformerPretrainedModel", "hidden_size"),
+    "qwen2_5_vl": (
+        "qwen2_5_vl",
+        "Qwen2_5_VLVisionConfig",
+        "Qwen2_5_VisionTransformerPretrainedModel",
+        "out_hidden_size",
+    ),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", "out_hidden_size"),
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeVisionConfig", "Qwen3VLMoeVisionModel", "out_hidden_size"),
+}
+# Image normalisation of each family's own processor (preprocessor_config.json); used when a checkpoint has none.
+FAMILY_MEAN_STD = {"qwen3_vl": ([0.5] * 3, [0.5] * 3), "qwen3_vl_moe": ([0.5] * 3, [0.5] * 3)}
+
+# Towers built in code with random weights (fixed seed), selected by name, never a fallback. tiny-*: small and
+# fast, one per family with different output dims, so every family's path runs offline. random-*: the published
+# vision configs at real size, for speed, parameter and memory figures only (bench_extract.py).
+TINY = "tiny-random"
+TINY_SEED = 0
+# a table: one tower a line reads better than the formatter's one argument a line
+# fmt: off
+_Q25 = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu")
+_Q25_TOWER = dict(_Q25, depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+_Q2_TOWER = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                 temporal_patch_size=2, hidden_act="quick_gelu")
+_Q3_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
+_Q3_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
+RANDOM_TOWERS = {
+    TINY: ("qwen2_5_vl", dict(_Q25, depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=2048,
+                              fullatt_block_indexes=[1])),
+    "tiny-random-qwen2-vl": ("qwen2_vl", dict(_Q2_TOWER, depth=2, embed_dim=64, mlp_ratio=2, num_heads=2,
+                                              hidden_size=1536)),
+    "tiny-random-qwen3-vl": ("qwen3_vl", dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                              out_hidden_size=1024, deepstack_visual_indexes=[0],
+                                              num_position_embeddings=144)),
+    "random-3b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=2048)),          # Qwen2.5-VL-3B's tower
+    "random-qwen2.5-vl-7b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=3584)),
+    "random-qwen2.5-vl-32b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=5120)),
+    "random-qwen2.5-vl-72b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=8192)),
+    "random-qwen2-vl-2b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=1536)),
+    "random-qwen2-vl-7b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=3584)),
+    "random-qwen2-vl-72b": ("qwen2_vl", dict(_Q2_TOWER, hidden_size=8192)),
+    "random-qwen3-vl-2b": ("qwen3_vl", dict(_Q3_SMALL, out_hidden_size=2048)),
+    "random-qwen3-vl-4b": ("qwen3_vl", dict(_Q3_SMALL, out_hidden_size=2560)),
+    "random-qwen3-vl-8b": ("qwen3_vl", dict(_Q3_LARGE, out_hidden_size=4096)),
+    "random-qwen3-vl-32b": ("qwen3_vl", dict(_Q3_LARGE, out_hidden_size=5120)),
+}
+# fmt: on
+RANDOM_3B = "random-3b"
+
+
+def default_dtype(device):
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE):
+    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid and dim)."""
+    w, h = parse_image_size(image_size)
+    return {
+        "model": str(model),
+        "revision": revision,
+        "dtype": dtype or default_dtype(device),
+        "image_size": w if w == h else [w, h],
+    }
+
+
+def family_classes(family):
+    if family not in FAMILIES:
+        raise UserError(f"model type '{family}' is not a supported vision-language family ({', '.join(FAMILIES)})")
+    mod, cfg_cls, model_cls, out_attr = FAMILIES[family]
+    try:
+        cfg_mod = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
+        model_mod = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    except ImportError:
+        import transformers
+
+        raise UserError(
+            f"{family} needs a newer transformers than {transformers.__version__} (pip install -U transformers)"
+        ) from None
+    return getattr(cfg_mod, cfg_cls), getattr(model_mod, model_cls), out_attr
+
+
+def hub_reachable(timeout=2.0):
+    """False when the hub cannot be reached: HF_HUB_OFFLINE is set, or a TCP connection to the hub (HF_ENDPOINT's
+    host if set) fails within timeout seconds. Checked once, before transformers would spend its retries."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def checkpoint_family(model, revision=None):
+    """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl, qwen2_5_vl, qwen3_vl..."""
+    from transformers import AutoConfig
+
+    advice = (
+        "Give --model a local checkpoint directory (e.g. a ModelScope download: modelscope download --model "
+        "Qwen/Qwen2.5-VL-3B-Instruct --local_dir ckpt/Qwen2.5-VL-3B-Instruct), use a pre-filled hub cache "
+        "with HF_HUB_OFFLINE=1, or a mirror via HF_ENDPOINT. For an offline run without weights: "
+        "--model tiny-random."
+    )
+    offline = not Path(model).is_dir() and not hub_reachable()
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, local_files_only=offline).model_type
+    except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if offline:
+            raise UserError(
+                f"'{model}' is not a local directory, the hub is unreachable (offline) and the model is "
+                f"not in the local hub cache. {advice}"
+            ) from None
+        raise UserError(f"could not load '{model}': {first}. {advice}") from None
+
+
+def random_tower(name):
+    """One of RANDOM_TOWERS, built in code with random weights from TINY_SEED: the same weights every time (vqa_eval.py
+    puts the tiny one inside a full tiny Qwen2.5-VL, so its answers use the very features a tiny-random cache holds).
+    -> (tower, family)"""
+    family, cfg_kw = RANDOM_TOWERS[name]
+    cfg_cls, model_cls, _ = family_classes(family)
+    torch.manual_seed(TINY_SEED)
+    return model_cls._from_config(cfg_cls(**cfg_kw), attn_implementation="sdpa"), family
+
+
+def image_processor(vision_config, family, size, model=None, revision=None):
+    """The family's image processor, fixed to exactly size = (W, H) pixels in (min_pixels = max_pixels = W·H, after
+    the toolkit's own resize to W x H): (H/cell)·(W/cell) tokens, cell = patch x merge. A checkpoint's own
+    preprocessor settings (mean/std) are used where it has them."""
+    try:  # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL one
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
+    cfg = vision_config
+    cell = cfg.patch_size * cfg.spatial_merge_size
+    w, h = size
+    if w % cell or h % cell:
+        raise UserError(
+            f"--image_size {w}x{h}: each side must be a multiple of {cell} px for {family} "
+            f"({cfg.patch_size}-px patches merged {cfg.spatial_merge_size}x{cfg.spatial_merge_size})"
+        )
+    proc_kw = dict(
+        min_pixels=w * h,
+        max_pixels=w * h,
+        patch_size=cfg.patch_size,
+        merge_size=cfg.spatial_merge_size,
+        temporal_patch_size=cfg.temporal_patch_size,
+    )
+    if family in FAMILY_MEAN_STD:
+        proc_kw["image_mean"], proc_kw["image_std"] = FAMILY_MEAN_STD[family]
+    if model is not None and model not in RANDOM_TOWERS:
+        try:
+            return Proc.from_pretrained(model, revision=revision, **proc_kw)
+        except OSError:
+            pass
+    return Proc(**proc_kw)
+
+
+class Encoder:
+    """A Qwen vision tower + its processor. __call__(list of PIL RGB images of image_size) -> [N, T, D] features,
+    T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size * spatial_merge_size (28 px for Qwen2-VL
+    and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's output dim (what the language model sees)."""
+
+    def __init__(self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE):
+        self.device = torch.device(device)
+        key = encoder_key(model, revision, dtype, device, image_size)
+        self.dtype = getattr(torch, key["dtype"])
+        self.size = parse_image_size(image_size)
+        if model in RANDOM_TOWERS:
+            self.tower, family = random_tower(model)
+            self.tower.to(self.dtype)
+        else:
+            family = checkpoint_family(model, revision)
+            cfg_cls, model_cls, out_attr = family_classes(family)
+            self.tower, info = model_cls.from_pretrained(
+                model,
+                revision=revision,
+                key_mapping={r"^(?:model\.)?visual\.": "model."},
+                dtype=self.dtype,
+                attn_implementation="sdpa",
+                output_loading_info=True,
+            )
+            if info["missing_keys"]:
+                raise UserError(
+                    f"'{model}': {len(info['missing_keys'])} vision-tower weights are missing from the "
+                    f"checkpoint (e.g. {sorted(info['missing_keys'])[:3]}); refusing random weights."
+                )
+        self.tower.eval().to(self.device)
+        cfg = self.tower.config
+        self.processor = image_processor(cfg, family, self.size, model, revision)
+        cell = cfg.patch_size * cfg.spatial_merge_size
+        w, h = self.size
+        self.grid = [h // cell, w // cell]  # rows, columns
+        self.dim = getattr(cfg, family_classes(family)[2])
+        self.info = dict(
+            key,
+            family=family,
+            cell=cell,
+            grid=self.grid,
+            feature_dim=self.dim,
+            tiny_seed=TINY_SEED if model in RANDOM_TOWERS else None,
+        )
+
+    @torch.no_grad()
+    def __call__(self, images):
+        inputs = self.processor(images=images, return_tensors="pt")
+        pv = inputs["pixel_values"].to(self.device, self.dtype)
+        out = self.tower(pv, grid_thw=inputs["image_grid_thw"].to(self.device))
+        out = getattr(out, "pooler_output", out)  # 5.x returns an output object, 4.x the merged tokens
+        if isinstance(out, tuple):  # 4.x Qwen3-VL: (merged tokens, deepstack features)
+            out = out[0]
+        return out.reshape(len(images), self.grid[0] * self.grid[1], self.dim)

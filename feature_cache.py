@@ -1,0 +1,297 @@
+"""
+The on-disk feature cache: one features_<i>.pt [T, D] per sample (i = the row in the source), manifest.json (the
+encoder, the source, every sample's metadata and failures: the one record of T, D and the token grid) and the
+append-only sample log; atomic writes, the cache lock, the checks of every file read back, and the normalisation
+every script applies to what it reads.
+"""
+
+import fcntl
+import json
+import math
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cli import BadFeature, UserError
+from metrics import box_mask
+
+MANIFEST = "manifest.json"
+SAMPLE_LOG = "samples.jsonl"  # append-only, one line per extracted sample: survives kill -9 and manifest rebuilds
+LOCK = ".lock"
+HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def extract_command(cache_dir="feature_cache_real"):
+    return (
+        f"python qwenvl_dataloader.py --dataset_dir <parquet dir | image folder | list.jsonl> "
+        f"--cache_dir {cache_dir}   (add --model tiny-random to run offline)"
+    )
+
+
+def feature_path(cache_dir, i):
+    return Path(cache_dir) / f"features_{i}.pt"
+
+
+def atomic_save(obj, path):
+    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
+    if isinstance(obj, (dict, list)) and path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder, pattern=".*.tmp"):
+    """Delete temp files left by killed processes of this host; those of live processes (another extraction or
+    training on the same folder) and of other hosts are left alone."""
+    for tmp in Path(folder).glob(pattern):
+        owner = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        host, _, pid = owner.rpartition("-")
+        if host in (HOST, "") and (not pid.isdigit() or not pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def cache_lock(cache_dir):
+    """Exclusive lock on a cache directory (flock on <cache>/.lock), held while the manifest is read, merged and
+    written: any number of processes may extract into one cache."""
+    fd = os.open(Path(cache_dir) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _check_shape(x, path, shape):
+    if (
+        not isinstance(x, torch.Tensor)
+        or not x.is_floating_point()
+        or x.dim() != 2
+        or (shape is not None and tuple(x.shape) != tuple(shape))
+    ):
+        want = f"[{shape[0]}, {shape[1]}]" if shape is not None else "2-d"
+        raise BadFeature(
+            f"{path}: expected a floating {want} tensor (the cache's tokens x dim), got "
+            f"{type(x).__name__} {list(getattr(x, 'shape', []))} {getattr(x, 'dtype', '')}"
+        )
+
+
+def read_feature(path, shape=None):
+    """Load one cached tensor (memory-mapped: no copy until it is converted or normalised); raises BadFeature naming
+    the file if it is unreadable, not of shape (T, D) (when given), non-finite, or so large that squaring it
+    overflows float32 (the layer norm's variance and the loss square it: a finite 3e38 would). One pass over the
+    data (aminmax) does all the value checks."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
+    _check_shape(x, path, shape)
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise BadFeature(
+            f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun qwenvl_dataloader.py)"
+        )
+    if max(-lo, hi) ** 2 * x.shape[-1] >= torch.finfo(torch.float32).max:
+        raise BadFeature(
+            f"{path}: finite values (largest |x| {max(-lo, hi):.3g}) overflow float32 once squared "
+            f"in the normalisation and the loss; re-extract it (delete the file and rerun "
+            f"qwenvl_dataloader.py)"
+        )
+    return x
+
+
+def check_feature_header(path, shape=None):
+    """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the right shape."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
+    _check_shape(x, path, shape)
+
+
+def read_manifest(cache_dir):
+    p = Path(cache_dir) / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def load_manifest(cache_dir):
+    if not Path(cache_dir).is_dir():
+        raise UserError(
+            f"feature cache directory '{cache_dir}' does not exist. Build it with: " + extract_command(cache_dir)
+        )
+    if not (Path(cache_dir) / MANIFEST).exists():
+        raise UserError(
+            f"'{cache_dir}' is not a feature cache ({MANIFEST} missing). Build it with: " + extract_command(cache_dir)
+        )
+    return read_manifest(cache_dir)
+
+
+def read_sample_log(cache_dir):
+    """{index: record} from samples.jsonl (later lines win; a torn last line from a kill is ignored)."""
+    p, out = Path(cache_dir) / SAMPLE_LOG, {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out[int(rec["i"])] = rec
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
+def append_sample_log(cache_dir, records):
+    """One write() of whole lines with O_APPEND: concurrent writers never interleave within a line."""
+    if records:
+        fd = os.open(Path(cache_dir) / SAMPLE_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+        finally:
+            os.close(fd)
+
+
+def key_string(info):
+    return "|".join(str(info.get(k)) for k in ("model", "revision", "dtype", "image_size"))
+
+
+def check_compatible(manifest, encoder_info, source_info, cache_dir):
+    old = manifest.get("encoder", {})
+    diff = {k: (old.get(k), v) for k, v in encoder_info.items() if k in old and old.get(k) != v}
+    if diff:
+        raise UserError(
+            f"cache '{cache_dir}' was made by another encoder: "
+            + ", ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            + ". Use another --cache_dir (or delete this one)."
+        )
+    src = manifest.get("source", {})
+    if src and source_info and src.get("kind") != source_info["kind"]:
+        raise UserError(
+            f"cache '{cache_dir}' was made from another source ({src.get('kind')} at "
+            f"{src.get('path')}); this run reads {source_info['kind']} at {source_info['path']}. "
+            f"Use another --cache_dir."
+        )
+
+
+def merge_into_manifest(cache_dir, info, source_info, done=(), failed=None, log=None):
+    """Under the cache lock: read manifest.json as it is now, add this process's done samples {i: meta} and
+    failures {i: reason} (and records of the sample log whose features exist), write it back atomically."""
+    with cache_lock(cache_dir):
+        m = read_manifest(cache_dir)
+        m["encoder"], m["source"] = info, source_info
+        samples = {int(k): v for k, v in m.get("samples", {}).items()}
+        fails = {int(k): v for k, v in m.get("failed", {}).items()}
+        for i, rec in (log or {}).items():  # recovery: samples written by a killed run, or --rebuild_manifest
+            if i not in samples and rec.get("encoder") == key_string(info) and feature_path(cache_dir, i).exists():
+                samples[i] = {k: v for k, v in rec.items() if k not in ("i", "encoder")}
+                fails.pop(i, None)
+        for i, meta in dict(done).items():
+            samples[i] = meta
+            fails.pop(i, None)
+        for i, why in (failed or {}).items():
+            fails[i] = why
+            samples.pop(i, None)
+        m["samples"] = {str(k): samples[k] for k in sorted(samples)}
+        m["failed"] = {str(k): fails[k] for k in sorted(fails)}
+        atomic_save(m, Path(cache_dir) / MANIFEST)
+        return m
+
+
+NORMALIZATIONS = ("layernorm", "none")
+
+
+def normalize(x, mode="layernorm"):
+    """The one normalisation used everywhere: layer norm over the D feature dims, no affine (eps 1e-5)."""
+    if mode == "layernorm":
+        return F.layer_norm(x, x.shape[-1:])
+    if mode == "none":
+        return x
+    raise ValueError(f"unknown normalisation '{mode}' (choose from {NORMALIZATIONS})")
+
+
+def denormalize(xn, x, mode="layernorm"):
+    """normalize's inverse for features xn made from x: each token's own mean and standard deviation restored."""
+    if mode == "layernorm":
+        return xn * (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + x.mean(-1, keepdim=True)
+    return normalize(xn, mode)
+
+
+def cached_indices(cache_dir, manifest=None):
+    """Sorted indices of the samples whose features the manifest lists as extracted."""
+    m = manifest or load_manifest(cache_dir)
+    idx = sorted(int(i) for i in m.get("samples", {}) if feature_path(cache_dir, int(i)).exists())
+    if not idx:
+        raise UserError(f"the feature cache '{cache_dir}' is empty. Build it with: " + extract_command(cache_dir))
+    return idx
+
+
+def cache_grid(cache_dir, manifest=None):
+    """(rows H, columns W) of a cache's token grid, from its manifest: token t sits at row t // W, column t % W."""
+    enc = (manifest or load_manifest(cache_dir)).get("encoder", {})
+    if "grid" not in enc or "feature_dim" not in enc:
+        raise UserError(
+            f"{Path(cache_dir) / MANIFEST} records no token grid / feature dim: re-extract with --rebuild_manifest"
+        )
+    return tuple(enc["grid"])
+
+
+def cached_shape(cache_dir, manifest=None):
+    """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature shape."""
+    manifest = manifest or load_manifest(cache_dir)
+    h, w = cache_grid(cache_dir, manifest)
+    return h * w, manifest["encoder"]["feature_dim"]  # cache_grid checked it is there
+
+
+def cache_image_size(cache_dir):
+    """(W, H) in pixels that the cache's images were resized to."""
+    return info_size(load_manifest(cache_dir)["encoder"])
+
+
+def info_size(info):
+    """(W, H) from an encoder record: image_size is one int (square) or [W, H]."""
+    v = info.get("image_size", 448)
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def answer_box_masks(cache_dir, indices):
+    """{index: bool [T] mask of the tokens overlapping the sample's answer box, or None (no bbox, no original image
+    size, or a box outside the image)}; the box is scaled from the original image to the cache's image size."""
+    samples, grid, size = (
+        load_manifest(cache_dir).get("samples", {}),
+        cache_grid(cache_dir),
+        cache_image_size(cache_dir),
+    )
+    out = {}
+    for i in indices:
+        m = samples.get(str(i), {})
+        ok = m.get("bbox") and m.get("image_size") and len(m["bbox"]) == 4
+        out[i] = box_mask(m["bbox"], m["image_size"], grid, size) if ok else None
+    return out
+
+
+def lossy_note(cache_dir):
+    """'' for a cache of encoder features; for a compressed cache (compress.py) a note every report prints: the codec
+    and its measured cosine to the source features."""
+    c = read_manifest(cache_dir).get("codec")
+    if not c:
+        return ""
+    return (
+        f" [LOSSY: compressed cache, codec {c['name']}{' rank ' + str(c['rank']) if c.get('rank') else ''}, "
+        f"cosine to the source {c['cosine_mean']:.5f} ± {c['cosine_std']:.5f}]"
+    )

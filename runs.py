@@ -1,0 +1,182 @@
+"""
+The run folder a training writes and every later script reads: the split (split.json, seeded, grouped by source
+photo), the resolved config (config.json), the checkpoint (best_model.pt) and the history; read_split and load_run
+are the one way to read them back.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from cli import UserError, check_rank
+from feature_cache import atomic_save, cached_indices, cached_shape, feature_path, load_manifest
+from model import load_checkpoint
+
+SPLIT, CONFIG, BEST, LAST, HISTORY = "split.json", "config.json", "best_model.pt", "last.pt", "history.json"
+PARTS = ("train", "val", "test")
+
+
+def train_command(results_dir):
+    return f"python train_real_data.py --results_dir {results_dir}"
+
+
+def read_split(results_dir):
+    """split.json of a run: {train, val, test: [sample indices], and what it was made from}."""
+    p = Path(results_dir) / SPLIT
+    if not p.exists():
+        raise UserError(f"{p} not found: it is written by training ({train_command(results_dir)})")
+    try:
+        s = json.loads(p.read_text())
+        assert all(isinstance(s[k], list) for k in PARTS)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(
+            f"{p} is not a split file (expected JSON with train, val and test lists); delete it and "
+            f"train again ({train_command(results_dir)})"
+        ) from None
+    return s
+
+
+def first(indices, num=None):
+    """The first num of a list of sample indices (--num_samples, --limit); all of them when num is None."""
+    return indices[:num] if num else indices
+
+
+def read_run(results_dir):
+    """(config, split) of a training run's folder: the cache, normalisation and test set every later script uses."""
+    p = Path(results_dir) / CONFIG
+    if not p.exists():
+        raise UserError(f"{p} not found: train first ({train_command(results_dir)})")
+    return json.loads(p.read_text()), read_split(results_dir)
+
+
+def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=None, device="cpu"):
+    """(model, checkpoint, config, the split's sample indices, cache dir), all from the results directory; the
+    checkpoint must match the cache's feature shape and, when given, the rank."""
+    results_dir = Path(results_dir)
+    ckpt = Path(checkpoint) if checkpoint else results_dir / BEST
+    model, ck = load_checkpoint(ckpt, device)
+    cfg = ck["config"]
+    cache_dir = cache_dir or cfg["cache_dir"]
+    shape = cached_shape(cache_dir)
+    if rank is not None:
+        check_rank(rank, min(shape))
+    trained = (cfg.get("tokens", 256), cfg.get("dim", 2048))  # checkpoints before shapes were stored: Qwen2.5-VL-3B
+    if trained != shape:
+        raise UserError(
+            f"{ckpt} was trained on [{trained[0]}, {trained[1]}] features; the cache {cache_dir} holds "
+            f"[{shape[0]}, {shape[1]}]: use a cache of the same encoder and image size, or train on this "
+            f"one"
+        )
+    if rank is not None and rank != cfg["rank"]:
+        raise UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
+    return model, ck, cfg, read_split(results_dir)[split], cache_dir
+
+
+def read_history(results_dir):
+    p = Path(results_dir) / HISTORY
+    return json.loads(p.read_text()) if p.exists() else []
+
+
+def make_split(indices, seed=42, fractions=(0.8, 0.1, 0.1), groups=None):
+    """Seeded split of sample indices into train/val/test (80/10/10 by default). groups: {index: key}; samples with
+    one key (one photo, one image asked several questions) always land in the same split. Without groups every
+    sample is its own group."""
+    indices = sorted(indices)
+    keys = [groups[i] if groups else i for i in indices]
+    order = list(dict.fromkeys(keys))  # group keys by first appearance
+    members = {k: [] for k in order}
+    for i, k in zip(indices, keys):
+        members[k].append(i)
+    perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = int(round(fractions[0] * len(indices)))
+    n_val = int(round(fractions[1] * len(indices)))
+    out = {"train": [], "val": [], "test": []}
+    for g in perm:
+        part = "train" if len(out["train"]) < n_train else "val" if len(out["val"]) < n_val else "test"
+        out[part] += members[order[g]]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+GROUP_AUTO = "auto"
+
+
+def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
+    """{index: group key} from the manifest: group_by a per-sample field (image_id: the photo a sample was made
+    from), 'fingerprint' (identical image bytes), 'none', or 'auto' = image_id where the source has it, else
+    fingerprint. Returns (groups or None, the field used)."""
+    samples = load_manifest(cache_dir).get("samples", {})
+    meta = [samples.get(str(i), {}) for i in indices]
+    if group_by == GROUP_AUTO:
+        group_by = next((f for f in ("image_id", "fingerprint") if meta and all(f in m for m in meta)), "none")
+    if group_by == "none":
+        return None, "none"
+    missing = [i for i, m in zip(indices, meta) if group_by not in m]
+    if missing:
+        raise UserError(
+            f"--group_by {group_by}: the manifest of '{cache_dir}' has no '{group_by}' for sample "
+            f"{missing[0]} ({len(missing)} samples); use another field or --group_by none"
+        )
+    return {i: json.dumps(m[group_by]) for i, m in zip(indices, meta)}, group_by
+
+
+def shared_between_splits(cache_dir, split, field):
+    """How many distinct values of a manifest field (e.g. the image fingerprint) occur in more than one split."""
+    samples = load_manifest(cache_dir).get("samples", {})
+    seen = {}
+    for part in ("train", "val", "test"):
+        for i in split[part]:
+            v = samples.get(str(i), {}).get(field)
+            if v is not None:
+                seen.setdefault(json.dumps(v), set()).add(part)
+    return sum(len(parts) > 1 for parts in seen.values())
+
+
+def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_by=GROUP_AUTO, resplit=False):
+    """split.json in results_dir: read it if present (so every script sees the same test set), else make and save.
+    A saved split made from another seed, sample count, cache or grouping is refused (resplit=True replaces it)."""
+    p = Path(results_dir) / SPLIT
+    made_from = {
+        "seed": seed,
+        "max_samples": max_samples,
+        "cache_dir": str(Path(cache_dir).resolve()),
+        "group_by": group_by,
+    }
+    if p.exists() and not resplit:
+        s = read_split(results_dir)
+        old = dict(s, cache_dir=str(Path(s["cache_dir"]).resolve())) if "cache_dir" in s else s
+        diff = {k: (old[k], v) for k, v in made_from.items() if k in old and old[k] != v}
+        if diff:
+            raise UserError(
+                f"{p} was made with "
+                + ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
+                + "; this run asks for "
+                + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
+                + ". Pass --resplit to replace it (its test set then changes), or use another "
+                "--results_dir"
+            )
+        missing = [i for k in ("train", "val", "test") for i in s[k] if not feature_path(cache_dir, i).exists()]
+        if missing:
+            raise UserError(
+                f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
+                f"was it made for another cache?"
+            )
+        return s
+    idx = cached_indices(cache_dir)
+    if max_samples:
+        idx = idx[:max_samples]
+    if len(idx) < 3:
+        raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
+    groups, field = split_groups(cache_dir, idx, group_by)
+    s = make_split(idx, seed, groups=groups)
+    s.update(
+        made_from,
+        grouped_by=field,
+        num_samples=len(idx),
+        shared_images=shared_between_splits(cache_dir, s, "fingerprint"),
+        shared_image_ids=shared_between_splits(cache_dir, s, "image_id"),  # source photos / image ids
+        **({"shared_groups": shared_between_splits(cache_dir, s, field)} if groups else {}),
+    )
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    atomic_save(s, p)
+    return s

@@ -1,0 +1,94 @@
+"""
+Token-selection rules: which k of an image's T tokens to keep, and every token rebuilt from the kept ones (its
+projection onto their span). tokens.py compares the rules on the features; vqa_eval.py asks the model with only the
+kept tokens.
+
+    leverage    the k largest leverage scores of the rank-k SVD, ‖U_k[t]‖² (SVD-Prune, arXiv 2604.11530)
+    lrcp        the k tokens worst explained by the training split's top principal subspace, i.e. the largest
+                residual ‖x − P x‖ (LRCP, arXiv 2605.15621)
+    pivoted_qr  column-pivoted QR of Xᵀ: greedily the token farthest from the span of those already kept (a classical
+                column-subset selection; LAPACK's geqp3 criterion)
+    norm        the k largest token norms ‖x_t‖
+    grid        a uniform spatial grid of k cells over the H×W token grid
+    random      k tokens drawn uniformly (seeded)
+"""
+
+import math
+
+import numpy as np
+import torch
+
+RULES = ("leverage", "lrcp", "pivoted_qr", "norm", "grid", "random")
+
+
+def pivoted_qr(X, k):
+    """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token with the largest
+    norm after removing its components along the tokens already kept (modified Gram-Schmidt, float64)."""
+    R = X.double().clone()
+    norms = (R * R).sum(1)
+    tiny = 1e-24 * max(1.0, float(norms.max()))
+    kept = []
+    for _ in range(min(k, len(R))):
+        norms[kept] = -1.0
+        t = int(norms.argmax())
+        if norms[t] <= tiny:
+            break  # the rest lies in the span already kept: any further token adds nothing
+        kept.append(t)
+        q = R[t] / R[t].norm()
+        c = R @ q
+        R -= torch.outer(c, q)
+        norms = (R * R).sum(1) if len(kept) % 16 == 0 else norms - c * c  # downdate, recomputed now and then
+    if len(kept) < k:  # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
+        rest = [t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept]
+        kept += rest[: k - len(kept)]
+    return torch.tensor(kept)
+
+
+def grid_tokens(hw, k):
+    """k tokens on a uniform spatial lattice of the H×W grid: gh × gw cell centres (gh/gw ≈ H/W, gh·gw >= k), thinned
+    evenly to exactly k, raster order."""
+    H, W = hw
+    gh = max(1, min(H, round(math.sqrt(k * H / W))))
+    gw = min(W, math.ceil(k / gh))
+    while gh * gw < k:
+        gh, gw = min(H, gh + 1), min(W, math.ceil(k / min(H, gh + 1)))
+    pts = [int((i + 0.5) * H / gh) * W + int((j + 0.5) * W / gw) for i in range(gh) for j in range(gw)]
+    keep = np.round(np.linspace(0, len(pts) - 1, k)).astype(int)
+    return torch.tensor(sorted({pts[i] for i in keep}))
+
+
+def select(rule, X, k, hw=None, basis=None, generator=None):
+    """Indices [k] of the tokens rule keeps for one image X [T, D]."""
+    if rule == "leverage":  # U_k from the eigenvectors of the T x T Gram matrix (float64)
+        Xd = X.double()
+        U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
+        return (U * U).sum(1).topk(k).indices
+    if rule == "lrcp":
+        Xd = X.double()
+        resid = Xd - (Xd @ basis) @ basis.T
+        return (resid * resid).sum(1).topk(k).indices
+    if rule == "pivoted_qr":
+        return pivoted_qr(X, k)
+    if rule == "norm":
+        return (X.double() ** 2).sum(1).topk(k).indices
+    if rule == "grid":
+        return grid_tokens(hw, k)
+    if rule == "random":
+        return torch.randperm(len(X), generator=generator)[:k]
+    raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
+
+
+def reconstruct_from(X, kept, rtol=1e-10):
+    """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably as X·V·Vᵀ with V
+    the right singular vectors of X_S above rtol·σ₁ (float64)."""
+    Xd = X.double()
+    _, S, Vh = torch.linalg.svd(Xd[kept], full_matrices=False)
+    V = Vh[S > rtol * S[0]].T if len(S) and S[0] > 0 else Vh[:0].T
+    return (Xd @ V) @ V.T
+
+
+def box_hits(kept, mask):
+    """(recall, precision) of a kept set against an answer-box mask: the share of the box's tokens kept, and the
+    share of the kept tokens inside the box."""
+    hit = int(mask[kept].sum())
+    return hit / int(mask.sum()), hit / len(kept)

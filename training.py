@@ -1,0 +1,473 @@
+"""
+Training a low-rank factoriser X ≈ A·B on cached features: the flags (get_args_parser, the one source of every
+default), the resolved config, one epoch, validation, the checkpoints and history, and the test report.
+train_real_data.py runs train(args); tune.py calls it per trial with on_epoch.
+"""
+
+import argparse
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import metrics
+from cli import HelpFormatter, UserError, check_rank, dist_env
+from feature_cache import NORMALIZATIONS, atomic_save, cache_grid, cached_shape, lossy_note, remove_stale_tmp
+from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint, read_checkpoint
+from qwenvl_dataloader import FeatureDataset, make_loader
+from runs import BEST, CONFIG, GROUP_AUTO, HISTORY, LAST, load_or_make_split, read_history, read_split
+
+ARCH_FLAGS = ("hidden", "power_iters", "oversample")  # the per-arch options; their defaults are ARCH_DEFAULTS'
+
+
+def get_args_parser():
+    ap = argparse.ArgumentParser(
+        description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.", formatter_class=HelpFormatter
+    )
+    ap.add_argument("--batch_size", type=int, default=8, help="training batch size (per process under torchrun)")
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs (epoch 0 = the starting point)")
+    ap.add_argument("--lr", type=float, default=0.001, help="AdamW learning rate")
+    ap.add_argument("--rank", type=int, default=128, help="rank r of the factorisation, 1..min(tokens, dim)")
+    ap.add_argument("--lambda_B", type=float, default=0.0001, help="weight of mean(B²)")
+    ap.add_argument("--lambda_ortho", type=float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
+    ap.add_argument("--weight_decay", type=float, default=0.00001, help="AdamW weight decay")
+    ap.add_argument(
+        "--patience", type=int, default=10, help="early stop after this many epochs without a better validation MSE"
+    )
+    ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
+    ap.add_argument("--seed", type=int, default=42, help="split, initialisation and shuffling")
+    ap.add_argument(
+        "--arch",
+        default="symmetric",
+        choices=list(ARCHS),
+        help="symmetric: the original's MLP network; subspace: learned subspace iteration",
+    )
+    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache (qwenvl_dataloader.py)")
+    ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    ap.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    ap.add_argument(
+        "--normalize",
+        default="layernorm",
+        choices=NORMALIZATIONS,
+        help="layer norm over the feature dims (no affine), or none; stored in the checkpoint",
+    )
+    ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32")
+    ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument(
+        "--preload",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="hold the train and validation features in RAM as float32 (auto: when they take under a "
+        "quarter of the machine's RAM), or read them from the cache every epoch",
+    )
+    ap.add_argument(
+        "--group_by",
+        default=GROUP_AUTO,
+        help="keep samples with the same value of this manifest field in one split: image_id (the "
+        "source photo/image), fingerprint (identical image bytes), none; auto = image_id where the "
+        "source has it, else fingerprint",
+    )
+    ap.add_argument(
+        "--resplit",
+        action="store_true",
+        help="replace a split.json made with another seed, sample count, cache or grouping (its test set changes)",
+    )
+    ap.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping")
+    sym, sub = ARCH_DEFAULTS["symmetric"], ARCH_DEFAULTS["subspace"]
+    ap.add_argument("--hidden", type=int, default=None, help=f"symmetric: MLP hidden width (default {sym['hidden']})")
+    ap.add_argument(
+        "--power_iters",
+        type=int,
+        default=None,
+        help=f"subspace: power steps Q = orth(X Xᵀ Q) per sample (default {sub['power_iters']})",
+    )
+    ap.add_argument(
+        "--oversample",
+        type=int,
+        default=None,
+        help=f"subspace: extra columns in Ω (default {sub['oversample']}: nested ranks without an eigendecomposition)",
+    )
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# set-up
+
+
+def resolve_config(args, world, log):
+    """-> (config, resume checkpoint or None). The config is stored resolved (arch defaults filled in): the run
+    folder says how it was made even if a default changes later."""
+    out = Path(args.results_dir)
+    if args.resume:
+        if not (out / LAST).exists():
+            raise UserError(f"--resume: {out / LAST} not found")
+        ck = read_checkpoint(out / LAST)
+        config = ck["config"]
+        if (config["rank"], config["arch"]) != (args.rank, args.arch):
+            log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
+        config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
+    else:
+        ck = None
+        given = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
+        config = {
+            "arch": args.arch,
+            "rank": args.rank,
+            "arch_options": {k: given.get(k, v) for k, v in ARCH_DEFAULTS[args.arch].items()},
+            "normalization": args.normalize,
+            "cache_dir": str(Path(args.cache_dir).resolve()),
+            "world_size": world,
+        }
+        for k in (
+            "batch_size",
+            "epochs",
+            "lr",
+            "lambda_B",
+            "lambda_ortho",
+            "weight_decay",
+            "patience",
+            "seed",
+            "grad_clip",
+            "max_samples",
+            "group_by",
+        ):
+            config[k] = getattr(args, k)
+    tokens, dim = cached_shape(config["cache_dir"])  # the manifest is the one source of the shape
+    if "tokens" in config and (config["tokens"], config["dim"]) != (tokens, dim):
+        raise UserError(
+            f"--resume: {out / LAST} was trained on [{config['tokens']}, {config['dim']}] features; "
+            f"{config['cache_dir']} holds [{tokens}, {dim}]"
+        )
+    config.update(tokens=tokens, dim=dim, grid=list(cache_grid(config["cache_dir"])))
+    check_rank(config["rank"], min(tokens, dim))
+    return config, ck
+
+
+def load_data(config, split, args, rank_id, world):
+    """Train and validation datasets and loaders. Every sample of all three splits is checked before epoch 1:
+    preloaded data was read and checked in full, a lazily read train split gets header checks (its values are
+    checked as each file is read), validation and test are read in full (they are small)."""
+    preload = {"auto": "auto", "yes": True, "no": False}[args.preload]
+    cache, norm = config["cache_dir"], config["normalization"]
+    train_ds = FeatureDataset(cache, split["train"], norm, preload)
+    val_ds = FeatureDataset(cache, split["val"], norm, preload)
+    train_ds.verify(full=False)
+    val_ds.verify(full=True)
+    FeatureDataset(cache, split["test"], norm, preload=False).verify(full=True)
+    sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=world, rank=rank_id, shuffle=True, seed=config["seed"]
+    )
+    train_loader = make_loader(train_ds, config["batch_size"], sampler=sampler, num_workers=args.num_workers)
+    val_loader = make_loader(val_ds, 64, num_workers=args.num_workers)
+    return train_ds, val_ds, train_loader, val_loader, sampler
+
+
+def describe_data(log, config, split, train_ds, val_ds, device, world, preload):
+    gib = len(train_ds) * train_ds.shape[0] * train_ds.shape[1] * 4 / 2**30
+    where = lambda ds: "in RAM" if ds.data is not None else "read lazily"  # noqa: E731
+    log(
+        f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
+        f" ({config['normalization']}); arch {config['arch']} rank {config['rank']} on {device}"
+        f"{f' x {world} processes' if world > 1 else ''}{lossy_note(config['cache_dir'])}"
+    )
+    log(f"features: train {gib:.2f} GiB as float32 {where(train_ds)}, validation {where(val_ds)} (--preload {preload})")
+    log(
+        f"split grouped by {split.get('grouped_by', 'none')}: identical images shared between splits "
+        f"{split.get('shared_images', '?')}, image_id values (source photos) shared "
+        f"{split.get('shared_image_ids', '?')}"
+        + (f", {split['grouped_by']} values shared {split['shared_groups']}" if "shared_groups" in split else "")
+    )
+
+
+class State:
+    """What an epoch changes and a checkpoint restores: optimiser, scheduler, history, best validation MSE."""
+
+    def __init__(self, model, config):
+        self.opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=0.5, patience=3)
+        self.history, self.start_epoch, self.best, self.bad_epochs = [], 1, math.inf, 0
+
+    def restore(self, ck, out):
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.history, self.start_epoch = read_history(out), ck["epoch"] + 1
+        self.best, self.bad_epochs = ck["best_val_mse"], ck["bad_epochs"]
+        torch.set_rng_state(ck["rng_cpu"])
+
+    def update(self, rec):
+        """Record an epoch -> whether it improved on the best validation MSE."""
+        self.sched.step(rec["val_mse"])
+        improved = rec["val_mse"] < self.best
+        self.best, self.bad_epochs = (rec["val_mse"], 0) if improved else (self.best, self.bad_epochs + 1)
+        self.history.append(rec)
+        return improved
+
+    def save(self, model, config, epoch, improved, out):
+        """best_model.pt (when improved), last.pt (with the optimiser), history.json and the loss curves."""
+        extra = {"bad_epochs": self.bad_epochs, "rng_cpu": torch.get_rng_state()}
+        if improved:
+            atomic_save(make_checkpoint(model, config, epoch, self.best, extra=extra), out / BEST)
+        atomic_save(make_checkpoint(model, config, epoch, self.best, self.opt, self.sched, extra), out / LAST)
+        atomic_save(self.history, out / HISTORY)
+        plot_history(
+            self.history,
+            out / "loss_curves.png",
+            f"{config['arch']}, rank {config['rank']}, {config['normalization']} - {out}",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one epoch, validation
+
+
+def all_agree(flag, world):
+    """True on every rank if flag is True on any rank (early stop, non-finite loss): no rank hangs."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, desc):
+    """One pass over the training split -> the mean of each loss term, or None when the loss became non-finite
+    (on any rank). Subspace models train on their own objective (the energy outside the nested prefixes)."""
+    model.train()
+    sums, n, nonfinite = {}, 0, False
+    for X, _ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+        X = X.to(device, non_blocking=True)
+        with amp:
+            Xhat, A, B = model(X)
+            Xhat, A, B = Xhat.float(), A.float(), B.float()
+            terms = loss_terms(X, Xhat, A, B, config["lambda_B"], config["lambda_ortho"])
+            loss = raw_model.objective(X, A, B) if hasattr(raw_model, "objective") else terms["total"]
+        terms["objective"] = loss.detach()  # what the optimiser minimises
+        nonfinite = nonfinite or not torch.isfinite(loss)
+        if all_agree(nonfinite, world):
+            return None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
+        opt.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(X)
+        n += len(X)
+    if world > 1:  # average the train terms over ranks
+        t = torch.tensor([sums[k] for k in sorted(sums)] + [n], dtype=torch.float64)
+        dist.all_reduce(t)
+        sums, n = dict(zip(sorted(sums), t[:-1].tolist())), t[-1].item()
+    return {f"train_{k}": v / n for k, v in sums.items()}
+
+
+def validate(model, loader, device, epoch, t0, lr, train_terms, svd_val):
+    """Validation metrics -> the history record of this epoch."""
+    val = metrics.summarize(metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "val")[0])
+    rec = {
+        "epoch": epoch,
+        **train_terms,
+        **{f"val_{k}": val[k]["mean"] for k in metrics.METRICS},
+        "lr": lr,
+        "seconds": time.time() - t0,
+    }
+    if svd_val:
+        rec.update({f"svd_val_{k}": svd_val[k]["mean"] for k in ("mse", "cosine", "energy")})
+    return rec
+
+
+def arch_terms(arch, rec):
+    """The train terms that mean something for the arch: subspace optimises its own objective (the energy left
+    outside the nested prefixes), so its B-regulariser and orthogonality terms are not shown."""
+    if arch == "subspace":
+        return f"train objective {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f})"
+    return (
+        f"train loss {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f} b_reg {rec['train_b_reg']:.3g} "
+        f"ortho {rec['train_ortho']:.3g})"
+    )
+
+
+def epoch_line(epoch, config, rec, improved):
+    head = "start point" if epoch == 0 else arch_terms(config["arch"], rec)
+    tail = "" if epoch == 0 else f" | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s{' *' if improved else ''}"
+    return (
+        f"epoch {epoch:3d} | {head} | val mse {rec['val_mse']:.5f} cos {rec['val_cosine']:.4f} energy "
+        f"{rec['val_energy']:.4f}{tail}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(args, on_epoch=None, test_at_end=True):
+    """Train as args say (a Namespace of get_args_parser()); on_epoch(record) is called after each epoch (tune.py
+    prunes from it). Returns the test report (None without test_at_end)."""
+    rank_id, world, local_rank = dist_env()
+    master = rank_id == 0
+    log = print if master else (lambda *a, **k: None)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.results_dir)
+    config, ck = resolve_config(args, world, log)
+    torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
+    if master:
+        write_run_folder(out, config, resplit=args.resplit and not args.resume)
+    if world > 1:
+        dist.barrier()
+    split = read_split(out)
+    train_ds, val_ds, train_loader, val_loader, sampler = load_data(config, split, args, rank_id, world)
+    describe_data(log, config, split, train_ds, val_ds, device, world, args.preload)
+    raw_model, model = make_model(config, ck, train_ds, device, world, local_rank)
+    state = State(raw_model, config)
+    if ck is not None:
+        state.restore(ck, out)
+        log(f"resumed from {out / LAST} at epoch {ck['epoch']} (best val MSE {state.best:.6g})")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    svd_val = svd_target(config, val_loader, device, log) if master else None
+    lr = lambda: state.opt.param_groups[0]["lr"]  # noqa: E731
+
+    if ck is None:  # epoch 0: the starting point (for subspace, the principal directions) is a candidate
+        rec = validate(raw_model, val_loader, device, 0, time.time(), lr(), {}, svd_val)
+        state.best = rec["val_mse"]
+        state.history.append(rec)
+        if master:
+            state.save(raw_model, config, 0, True, out)
+        log(epoch_line(0, config, rec, True))
+    stopped = "completed"
+    for epoch in range(state.start_epoch, config["epochs"] + 1):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        desc = f"epoch {epoch}/{config['epochs']}" if master else None
+        terms = train_one_epoch(model, raw_model, train_loader, state.opt, config, device, amp, world, desc)
+        if terms is None:
+            stopped = "non-finite loss"
+            log(nonfinite_message(epoch, out))
+            break
+        rec = validate(raw_model, val_loader, device, epoch, t0, lr(), terms, svd_val)
+        improved = state.update(rec)
+        if master:
+            state.save(raw_model, config, epoch, improved, out)
+        log(epoch_line(epoch, config, rec, improved))
+        if on_epoch is not None:
+            on_epoch(rec)
+        if state.bad_epochs >= config["patience"]:
+            stopped = f"early stop: no better validation MSE for {config['patience']} epochs"
+            log(stopped)
+            break
+    if world > 1:
+        dist.barrier()
+
+    warn_if_no_progress(state.history, log)
+    result = None
+    if master and test_at_end and (out / BEST).exists():
+        result = dict(test_report(out / BEST, split["test"], device), stopped=stopped)
+    if world > 1:
+        dist.destroy_process_group()
+    if stopped == "non-finite loss":
+        raise SystemExit(2)
+    return result
+
+
+def write_run_folder(out, config, resplit):
+    """The run folder's split.json (made, or checked against this run's settings) and config.json."""
+    if out.exists():
+        remove_stale_tmp(out)
+    load_or_make_split(
+        out, config["cache_dir"], config["seed"], config["max_samples"], config.get("group_by", GROUP_AUTO), resplit
+    )
+    atomic_save(config, out / CONFIG)
+
+
+def make_model(config, ck, train_ds, device, world, local_rank):
+    """-> (the model, the model that trains: DDP-wrapped under torchrun). Started from the checkpoint when
+    resuming, else (subspace) from the training tokens' principal directions."""
+    model = build_model(config).to(device)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    elif hasattr(model, "init_from_data"):
+        model.init_from_data(X for X, _ in make_loader(train_ds, 64))
+    if world > 1:
+        ids = [local_rank] if device.type == "cuda" else None
+        return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model, model
+
+
+def svd_target(config, val_loader, device, log):
+    """The target: truncated SVD at the same rank on the validation samples."""
+    rank = config["rank"]
+    per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, rank), val_loader, device, "svd val")
+    svd_val = metrics.summarize(per)
+    log(f"truncated SVD on validation: {metrics.format_summary(svd_val, ('mse', 'cosine', 'energy'))}")
+    return svd_val
+
+
+def nonfinite_message(epoch, out):
+    kept = [str(out / f) for f in (BEST, LAST) if (out / f).exists()]
+    return (
+        f"epoch {epoch}: the loss became NaN/Inf; stopping. "
+        + (f"The last good checkpoints ({', '.join(kept)}) are kept. " if kept else "No checkpoint was written. ")
+        + "Lower --lr (the cache's files were checked and are finite)."
+    )
+
+
+def warn_if_no_progress(history, log):
+    best_epoch = min((h for h in history if "val_mse" in h), key=lambda h: h["val_mse"], default={}).get("epoch")
+    if best_epoch == 0 and len(history) > 1:
+        log(
+            f"warning: no epoch improved on the starting point (epoch 0, val MSE {history[0]['val_mse']:.6g}): "
+            f"training made the model worse, so best_model.pt holds the starting point. Try a lower --lr."
+        )
+
+
+def test_report(ckpt_path, test_idx, device):
+    """Best model vs truncated SVD at the same rank on the same test samples, same normalisation."""
+    model, ck = load_checkpoint(ckpt_path, device)
+    cfg = ck["config"]
+    loader = make_loader(FeatureDataset(cfg["cache_dir"], test_idx, cfg["normalization"]), 64)
+    nn_per, _, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "test NN")
+    svd_per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, cfg["rank"]), loader, device, "test SVD")
+    nn_s, svd_s = metrics.summarize(nn_per), metrics.summarize(svd_per)
+    keys = ("cosine", "energy", "mse", "rel_fro")
+    print(f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg['rank']}, {cfg['normalization']}):")
+    print(f"  {cfg['arch']:>10}: {metrics.format_summary(nn_s, keys)}")
+    print(f"  {'SVD':>10}: {metrics.format_summary(svd_s, keys)}")
+    return {"nn": nn_s, "svd": svd_s, "best_epoch": ck["epoch"]}
+
+
+def plot_history(history, path, title=""):
+    """Loss, validation cosine and learning rate per epoch (epoch 0 = the starting point, validation only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    tr = [h for h in history if "train_recon" in h]
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
+    if tr:
+        ax[0].plot([h["epoch"] for h in tr], [h["train_recon"] for h in tr], "o-", label="train MSE")
+        if any(h["train_objective"] != h["train_recon"] for h in tr):
+            ax[0].plot([h["epoch"] for h in tr], [h["train_objective"] for h in tr], "--", label="train objective")
+    ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
+    ax[0].set_yscale("log"), ax[0].set_title("loss"), ax[0].legend()
+    ax[1].plot(ep, [h["val_cosine"] for h in history], "o-", color="C2", label="NN")
+    if history and "svd_val_cosine" in history[0]:
+        ax[1].axhline(history[0]["svd_val_cosine"], color="k", ls="--", label="truncated SVD")
+    ax[1].set_title("validation cosine"), ax[1].legend()
+    ax[2].plot(ep, [h["lr"] for h in history], "o-", color="C3")
+    if all(h["lr"] > 0 for h in history):
+        ax[2].set_yscale("log")
+    ax[2].set_title("learning rate")
+    for a in ax:
+        a.set_xlabel("epoch (0 = starting point)"), a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

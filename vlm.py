@@ -1,0 +1,229 @@
+"""
+The full Qwen2.5-VL as the downstream evaluation uses it: loaded from a checkpoint or built in code with random
+weights (tiny-random proves the mechanics on a CPU; random-3b has Qwen2.5-VL-3B's published sizes, for cost figures),
+its M-RoPE positions computed here, greedy decoding from embeddings, and an answer with the vision tokens replaced.
+"""
+
+import inspect
+
+import torch
+
+from cli import UserError
+from encoders import RANDOM_3B, RANDOM_TOWERS, TINY, TINY_SEED, checkpoint_family, image_processor, random_tower
+
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Qwen2.5-VL's chat layout (default system turn, image as <|vision_start|><|image_pad|><|vision_end|>), for the tiny
+# model only: a real checkpoint brings its own template.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens, no merges) with Qwen's special tokens, built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:]
+    )
+
+
+def make_processor(tokenizer, image_processor, chat_template):
+    """transformers' Qwen2_5_VLProcessor (chat template, <|image_pad|> expansion) without a video processor, whose
+    class check needs torchvision: images only here."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return (
+                None
+                if name == "video_processor" and arg is None
+                else super().check_argument_for_proper_class(name, arg)
+            )
+
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+# Full models built in code with random weights: the text side of each; the vision side is RANDOM_TOWERS[name].
+# tiny-random proves the mechanics in seconds on a CPU; random-3b has Qwen2.5-VL-3B's published sizes, for ms/sample
+# and memory figures on a GPU without the weights (bench_gpu.sh).
+RANDOM_TEXT = {
+    TINY: dict(
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=256,
+        vocab_size=None,
+        rope_scaling={"type": "mrope", "mrope_section": [256, 128, 128]},
+    ),
+    RANDOM_3B: dict(
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    ),
+}
+
+
+def random_config(name, tokenizer):
+    """The Qwen2_5_VLConfig of a RANDOM_TEXT model, its special tokens those of tokenizer."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = dict(zip(SPECIAL, tokenizer.convert_tokens_to_ids(SPECIAL)))
+    vision = RANDOM_TOWERS[name][1]
+    text = dict(
+        RANDOM_TEXT[name],
+        hidden_size=vision["out_hidden_size"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    text["vocab_size"] = text["vocab_size"] or len(tokenizer)
+    return Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", False),
+    )
+
+
+def random_vlm(name, tokenizer, device):
+    """A full Qwen2.5-VL with random weights from TINY_SEED, built on device; its vision tower carries the weights
+    of the encoder of the same name, so a cache extracted with --model <name> holds exactly its vision tokens."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(TINY_SEED)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            random_config(name, tokenizer), attn_implementation="sdpa"
+        )
+    model.model.visual.load_state_dict(random_tower(name)[0].state_dict())
+    return model
+
+
+def load_vlm(name, device, dtype, size, revision=None):
+    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2.5-VL checkpoint (local
+    directory or hub id)."""
+    if name in RANDOM_TEXT:
+        tok = tiny_tokenizer()
+        model = random_vlm(name, tok, device)
+        proc = make_processor(tok, image_processor(model.config.vision_config, "qwen2_5_vl", size), CHAT_TEMPLATE)
+        return model.to(device, dtype).eval(), proc
+    if name in RANDOM_TOWERS:
+        raise UserError(
+            f"--model {name}: a vision tower only; vqa_eval needs a full model "
+            f"({', '.join(RANDOM_TEXT)} built in code, or a Qwen2.5-VL checkpoint)"
+        )
+    family = checkpoint_family(name, revision)
+    if family != "qwen2_5_vl":
+        raise UserError(
+            f"--model {name} is a {family} checkpoint; vqa_eval handles Qwen2.5-VL (its M-RoPE "
+            f"positions are computed here)"
+        )
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        name, revision=revision, dtype=dtype, attn_implementation="sdpa"
+    )
+    tok = AutoTokenizer.from_pretrained(name, revision=revision)
+    template = tok.chat_template
+    try:  # newer checkpoints keep the template in chat_template.json(.jinja), beside the processor config
+        from transformers import AutoProcessor
+
+        template = AutoProcessor.from_pretrained(name, revision=revision).chat_template or template
+    except Exception:  # e.g. the video processor needs torchvision: the tokenizer's template is the same
+        pass
+    proc = make_processor(tok, image_processor(model.config.vision_config, family, size, name, revision), template)
+    return model.to(device).eval(), proc
+
+
+def mrope_positions(input_ids, image_token_id, grid_hw):
+    """[3, L] M-RoPE positions (time, row, column) of one sequence holding one image of grid_hw merged tokens, as
+    Qwen2-VL / Qwen2.5-VL number them: text counts up on all three axes; the image's token at (row, col) gets
+    (s, s + row, s + col), s = the position after the preceding text; the text after the image resumes at
+    s + max(rows, cols)."""
+    ids = input_ids.tolist()
+    L = len(ids)
+    start = ids.index(image_token_id)
+    h, w = grid_hw
+    pos = torch.zeros(3, L, dtype=torch.long)
+    pos[:, :start] = torch.arange(start)
+    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    pos[0, start : start + h * w] = start
+    pos[1, start : start + h * w] = start + rows
+    pos[2, start : start + h * w] = start + cols
+    after = torch.arange(L - start - h * w) + start + max(h, w)
+    pos[:, start + h * w :] = after
+    return pos
+
+
+@torch.no_grad()
+def greedy(model, embeds, positions, max_new_tokens, eos_ids):
+    """Greedy decoding from prompt embeddings [1, L, H] and M-RoPE positions [3, L]; new tokens take positions
+    max + 1, max + 2, ... on all three axes (what the model's own generate does after an image)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
+    embed = model.get_input_embeddings()
+    pos, out, x = positions[:, None, :], [], embeds
+    nxt = int(positions.max()) + 1
+    for _ in range(max_new_tokens):
+        logits = model(inputs_embeds=x, position_ids=pos, use_cache=True, **{cache_kw: cache}).logits
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok in eos_ids:
+            break
+        x = embed(torch.tensor([[tok]], device=embeds.device))
+        pos = torch.full((3, 1, 1), nxt, dtype=torch.long, device=embeds.device)
+        nxt += 1
+    return out
+
+
+def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
+    """Greedy answer with the image tokens' embeddings replaced by V [T, D]; with kept indices, V [k, D] holds only
+    the kept tokens: they keep their own positions and the other image tokens leave the sequence."""
+    embeds = model.get_input_embeddings()(ids[None])
+    positions = positions.to(ids.device)
+    img = (ids == image_token_id).nonzero().squeeze(1)
+    kept = kept.to(ids.device) if kept is not None else None
+    if kept is None:
+        embeds[0, img] = V.to(embeds.dtype)
+        pos = positions
+    else:
+        keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        keep[img] = False
+        keep[img[kept]] = True
+        embeds[0, img[kept]] = V.to(embeds.dtype)
+        embeds, pos = embeds[:, keep], positions[:, keep]
+    out = greedy(model, embeds, pos, max_new_tokens, eos_ids)
+    text = proc.tokenizer.decode([t for t in out if t < len(proc.tokenizer)], skip_special_tokens=True)  # random-3b:
+    return text.strip(), out  # a vocabulary larger than the byte tokenizer
