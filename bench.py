@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import metrics
-from cli import HelpFormatter, UserError, parse_ints, run_cli
+from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
 from feature_cache import cached_indices, lossy_note, read_manifest
 from model import ARCH_DEFAULTS, load_checkpoint
 from qwenvl_dataloader import FeatureDataset
@@ -54,15 +54,17 @@ def get_args_parser():
     ap.add_argument("--results_dir", default="results", help="a trained subspace (or other nested) model")
     ap.add_argument("--symmetric_dir", default=None, help="optional: a trained symmetric model on the same split")
     ap.add_argument("--ranks", default="16,32,64,128", help="ranks to measure, each at most the model's trained rank")
-    ap.add_argument("--batch_size", type=int, default=64, help="batch used for timing")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median, after a warm-up)")
+    ap.add_argument("--batch_size", type=positive_int, default=64, help="batch used for timing")
+    ap.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed calls per measurement (median, after a warm-up)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument(
         "--eval_cache",
         default=None,
         help="measure quality on this cache's samples instead of the test split (e.g. images from other photos)",
     )
-    ap.add_argument("--max_eval", type=int, default=500, help="at most this many --eval_cache samples")
+    ap.add_argument("--max_eval", type=positive_int, default=500, help="at most this many --eval_cache samples")
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -74,14 +76,16 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    ranks = parse_ints(args.ranks)
+    ranks = parse_ints(args.ranks, "--ranks")
     dev = torch.device(args.device)
     model, ck, cfg, test_idx, cache_dir = load_run(args.results_dir, device=dev)
-    bad = [r for r in ranks if not 1 <= r <= cfg["rank"]]
+    nested = cfg["arch"] != "symmetric"  # a subspace model serves every rank up to its own; symmetric only its own
+    bad = [r for r in ranks if not (1 <= r <= cfg["rank"] if nested else r == cfg["rank"])]
     if bad:
+        serves = f"ranks 1..{cfg['rank']} (its trained rank)" if nested else f"only its trained rank {cfg['rank']}"
         raise UserError(
-            f"--ranks {','.join(map(str, bad))}: the model in {args.results_dir} serves ranks "
-            f"1..{cfg['rank']} (its trained rank); train at a higher --rank to bench higher ranks"
+            f"--ranks {','.join(map(str, bad))}: the model in {args.results_dir} serves {serves}; train at a higher "
+            f"--rank to bench higher ranks"
         )
     if args.eval_cache:
         cache_dir, test_idx = args.eval_cache, cached_indices(args.eval_cache)[: args.max_eval]
@@ -203,7 +207,7 @@ class Bench:
         svd_q = metrics.metrics(self.X, self.truth(r).to(self.X.dtype))  # exact SVD's quality, from float64 SVD
         times, quals = dict(t_exact), {name: svd_q for name in EXACT}
         for name, f in self.approx.items():
-            if name.startswith("symmetric") and r != self.sym.rank:
+            if name == "symmetric (NN)" and self.sym is not None and r != self.sym.rank:
                 continue
             times[name] = metrics.time_ms(lambda x: f(x, r), xb, repeats)
             quals[name] = self.quality(f, r)

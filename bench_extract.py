@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, run_cli
+from cli import HelpFormatter, positive_int, run_cli
 from demo_set import make_rows
 from encoders import DEFAULT_IMAGE_SIZE, RANDOM_3B, RANDOM_TOWERS, Encoder, family_classes
 from feature_cache import cached_indices, feature_path, info_size, read_feature
@@ -93,7 +93,7 @@ def get_args_parser():
     ap.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--image_size", default=DEFAULT_IMAGE_SIZE, help="448 or WxH")
     ap.add_argument("--batch_sizes", default="1,8", help="comma list")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size, best kept")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed runs per batch size, best kept")
     ap.add_argument("--json", default=None, help="also write the speed rows to this JSON file")
     ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
     ap.add_argument(

@@ -5,7 +5,10 @@ of the project.
 """
 
 import argparse
+import errno
+import math
 import os
+import sys
 import traceback
 
 import torch
@@ -27,19 +30,70 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help of every script: the description as written, and each flag's default."""
 
 
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+}
+
+
 def run_cli(main, argv=None):
-    """Run a script's main(): user errors and bad cache files end as one 'error:' line (exit 1), no traceback."""
+    """Run a script's main(): user errors, bad cache files, Ctrl-C and a full or read-only disk end as one 'error:'
+    line, no traceback (exit 1; 130 for Ctrl-C). Every write is atomic, so nothing half-written is left behind."""
     try:
         return main(argv)
-    except (UserError, BadFeature) as e:
+    except (UserError, BadFeature, KeyboardInterrupt, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in DISK_ERRORS:
+            raise
         if os.environ.get("LOWRANK_DEBUG"):
             traceback.print_exc()
+        if isinstance(e, KeyboardInterrupt):
+            print(
+                "error: interrupted; what was finished is kept (a rerun of the same command resumes: training "
+                "with --resume)",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+        if isinstance(e, OSError):
+            raise SystemExit(
+                f"error: {DISK_ERRORS[e.errno]}: cannot write {e.filename or 'a file'}; the files "
+                f"written before are intact"
+            ) from None
         raise SystemExit(str(e) if isinstance(e, UserError) else f"error: {e}") from None
 
 
-def parse_ints(spec):
-    """'16,32, 64' -> [16, 32, 64]; '' -> []."""
-    return [int(v) for v in str(spec).split(",") if v.strip()]
+def parse_ints(spec, flag="a list"):
+    """'16,32, 64' -> [16, 32, 64]; '' -> []; anything else is one UserError naming the flag."""
+    try:
+        return [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {spec}: expected a comma list of integers, e.g. 16,32,64") from None
+
+
+def _number(kind, lowest, strict):
+    """An argparse type: a finite number of kind, at least (strict: above) lowest."""
+
+    def check(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < lowest or (strict and v == lowest):
+            raise argparse.ArgumentTypeError(
+                f"{text}: must be a finite number {'above' if strict else 'at least'} {lowest}"
+            )
+        return v
+
+    check.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
+    return check
+
+
+positive_int = _number(int, 0, strict=True)  # sizes and counts: 0 would mean an empty batch, an empty run
+nonneg_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)  # --lr, --grad_clip
+nonneg_float = _number(float, 0.0, strict=False)  # loss weights, weight decay
 
 
 def check_rank(rank, limit, flag="--rank"):

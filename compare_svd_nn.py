@@ -4,7 +4,8 @@ Compare a trained factoriser with truncated SVD at the same rank, on the same sa
     python compare_svd_nn.py --rank 128 --results_dir results
 
 Writes compare_rank<r>.json, compare_rank<r>.csv, compare_rank<r>_cosine_hist.png, compare_rank<r>_scatter.png
-and compare_rank<r>_energy.png into the results directory.
+and compare_rank<r>_energy.png into the results directory (with _<split> and _<checkpoint> appended to the stem for
+another split than test or another checkpoint than best_model.pt).
 """
 
 import argparse
@@ -15,10 +16,10 @@ from pathlib import Path
 import torch
 
 import metrics
-from cli import HelpFormatter, run_cli
+from cli import HelpFormatter, positive_int, run_cli
 from feature_cache import answer_box_masks, lossy_note
 from qwenvl_dataloader import FeatureDataset, make_loader
-from runs import first, load_run
+from runs import first, load_run, output_stem
 from svd_baseline import plot_energy_curve
 
 
@@ -31,9 +32,11 @@ def get_args_parser():
     ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
     ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of split.json")
-    ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
+    ap.add_argument(
+        "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
+    )
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
-    ap.add_argument("--batch_size", type=int, default=64, help="samples per batch (evaluation and timing)")
+    ap.add_argument("--batch_size", type=positive_int, default=64, help="samples per batch (evaluation and timing)")
     ap.add_argument(
         "--svd_method",
         default=metrics.DEFAULT_METHOD,
@@ -93,7 +96,7 @@ def main(argv=None):
     )
 
     out = Path(args.results_dir)
-    stem = f"compare_rank{r}"
+    stem = output_stem(f"compare_rank{r}", args.split, args.checkpoint)
     summary = {
         "rank": r,
         "split": args.split,

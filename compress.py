@@ -26,17 +26,19 @@ import torch.nn.utils.prune as prune
 from tqdm import tqdm
 
 import metrics
-from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from cli import HelpFormatter, UserError, check_rank, parse_ints, positive_int, run_cli
 from feature_cache import (
     MANIFEST,
     atomic_save,
     cached_indices,
     cached_shape,
+    check_values,
     feature_path,
     load_manifest,
     read_manifest,
+    tensor_sha,
 )
-from feature_codecs import CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
+from feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
 from model import Subspace, load_checkpoint, make_checkpoint, quantized_state, read_checkpoint
 from quantize import dequantize_rows, quantize_rows
 from qwenvl_dataloader import FeatureDataset, principal_basis
@@ -80,7 +82,7 @@ def study(args):
     n_cache = len(cached_indices(cache))
     idx = first(split[args.split], args.num_samples)
     X = torch.stack([x for x, _ in FeatureDataset(cache, idx, norm)])
-    ranks = parse_ints(args.ranks)
+    ranks = parse_ints(args.ranks, "--ranks")
     pca = principal_basis(cache, split["train"], norm).float()
     omega = omega_basis(args.results_dir)
     settings = codec_settings(args.codecs.split(","), ranks, T, D, 0 if omega is None else omega.shape[1])
@@ -263,7 +265,7 @@ def write_cache(args):
     idx = cached_indices(cache)
     if basis is not None:
         basis = basis[:, :r].contiguous()
-        atomic_save(basis, out / "basis.pt")
+        atomic_save(basis, out / BASIS)
     cos, total = [], 0
     ds = FeatureDataset(cache, idx, norm, preload=False)
     for k in tqdm(range(len(ds)), desc=f"compress {codec}"):
@@ -271,7 +273,8 @@ def write_cache(args):
         p = encode(codec, X, r, basis)
         atomic_save(p, feature_path(out, i))
         total += feature_path(out, i).stat().st_size
-        cos.append(metrics.metrics(X[None], decode(codec, p, basis)[None])["cosine"].item())
+        Xh = check_values(decode(codec, p, basis), feature_path(out, i))  # NaN/Inf codes are refused, not averaged
+        cos.append(metrics.metrics(X[None], Xh[None])["cosine"].item())
     cs = metrics.summarize({"cosine": cos})["cosine"]
     m = {
         "encoder": src["encoder"],
@@ -286,6 +289,7 @@ def write_cache(args):
             "basis_fitted_on": f"train split of {Path(args.results_dir).resolve()} ({len(split['train'])} images)"
             if basis is not None
             else None,
+            "basis_sha": tensor_sha(basis) if basis is not None else None,
             "cosine_mean": cs["mean"],
             "cosine_std": cs["std"],
             "n": cs["n"],
@@ -401,7 +405,7 @@ def get_args_parser():
     ap.add_argument("--results_dir", default="results", help="a training run: split, normalisation, (subspace) Ω")
     ap.add_argument("--cache_dir", default=None, help="default: the run's cache")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="study: images measured")
-    ap.add_argument("--num_samples", type=int, default=None, help="study / model: the first N of the split")
+    ap.add_argument("--num_samples", type=positive_int, default=None, help="study / model: the first N of the split")
     ap.add_argument("--codecs", default=",".join(CODECS), help="study: codecs measured")
     ap.add_argument("--ranks", default="16,32,64,128,256", help="study: ranks of the rank codecs")
     ap.add_argument("--name", default=None, help="study: output stem rd_<name> (default: the split)")

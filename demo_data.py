@@ -8,7 +8,7 @@ how). No network needed.
 import argparse
 from pathlib import Path
 
-from cli import HelpFormatter, UserError, run_cli
+from cli import HelpFormatter, UserError, positive_int, run_cli
 from demo_set import PHOTOS, make_rows, write_parquet
 
 
@@ -19,8 +19,8 @@ def get_args_parser():
         formatter_class=HelpFormatter,
     )
     ap.add_argument("--out", default="demo_data", help="output folder (parquet shards under data/)")
-    ap.add_argument("--num", type=int, default=300, help="number of samples")
-    ap.add_argument("--shards", type=int, default=3, help="number of parquet shards")
+    ap.add_argument("--num", type=positive_int, default=300, help="number of samples")
+    ap.add_argument("--shards", type=positive_int, default=3, help="number of parquet shards")
     ap.add_argument("--seed", type=int, default=0, help="crops, words and colours")
     ap.add_argument(
         "--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})"

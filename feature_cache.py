@@ -5,11 +5,16 @@ append-only sample log; atomic writes, the cache lock, the checks of every file 
 every script applies to what it reads.
 """
 
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
 import socket
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,14 +42,26 @@ def feature_path(cache_dir, i):
 
 
 def atomic_save(obj, path):
-    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written file."""
+    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written file. A failed write
+    (a full disk, a read-only folder) removes its temp file and raises OSError naming the path; the file that was
+    there before is intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
-    if isinstance(obj, (dict, list)) and path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, (dict, list)) and path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        code = getattr(e, "errno", None) or (errno.ENOSPC if shutil.disk_usage(path.parent).free < 2**20 else None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def pid_alive(pid):
@@ -67,17 +84,49 @@ def remove_stale_tmp(folder, pattern=".*.tmp"):
             tmp.unlink(missing_ok=True)
 
 
-@contextmanager
-def cache_lock(cache_dir):
-    """Exclusive lock on a cache directory (flock on <cache>/.lock), held while the manifest is read, merged and
-    written: any number of processes may extract into one cache."""
-    fd = os.open(Path(cache_dir) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+def lock_holder(folder):
+    """'PID n (what it runs)' from a folder's lock file, as its holder wrote it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        pid, _, what = (Path(folder) / LOCK).read_text().strip().partition(" ")
+    except OSError:
+        return "another process"
+    return f"PID {pid}" + (f" ({what})" if what else "") if pid else "another process"
+
+
+@contextmanager
+def folder_lock(folder, wait=None, what=""):
+    """Exclusive flock on <folder>/.lock, the holder's PID and `what` written into it. wait: seconds to wait for
+    another holder (None: no limit); one still there after that is named in a UserError. The kernel drops the lock
+    when its process dies, so a killed holder never blocks anyone."""
+    fd = os.open(Path(folder) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline, told = None if wait is None else time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise UserError(
+                        f"{folder} is in use by {lock_holder(folder)}; wait for it to finish, or use another folder"
+                    ) from None
+                if not told:
+                    print(f"waiting for {folder}: in use by {lock_holder(folder)}", file=sys.stderr)
+                    told = True
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {what}".strip().encode(), 0)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def cache_lock(cache_dir):
+    """The cache's lock, held while the manifest is read, merged and written: any number of processes may extract
+    into one cache. A holder that keeps it past LOWRANK_LOCK_TIMEOUT seconds (default 300; a hung process) is named
+    and this process stops."""
+    return folder_lock(cache_dir, float(os.environ.get("LOWRANK_LOCK_TIMEOUT", 300)), "writing the manifest")
 
 
 def _check_shape(x, path, shape):
@@ -104,7 +153,15 @@ def read_feature(path, shape=None):
     except Exception as e:
         raise BadFeature(f"{path}: unreadable feature file ({type(e).__name__}: {e})") from None
     _check_shape(x, path, shape)
+    return check_values(x, path)
+
+
+def check_values(x, path):
+    """x, when finite, finite once squared and not all zero (no image gives that: a zeroed file has no content to
+    factorise); else BadFeature naming the file it came from."""
     lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo == hi == 0:
+        raise BadFeature(f"{path}: all values are 0; re-extract it (delete the file and rerun qwenvl_dataloader.py)")
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise BadFeature(
             f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun qwenvl_dataloader.py)"
@@ -118,6 +175,14 @@ def read_feature(path, shape=None):
     return x
 
 
+def tensor_sha(x):
+    """A short hash of a tensor's shape, dtype and values (not of its file: torch.save's bytes depend on the name)."""
+    x = x.detach().cpu().contiguous()
+    return hashlib.sha256(
+        str((tuple(x.shape), str(x.dtype))).encode() + x.view(torch.uint8).numpy().tobytes()
+    ).hexdigest()[:16]
+
+
 def check_feature_header(path, shape=None):
     """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the right shape."""
     try:
@@ -127,9 +192,26 @@ def check_feature_header(path, shape=None):
     _check_shape(x, path, shape)
 
 
+class DamagedManifest(UserError):
+    """manifest.json exists but is not a JSON object (truncated by a full disk, edited by hand)."""
+
+
 def read_manifest(cache_dir):
+    """The manifest as a dict ({} when there is none); a damaged one is a DamagedManifest naming the way back: the
+    sample log holds every extracted sample, and --rebuild_manifest rebuilds the manifest from it."""
     p = Path(cache_dir) / MANIFEST
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        m = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        m = e
+    if not isinstance(m, dict):
+        raise DamagedManifest(
+            f"{p} is damaged ({type(m).__name__}: {m}); rerun the extraction into "
+            f"'{cache_dir}' (it rebuilds the manifest from the sample log, {SAMPLE_LOG})"
+        )
+    return m
 
 
 def load_manifest(cache_dir):
@@ -157,14 +239,22 @@ def read_sample_log(cache_dir):
     return out
 
 
+def append_lines(path, records):
+    """Append records as JSON lines with one write() under O_APPEND: concurrent writers never interleave within a
+    line. A torn last line (a killed writer) is closed first, so the new lines never glue onto it."""
+    if not records:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, ("\n" if torn else "").encode() + "".join(json.dumps(r) + "\n" for r in records).encode())
+    finally:
+        os.close(fd)
+
+
 def append_sample_log(cache_dir, records):
-    """One write() of whole lines with O_APPEND: concurrent writers never interleave within a line."""
-    if records:
-        fd = os.open(Path(cache_dir) / SAMPLE_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, "".join(json.dumps(r) + "\n" for r in records).encode())
-        finally:
-            os.close(fd)
+    append_lines(Path(cache_dir) / SAMPLE_LOG, records)
 
 
 def key_string(info):

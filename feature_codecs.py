@@ -24,6 +24,7 @@ CODECS = (
     *(f"{fam}_{kind}" for fam in ("pca", "omega") for kind in ("fp16", "int8", "int4")),
 )
 SHARED_BASIS = ("pca", "omega")  # families whose basis is stored once per data set
+BASIS = "basis.pt"  # a compressed cache's shared basis, beside its manifest
 
 
 def payload_bytes(p):

@@ -6,9 +6,10 @@ and the content fingerprint that ties a cached feature to its image bytes.
 import hashlib
 import io
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from cli import UserError
@@ -34,6 +35,7 @@ class Source:
 
     def __init__(self, path):
         self.path = Path(path)
+        self.notes = Counter()
         if not self.path.exists():
             raise UserError(f"--dataset_dir {path}: no such file or directory")
         if self.path.is_file() and self.path.suffix in (".jsonl", ".json"):
@@ -78,10 +80,7 @@ class Source:
             if not img.is_absolute():
                 img = self.path.parent / img
             m = {"id": str(rec.get("id", len(self.meta))), "path": str(img)}
-            for k in ("question", "answers", "bbox"):
-                if k in rec:
-                    m[k] = rec[k]
-            self.meta.append(m)
+            self.meta.append(self.clean(m, rec.get("question"), rec.get("answers"), rec.get("bbox")))
 
     def _read_parquet(self):
         import pyarrow.parquet as pq
@@ -104,16 +103,36 @@ class Source:
                 raise UserError(f"{shard}: unreadable parquet file ({type(e).__name__}: {e})") from None
             for r, row in enumerate(t):
                 m = {"id": str(row.get("dataset_id", len(self.meta))), "shard": shard.name, "row": r}
-                if row.get("question") is not None:
-                    m["question"] = row["question"]
-                if row.get("answer") is not None:
-                    m["answers"] = list(row["answer"])
-                if row.get("bbox") is not None:
-                    m["bbox"] = [float(v) for v in row["bbox"]]
                 if row.get("image_id") is not None:  # TextVQA's image id; the demo's source photo
                     m["image_id"] = str(row["image_id"])
-                self.meta.append(m)
+                self.meta.append(self.clean(m, row.get("question"), row.get("answer"), row.get("bbox")))
                 self._where.append((s, r))
+
+    def clean(self, m, question, answers, bbox):
+        """One schema for what a source says of a sample. question: a string (anything else is refused, naming the
+        sample); answers: a list of strings (one string is one answer; numbers become strings; none or empty: no
+        answers); bbox: [x, y, w, h], four finite numbers with w, h > 0, else no box. Each coercion and each dropped
+        box is counted in self.notes, which extraction reports."""
+        where = f"{self.path}: sample {len(self.meta)} (id {m['id']})"
+        if question is not None:
+            if not isinstance(question, str):
+                raise UserError(f"{where}: the question must be a string, got {type(question).__name__}")
+            m["question"] = question
+        if isinstance(answers, str):
+            answers = [answers]
+            self.notes["answers given as one string, kept as one answer"] += 1
+        if answers is not None:
+            if not isinstance(answers, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in answers):
+                raise UserError(f"{where}: answers must be a list of strings, got {str(answers)[:80]}")
+            if answers:
+                m["answers"] = [str(a) for a in answers]
+        if bbox is not None:
+            box = bbox_or_none(bbox)
+            if box is None:
+                self.notes["bbox not four finite numbers with a positive size: no box"] += 1
+            else:
+                m["bbox"] = box
+        return m
 
     def iter_images(self, indices):
         """Yield (index, bytes or path) for the given indices in order, reading parquet shards sequentially."""
@@ -134,7 +153,7 @@ class Source:
                 for batch in pf.iter_batches(batch_size=64, columns=["image"]):
                     for img in batch.column(0).to_pylist():
                         if r in want:
-                            yield r, (img or {}).get("bytes") or (img or {}).get("path")
+                            yield r, struct_image(img, shard)
                         r += 1
             base += n
 
@@ -146,28 +165,35 @@ class Source:
 
         s, r = self._where[i]
         img = pq.read_table(self.shards[s], columns=["image"]).column(0)[r].as_py()
-        return (img or {}).get("bytes") or (img or {}).get("path")
+        return struct_image(img, self.shards[s])
 
 
-def to_8bit(im):
-    """High-bit-depth greyscale (PIL modes I;16*, I, F) -> mode L, scaled, not clipped: 16-bit ranges
-    (I;16*, and I with values in 0..65535, as 16-bit PNGs open) map 0..65535 -> 0..255 (v / 257, so an 8-bit image
-    stored as v * 257 comes back exactly); F in 0..1 maps to 0..255; anything else is stretched min..max."""
-    a = np.asarray(im, dtype=np.float64)
-    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
-        a = a / 257.0
-    elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
-        a = a * 255.0
-    else:
-        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+def struct_image(img, shard):
+    """A parquet image struct {bytes, path} -> its bytes, else its path (a relative one is relative to the shard's
+    folder, as the data set was written), else None."""
+    img = img or {}
+    if img.get("bytes"):
+        return img["bytes"]
+    if img.get("path"):
+        path = Path(img["path"])
+        return str(path if path.is_absolute() else Path(shard).parent / path)
+    return None
+
+
+def bbox_or_none(bbox):
+    """[x, y, w, h] as floats when bbox is four finite numbers with w, h > 0; else None."""
+    try:
+        box = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+    ok = len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0
+    return box if ok else None
 
 
 def open_rgb(data):
-    """Bytes, path or PIL image -> PIL RGB image at its own size, as qwen_vl_utils.fetch_image converts it: transparency
-    pasted on white, any other mode (L, P, CMYK, ...) converted to RGB; 16-bit and float images scaled to 8 bit
-    first (PIL's own convert would clip them to 255)."""
+    """Bytes, path or PIL image -> PIL RGB image at its own size, exactly as qwen_vl_utils.fetch_image converts it
+    (its to_rgb): RGBA pasted on white by its alpha, every other mode (L, LA, P, CMYK, I;16, F, ...) through PIL's
+    convert("RGB"), which drops LA's and P's transparency and clips 16-bit and float values to 0..255."""
     if data is None:
         raise ValueError("no image data")
     im = (
@@ -176,16 +202,11 @@ def open_rgb(data):
         else Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     )
     im.load()
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        im = to_8bit(im)
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        white = Image.new("RGB", im.size, (255, 255, 255))
-        white.paste(im, mask=im.split()[3])
-        im = white
-    else:
-        im = im.convert("RGB")
-    return im
+    if im.mode != "RGBA":
+        return im.convert("RGB")
+    white = Image.new("RGB", im.size, (255, 255, 255))
+    white.paste(im, mask=im.split()[3])
+    return white
 
 
 def load_image(data, size=(448, 448)):

@@ -53,12 +53,15 @@ class Symmetric(nn.Module):
         self.row = branch(dim, hidden, rank, n_blocks)
         self.col = branch(tokens, hidden, rank, n_blocks)
 
-    def forward(self, X):
-        A, B = self.factors(X)
+    def forward(self, X, rank=None):
+        A, B = self.factors(X, rank)
         return A @ B, A, B
 
-    def factors(self, X):
-        return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)  # [B, T, r], [B, r, D]
+    def factors(self, X, rank=None):
+        """(A [B, T, r], B [B, r, D]); the network serves its trained rank r only (rank: None or r)."""
+        if rank not in (None, self.rank):
+            raise ValueError(f"rank {rank}: this model serves only its trained rank {self.rank}")
+        return self.row(X), self.col(X.transpose(1, 2)).transpose(1, 2)
 
 
 def _chol_orth(Y, gram64):
@@ -160,7 +163,7 @@ class Subspace(nn.Module):
         cum = (A.pow(2).sum(1) * B.pow(2).sum(2)).cumsum(1)  # [batch, r]
         r = A.shape[-1]
         ks = sorted({2**j for j in range(4, 16) if 2**j < r} | {r})  # 16, 32, 64, ... below r, and r
-        total = X.pow(2).sum((1, 2))
+        total = X.pow(2).sum((1, 2)).clamp_min(torch.finfo(X.dtype).tiny)  # an all-zero X leaves energy 0 of 0
         return torch.stack([1 - (cum[:, k - 1] / total).mean() for k in ks]).mean()
 
 
@@ -169,16 +172,21 @@ ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(ove
 
 
 def build_model(config):
-    """config: {'arch': name, 'rank': r, ...arch options}; missing options take ARCH_DEFAULTS."""
+    """config: {'arch': name, 'rank': r, ...arch options}; missing options take ARCH_DEFAULTS. Every number is
+    checked first (a positive int; rank at most min(tokens, dim)), so an odd config never allocates anything."""
     arch = config["arch"]
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch '{arch}' (choose from {', '.join(ARCHS)})")
     kw = dict(ARCH_DEFAULTS[arch], **config.get("arch_options", {}))
     shape = {k: config[k] for k in ("tokens", "dim") if k in config}  # checkpoints before shapes were stored: defaults
-    return ARCHS[arch](rank=config["rank"], **shape, **kw)
+    sizes = {"rank": config["rank"], **shape, **kw}
+    bad = {k: v for k, v in sizes.items() if type(v) is not int or v < (0 if k in ("oversample", "power_iters") else 1)}
+    if bad or config["rank"] > min(shape.get("tokens", 256), shape.get("dim", 2048)):
+        raise ValueError(f"config sizes {bad or sizes} are not positive integers with rank <= min(tokens, dim)")
+    return ARCHS[arch](**sizes)
 
 
-def loss_terms(X, Xhat, A, B, lambda_B=1e-4, lambda_ortho=1e-3):
+def loss_terms(X, Xhat, A, B, lambda_B, lambda_ortho):
     """The training loss, each term returned separately (scalars, batch means):
     recon = mean((X̂ - X)²)                       reconstruction MSE over all B·T·D entries
     b_reg = mean(B²)                              B-matrix regularisation: mean square entry of B [B, r, D]
@@ -249,6 +257,13 @@ def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode on device, checkpoint dict)."""
     ck = read_checkpoint(path, device)
     try:
+        with torch.device("meta"):  # the config's shapes against the weights', before any memory is spent
+            expected = {k: tuple(v.shape) for k, v in build_model(ck["config"]).state_dict().items()}
+        if not ck["config"].get("compressed"):
+            got = {k: tuple(v.shape) for k, v in ck["model"].items() if isinstance(v, torch.Tensor)}
+            if got != expected:
+                k = next(k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
+                raise ValueError(f"weight {k}: the config makes {expected.get(k)}, the file holds {got.get(k)}")
         if ck["config"].get("compressed"):  # compress.py's int8 / pruned checkpoints
             model = load_compressed(ck)
         else:

@@ -16,15 +16,17 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import BadFeature, HelpFormatter, UserError, dist_env, run_cli
+from cli import BadFeature, HelpFormatter, UserError, dist_env, nonneg_int, positive_int, run_cli
 from encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY, Encoder, encoder_key
 from feature_cache import (
     MANIFEST,
     SAMPLE_LOG,
+    DamagedManifest,
     append_sample_log,
     atomic_save,
     cache_lock,
@@ -32,6 +34,7 @@ from feature_cache import (
     cached_shape,
     check_compatible,
     check_feature_header,
+    check_values,
     feature_path,
     info_size,
     key_string,
@@ -42,9 +45,10 @@ from feature_cache import (
     read_manifest,
     read_sample_log,
     remove_stale_tmp,
+    tensor_sha,
 )
-from feature_codecs import decode
-from images import Source, fingerprint, open_rgb
+from feature_codecs import BASIS, SHARED_BASIS, decode, family
+from images import Source, fingerprint, load_image, open_rgb
 from metrics import principal_directions
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,9 +65,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.indices = list(cached_indices(cache_dir, manifest) if indices is None else indices)
         self.shape = cached_shape(cache_dir, manifest)
         self.codec = manifest.get("codec")  # a compressed cache (compress.py): decoded on load
-        self.basis = None
-        if self.codec and (self.cache_dir / "basis.pt").exists():
-            self.basis = torch.load(self.cache_dir / "basis.pt", weights_only=True)
+        self.basis = load_basis(self.cache_dir, self.codec, self.shape[1]) if self.codec else None
         normalize(torch.zeros(1, 4), normalization)  # fail early on a bad mode
         if preload == "auto":
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -81,7 +83,9 @@ class FeatureDataset(torch.utils.data.Dataset):
                 x = decode(self.codec["name"], torch.load(path, weights_only=True), self.basis)
             except Exception as e:
                 raise BadFeature(f"{path}: unreadable compressed feature file ({type(e).__name__}: {e})") from None
-            return normalize(x, self.normalization)
+            if tuple(x.shape) != tuple(self.shape):
+                raise BadFeature(f"{path}: decodes to {list(x.shape)}, the cache's features are {list(self.shape)}")
+            return normalize(check_values(x, path), self.normalization)
         x = read_feature(path, self.shape).float()  # checked: finite, and finite once squared
         y = normalize(x, self.normalization)
         return y if y.data_ptr() != x.data_ptr() else y.clone()  # never hand out the memory-mapped file
@@ -104,6 +108,45 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         x = self.data[k] if self.data is not None else self._load(k)
         return x, self.indices[k]
+
+
+def cached_image(cache_dir, sid):
+    """The image a cached sample was extracted from, resized as the encoder saw it (a uint8 array), or None with a
+    printed reason: the source moved, or holds other bytes for this sample now (its fingerprint differs), so what
+    it holds would be drawn under features it did not make."""
+    manifest = load_manifest(cache_dir)
+    meta = manifest["samples"].get(str(sid), {})
+    try:
+        data = Source(manifest["source"]["path"]).image(sid)
+        if meta.get("fingerprint") and fingerprint(data) != meta["fingerprint"]:
+            print(
+                f"the source's image for sample {sid} is not the one the cache was made from (fingerprint "
+                f"differs); drawing the token maps only"
+            )
+            return None
+        return np.asarray(load_image(data, info_size(manifest["encoder"])))
+    except Exception as e:
+        print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
+        return None
+
+
+def load_basis(cache_dir, codec, dim):
+    """The shared basis [D, r] of a compressed cache whose codec has one (pca_*, omega_*), checked against the
+    fingerprint the manifest recorded: a missing, truncated or swapped basis.pt is named, never decoded."""
+    if family(codec["name"]) not in SHARED_BASIS:
+        return None
+    path = Path(cache_dir) / BASIS
+    if not path.exists():
+        raise BadFeature(f"{path} is missing: the {codec['name']} cache cannot be decoded without it")
+    try:
+        basis = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise BadFeature(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or basis.shape[0] != dim:
+        raise BadFeature(f"{path}: expected a [{dim}, r] basis, got {list(getattr(basis, 'shape', []))}")
+    if codec.get("basis_sha") and tensor_sha(basis) != codec["basis_sha"]:
+        raise BadFeature(f"{path} is not the basis this cache was written with (its fingerprint differs)")
+    return check_values(basis, path)
 
 
 def make_loader(dataset, batch_size, shuffle=False, num_workers=0, sampler=None, seed=0):
@@ -132,10 +175,15 @@ def principal_basis(cache_dir, indices, normalization):
 
 
 def open_cache(cache_dir, src, key, rebuild_manifest):
-    """Every identity check of an existing cache that can be made before the encoder is loaded -> its manifest."""
+    """Every identity check of an existing cache that can be made before the encoder is loaded -> (its manifest,
+    whether to rebuild it from the sample log: asked for, or the manifest is damaged)."""
     if not cache_dir.exists():
-        return {}
-    manifest = read_manifest(cache_dir)
+        return {}, rebuild_manifest
+    try:
+        manifest = read_manifest(cache_dir)
+    except DamagedManifest:
+        print(f"note: {cache_dir / MANIFEST} is damaged: rebuilding it from the sample log ({SAMPLE_LOG})")
+        return {}, True
     if not manifest and not rebuild_manifest and any(cache_dir.glob("features_*.pt")):
         raise UserError(
             f"'{cache_dir}' holds features_*.pt files but no {MANIFEST}: nothing says which encoder "
@@ -145,21 +193,30 @@ def open_cache(cache_dir, src, key, rebuild_manifest):
     check_compatible(manifest, key, src, cache_dir)
     if manifest.get("codec"):
         raise UserError(f"'{cache_dir}' is a compressed cache (compress.py); extract into another --cache_dir")
-    return manifest
+    return manifest, rebuild_manifest
 
 
 def still_valid(cache_dir, src, listed, mine, shape):
     """The indices of mine whose cached file is listed, valid, and made from the image bytes the source still holds.
-    A listed sample made from other bytes means another data set: refused."""
+    A listed sample made from other bytes means another data set: refused. A listed sample whose image is gone
+    from the source keeps its features (they are its image's) and is reported as missing."""
     check = [i for i in mine if str(i) in listed and feature_path(cache_dir, i).exists()]
-    current, changed = {}, []
+    current, changed, missing = {}, [], []
     for i, data in src.iter_images(check):
         try:
             current[i] = fingerprint(data)
-        except OSError:  # the image is gone: extract again (and record why it fails)
+        except OSError:
             current[i] = None
-        if listed[str(i)].get("fingerprint") not in (None, current[i]):
+        if current[i] is None:
+            missing.append(i)
+            current[i] = listed[str(i)].get("fingerprint")
+        elif listed[str(i)].get("fingerprint") not in (None, current[i]):
             changed.append(i)
+    if missing:
+        print(
+            f"note: the images of {len(missing)} cached samples are missing from the source now (e.g. sample "
+            f"{missing[0]}, id '{src.meta[missing[0]]['id']}'); their cached features are kept"
+        )
     if changed:
         i = changed[0]
         raise UserError(
@@ -231,8 +288,10 @@ def extract(
     cache_dir = Path(cache_dir)
     src = Source(dataset_dir)
     source_info = {"kind": src.kind, "path": str(Path(dataset_dir).resolve()), "num_samples": len(src)}
+    for what, n in src.notes.items():  # the metadata schema's coercions (images.Source.clean)
+        print(f"note: {n} samples: {what}")
     key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device, image_size)
-    manifest = open_cache(cache_dir, source_info, key, rebuild_manifest)
+    manifest, rebuild_manifest = open_cache(cache_dir, source_info, key, rebuild_manifest)
     enc = encoder or Encoder(model, device, dtype, revision, image_size)
     check_compatible(manifest, enc.info, source_info, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -323,9 +382,9 @@ def get_args_parser():
         choices=["float32", "bfloat16", "float16"],
         help="default bfloat16 on CUDA, float32 on CPU",
     )
-    ap.add_argument("--extract_batch_size", type=int, default=8, help="images per forward call")
-    ap.add_argument("--start", type=int, default=0, help="first sample index")
-    ap.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    ap.add_argument("--extract_batch_size", type=positive_int, default=8, help="images per forward call")
+    ap.add_argument("--start", type=nonneg_int, default=0, help="first sample index")
+    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many samples")
     ap.add_argument(
         "--rebuild_manifest",
         action="store_true",

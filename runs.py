@@ -4,6 +4,7 @@ photo), the resolved config (config.json), the checkpoint (best_model.pt) and th
 are the one way to read them back.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def read_split(results_dir):
             f"train again ({train_command(results_dir)})"
         ) from None
     return s
+
+
+def split_fingerprint(split):
+    """A short hash of a split's three index lists: what a checkpoint records and load_run checks."""
+    return hashlib.sha256(json.dumps([split[k] for k in PARTS]).encode()).hexdigest()[:16]
 
 
 def first(indices, num=None):
@@ -70,7 +76,23 @@ def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=No
         )
     if rank is not None and rank != cfg["rank"]:
         raise UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
-    return model, ck, cfg, read_split(results_dir)[split], cache_dir
+    parts = read_split(results_dir)
+    if cfg.get("split_sha") and cfg["split_sha"] != split_fingerprint(parts):
+        raise UserError(
+            f"{ckpt} was trained on another split than {Path(results_dir) / SPLIT} (its samples there may be ones it "
+            f"trained on): score it with the run folder it was trained in"
+        )
+    return model, ck, cfg, parts[split], cache_dir
+
+
+def output_stem(stem, split="test", checkpoint=None):
+    """A report's file stem that says what it describes: the stem alone for the test split of best_model.pt, else
+    _<split> and _<checkpoint file name> appended, so reports of other splits or checkpoints never overwrite it."""
+    if split != "test":
+        stem += f"_{split}"
+    if checkpoint and Path(checkpoint).name != BEST:
+        stem += f"_{Path(checkpoint).stem}"
+    return stem
 
 
 def read_history(results_dir):
@@ -169,6 +191,13 @@ def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_
         raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
     groups, field = split_groups(cache_dir, idx, group_by)
     s = make_split(idx, seed, groups=groups)
+    empty = [k for k in PARTS if not s[k]]
+    if empty:
+        raise UserError(
+            f"{len(idx)} samples{f' in {len(set(groups.values()))} {field} groups' if groups else ''} "
+            f"leave the {' and '.join(empty)} split empty (80/10/10); use more samples (--max_samples) "
+            f"or --group_by none"
+        )
     s.update(
         made_from,
         grouped_by=field,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import metrics
-from cli import HelpFormatter, check_rank, parse_ints, run_cli
+from cli import HelpFormatter, check_rank, parse_ints, positive_int, run_cli
 from feature_cache import NORMALIZATIONS, cached_indices, cached_shape, lossy_note
 from qwenvl_dataloader import FeatureDataset, make_loader
 from runs import first, read_split
@@ -33,12 +33,12 @@ def get_args_parser():
         help="samples to use; a split needs split.json in --results_dir (written by training)",
     )
     ap.add_argument("--results_dir", default="results", help="where split.json is read and the sweep plot written")
-    ap.add_argument("--num_samples", type=int, default=None, help="first N samples (default: all)")
+    ap.add_argument("--num_samples", type=positive_int, default=None, help="first N samples (default: all)")
     ap.add_argument("--normalize", default="layernorm", choices=NORMALIZATIONS, help="as in training")
     ap.add_argument(
         "--method", default=metrics.DEFAULT_METHOD, choices=metrics.METHODS, help="exact truncated SVD method"
     )
-    ap.add_argument("--batch_size", type=int, default=32, help="samples per batch")
+    ap.add_argument("--batch_size", type=positive_int, default=32, help="samples per batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     return ap
 
@@ -47,7 +47,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     idx = cached_indices(args.cache_dir) if args.split == "all" else read_split(args.results_dir)[args.split]
     idx = first(idx, args.num_samples)
-    ranks = parse_ints(args.ranks) if args.ranks else [args.rank]
+    ranks = parse_ints(args.ranks, "--ranks") if args.ranks else [args.rank]
     for r in ranks:
         check_rank(r, min(cached_shape(args.cache_dir)), "--ranks" if args.ranks else "--rank")
     ds = FeatureDataset(args.cache_dir, idx, args.normalize)

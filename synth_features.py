@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, run_cli
+from cli import HelpFormatter, UserError, nonneg_float, positive_int, run_cli
 from feature_cache import MANIFEST, atomic_save, feature_path
 
 
@@ -48,19 +48,19 @@ def generate(num, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), 
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", default="feature_cache_hard", help="the cache folder to write")
-    ap.add_argument("--num", type=int, default=600, help="number of images")
-    ap.add_argument("--tokens", type=int, default=256, help="tokens per image T (a square grid)")
-    ap.add_argument("--dim", type=int, default=2048, help="feature dim D")
+    ap.add_argument("--num", type=positive_int, default=600, help="number of images")
+    ap.add_argument("--tokens", type=positive_int, default=256, help="tokens per image T (a square grid)")
+    ap.add_argument("--dim", type=positive_int, default=2048, help="feature dim D")
     ap.add_argument("--alpha", type=float, default=0.8, help="power-law exponent of each image's spectrum (mean)")
-    ap.add_argument("--alpha_std", type=float, default=0.05, help="its spread over images")
+    ap.add_argument("--alpha_std", type=nonneg_float, default=0.05, help="its spread over images")
     ap.add_argument(
         "--shared_top", type=float, default=0.05, help="share of an image's top direction in the common subspace"
     )
     ap.add_argument("--shared_tail", type=float, default=0.3, help="the same share from direction --ramp on")
-    ap.add_argument("--ramp", type=int, default=64, help="directions over which the share rises")
+    ap.add_argument("--ramp", type=positive_int, default=64, help="directions over which the share rises")
     ap.add_argument(
         "--groups",
-        type=int,
+        type=positive_int,
         default=20,
         help="images are split by group (like photos): image i is in group i %% groups",
     )

@@ -22,11 +22,10 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from cli import HelpFormatter, UserError, check_rank, nonneg_int, parse_ints, positive_int, run_cli
 from feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
-from images import Source, load_image
 from metrics import scale_bbox
-from qwenvl_dataloader import FeatureDataset, principal_basis
+from qwenvl_dataloader import FeatureDataset, cached_image, principal_basis
 from runs import first, read_run
 from token_selection import RULES, box_hits, reconstruct_from, select
 
@@ -40,16 +39,20 @@ def get_args_parser():
     )
     ap.add_argument("--cache_dir", default=None, help="default: the cache of the training run")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="samples to evaluate")
-    ap.add_argument("--num_samples", type=int, default=None, help="first N samples of the split (default: all)")
+    ap.add_argument(
+        "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
+    )
     ap.add_argument("--ks", default="16,32,64,128", help="numbers of kept tokens")
     ap.add_argument("--rules", default=",".join(RULES), help="comma list of rules")
-    ap.add_argument("--lrcp_rank", type=int, default=32, help="lrcp: rank of the training split's principal subspace")
+    ap.add_argument(
+        "--lrcp_rank", type=positive_int, default=32, help="lrcp: rank of the training split's principal subspace"
+    )
     ap.add_argument("--seed", type=int, default=0, help="random rule")
     ap.add_argument("--name", default=None, help="output stem tokens_<name> (default: the split)")
     ap.add_argument(
-        "--draw_idx", type=int, default=0, help="position in the split of the image drawn with its kept tokens"
+        "--draw_idx", type=nonneg_int, default=0, help="position in the split of the image drawn with its kept tokens"
     )
-    ap.add_argument("--draw_k", type=int, default=32, help="k of that drawing")
+    ap.add_argument("--draw_k", type=positive_int, default=32, help="k of that drawing")
     return ap
 
 
@@ -60,9 +63,10 @@ def main(argv=None):
     cache, norm = args.cache_dir or cfg["cache_dir"], cfg["normalization"]
     T, D = cached_shape(cache)
     hw = cache_grid(cache)
-    ks, rules = parse_ints(args.ks), args.rules.split(",")
+    ks, rules = parse_ints(args.ks, "--ks"), args.rules.split(",")
     for k in ks:
         check_rank(k, min(T, D), "--ks")
+    check_rank(args.draw_k, min(T, D), "--draw_k")
     bad = set(rules) - set(RULES)
     if bad:
         raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES)}")
@@ -226,11 +230,7 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
     size = cache_image_size(cache)
     manifest = load_manifest(cache)
     meta = manifest["samples"].get(str(sid), {})
-    image = None
-    try:
-        image = np.asarray(load_image(Source(manifest["source"]["path"]).image(sid), size))
-    except Exception as e:  # the source moved: draw the grid alone
-        print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token grid only")
+    image = cached_image(cache, sid)
     H, W = hw
     cols = math.ceil(len(rules) / 2)
     fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained")

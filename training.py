@@ -7,8 +7,9 @@ train_real_data.py runs train(args); tune.py calls it per trial with on_epoch.
 import argparse
 import math
 import random
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,30 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import metrics
-from cli import HelpFormatter, UserError, check_rank, dist_env
-from feature_cache import NORMALIZATIONS, atomic_save, cache_grid, cached_shape, lossy_note, remove_stale_tmp
+from cli import HelpFormatter, UserError, check_rank, dist_env, nonneg_float, nonneg_int, positive_float, positive_int
+from feature_cache import (
+    NORMALIZATIONS,
+    atomic_save,
+    cache_grid,
+    cached_shape,
+    folder_lock,
+    lossy_note,
+    remove_stale_tmp,
+)
 from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint, read_checkpoint
 from qwenvl_dataloader import FeatureDataset, make_loader
-from runs import BEST, CONFIG, GROUP_AUTO, HISTORY, LAST, load_or_make_split, read_history, read_split
+from runs import (
+    BEST,
+    CONFIG,
+    GROUP_AUTO,
+    HISTORY,
+    LAST,
+    SPLIT,
+    load_or_make_split,
+    read_history,
+    read_split,
+    split_fingerprint,
+)
 
 ARCH_FLAGS = ("hidden", "power_iters", "oversample")  # the per-arch options; their defaults are ARCH_DEFAULTS'
 
@@ -30,15 +50,20 @@ def get_args_parser():
     ap = argparse.ArgumentParser(
         description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.", formatter_class=HelpFormatter
     )
-    ap.add_argument("--batch_size", type=int, default=8, help="training batch size (per process under torchrun)")
-    ap.add_argument("--epochs", type=int, default=20, help="training epochs (epoch 0 = the starting point)")
-    ap.add_argument("--lr", type=float, default=0.001, help="AdamW learning rate")
-    ap.add_argument("--rank", type=int, default=128, help="rank r of the factorisation, 1..min(tokens, dim)")
-    ap.add_argument("--lambda_B", type=float, default=0.0001, help="weight of mean(B²)")
-    ap.add_argument("--lambda_ortho", type=float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
-    ap.add_argument("--weight_decay", type=float, default=0.00001, help="AdamW weight decay")
     ap.add_argument(
-        "--patience", type=int, default=10, help="early stop after this many epochs without a better validation MSE"
+        "--batch_size", type=positive_int, default=8, help="training batch size (per process under torchrun)"
+    )
+    ap.add_argument("--epochs", type=nonneg_int, default=20, help="training epochs (epoch 0 = the starting point)")
+    ap.add_argument("--lr", type=nonneg_float, default=0.001, help="AdamW learning rate")
+    ap.add_argument("--rank", type=int, default=128, help="rank r of the factorisation, 1..min(tokens, dim)")
+    ap.add_argument("--lambda_B", type=nonneg_float, default=0.0001, help="weight of mean(B²)")
+    ap.add_argument("--lambda_ortho", type=nonneg_float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
+    ap.add_argument("--weight_decay", type=nonneg_float, default=0.00001, help="AdamW weight decay")
+    ap.add_argument(
+        "--patience",
+        type=positive_int,
+        default=10,
+        help="early stop after this many epochs without a better validation MSE",
     )
     ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
     ap.add_argument("--seed", type=int, default=42, help="split, initialisation and shuffling")
@@ -50,7 +75,7 @@ def get_args_parser():
     )
     ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache (qwenvl_dataloader.py)")
     ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    ap.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    ap.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     ap.add_argument(
         "--normalize",
         default="layernorm",
@@ -58,8 +83,13 @@ def get_args_parser():
         help="layer norm over the feature dims (no affine), or none; stored in the checkpoint",
     )
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a --results_dir that holds a trained run, replacing it (refused otherwise)",
+    )
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32")
-    ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
     ap.add_argument(
         "--preload",
         default="auto",
@@ -79,7 +109,7 @@ def get_args_parser():
         action="store_true",
         help="replace a split.json made with another seed, sample count, cache or grouping (its test set changes)",
     )
-    ap.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping")
+    ap.add_argument("--grad_clip", type=positive_float, default=1.0, help="gradient-norm clipping")
     sym, sub = ARCH_DEFAULTS["symmetric"], ARCH_DEFAULTS["subspace"]
     ap.add_argument("--hidden", type=int, default=None, help=f"symmetric: MLP hidden width (default {sym['hidden']})")
     ap.add_argument(
@@ -101,20 +131,42 @@ def get_args_parser():
 # set-up
 
 
+CONFIG_FLAGS = (
+    "batch_size",
+    "epochs",
+    "lr",
+    "lambda_B",
+    "lambda_ortho",
+    "weight_decay",
+    "patience",
+    "seed",
+    "grad_clip",
+    "max_samples",
+    "group_by",
+)  # stored in the config as given
+FIXED_ON_RESUME = {
+    "arch": "arch",
+    "rank": "rank",
+    "normalize": "normalization",
+    "cache_dir": "cache_dir",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "lambda_B": "lambda_B",
+    "lambda_ortho": "lambda_ortho",
+    "weight_decay": "weight_decay",
+    "seed": "seed",
+    "grad_clip": "grad_clip",
+    "max_samples": "max_samples",
+    "group_by": "group_by",
+}  # flag -> config key
+
+
 def resolve_config(args, world, log):
     """-> (config, resume checkpoint or None). The config is stored resolved (arch defaults filled in): the run
-    folder says how it was made even if a default changes later."""
+    folder says how it was made even if a default changes later. A resumed run takes the checkpoint's config; a
+    flag given with another value than the checkpoint's is refused (only --epochs and --patience may change)."""
     out = Path(args.results_dir)
-    if args.resume:
-        if not (out / LAST).exists():
-            raise UserError(f"--resume: {out / LAST} not found")
-        ck = read_checkpoint(out / LAST)
-        config = ck["config"]
-        if (config["rank"], config["arch"]) != (args.rank, args.arch):
-            log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
-        config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
-    else:
-        ck = None
+    if not args.resume:
         given = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
         config = {
             "arch": args.arch,
@@ -123,22 +175,36 @@ def resolve_config(args, world, log):
             "normalization": args.normalize,
             "cache_dir": str(Path(args.cache_dir).resolve()),
             "world_size": world,
+            **{k: getattr(args, k) for k in CONFIG_FLAGS},
         }
-        for k in (
-            "batch_size",
-            "epochs",
-            "lr",
-            "lambda_B",
-            "lambda_ortho",
-            "weight_decay",
-            "patience",
-            "seed",
-            "grad_clip",
-            "max_samples",
-            "group_by",
-        ):
-            config[k] = getattr(args, k)
-    tokens, dim = cached_shape(config["cache_dir"])  # the manifest is the one source of the shape
+        return config, None
+    if not (out / LAST).exists():
+        raise UserError(f"--resume: {out / LAST} not found")
+    ck = read_checkpoint(out / LAST)
+    config = ck["config"]
+    if config.get("compressed") or "optimizer" not in ck:
+        raise UserError(f"--resume: {out / LAST} is not a training state (a compressed or model-only checkpoint)")
+    defaults, changed = get_args_parser(), []
+    for flag, key in FIXED_ON_RESUME.items():
+        value = str(Path(args.cache_dir).resolve()) if flag == "cache_dir" else getattr(args, flag)
+        if getattr(args, flag) != defaults.get_default(flag) and value != config.get(key):
+            changed.append(f"--{flag} {getattr(args, flag)} (the run has {config.get(key)})")
+    if changed:
+        raise UserError(
+            f"--resume continues the run in {out} as it was made; these flags differ: "
+            + "; ".join(changed)
+            + ". Drop them, or start a new run (another --results_dir)"
+        )
+    if (config["rank"], config["arch"]) != (args.rank, args.arch):
+        log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
+    config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
+    return config, ck
+
+
+def add_shape(config, out):
+    """The cache's feature shape and grid into the config (the manifest is the one source of the shape), checked
+    against a resumed run's and against the rank."""
+    tokens, dim = cached_shape(config["cache_dir"])
     if "tokens" in config and (config["tokens"], config["dim"]) != (tokens, dim):
         raise UserError(
             f"--resume: {out / LAST} was trained on [{config['tokens']}, {config['dim']}] features; "
@@ -146,7 +212,6 @@ def resolve_config(args, world, log):
         )
     config.update(tokens=tokens, dim=dim, grid=list(cache_grid(config["cache_dir"])))
     check_rank(config["rank"], min(tokens, dim))
-    return config, ck
 
 
 def load_data(config, split, args, rank_id, world):
@@ -306,18 +371,43 @@ def epoch_line(epoch, config, rec, improved):
 
 def train(args, on_epoch=None, test_at_end=True):
     """Train as args say (a Namespace of get_args_parser()); on_epoch(record) is called after each epoch (tune.py
-    prunes from it). Returns the test report (None without test_at_end)."""
+    prunes from it). Returns the test report (None without test_at_end). The run folder has one owner: rank 0 holds
+    its lock for the life of the run, and a folder that holds a trained run is refused without --resume or
+    --overwrite."""
     rank_id, world, local_rank = dist_env()
-    master = rank_id == 0
-    log = print if master else (lambda *a, **k: None)
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    log = print if rank_id == 0 else (lambda *a, **k: None)
     out = Path(args.results_dir)
     config, ck = resolve_config(args, world, log)
+    add_shape(config, out)
+    with ExitStack() as stack:
+        if rank_id == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(folder_lock(out, wait=0, what="training: " + " ".join(sys.argv)))
+            check_fresh(out, args)
+            write_run_folder(out, config, resplit=args.resplit and not args.resume)
+        if world > 1:
+            dist.barrier()
+        return fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end)
+
+
+def check_fresh(out, args):
+    """Refuse to train over a trained run unless asked: --resume continues it, --overwrite replaces it."""
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --results_dir, --overwrite replaces it: give one of them")
+    done = [f for f in (BEST, LAST) if (out / f).exists()]
+    if done and not args.resume and not args.overwrite:
+        raise UserError(
+            f"{out} holds a trained run ({', '.join(done)}); --resume continues it, --overwrite "
+            f"replaces it, or use another --results_dir"
+        )
+
+
+def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end):
+    """Data, model, epoch 0, the epochs, the test report."""
+    master = rank_id == 0
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.results_dir)
     torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
-    if master:
-        write_run_folder(out, config, resplit=args.resplit and not args.resume)
-    if world > 1:
-        dist.barrier()
     split = read_split(out)
     train_ds, val_ds, train_loader, val_loader, sampler = load_data(config, split, args, rank_id, world)
     describe_data(log, config, split, train_ds, val_ds, device, world, args.preload)
@@ -373,12 +463,13 @@ def train(args, on_epoch=None, test_at_end=True):
 
 
 def write_run_folder(out, config, resplit):
-    """The run folder's split.json (made, or checked against this run's settings) and config.json."""
-    if out.exists():
-        remove_stale_tmp(out)
-    load_or_make_split(
-        out, config["cache_dir"], config["seed"], config["max_samples"], config.get("group_by", GROUP_AUTO), resplit
-    )
+    """The run folder's split.json (made, or checked against this run's settings) and config.json. The config
+    records the split's fingerprint: a checkpoint is never scored on a split it was not trained with."""
+    remove_stale_tmp(out)
+    group_by = config.get("group_by", GROUP_AUTO)
+    split = load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"], group_by, resplit)
+    if config.setdefault("split_sha", split_fingerprint(split)) != split_fingerprint(split):
+        raise UserError(f"--resume: {out / SPLIT} is not the split this run was trained on")
     atomic_save(config, out / CONFIG)
 
 

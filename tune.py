@@ -5,8 +5,10 @@ arch (and rank with --tune_rank), pruning on the per-epoch validation MSE. Resum
     python tune.py --cache_dir feature_cache_real --n_trials 50 --epochs 10
     python tune.py ... --storage postgresql://user:pw@host/db     (several machines share one study)
 
-Writes into --results_dir: split.json (shared by every trial), trial_<n>/ (each trial's run), best_params.json,
-optimization_history.png, param_importances.png, and prints the train.sh command of the best trial.
+Writes into --results_dir: split.json (shared by every trial of every study) and the journal; into
+--results_dir/<study_name>/: trial_<n>/ (each trial's run), best_params.json, optimization_history.png,
+param_importances.png. Several studies share one folder without touching each other's trials. Prints the train.sh
+command of the best trial.
 """
 
 import argparse
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import optuna
 
-from cli import HelpFormatter, UserError, check_rank, parse_ints, run_cli
+from cli import HelpFormatter, UserError, check_rank, nonneg_int, parse_ints, positive_float, positive_int, run_cli
 from feature_cache import NORMALIZATIONS, cached_shape
 from runs import load_or_make_split
 from training import get_args_parser as training_parser
@@ -68,7 +70,11 @@ def get_args_parser():
     )
     ap.add_argument("--cache_dir", default=TRAINING.get_default("cache_dir"), help="the feature cache")
     ap.add_argument("--results_dir", default="results_tune", help="study folder: trials, journal, plots")
-    ap.add_argument("--study_name", default="low-rank-image", help="Optuna study name (resumed if it exists)")
+    ap.add_argument(
+        "--study_name",
+        default="low-rank-image",
+        help="Optuna study name (resumed if it exists); also the folder of its trials under --results_dir",
+    )
     ap.add_argument(
         "--storage",
         default=None,
@@ -77,14 +83,17 @@ def get_args_parser():
     )
     ap.add_argument(
         "--n_trials",
-        type=int,
+        type=positive_int,
         default=20,
         help="total trials in the study (resumed studies count those already finished)",
     )
-    ap.add_argument("--timeout", type=float, default=None, help="seconds for this invocation")
-    ap.add_argument("--epochs", type=int, default=10, help="epochs per trial")
+    ap.add_argument("--timeout", type=positive_float, default=None, help="seconds for this invocation")
+    ap.add_argument("--epochs", type=nonneg_int, default=10, help="epochs per trial")
     ap.add_argument(
-        "--patience", type=int, default=TRAINING.get_default("patience"), help="early-stopping patience per trial"
+        "--patience",
+        type=positive_int,
+        default=TRAINING.get_default("patience"),
+        help="early-stopping patience per trial",
     )
     ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
     ap.add_argument(
@@ -98,7 +107,7 @@ def get_args_parser():
     )
     ap.add_argument("--seed", type=int, default=TRAINING.get_default("seed"), help="split and sampler seed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--max_samples", type=int, default=None, help="use only the first N cached samples")
+    ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
     ap.add_argument(
         "--group_by", default=TRAINING.get_default("group_by"), help="split grouping, as train_real_data.py's"
     )
@@ -106,9 +115,9 @@ def get_args_parser():
     return ap
 
 
-def make_objective(args, out):
-    """Optuna's objective: one training per trial in <out>/trial_<n>, on the study's split; the best validation MSE,
-    reported after every epoch so the pruner can stop a poor trial."""
+def make_objective(args, out, study_dir):
+    """Optuna's objective: one training per trial in <study_dir>/trial_<n>, on the folder's split; the best
+    validation MSE, reported after every epoch so the pruner can stop a poor trial."""
 
     def objective(trial):
         p = {
@@ -116,12 +125,14 @@ def make_objective(args, out):
             "lambda_B": trial.suggest_float("lambda_B", 1e-6, 1e-2, log=True),
             "lambda_ortho": trial.suggest_float("lambda_ortho", 1e-5, 1e-1, log=True),
             "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
-            "batch_size": trial.suggest_categorical("batch_size", parse_ints(args.batch_sizes)),
+            "batch_size": trial.suggest_categorical("batch_size", parse_ints(args.batch_sizes, "--batch_sizes")),
             "arch": trial.suggest_categorical("arch", args.archs.split(",")),
-            "rank": (trial.suggest_categorical("rank", parse_ints(args.ranks)) if args.tune_rank else args.rank),
+            "rank": (
+                trial.suggest_categorical("rank", parse_ints(args.ranks, "--ranks")) if args.tune_rank else args.rank
+            ),
         }
-        trial_dir = out / f"trial_{trial.number}"
-        if trial_dir.exists():  # a trial that died midway starts again cleanly
+        trial_dir = study_dir / f"trial_{trial.number}"
+        if trial_dir.exists():  # this study's trial that died midway (numbers are unique in a study) starts again
             shutil.rmtree(trial_dir)
         trial_dir.mkdir(parents=True)
         shutil.copy(out / "split.json", trial_dir / "split.json")
@@ -164,10 +175,15 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
 
     tokens = min(cached_shape(args.cache_dir))
-    for r in parse_ints(args.ranks) if args.tune_rank else [args.rank]:
+    for r in parse_ints(args.ranks, "--ranks") if args.tune_rank else [args.rank]:
         check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
+    if not args.study_name or Path(args.study_name).name != args.study_name or args.study_name in (".", ".."):
+        raise UserError(
+            f"--study_name {args.study_name!r}: a plain folder name (its trials go into <results_dir>/<name>)"
+        )
     out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    study_dir = out / args.study_name
+    study_dir.mkdir(parents=True, exist_ok=True)
     load_or_make_split(
         out, args.cache_dir, args.seed, args.max_samples, args.group_by, args.resplit
     )  # one split for every trial
@@ -180,7 +196,7 @@ def main(argv=None):
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
 
-    objective = make_objective(args, out)
+    objective = make_objective(args, out, study_dir)
     done = len(
         [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     )
@@ -191,10 +207,11 @@ def main(argv=None):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise UserError("no trial completed")
-    p = write_best(study, args, out, complete)
-    plots(study, out)
+    p = write_best(study, args, study_dir, complete)
+    plots(study, study_dir)
     print(f"best trial {study.best_trial.number}: val MSE {study.best_trial.value:.6g} with {p}")
-    print(f"wrote {out / 'best_params.json'}, {out / 'optimization_history.png'}, {out / 'param_importances.png'}")
+    written = ("best_params.json", "optimization_history.png", "param_importances.png")
+    print("wrote " + ", ".join(str(study_dir / f) for f in written))
     print("reproduce it with:")
     print(
         f"  ./train.sh {p['batch_size']} {args.epochs} {p['lr']:.3g} {p['rank']} {p['lambda_B']:.3g} "

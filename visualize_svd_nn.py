@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 import metrics
-from cli import HelpFormatter, UserError, run_cli
+from cli import HelpFormatter, UserError, nonneg_int, positive_int, run_cli
 from feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
-from images import Source, load_image
 from metrics import scale_bbox
-from qwenvl_dataloader import FeatureDataset
-from runs import load_run, read_split
+from qwenvl_dataloader import FeatureDataset, cached_image
+from runs import load_run, output_stem, read_split
 
 
 def parse_channels(spec, dim):
@@ -271,7 +270,7 @@ def get_args_parser():
     ap = argparse.ArgumentParser(
         description="Spatial layout of SVD and NN reconstructions and their errors.", formatter_class=HelpFormatter
     )
-    ap.add_argument("--image_idx", type=int, default=0, help="position in the chosen split")
+    ap.add_argument("--image_idx", type=nonneg_int, default=0, help="position in the chosen split")
     ap.add_argument("--sample_id", type=int, default=None, help="a cache index instead of --image_idx")
     ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
     ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
@@ -281,12 +280,12 @@ def get_args_parser():
     ap.add_argument("--channels", default="0-7", help="e.g. 0-7 or 0,5,100-103")
     ap.add_argument(
         "--html_channels",
-        type=int,
+        type=positive_int,
         default=32,
         help="channels selectable in the HTML view (the first N, plus --channels)",
     )
     ap.add_argument("--format", default="png", choices=["png", "pdf", "svg"], help="figure format")
-    ap.add_argument("--dpi", type=int, default=150, help="figure resolution")
+    ap.add_argument("--dpi", type=positive_int, default=150, help="figure resolution")
     ap.add_argument("--out", default=None, help="output folder (default: <results_dir>/vis)")
     return ap
 
@@ -340,19 +339,13 @@ def main(argv=None):
         f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers") else ""
     )
 
-    image = bbox = None
-    try:  # the source image, when the manifest's source is still reachable
-        src = Source(manifest["source"]["path"])
-        if src.meta[sid]["id"] == meta.get("id"):
-            image = np.asarray(load_image(src.image(sid), size))
-            if meta.get("bbox") and meta.get("image_size"):
-                bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
-    except Exception as e:
-        print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
+    image, bbox = cached_image(cache_dir, sid), None
+    if image is not None and meta.get("bbox") and meta.get("image_size"):
+        bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
 
     out = Path(args.out or Path(args.results_dir) / "vis")
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{tag}_rank{r}"
+    stem = output_stem(f"{tag}_rank{r}", checkpoint=args.checkpoint)  # the tag names the split
     paths = []
     for name, fig in [
         ("channels", fig_channels(d, channels, head, cfg["arch"], image)),

@@ -4,6 +4,8 @@ truncated SVD, the factoriser, kept tokens) and the vision tokens each condition
 over a run's answers.
 """
 
+import hashlib
+import json
 import re
 from collections import Counter
 
@@ -12,7 +14,6 @@ import torch
 from cli import UserError, check_rank, parse_ints
 from feature_cache import denormalize, normalize
 from metrics import timed, truncated_svd
-from model import Symmetric
 from token_selection import RULES, select
 from vlm import answer, mrope_positions
 
@@ -76,17 +77,29 @@ def exact_match(answer, references):
 
 def conditions(args, nn_rank, arch):
     """[(name, kind, value)] in the order they are asked; parsed from the flags."""
-    ints = parse_ints
     out = [("original", "original", None)]
     if args.zeros:
         out.append(("zeros", "zeros", None))
-    out += [(f"svd r={r}", "svd", r) for r in ints(args.svd_ranks)]
+    svd_ranks = parse_ints(args.svd_ranks, "--svd_ranks")
+    out += [(f"svd r={r}", "svd", r) for r in svd_ranks]
     if nn_rank:
-        auto = [r for r in ints(args.svd_ranks) if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
-        out += [(f"{arch} r={r}", "nn", r) for r in (ints(args.nn_ranks) if args.nn_ranks != "auto" else auto)]
+        auto = [r for r in svd_ranks if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
+        nn_ranks = parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto
+        out += [(f"{arch} r={r}", "nn", r) for r in nn_ranks]
     rules = [r for r in args.rules.split(",") if r.strip()]
-    out += [(f"{rule} k={k}", "keep", (rule, k)) for rule in rules for k in ints(args.keep)]
+    out += [(f"{rule} k={k}", "keep", (rule, k)) for rule in rules for k in parse_ints(args.keep, "--keep")]
     return out
+
+
+def check_prompt(prompt):
+    """--prompt may name only {question}."""
+    try:
+        prompt.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(
+            f"--prompt {prompt!r}: only {{question}} can be filled in ({type(e).__name__}: {e}); write "
+            f"a literal brace as {{{{ or }}}}"
+        ) from None
 
 
 def vision_tokens(kind, value, X, Xn, svd, norm, nn_model, hw, basis, gen):
@@ -103,7 +116,7 @@ def vision_tokens(kind, value, X, Xn, svd, norm, nn_model, hw, basis, gen):
     if kind == "svd":
         Xh = svd[0][:, :value] @ svd[1][:value]
     else:
-        Xh = nn_model(Xn[None])[0] if isinstance(nn_model, Symmetric) else nn_model(Xn[None], rank=value)[0]
+        Xh = nn_model(Xn[None], rank=value)[0]
     return denormalize(Xh, X, norm), None
 
 
@@ -132,6 +145,11 @@ def eos_ids(model, tokenizer):
     return (ids | set(gen if isinstance(gen, (list, tuple)) else [gen])) - {None}
 
 
+def draw_seed(seed, sample, condition):
+    """A seed for one (run seed, sample, condition): random draws never depend on what was asked before."""
+    return int.from_bytes(hashlib.sha256(json.dumps([seed, sample, condition]).encode()).digest()[:8], "little")
+
+
 class Asker:
     """Asks the model one question about one image under each condition. The vision tower runs once per sample;
     the SVD at the largest rank is taken once and truncated for the smaller ones."""
@@ -141,12 +159,14 @@ class Asker:
         self.dev = next(model.parameters()).device
         self.nn_model = nn_model.to(self.dev) if nn_model is not None else None
         self.basis, self.max_svd, self.prompt, self.max_new_tokens = basis, max_svd, prompt, max_new_tokens
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
 
-    def ask(self, image, question, conds):
+    def ask(self, sample, image, question, conds):
         """Yield one record per condition: its answer, the answer's token ids, ms (the condition's tokens and the
-        answer) and tower_ms (the shared run of the vision tower)."""
+        answer) and tower_ms (the shared run of the vision tower). Every answer is a function of (sample,
+        condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed run
+        answers as an uninterrupted one."""
         messages = [
             {
                 "role": "user",
@@ -167,9 +187,8 @@ class Asker:
 
             def run():
                 with torch.no_grad():
-                    Vc, kept = vision_tokens(
-                        kind, v, V, Xn, svd, self.norm, self.nn_model, self.hw, self.basis, self.gen
-                    )
+                    gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, cname))
+                    Vc, kept = vision_tokens(kind, v, V, Xn, svd, self.norm, self.nn_model, self.hw, self.basis, gen)
                     if kept is not None:
                         Vc = V[kept.to(V.device)]
                 return answer(
@@ -198,11 +217,14 @@ def score(idx, conds, done, samples):
                 "ms": done[(i, n)]["ms"],
             }
         per_sample.append(row)
-    summary, N = [], len(per_sample)
-    base = sum(r["original"]["vqa_acc"] for r in per_sample) / N
+    scored = [r for r in per_sample if r["answers"]]  # a sample without reference answers has no accuracy
+    if not scored:
+        raise UserError(f"none of the {len(per_sample)} samples has reference answers: nothing to score")
+    summary, N = [], len(scored)
+    base = sum(r["original"]["vqa_acc"] for r in scored) / N
     for n, kind, v in conds:
-        acc = sum(r[n]["vqa_acc"] for r in per_sample) / N
-        d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in per_sample]
+        acc = sum(r[n]["vqa_acc"] for r in scored) / N
+        d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in scored]
         se = (sum((x - acc + base) ** 2 for x in d) / (N - 1) / N) ** 0.5 if N > 1 else float("nan")
         summary.append(
             {
@@ -210,12 +232,13 @@ def score(idx, conds, done, samples):
                 "kind": kind,
                 "value": v,
                 "n": N,
+                "n_without_answers": len(per_sample) - N,
                 "vqa_acc": acc,
                 "delta": acc - base,
                 "delta_se": se,
-                "exact": sum(r[n]["exact"] for r in per_sample) / N,
-                "changed": sum(r[n]["changed"] for r in per_sample) / N,
-                "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[N // 2],
+                "exact": sum(r[n]["exact"] for r in scored) / N,
+                "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
+                "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[len(per_sample) // 2],
             }
         )
     return per_sample, summary

@@ -27,13 +27,14 @@ and vqa_<name>.png (accuracy against rank / kept tokens).
 
 import argparse
 import csv
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, run_cli
+from cli import HelpFormatter, UserError, positive_int, run_cli
 from encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from feature_cache import cache_grid, read_manifest
 from images import Source, fingerprint, load_image, parse_image_size
@@ -41,7 +42,7 @@ from qwenvl_dataloader import principal_basis
 from runs import BEST, first, load_run, read_run
 from token_selection import RULES
 from vlm import RANDOM_TEXT, load_vlm
-from vqa import PROMPT, Asker, check_conditions, conditions, score
+from vqa import PROMPT, Asker, check_conditions, check_prompt, conditions, score
 
 
 def get_args_parser():
@@ -61,7 +62,7 @@ def get_args_parser():
     ap.add_argument("--revision", default=None, help="hub revision of --model")
     ap.add_argument("--dataset_dir", default=None, help="the images (default: the source recorded in the cache)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of the run")
-    ap.add_argument("--limit", type=int, default=None, help="first N samples of the split (default: all)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="first N samples of the split (default: all)")
     ap.add_argument("--svd_ranks", default="16,32,64,128", help="truncated-SVD conditions (comma list; '' for none)")
     ap.add_argument(
         "--nn_ranks",
@@ -71,10 +72,12 @@ def get_args_parser():
     )
     ap.add_argument("--rules", default="", help=f"token-selection conditions: comma list of {', '.join(RULES)}")
     ap.add_argument("--keep", default="64", help="kept tokens k for each --rules entry (comma list)")
-    ap.add_argument("--lrcp_rank", type=int, default=32, help="lrcp: rank of the training split's principal subspace")
+    ap.add_argument(
+        "--lrcp_rank", type=positive_int, default=32, help="lrcp: rank of the training split's principal subspace"
+    )
     ap.add_argument("--zeros", action="store_true", help="add the control with every vision token set to zero")
     ap.add_argument("--prompt", default=PROMPT, help="the user turn after the image; {question} is replaced")
-    ap.add_argument("--max_new_tokens", type=int, default=16, help="greedy decoding length limit")
+    ap.add_argument("--max_new_tokens", type=positive_int, default=16, help="greedy decoding length limit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
@@ -86,6 +89,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_prompt(args.prompt)
     cfg, split = read_run(args.results_dir)
     cache, norm = cfg["cache_dir"], cfg["normalization"]
     manifest = read_manifest(cache)
@@ -130,10 +134,12 @@ def main(argv=None):
         "normalization": norm,
         "cache": str(cache),
         "checkpoint": str(ckpt) if nn_model is not None else None,
+        "checkpoint_sha": file_sha(ckpt) if nn_model is not None else None,  # retrained: other answers
+        "lrcp_rank": args.lrcp_rank,
         "seed": args.seed,
     }
     log_path = stem.with_suffix(".jsonl")
-    done = open_log(log_path, settings, args.restart)
+    done, h = open_log(log_path, settings, args.restart)
     todo = [(i, c) for i in idx for c in conds if (i, c[0]) not in done]
     print(
         f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}); "
@@ -157,23 +163,45 @@ def main(argv=None):
             args.prompt,
             args.max_new_tokens,
         )
-        ask_all(asker, idx, conds, done, samples, images, size, log_path, len(todo))
+        ask_all(asker, idx, conds, done, samples, images, size, log_path, h, len(todo))
     return report(idx, conds, done, samples, stem, settings)
 
 
+def file_sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def open_log(log_path, settings, restart):
-    """The answers already in the run's JSONL log {(sample, condition): record}; a new log starts with the settings
-    line, and a log made with other settings is refused."""
-    if not log_path.exists() or restart:
-        log_path.write_text(json.dumps({"settings": settings}) + "\n")
-        return {}
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    if lines and lines[0].get("settings") != settings:
+    """-> (the answers already in the run's JSONL log {(sample, condition): record}, the settings' hash). The log's
+    first line holds the settings, every line their hash: a log of other settings, or lines of another run glued on,
+    are refused. A torn last line (a killed write) is cut off with a note; the answer is asked again."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    text = "" if restart or not log_path.exists() else log_path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        print(f"note: {log_path}: its last line was cut off by an interrupted write; dropped it")
+        log_path.write_text(text)
+    recs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{log_path}:{n} is not a JSON line; use another --name, or --restart") from None
+    if not recs:
+        log_path.write_text(json.dumps({"settings": settings, "h": h}) + "\n")
+        return {}, h
+    if recs[0].get("settings") != settings:
         raise UserError(
-            f"{log_path} holds answers made with other settings ({lines[0].get('settings')}); "
+            f"{log_path} holds answers made with other settings ({recs[0].get('settings')}); "
             f"use another --name, or --restart to discard them"
         )
-    return {(r["sample"], r["condition"]): r for r in lines[1:]}
+    stranger = next((n for n, r in enumerate(recs[1:], 2) if r.get("h") != h), None)
+    if stranger:
+        raise UserError(
+            f"{log_path}:{stranger} comes from a run with other settings (logs joined together?); use "
+            f"another --name, or --restart"
+        )
+    return {(r["sample"], r["condition"]): r for r in recs[1:]}, h
 
 
 def source_images(source, indices, samples, cache):
@@ -194,7 +222,7 @@ def source_images(source, indices, samples, cache):
     return images
 
 
-def ask_all(asker, idx, conds, done, samples, images, size, log_path, total):
+def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, total):
     """Ask every condition not yet answered; each answer is appended to the log as it comes (a rerun resumes)."""
     bar = tqdm(total=total, desc="vqa")
     with log_path.open("a") as log:
@@ -210,8 +238,8 @@ def ask_all(asker, idx, conds, done, samples, images, size, log_path, total):
                     f"sample {i} ({meta.get('id')}): unreadable image ({type(e).__name__}: {e}); the "
                     f"{len(done)} answers so far are kept in {log_path}"
                 ) from None
-            for rec in asker.ask(image, meta["question"], mine):
-                rec = {"sample": i, **rec}
+            for rec in asker.ask(i, image, meta["question"], mine):
+                rec = {"h": h, "sample": i, **rec}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 done[(i, rec["condition"])] = rec

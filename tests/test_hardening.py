@@ -209,7 +209,16 @@ def test_best_model_write_is_atomic(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         train_real_data.main(
-            ["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path), *SMALL, "--epochs", "1"]
+            [
+                "--cache_dir",
+                str(tiny_cache / "cache"),
+                "--results_dir",
+                str(tmp_path),
+                *SMALL,
+                "--epochs",
+                "1",
+                "--overwrite",
+            ]
         )
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "best_model.pt").read_bytes() == good  # the previous best is intact
@@ -219,7 +228,16 @@ def test_best_model_write_is_atomic(tiny_cache, tmp_path, monkeypatch):
         p.rename(p.with_name(f".best_model.pt.{feature_cache.HOST}-{2**22 + 7}.tmp"))
     compare_svd_nn.main(["--results_dir", str(tmp_path), "--device", "cpu"])  # compare loads it
     train_real_data.main(
-        ["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path), *SMALL, "--epochs", "1"]
+        [
+            "--cache_dir",
+            str(tiny_cache / "cache"),
+            "--results_dir",
+            str(tmp_path),
+            *SMALL,
+            "--epochs",
+            "1",
+            "--overwrite",
+        ]
     )
     assert not list(tmp_path.glob(".*.tmp"))  # cleaned by the next run
 
@@ -354,19 +372,52 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
 # 9. 16-bit images are scaled, not clipped ------------------------------------------------------------------------
 
 
-def test_16_bit_images_are_scaled_not_clipped():
-    grey = np.array(dict(demo_set.photos(["camera"]))["camera"].convert("L"))
-    png16 = io.BytesIO()
-    Image.fromarray(grey.astype(np.uint16) * 257).save(png16, "PNG")  # the same picture at 16 bits
-    assert Image.open(io.BytesIO(png16.getvalue())).mode.startswith("I")
-    png8 = demo_set.encode(Image.fromarray(grey), "PNG")
-    assert np.array_equal(np.array(images.open_rgb(png16.getvalue())), np.array(images.open_rgb(png8)))
-    assert np.array(images.open_rgb(png16.getvalue())).mean() < 200  # not 99.6 % white
-    f = Image.fromarray(grey.astype(np.float32) / 255.0, "F")  # float in 0..1
-    assert np.abs(np.array(images.open_rgb(f))[..., 0].astype(int) - grey).max() <= 1
-    wide = Image.fromarray((grey.astype(np.int32) * 1000 - 5000), "I")  # outside 0..65535: stretched
-    a = np.array(images.open_rgb(wide))[..., 0]
-    assert a.min() == 0 and a.max() == 255
+def reference_to_rgb(im):
+    """qwen-vl-utils' documented rule (fetch_image -> to_rgb), written out here: RGBA on white, else convert."""
+    if im.mode == "RGBA":
+        white = Image.new("RGB", im.size, (255, 255, 255))
+        white.paste(im, mask=im.split()[3])
+        return white
+    return im.convert("RGB")
+
+
+def odd_modes():
+    """A real photo in every PIL mode a data set may hold, as encoded files where the format keeps the mode."""
+    photo = dict(demo_set.photos(["astronaut"]))["astronaut"].resize((64, 48))
+    grey = np.array(photo.convert("L"))
+    alpha = Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8))
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(alpha)
+    la = photo.convert("LA")
+    la.putalpha(alpha)
+    p = photo.convert("P")
+    p.info["transparency"] = 0
+    out = {
+        "RGBA": rgba,
+        "LA": la,
+        "P+transparency": p,
+        "CMYK": photo.convert("CMYK"),
+        "I;16": Image.fromarray(grey.astype(np.uint16) * 257),
+        "F": Image.fromarray(grey.astype(np.float32) / 255),
+    }
+    for name in ("RGBA", "LA", "P+transparency"):
+        buf = io.BytesIO()
+        out[name].save(buf, "PNG", **({"transparency": 0} if name == "P+transparency" else {}))
+        out[name + " (png)"] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("mode", list(odd_modes()))
+def test_every_pil_mode_decodes_as_qwen_vl_utils(mode):
+    data = odd_modes()[mode]
+    im = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    want = np.array(reference_to_rgb(im))
+    assert np.array_equal(np.array(images.open_rgb(data)), want), mode
+    try:  # the reference itself, where it imports (it needs torchvision)
+        from qwen_vl_utils.vision_process import to_rgb
+    except Exception:
+        return
+    assert np.array_equal(np.array(images.open_rgb(data)), np.array(to_rgb(im)))
 
 
 # 10. user errors are one line --------------------------------------------------------------------------------------
