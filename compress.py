@@ -39,24 +39,13 @@ from feature_cache import (
     tensor_sha,
 )
 from feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
-from model import Subspace, load_checkpoint, make_checkpoint, quantized_state, read_checkpoint
+from model import Subspace, load_checkpoint, make_checkpoint, quantized_state
 from quantize import dequantize_rows, quantize_rows
 from qwenvl_dataloader import FeatureDataset, principal_basis
-from runs import BEST, first, read_run
+from runs import first, omega_basis, read_run
 
 # ----------------------------------------------------------------------------------------------------------------
 # shared bases and the run's data
-
-
-def omega_basis(results_dir):
-    """The subspace model's Ω orthonormalised (QR keeps the column order, so its prefixes serve every rank)."""
-    p = Path(results_dir) / BEST
-    if not p.exists():
-        return None
-    ck = read_checkpoint(p)
-    if ck["config"]["arch"] != "subspace":
-        return None
-    return torch.linalg.qr(ck["model"]["omega"].double())[0].float()
 
 
 def source_run(results_dir, cache_dir=None):

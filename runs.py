@@ -12,7 +12,7 @@ import torch
 
 from cli import UserError, check_rank
 from feature_cache import atomic_save, cached_indices, cached_shape, feature_path, load_manifest
-from model import load_checkpoint
+from model import load_checkpoint, read_checkpoint
 
 SPLIT, CONFIG, BEST, LAST, HISTORY = "split.json", "config.json", "best_model.pt", "last.pt", "history.json"
 PARTS = ("train", "val", "test")
@@ -93,6 +93,17 @@ def output_stem(stem, split="test", checkpoint=None):
     if checkpoint and Path(checkpoint).name != BEST:
         stem += f"_{Path(checkpoint).stem}"
     return stem
+
+
+def omega_basis(results_dir):
+    """The subspace model's Ω orthonormalised (QR keeps the column order, so its prefixes serve every rank)."""
+    p = Path(results_dir) / BEST
+    if not p.exists():
+        return None
+    ck = read_checkpoint(p)
+    if ck["config"]["arch"] != "subspace":
+        return None
+    return torch.linalg.qr(ck["model"]["omega"].double())[0].float()
 
 
 def read_history(results_dir):

@@ -6,89 +6,41 @@ over a run's answers.
 
 import hashlib
 import json
-import re
-from collections import Counter
 
 import torch
 
-from cli import UserError, check_rank, parse_ints
-from feature_cache import denormalize, normalize
-from metrics import timed, truncated_svd
-from token_selection import RULES, select
+from cli import UserError, parse_ints
+from metrics import timed
+from token_selection import RULES
+from transforms import Spec, Tower, check_spec, parse_spec
 from vlm import answer, mrope_positions
+from vqa_score import top_answer_match, vqa_accuracy
 
+# lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the question with
+# str.capitalize() applied (first letter upper, the rest lower) and this line after it
 PROMPT = "{question}\nAnswer the question using a single word or phrase."
-
-# ----------------------------------------------------------------------------------------------------------------
-# VQA accuracy
-
-_PUNCT = set(';/[]"{}()=+\\_-><@`,?!')
-_NUMBERS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(s):
-    """The VQA evaluation's answer normalisation: whitespace; each punctuation mark is deleted where it touches a space
-    (or where the text has a digit,digit comma), else replaced by a space; periods not before a digit deleted; lower
-    case; number words to digits; articles dropped."""
-    t = " ".join(str(s).replace("\n", " ").replace("\t", " ").split())
-    digit_comma = re.search(r"\d,\d", t) is not None
-    out = t
-    for p in _PUNCT:
-        if p in t:
-            out = out.replace(p, "" if (p + " " in t or " " + p in t or digit_comma) else " ")
-    out = re.sub(r"\.(?!\d)", "", out)
-    return " ".join(_NUMBERS.get(w, w) for w in out.lower().split() if w not in _ARTICLES)
-
-
-def vqa_accuracy(answer, references):
-    """min(#references equal to the answer / 3, 1), averaged over the len(references) subsets that leave one
-    reference out (10 choose 9 for VQA's 10 answers); both sides normalised."""
-    a = normalize_answer(answer)
-    refs = [normalize_answer(r) for r in references]
-    if not refs:
-        return float("nan")
-    accs = [min(sum(r == a for j, r in enumerate(refs) if j != i) / 3, 1.0) for i in range(len(refs))]
-    return sum(accs) / len(accs)
-
-
-def exact_match(answer, references):
-    """1.0 when the normalised answer equals the most common normalised reference."""
-    refs = [normalize_answer(r) for r in references]
-    return float(bool(refs) and normalize_answer(answer) == Counter(refs).most_common(1)[0][0])
-
+QUESTION_TRANSFORMS = {"capitalize": str.capitalize, "none": lambda q: q}
 
 # ----------------------------------------------------------------------------------------------------------------
 # conditions
 
 
 def conditions(args, nn_rank, arch):
-    """[(name, kind, value)] in the order they are asked; parsed from the flags."""
-    out = [("original", "original", None)]
-    if args.zeros:
-        out.append(("zeros", "zeros", None))
+    """The transforms a run asks, in order (transforms.py specs): original, then --zeros, --svd_ranks, --nn_ranks,
+    --rules x --keep, then --transforms; each once."""
+    specs = [Spec("original")] + ([Spec("zeros")] if args.zeros else [])
     svd_ranks = parse_ints(args.svd_ranks, "--svd_ranks")
-    out += [(f"svd r={r}", "svd", r) for r in svd_ranks]
+    specs += [Spec("svd", r) for r in svd_ranks]
     if nn_rank:
         auto = [r for r in svd_ranks if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
-        nn_ranks = parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto
-        out += [(f"{arch} r={r}", "nn", r) for r in nn_ranks]
+        specs += [Spec("nn", r) for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)]
     rules = [r for r in args.rules.split(",") if r.strip()]
-    out += [(f"{rule} k={k}", "keep", (rule, k)) for rule in rules for k in parse_ints(args.keep, "--keep")]
-    return out
+    for rule in rules:
+        if rule not in RULES:
+            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES)}")
+    specs += [Spec("keep", k, rule=rule) for rule in rules for k in parse_ints(args.keep, "--keep")]
+    specs += [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
+    return list(dict.fromkeys(specs))
 
 
 def check_prompt(prompt):
@@ -102,39 +54,10 @@ def check_prompt(prompt):
         ) from None
 
 
-def vision_tokens(kind, value, X, Xn, svd, norm, nn_model, hw, basis, gen):
-    """-> (tokens [T', D] in the model's scale, kept indices or None). X: the tower's tokens, Xn = normalize(X);
-    svd: (A, B) of Xn's truncated SVD at the largest --svd_ranks. Reconstructions in the factoriser's space (norm),
-    mapped back with each token's own mean and standard deviation."""
-    if kind == "original":
-        return X, None
-    if kind == "zeros":
-        return torch.zeros_like(X), None
-    if kind == "keep":
-        rule, k = value
-        return None, select(rule, Xn, k, hw, basis, gen).sort().values
-    if kind == "svd":
-        Xh = svd[0][:, :value] @ svd[1][:value]
-    else:
-        Xh = nn_model(Xn[None], rank=value)[0]
-    return denormalize(Xh, X, norm), None
-
-
-def check_conditions(conds, arch, nn_rank, results_dir, hw, dim):
-    """Every condition's rank or k within what the run's model and the cache's features allow."""
-    for _, kind, v in conds:
-        if kind == "nn" and arch == "symmetric" and v != nn_rank:
-            raise UserError(
-                f"--nn_ranks {v}: the symmetric model in {results_dir} serves only its trained rank {nn_rank}"
-            )
-        if kind == "nn" and not 1 <= v <= nn_rank:
-            raise UserError(f"--nn_ranks {v}: the model in {results_dir} serves ranks 1..{nn_rank} (its trained rank)")
-        if kind == "svd":
-            check_rank(v, min(hw[0] * hw[1], dim), "--svd_ranks")
-        if kind == "keep":
-            if v[0] not in RULES:
-                raise UserError(f"--rules: unknown '{v[0]}'; choose from {', '.join(RULES)}")
-            check_rank(v[1], hw[0] * hw[1], "--keep")
+def check_conditions(conds, arch, nn_rank, hw, dim, bases):
+    """Every transform's rank or k within what the run's model and the cache's features allow, before any work."""
+    for spec in conds:
+        check_spec(spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases)
 
 
 def eos_ids(model, tokenizer):
@@ -151,14 +74,16 @@ def draw_seed(seed, sample, condition):
 
 
 class Asker:
-    """Asks the model one question about one image under each condition. The vision tower runs once per sample;
-    the SVD at the largest rank is taken once and truncated for the smaller ones."""
+    """Asks the model one question about one image under each transform. The vision tower runs once per sample;
+    the SVD at the largest rank is taken once and truncated for the smaller ones (transforms.Tower)."""
 
-    def __init__(self, model, proc, dtype, norm, hw, nn_model, basis, max_svd, seed, prompt, max_new_tokens):
+    def __init__(self, model, proc, dtype, norm, hw, nn_model, bases, max_svd, seed, prompt, max_new_tokens):
+        """bases: {'lrcp' | 'pca' | 'omega': [D, r]} for the rules and codecs that need one; prompt: question -> the
+        user turn's text after the image."""
         self.model, self.proc, self.dtype, self.norm, self.hw = model, proc, dtype, norm, hw
         self.dev = next(model.parameters()).device
         self.nn_model = nn_model.to(self.dev) if nn_model is not None else None
-        self.basis, self.max_svd, self.prompt, self.max_new_tokens = basis, max_svd, prompt, max_new_tokens
+        self.bases, self.max_svd, self.prompt, self.max_new_tokens = bases, max_svd, prompt, max_new_tokens
         self.seed = seed
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
 
@@ -167,12 +92,7 @@ class Asker:
         answer) and tower_ms (the shared run of the vision tower). Every answer is a function of (sample,
         condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed run
         answers as an uninterrupted one."""
-        messages = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": self.prompt.format(question=question)}],
-            }
-        ]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(question)}]}]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
@@ -181,28 +101,25 @@ class Asker:
             V, secs = timed(lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev)
             V = getattr(V, "pooler_output", V).float()
         positions = mrope_positions(ids.cpu(), self.img_id, self.hw)
-        Xn = normalize(V, self.norm)
-        svd = [f[0] for f in truncated_svd(Xn[None], self.max_svd)[:2]] if self.max_svd else None
-        for cname, kind, v in conds:
+        tower = Tower(V, self.norm, self.hw, self.nn_model, self.bases, self.max_svd)
+        for spec in conds:
 
             def run():
                 with torch.no_grad():
-                    gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, cname))
-                    Vc, kept = vision_tokens(kind, v, V, Xn, svd, self.norm, self.nn_model, self.hw, self.basis, gen)
-                    if kept is not None:
-                        Vc = V[kept.to(V.device)]
+                    gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
+                    Vc, kept = tower.apply(spec, gen)
                 return answer(
                     self.model, self.proc, ids, positions, Vc, kept, self.img_id, self.max_new_tokens, self.eos
                 )
 
             (text_out, toks), ms = timed(run, device=self.dev)
-            yield {"condition": cname, "answer": text_out, "tokens": toks, "ms": ms * 1e3, "tower_ms": secs * 1e3}
+            yield {"condition": str(spec), "answer": text_out, "tokens": toks, "ms": ms * 1e3, "tower_ms": secs * 1e3}
 
 
 def score(idx, conds, done, samples):
     """Every answer scored against the references -> (one row per sample, one summary per condition). The change
     against the original tokens is paired (the same questions), with its standard error over the samples."""
-    names = [c[0] for c in conds]
+    names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
         refs = samples[str(i)].get("answers") or []
@@ -212,7 +129,7 @@ def score(idx, conds, done, samples):
             row[n] = {
                 "answer": a,
                 "vqa_acc": vqa_accuracy(a, refs),
-                "exact": exact_match(a, refs),
+                "top_answer": top_answer_match(a, refs),
                 "changed": a != done[(i, "original")]["answer"],
                 "ms": done[(i, n)]["ms"],
             }
@@ -222,21 +139,24 @@ def score(idx, conds, done, samples):
         raise UserError(f"none of the {len(per_sample)} samples has reference answers: nothing to score")
     summary, N = [], len(scored)
     base = sum(r["original"]["vqa_acc"] for r in scored) / N
-    for n, kind, v in conds:
+    for spec in conds:
+        n = str(spec)
         acc = sum(r[n]["vqa_acc"] for r in scored) / N
         d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in scored]
         se = (sum((x - acc + base) ** 2 for x in d) / (N - 1) / N) ** 0.5 if N > 1 else float("nan")
         summary.append(
             {
                 "condition": n,
-                "kind": kind,
-                "value": v,
+                "kind": spec.kind,
+                "value": spec.rank,  # the rank r, or the kept tokens k
+                "rule": spec.rule,
+                "codec": spec.codec,
                 "n": N,
                 "n_without_answers": len(per_sample) - N,
                 "vqa_acc": acc,
                 "delta": acc - base,
                 "delta_se": se,
-                "exact": sum(r[n]["exact"] for r in scored) / N,
+                "top_answer": sum(r[n]["top_answer"] for r in scored) / N,
                 "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
                 "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[len(per_sample) // 2],
             }

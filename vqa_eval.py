@@ -18,9 +18,9 @@ positions it has with all tokens. 'tiny-random' builds a tiny full Qwen2.5-VL in
 is the tiny-random encoder's) with a byte-level tokenizer and a Qwen-style chat template: its accuracies mean
 nothing, it proves the mechanics.
 
-Scores: the standard VQA accuracy (min(#annotators who gave the answer / 3, 1), averaged over the 10 leave-one-out
-subsets of the 10 answers), after the usual answer normalisation (punctuation, articles, number words), and exact
-match (the normalised answer equals the most common normalised reference). Writes <out>/vqa_<name>.jsonl (one line
+Scores (vqa_score.py): TextVQA's score exactly as lmms-eval 0.7.x computes it (the EvalAI answer processor, then
+min(#other references / 3, 1) over the leave-one-out subsets), and the top-answer match. The default protocol is
+lmms-eval's for qwen2_5_vl (question.capitalize(), then the line above). Writes <out>/vqa_<name>.jsonl (one line
 per answered sample and condition; a rerun resumes from it), vqa_<name>.json / .csv (per condition and per sample)
 and vqa_<name>.png (accuracy against rank / kept tokens).
 """
@@ -37,12 +37,13 @@ from tqdm import tqdm
 from cli import HelpFormatter, UserError, positive_int, run_cli
 from encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from feature_cache import cache_grid, read_manifest
+from feature_codecs import family
 from images import Source, fingerprint, load_image, parse_image_size
 from qwenvl_dataloader import principal_basis
-from runs import BEST, first, load_run, read_run
+from runs import BEST, first, load_run, omega_basis, read_run
 from token_selection import RULES
 from vlm import RANDOM_TEXT, load_vlm
-from vqa import PROMPT, Asker, check_conditions, check_prompt, conditions, score
+from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, score
 
 
 def get_args_parser():
@@ -76,7 +77,19 @@ def get_args_parser():
         "--lrcp_rank", type=positive_int, default=32, help="lrcp: rank of the training split's principal subspace"
     )
     ap.add_argument("--zeros", action="store_true", help="add the control with every vision token set to zero")
+    ap.add_argument(
+        "--transforms",
+        default="",
+        help="more conditions as transform specs (comma list): original, zeros, svd:<r>, nn:<r>, "
+        "keep:<rule>:<k>, codec:<name>[:<r>], e.g. codec:pca_int8:64,keep:norm:32",
+    )
     ap.add_argument("--prompt", default=PROMPT, help="the user turn after the image; {question} is replaced")
+    ap.add_argument(
+        "--question_transform",
+        default="capitalize",
+        choices=list(QUESTION_TRANSFORMS),
+        help="applied to the question first: capitalize (str.capitalize, lmms-eval's TextVQA protocol) or none",
+    )
     ap.add_argument("--max_new_tokens", type=positive_int, default=16, help="greedy decoding length limit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -108,10 +121,8 @@ def main(argv=None):
         nn_model, ck, _, _, _ = load_run(args.results_dir, device="cpu")
         nn_rank = ck["config"]["rank"]
     conds = conditions(args, nn_rank, cfg["arch"])
-    check_conditions(conds, cfg["arch"], nn_rank, args.results_dir, hw, enc["feature_dim"])
-    basis = None
-    if any(kind == "keep" and v[0] == "lrcp" for _, kind, v in conds):
-        basis = principal_basis(cache, split["train"], norm)[:, : args.lrcp_rank]
+    bases = fit_bases(conds, args, cache, split, norm)
+    check_conditions(conds, cfg["arch"], nn_rank, hw, enc["feature_dim"], bases)
     idx = first(split[args.split], args.limit)
     missing = [i for i in idx if not samples.get(str(i), {}).get("question")]
     if missing:
@@ -125,11 +136,12 @@ def main(argv=None):
     out_dir = Path(args.out_dir or args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vqa_{args.name or args.split}"
+    size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
     settings = {
         "model": name,
         "revision": args.revision,
-        "prompt": args.prompt,
-        "max_new_tokens": args.max_new_tokens,
+        "protocol": protocol(args, name, size, hw),
+        "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
         "normalization": norm,
         "cache": str(cache),
@@ -140,14 +152,13 @@ def main(argv=None):
     }
     log_path = stem.with_suffix(".jsonl")
     done, h = open_log(log_path, settings, args.restart)
-    todo = [(i, c) for i in idx for c in conds if (i, c[0]) not in done]
+    todo = [(i, s) for i in idx for s in conds if (i, str(s)) not in done]
     print(
         f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}); "
-        f"{len(conds)} conditions: {', '.join(c[0] for c in conds)}; {len(done)} answers already in {log_path}, "
+        f"{len(conds)} conditions: {', '.join(map(str, conds))}; {len(done)} answers already in {log_path}, "
         f"{len(todo)} to ask"
     )
     if todo:
-        size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
         images = source_images(source, sorted({i for i, _ in todo}), samples, cache)
         model, proc = load_vlm(name, dev, dtype, size, args.revision)
         asker = Asker(
@@ -157,18 +168,60 @@ def main(argv=None):
             norm,
             hw,
             nn_model,
-            basis,
-            max((v for _, kind, v in conds if kind == "svd"), default=0),
+            bases,
+            max((s.rank for s in conds if s.kind == "svd"), default=0),
             args.seed,
-            args.prompt,
+            lambda q: args.prompt.format(question=QUESTION_TRANSFORMS[args.question_transform](q)),
             args.max_new_tokens,
         )
         ask_all(asker, idx, conds, done, samples, images, size, log_path, h, len(todo))
     return report(idx, conds, done, samples, stem, settings)
 
 
+def protocol(args, name, size, hw):
+    """Everything that makes one answer protocol differ from another; a run's log and JSON record it, and a rerun
+    with another is refused."""
+    return {
+        "prompt": args.prompt,
+        "question_transform": args.question_transform,
+        "image_first": True,
+        "chat_template": "built in code" if name in RANDOM_TEXT else "the checkpoint's",
+        "system_turn": "the chat template's default",
+        "image_size": list(size),
+        "vision_tokens": hw[0] * hw[1],
+        "decoding": "greedy",
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def versions():
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        lmms = version("lmms-eval")
+    except Exception:
+        lmms = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "lmms_eval": lmms}
+
+
 def file_sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def fit_bases(conds, args, cache, split, norm):
+    """The bases the asked transforms need: lrcp's (--lrcp_rank principal directions of the training split), the
+    PCA codecs' (all of them), the omega codecs' (the subspace model's Ω)."""
+    needs = {s.rule for s in conds if s.kind == "keep"} | {family(s.codec) for s in conds if s.kind == "codec"}
+    bases = {}
+    if needs & {"lrcp", "pca"}:
+        P = principal_basis(cache, split["train"], norm)
+        bases.update({"lrcp": P[:, : args.lrcp_rank], "pca": P.float()})
+    omega = omega_basis(args.results_dir) if "omega" in needs else None
+    if omega is not None:
+        bases["omega"] = omega
+    return bases
 
 
 def open_log(log_path, settings, restart):
@@ -227,7 +280,7 @@ def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, total):
     bar = tqdm(total=total, desc="vqa")
     with log_path.open("a") as log:
         for i in idx:
-            mine = [c for c in conds if (i, c[0]) not in done]
+            mine = [s for s in conds if (i, str(s)) not in done]
             if not mine:
                 continue
             meta = samples[str(i)]
@@ -250,11 +303,13 @@ def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, total):
 def report(idx, conds, done, samples, stem, settings):
     """Per-condition accuracy table (printed, JSON, CSV) and the accuracy-vs-budget plot."""
     per_sample, summary = score(idx, conds, done, samples)
-    print(f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'exact':>8}{'changed':>9}{'ms/sample':>11}")
+    print(
+        f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'top ans':>8}{'changed':>9}{'ms/sample':>11}"
+    )
     for s in summary:
         print(
             f"{s['condition']:<22}{s['vqa_acc']:>9.4f}{s['delta']:>+17.4f} ± {1.96 * s['delta_se']:<6.4f}"
-            f"{s['exact']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}"
+            f"{s['top_answer']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}"
         )
     print(
         "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
@@ -270,7 +325,7 @@ def report(idx, conds, done, samples, stem, settings):
     stem.with_suffix(".json").write_text(
         json.dumps({"settings": settings, "summary": summary, "peak_gpu_gib": peak, "samples": per_sample}, indent=1)
     )
-    names = [c[0] for c in conds]
+    names = [str(s) for s in conds]
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -294,11 +349,14 @@ def plot(summary, path, settings):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
+    labels = {"svd": "truncated SVD (svd:r)", "nn": "factoriser (nn:r)"}
     for s in summary:
-        if s["kind"] in ("svd", "nn"):
-            groups.setdefault(s["condition"].split(" r=")[0], []).append((s["value"], s["vqa_acc"]))
-        elif s["kind"] == "keep":
-            groups.setdefault(f"keep k tokens: {s['value'][0]}", []).append((s["value"][1], s["vqa_acc"]))
+        if s["value"] is None or s["kind"] in ("original", "zeros"):
+            continue
+        label = labels.get(s["kind"]) or (
+            f"keep k tokens: {s['rule']}" if s["kind"] == "keep" else f"codec {s['codec']}"
+        )
+        groups.setdefault(label, []).append((s["value"], s["vqa_acc"]))
     for label, pts in groups.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "keep" not in label else "s--", label=label)

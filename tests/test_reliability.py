@@ -30,6 +30,7 @@ import qwenvl_dataloader
 import runs
 import tokens
 import train_real_data
+import transforms
 import vqa
 import vqa_eval
 
@@ -227,9 +228,9 @@ def test_metadata_schema(tmp_path):
 
 
 def test_a_sample_without_answers_is_left_out_of_the_accuracy():
-    conds = [("original", "original", None), ("zeros", "zeros", None)]
+    conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {"0": {"question": "q", "answers": ["a"] * 10}, "1": {"question": "q"}}
-    done = {(i, c): {"answer": "a" if c == "original" else "b", "ms": 1.0} for i in (0, 1) for c, _, _ in conds}
+    done = {(i, str(c)): {"answer": "a" if c.kind == "original" else "b", "ms": 1.0} for i in (0, 1) for c in conds}
     _, summary = vqa.score([0, 1], conds, done, samples)
     assert summary[0]["vqa_acc"] == 1.0 and summary[1]["vqa_acc"] == 0.0
     assert summary[0]["n"] == 1 and summary[0]["n_without_answers"] == 1

@@ -173,7 +173,7 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     table = r.stdout[r.stdout.index("== bench_gpu.sh on CPU (a dry run") :]
     assert "features synthetic-hard" in table and "subspace (NN)" in table and "GEMM floor" in table
     assert "train, 1 epoch bf16 amp" in table and "extraction img/s, batch 4" in table
-    assert "tiny-random VQA ms/sample: original" in table and "tiny-random VQA ms/sample: svd r=64" in table
+    assert "tiny-random VQA ms/sample: original" in table and "tiny-random VQA ms/sample: svd:64" in table
     assert "profile: subspace factors at rank 16" in r.stdout and "aten::" in r.stdout
     b = json.loads((tmp_path / "w" / "results" / "bench.json").read_text())
     assert b["features"] == "synthetic-hard" and b["arch_options"]["power_iters"] == 1
@@ -184,4 +184,4 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     e = json.loads((tmp_path / "w" / "extract.json").read_text())
     assert [row["batch"] for row in e["rows"]] == [2, 4] and all(row["both_img_s"] > 0 for row in e["rows"])
     v = json.loads((tmp_path / "w" / "results_vqa" / "vqa_train.json").read_text())
-    assert [s["condition"] for s in v["summary"]] == ["original", "zeros", "svd r=64", "subspace r=64", "leverage k=64"]
+    assert [s["condition"] for s in v["summary"]] == ["original", "zeros", "svd:64", "nn:64", "keep:leverage:64"]

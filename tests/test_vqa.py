@@ -13,6 +13,7 @@ import images
 import vlm
 import vqa
 import vqa_eval
+import vqa_score
 
 
 def test_vqa_accuracy_partial_credit_by_hand():
@@ -21,8 +22,8 @@ def test_vqa_accuracy_partial_credit_by_hand():
     # n matches: the n subsets that leave a match out see n-1, the other 10-n see n
     for n, want in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         hand = (n * min((n - 1) / 3, 1) + (10 - n) * min(n / 3, 1)) / 10 if n else 0.0
-        assert vqa.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
-    assert vqa.vqa_accuracy("exit", refs(3)) == 1.0
+        assert vqa_score.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
+    assert vqa_score.vqa_accuracy("exit", refs(3)) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -40,20 +41,22 @@ def test_vqa_accuracy_partial_credit_by_hand():
     ],
 )
 def test_answer_normalisation(answer, ref):
-    assert vqa.normalize_answer(answer) == vqa.normalize_answer(ref)
-    assert vqa.vqa_accuracy(answer, [ref] * 10) == 1.0
+    assert vqa_score.normalize_answer(answer) == vqa_score.normalize_answer(ref)
+    assert vqa_score.vqa_accuracy(answer, [ref] * 10) == 1.0
 
 
 def test_normalisation_keeps_what_matters():
-    assert vqa.normalize_answer("3.5") == "3.5" and vqa.normalize_answer("3.5") != vqa.normalize_answer("35")
-    assert vqa.normalize_answer("gate 7") != vqa.normalize_answer("gate 8")
-    assert vqa.vqa_accuracy("", ["yes"] * 10) == 0.0
+    assert vqa_score.normalize_answer("3.5") == "3.5" and vqa_score.normalize_answer(
+        "3.5"
+    ) != vqa_score.normalize_answer("35")
+    assert vqa_score.normalize_answer("gate 7") != vqa_score.normalize_answer("gate 8")
+    assert vqa_score.vqa_accuracy("", ["yes"] * 10) == 0.0
 
 
-def test_exact_match_is_against_the_most_common_answer():
+def test_top_answer_match_is_against_the_most_common_answer():
     refs = ["bank"] * 6 + ["the bank"] * 2 + ["bnak"] * 2
-    assert vqa.exact_match("Bank", refs) == 1.0 and vqa.exact_match("bnak", refs) == 0.0
-    assert vqa.vqa_accuracy("bnak", refs) == pytest.approx(0.6)
+    assert vqa_score.top_answer_match("Bank", refs) == 1.0 and vqa_score.top_answer_match("bnak", refs) == 0.0
+    assert vqa_score.vqa_accuracy("bnak", refs) == pytest.approx(0.6)
 
 
 # ---------------------------------------------------------------------------------------------------------- the model
@@ -163,20 +166,20 @@ def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, 
     )
     out = capsys.readouterr().out
     rows = {s["condition"]: s for s in summary}
-    assert list(rows) == ["original", "zeros", "svd r=8", "svd r=256", "subspace r=16", "leverage k=32"]
+    assert list(rows) == ["original", "zeros", "svd:8", "svd:256", "nn:16", "keep:leverage:32"]
     log = [json.loads(l) for l in (tmp_path / "vqa_test.jsonl").read_text().splitlines()[1:]]
     toks = {(r["sample"], r["condition"]): r["tokens"] for r in log}
     samples = sorted({r["sample"] for r in log})
     assert len(samples) == 2 and len(log) == 12
     for i in samples:
-        assert toks[i, "svd r=256"] == toks[i, "original"]
-    assert rows["svd r=256"]["changed"] == 0.0 and rows["zeros"]["changed"] == 1.0
+        assert toks[i, "svd:256"] == toks[i, "original"]
+    assert rows["svd:256"]["changed"] == 0.0 and rows["zeros"]["changed"] == 1.0
     assert any(toks[i, "zeros"] != toks[i, "original"] for i in samples)
     d = json.loads((tmp_path / "vqa_test.json").read_text())
     assert d["settings"]["model"] == encoders.TINY and len(d["samples"]) == 2
     s0 = d["samples"][0]
     assert s0["question"] and len(s0["answers"]) == 10 and "answer" in s0["original"]
-    assert s0["original"]["vqa_acc"] == vqa.vqa_accuracy(s0["original"]["answer"], s0["answers"])
+    assert s0["original"]["vqa_acc"] == vqa_score.vqa_accuracy(s0["original"]["answer"], s0["answers"])
     assert (tmp_path / "vqa_test.csv").read_text().count("\n") == 3 and (tmp_path / "vqa_test.png").stat().st_size > 0
     assert "mean nothing" in out and "VQA acc" in out
 
@@ -258,7 +261,7 @@ def test_another_data_set_is_refused(trained, tmp_path):
 
 def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
     """With answers fixed by hand (original: the most common reference for the first sample, a wrong word for the
-    second; svd r=8: wrong for both), the table's accuracy, paired change and its standard error, exact match and
+    second; svd:8: wrong for both), the table's accuracy, paired change and its standard error, top-answer match and
     share changed are what they must be."""
     import numpy as np
 
@@ -269,16 +272,37 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
     calls = iter(range(100))
 
     def by_condition(*a, **k):
-        n = next(calls)  # per sample: original, then svd r=8
+        n = next(calls)  # per sample: original, then svd:8
         return (best.upper() + ".", [0]) if n == 0 else ("wrong", [1])
 
     monkeypatch.setattr(vqa, "answer", by_condition)
     summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
-    acc0 = vqa.vqa_accuracy(best, refs[0])
-    assert acc0 > 0 and vqa.vqa_accuracy("wrong", refs[1]) == 0
+    acc0 = vqa_score.vqa_accuracy(best, refs[0])
+    assert acc0 > 0 and vqa_score.vqa_accuracy("wrong", refs[1]) == 0
     assert summary["original"]["vqa_acc"] == pytest.approx(acc0 / 2)
-    assert summary["original"]["exact"] == 0.5 and summary["original"]["changed"] == 0.0
-    s = summary["svd r=8"]
+    assert summary["original"]["top_answer"] == 0.5 and summary["original"]["changed"] == 0.0
+    s = summary["svd:8"]
     assert s["vqa_acc"] == 0.0 and s["delta"] == pytest.approx(-acc0 / 2)
     assert s["delta_se"] == pytest.approx(np.std([-acc0, 0.0], ddof=1) / np.sqrt(2)) and s["delta_se"] > 0
-    assert s["exact"] == 0.0 and s["changed"] == 0.5
+    assert s["top_answer"] == 0.0 and s["changed"] == 0.5
+
+
+def test_transform_specs_on_the_command_line(trained, tmp_path):
+    """--transforms adds any condition by its spec; each reads the same in the outputs; a codec condition runs."""
+    summary = run(
+        trained,
+        tmp_path,
+        "--svd_ranks",
+        "",
+        "--nn_ranks",
+        "",
+        "--transforms",
+        "codec:pca_int8:64,keep:norm:16,svd:256,codec:fp16",
+    )
+    names = [s["condition"] for s in summary]
+    assert names == ["original", "codec:pca_int8:64", "keep:norm:16", "svd:256", "codec:fp16"]
+    per = json.loads((tmp_path / "vqa_test.json").read_text())["samples"]
+    for r in per:  # full rank and fp16 storage keep the answer of the original tokens
+        assert r["svd:256"]["answer"] == r["original"]["answer"] == r["codec:fp16"]["answer"]
+    with pytest.raises(SystemExit, match="transform 'svd:x'"):
+        run(trained, tmp_path / "b", "--transforms", "svd:x")

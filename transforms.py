@@ -1,0 +1,112 @@
+"""
+Every downstream condition as one transform of the vision tower's output, named by a short spec string that reads
+the same on every command line and in every output file:
+
+    original                 the tower's tokens
+    zeros                    every token set to zero (a blind control)
+    svd:<r>                  truncated SVD at rank r
+    nn:<r>                   the run's trained factoriser at rank r
+    keep:<rule>:<k>          only k tokens, chosen by a token_selection rule; they keep their own M-RoPE positions
+    codec:<name>[:<r>]       the features through a feature codec (feature_codecs.py) and back
+
+Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's normalisation) and
+mapped back with each token's own mean and standard deviation. apply() returns (tokens for the language model,
+indices of the kept tokens or None): a kept-token condition shortens the sequence, the others replace the tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError, check_rank
+from feature_cache import denormalize, normalize
+from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family
+from metrics import truncated_svd
+from token_selection import RULES, select
+
+KINDS = ("original", "zeros", "svd", "nn", "keep", "codec")
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    rank: int | None = None
+    rule: str | None = None
+    codec: str | None = None
+
+    def __str__(self):
+        if self.kind == "keep":
+            return f"keep:{self.rule}:{self.rank}"
+        if self.kind == "codec":
+            return f"codec:{self.codec}" + (f":{self.rank}" if self.rank is not None else "")
+        return self.kind if self.rank is None else f"{self.kind}:{self.rank}"
+
+
+def parse_spec(text):
+    """'svd:64' -> Spec('svd', 64); one UserError naming the spec for anything else than the forms above."""
+    parts = str(text).strip().split(":")
+    kind, args = parts[0], parts[1:]
+    try:
+        if kind in ("original", "zeros") and not args:
+            return Spec(kind)
+        if kind in ("svd", "nn") and len(args) == 1:
+            return Spec(kind, int(args[0]))
+        if kind == "keep" and len(args) == 2 and args[0] in RULES:
+            return Spec(kind, int(args[1]), rule=args[0])
+        if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
+            return Spec(kind, int(args[1]) if len(args) == 2 else None, codec=args[0])
+    except ValueError:
+        pass
+    raise UserError(
+        f"transform {text!r}: expected original, zeros, svd:<r>, nn:<r>, keep:<rule>:<k> (rules: "
+        f"{', '.join(RULES)}) or codec:<name>[:<r>] (codecs: {', '.join(CODECS)})"
+    )
+
+
+def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=()):
+    """A spec's rank or k within what the features and the run's model allow, before any work."""
+    if spec.kind in ("svd", "keep") or (spec.kind == "codec" and spec.rank is not None):
+        check_rank(spec.rank, tokens if spec.kind == "keep" else min(tokens, dim), f"transform {spec}:")
+    if spec.kind == "nn":
+        if nn_rank is None:
+            raise UserError(f"transform {spec}: the run has no trained factoriser (best_model.pt)")
+        if not (1 <= spec.rank <= nn_rank if nested else spec.rank == nn_rank):
+            serves = f"ranks 1..{nn_rank}" if nested else f"only its trained rank {nn_rank}"
+            raise UserError(f"transform {spec}: the run's factoriser serves {serves}")
+    if spec.kind == "codec" and spec.codec not in FLOATS and spec.codec not in BITS:  # a rank codec
+        if spec.rank is None:
+            raise UserError(f"transform {spec}: the {spec.codec} codec needs a rank, e.g. codec:{spec.codec}:64")
+        if family(spec.codec) in SHARED_BASIS and family(spec.codec) not in bases:
+            raise UserError(f"transform {spec}: no {family(spec.codec)} basis in this run (omega needs a subspace run)")
+
+
+class Tower:
+    """One image's tower output and what the transforms share: the normalised tokens, one truncated SVD at the
+    largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules and codecs."""
+
+    def __init__(self, X, norm, hw, nn_model=None, bases=None, max_svd=0):
+        self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
+        self.Xn = normalize(X, norm)
+        self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
+
+    def apply(self, spec, generator=None):
+        """-> (tokens [T', D] in the model's scale, kept indices or None)."""
+        if spec.kind == "original":
+            return self.X, None
+        if spec.kind == "zeros":
+            return torch.zeros_like(self.X), None
+        if spec.kind == "keep":
+            kept = select(spec.rule, self.Xn, spec.rank, self.hw, self.bases.get("lrcp"), generator).sort().values
+            return self.X[kept.to(self.X.device)], kept
+        if spec.kind == "svd":
+            if self.svd is None or self.svd[0].shape[1] < spec.rank:
+                self.svd = [f[0] for f in truncated_svd(self.Xn[None], spec.rank)[:2]]
+            Xh = self.svd[0][:, : spec.rank] @ self.svd[1][: spec.rank]
+        elif spec.kind == "nn":
+            Xh = self.nn_model(self.Xn[None], rank=spec.rank)[0]
+        else:  # codecs run on the CPU, as compress.py measures them
+            basis = self.bases.get(family(spec.codec))
+            basis = basis.float().cpu() if basis is not None else None
+            payload = encode(spec.codec, self.Xn.float().cpu(), spec.rank, basis)
+            Xh = decode(spec.codec, payload, basis).to(self.Xn.device)
+        return denormalize(Xh.to(self.X.dtype), self.X, self.norm), None
