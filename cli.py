@@ -55,7 +55,10 @@ def run_cli(main, argv=None):
                 "with --resume)",
                 file=sys.stderr,
             )
-            raise SystemExit(130) from None
+            # every finally block has run by now; leave without interpreter shutdown, where a daemon thread still
+            # writing (tqdm's monitor) can abort the process with SIGABRT instead of exit status 130
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(130)
         if isinstance(e, OSError):
             raise SystemExit(
                 f"error: {DISK_ERRORS[e.errno]}: cannot write {e.filename or 'a file'}; the files "
