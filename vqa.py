@@ -10,7 +10,10 @@ import json
 import torch
 
 from cli import UserError, parse_ints
+from feature_codecs import family
 from metrics import timed
+from qwenvl_dataloader import principal_basis
+from runs import omega_basis
 from token_selection import RULES
 from transforms import Spec, Tower, check_spec, parse_spec
 from vlm import answer, mrope_positions
@@ -52,6 +55,20 @@ def check_prompt(prompt):
             f"--prompt {prompt!r}: only {{question}} can be filled in ({type(e).__name__}: {e}); write "
             f"a literal brace as {{{{ or }}}}"
         ) from None
+
+
+def fit_bases(conds, lrcp_rank, results_dir, cache, train_idx, norm):
+    """The bases the asked transforms need: lrcp's (--lrcp_rank principal directions of the training split), the
+    PCA codecs' (all of them), the omega codecs' (the subspace model's Ω)."""
+    needs = {s.rule for s in conds if s.kind == "keep"} | {family(s.codec) for s in conds if s.kind == "codec"}
+    bases = {}
+    if needs & {"lrcp", "pca"}:
+        P = principal_basis(cache, train_idx, norm)
+        bases.update({"lrcp": P[:, :lrcp_rank], "pca": P.float()})
+    omega = omega_basis(results_dir) if "omega" in needs else None
+    if omega is not None:
+        bases["omega"] = omega
+    return bases
 
 
 def check_conditions(conds, arch, nn_rank, hw, dim, bases):

@@ -37,13 +37,11 @@ from tqdm import tqdm
 from cli import HelpFormatter, UserError, positive_int, run_cli
 from encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from feature_cache import cache_grid, read_manifest
-from feature_codecs import family
 from images import Source, fingerprint, load_image, parse_image_size
-from qwenvl_dataloader import principal_basis
-from runs import BEST, first, load_run, omega_basis, read_run
+from runs import BEST, first, load_run, read_run
 from token_selection import RULES
 from vlm import RANDOM_TEXT, load_vlm
-from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, score
+from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, fit_bases, score
 
 
 def get_args_parser():
@@ -121,7 +119,7 @@ def main(argv=None):
         nn_model, ck, _, _, _ = load_run(args.results_dir, device="cpu")
         nn_rank = ck["config"]["rank"]
     conds = conditions(args, nn_rank, cfg["arch"])
-    bases = fit_bases(conds, args, cache, split, norm)
+    bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
     check_conditions(conds, cfg["arch"], nn_rank, hw, enc["feature_dim"], bases)
     idx = first(split[args.split], args.limit)
     missing = [i for i in idx if not samples.get(str(i), {}).get("question")]
@@ -208,20 +206,6 @@ def versions():
 
 def file_sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def fit_bases(conds, args, cache, split, norm):
-    """The bases the asked transforms need: lrcp's (--lrcp_rank principal directions of the training split), the
-    PCA codecs' (all of them), the omega codecs' (the subspace model's Ω)."""
-    needs = {s.rule for s in conds if s.kind == "keep"} | {family(s.codec) for s in conds if s.kind == "codec"}
-    bases = {}
-    if needs & {"lrcp", "pca"}:
-        P = principal_basis(cache, split["train"], norm)
-        bases.update({"lrcp": P[:, : args.lrcp_rank], "pca": P.float()})
-    omega = omega_basis(args.results_dir) if "omega" in needs else None
-    if omega is not None:
-        bases["omega"] = omega
-    return bases
 
 
 def open_log(log_path, settings, restart):

@@ -20,6 +20,7 @@ SCRIPTS = [
     "tokens",
     "compress",
     "vqa_eval",
+    "lmms_eval_lowrank",
     "tune",
     "demo_data",
     "synth_features",

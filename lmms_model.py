@@ -1,0 +1,90 @@
+"""
+The toolkit's Qwen2.5-VL as an lmms-eval model: lmms-eval's tasks give the prompt, the generation settings and the
+scoring; the model answers with one vision-token transform (transforms.py) applied where the tower's output enters
+the language model. lmms-eval is optional: without it this module imports, and LowRankQwen says how to install it.
+
+lmms-eval's own Qwen2.5-VL wrapper is not wrapped: its module imports decord and qwen-vl-utils, which need
+torchvision, and torchvision does not import beside the CPU torch build this toolkit is tested with. The model
+interface (`lmms_eval.api.model.lmms`: generate_until) is implemented here instead, on the same chat template,
+processor and greedy decoding as vqa_eval.py.
+"""
+
+import torch
+
+from cli import UserError
+from images import load_image
+from transforms import parse_spec
+from vlm import load_vlm
+from vqa import Asker
+
+try:
+    from lmms_eval.api.model import lmms as LmmsModel
+except ImportError:  # optional: the rest of the toolkit works without it
+    LmmsModel = object
+
+INSTALL = "pip install -r requirements-lmms-deps.txt && pip install --no-deps -r requirements-lmms.txt"
+
+
+class LowRankQwen(LmmsModel):
+    """pretrained: a Qwen2.5-VL checkpoint (directory or hub id) or one built in code (tiny-random, random-3b);
+    transform: a spec such as svd:64. size: the image size the cache's features were made at (W, H); hw: its token
+    grid. nn_model / bases: for nn:r, keep:lrcp:k and codec transforms (from a training run)."""
+
+    def __init__(
+        self,
+        pretrained,
+        transform="original",
+        device="cpu",
+        dtype=torch.float32,
+        size=(448, 448),
+        hw=(16, 16),
+        norm="layernorm",
+        nn_model=None,
+        bases=None,
+        max_new_tokens=16,
+        seed=0,
+    ):
+        if LmmsModel is object:
+            raise UserError(f"lmms-eval is not installed: {INSTALL}")
+        super().__init__()
+        self.size, self.spec, self.max_new_tokens = tuple(size), parse_spec(transform), max_new_tokens
+        self.model, self.proc = load_vlm(pretrained, torch.device(device), dtype, self.size)
+        max_svd = self.spec.rank if self.spec.kind == "svd" else 0
+        self.asker = Asker(
+            self.model,
+            self.proc,
+            dtype,
+            norm,
+            tuple(hw),
+            nn_model,
+            bases or {},
+            max_svd,
+            seed,
+            lambda context: context,
+            max_new_tokens,
+        )  # lmms-eval's context is the whole user turn
+
+    def generate_until(self, requests):
+        """One greedy answer per request, cut at the task's stop strings; the answer is a function of (document,
+        transform, seed) alone, as in vqa_eval.py."""
+        out = []
+        for req in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            if len(visuals) != 1:
+                raise UserError(f"{task}: document {doc_id} has {len(visuals)} images; this model takes one")
+            self.asker.max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
+            rec = next(self.asker.ask(doc_id, load_image(visuals[0], self.size), context, [self.spec]))
+            answer = rec["answer"]
+            for stop in (
+                [gen_kwargs.get("until")] if isinstance(gen_kwargs.get("until"), str) else gen_kwargs.get("until") or []
+            ):
+                answer = answer.split(stop)[0]
+            out.append(answer)
+        return out
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("LowRankQwen answers generation tasks only")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("LowRankQwen answers single-round tasks only")

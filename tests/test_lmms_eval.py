@@ -1,0 +1,81 @@
+"""lmms_eval_lowrank.py end to end through lmms-eval's own evaluator (offline): a local TextVQA-schema parquet as a
+task YAML, the tiny full model, transforms applied where the tower's output enters the language model."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import encoders
+import images
+import lmms_eval_lowrank
+import lmms_model
+import vlm
+import vqa_score
+
+pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval not installed (requirements-lmms*.txt)")
+
+
+def rows(tiny_cache, n):
+    return [r for f in sorted((tiny_cache / "data").rglob("*.parquet")) for r in pq.read_table(f).to_pylist()][:n]
+
+
+def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
+    report = lmms_eval_lowrank.main(
+        [
+            "--model",
+            encoders.TINY,
+            "--parquet_dir",
+            str(tiny_cache / "data"),
+            "--limit",
+            "3",
+            "--transforms",
+            "original,svd:256,zeros,keep:leverage:32",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
+    got = {name: r["answers"]["textvqa_local"] for name, r in report.items()}
+    assert got["svd:256"] == got["original"] and got["zeros"] != got["original"]
+    assert json.loads((tmp_path / "lmms_eval.json").read_text())["zeros"]["answers"] == report["zeros"]["answers"]
+    # the original transform answers as the unmodified model does: generate() on lmms-eval's prompt and image
+    model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
+    for row, answer in zip(rows(tiny_cache, 3), got["original"]):
+        text = row["question"].capitalize() + "\nAnswer the question using a single word or phrase."
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        image = images.load_image(row["image"]["bytes"], (448, 448))
+        inputs = proc(text=[prompt], images=[image], return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        want = proc.tokenizer.decode([t for t in ids.tolist() if t < len(proc.tokenizer)], skip_special_tokens=True)
+        assert answer == want.strip().split("ASSISTANT:")[0]
+
+
+def test_lmms_evals_score_equals_ours_on_the_same_answers(tiny_cache, tmp_path, monkeypatch):
+    docs = rows(tiny_cache, 6)
+    answers = [d["answer"][0] if k % 2 == 0 else "nothing like it" for k, d in enumerate(docs)]  # some right
+
+    def fixed(self, requests):
+        return [answers[req.args[3]] for req in requests]
+
+    monkeypatch.setattr(lmms_model.LowRankQwen, "generate_until", fixed)
+    report = lmms_eval_lowrank.main(
+        [
+            "--model",
+            encoders.TINY,
+            "--parquet_dir",
+            str(tiny_cache / "data"),
+            "--limit",
+            "6",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
+    theirs = report["original"]["results"]["textvqa_local"]["exact_match,none"]
+    ours = sum(vqa_score.vqa_accuracy(a, d["answer"]) for a, d in zip(answers, docs)) / len(docs)
+    assert theirs == pytest.approx(ours) and 0 < ours < 1
