@@ -7,6 +7,7 @@ over a run's answers.
 import hashlib
 import json
 
+import numpy as np
 import torch
 
 from cli import UserError, parse_ints
@@ -17,7 +18,7 @@ from runs import omega_basis
 from token_selection import RULES
 from transforms import Spec, Tower, check_spec, parse_spec
 from vlm import answer, mrope_positions
-from vqa_score import top_answer_match, vqa_accuracy
+from vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
 # lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the question with
 # str.capitalize() applied (first letter upper, the rest lower) and this line after it
@@ -133,9 +134,27 @@ class Asker:
             yield {"condition": str(spec), "answer": text_out, "tokens": toks, "ms": ms * 1e3, "tower_ms": secs * 1e3}
 
 
+def consistency(agrees):
+    """The share of answers that equal the original tokens' answer once normalised (benchmarks' consistency), with
+    its standard error over the samples."""
+    n, p = len(agrees), sum(agrees) / len(agrees)
+    se = (sum((float(a) - p) ** 2 for a in agrees) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return {"consistency": p, "consistency_se": se}
+
+
+def bootstrap(acc, base, draws=1000, seed=0):
+    """95 % percentile intervals of the accuracy and of its paired change against the original, over `draws`
+    resamples of the samples (a fixed seed: the same answers give the same interval)."""
+    acc, diff = np.asarray(acc, dtype=float), np.asarray(acc, dtype=float) - np.asarray(base, dtype=float)
+    pick = np.random.default_rng(seed).integers(0, len(acc), (draws, len(acc)))
+    ci = lambda v: [float(q) for q in np.percentile(v[pick].mean(1), [2.5, 97.5])]  # noqa: E731
+    return {"vqa_acc_ci95": ci(acc), "delta_ci95": ci(diff)}
+
+
 def score(idx, conds, done, samples):
     """Every answer scored against the references -> (one row per sample, one summary per condition). The change
-    against the original tokens is paired (the same questions), with its standard error over the samples."""
+    against the original tokens is paired (the same questions), with its standard error over the samples and a
+    bootstrap interval; consistency is the agreement with the original tokens' answer."""
     names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
@@ -148,6 +167,7 @@ def score(idx, conds, done, samples):
                 "vqa_acc": vqa_accuracy(a, refs),
                 "top_answer": top_answer_match(a, refs),
                 "changed": a != done[(i, "original")]["answer"],
+                "consistent": normalize_answer(a) == normalize_answer(done[(i, "original")]["answer"]),
                 "ms": done[(i, n)]["ms"],
             }
         per_sample.append(row)
@@ -175,6 +195,8 @@ def score(idx, conds, done, samples):
                 "delta_se": se,
                 "top_answer": sum(r[n]["top_answer"] for r in scored) / N,
                 "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
+                **consistency([r[n]["consistent"] for r in per_sample]),
+                **bootstrap([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
                 "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[len(per_sample) // 2],
             }
         )

@@ -288,17 +288,19 @@ def report(idx, conds, done, samples, stem, settings):
     """Per-condition accuracy table (printed, JSON, CSV) and the accuracy-vs-budget plot."""
     per_sample, summary = score(idx, conds, done, samples)
     print(
-        f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'top ans':>8}{'changed':>9}{'ms/sample':>11}"
+        f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'consistent':>11}{'top ans':>8}{'changed':>9}"
+        f"{'ms/sample':>11}"
     )
     for s in summary:
         print(
             f"{s['condition']:<22}{s['vqa_acc']:>9.4f}{s['delta']:>+17.4f} ± {1.96 * s['delta_se']:<6.4f}"
-            f"{s['top_answer']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}"
+            f"{s['consistency']:>11.3f}{s['top_answer']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}"
         )
     print(
         "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
-        "difference, ± 1.96 standard errors over the samples; changed: share of answers that differ from the "
-        "original tokens'; ms: median per sample (the vision tower's run is shared)"
+        "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consistent: "
+        "share of answers equal to the original tokens' once normalised; changed: share that differ at all; ms: "
+        "median per sample (the vision tower's run is shared)"
     )
     if settings["model"] in RANDOM_TEXT:
         print(

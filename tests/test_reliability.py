@@ -493,3 +493,16 @@ def test_runs_output_stem():
     assert runs.output_stem("compare_rank16") == "compare_rank16"
     assert runs.output_stem("compare_rank16", "val", "r/model_int8.pt") == "compare_rank16_val_model_int8"
     assert runs.output_stem("x", "test", "r/best_model.pt") == "x"
+
+
+def test_consistency_and_bootstrap_intervals_by_hand():
+    conds = [transforms.Spec("original"), transforms.Spec("zeros")]
+    samples = {str(i): {"question": "q", "answers": ["yes"] * 10} for i in range(4)}
+    said = {0: ("Yes", "yes."), 1: ("yes", "no"), 2: ("no", "No"), 3: ("no", "yes")}  # (original, zeros)
+    done = {(i, str(c)): {"answer": said[i][k], "ms": 1.0} for i in range(4) for k, c in enumerate(conds)}
+    _, (orig, zeros) = vqa.score(list(range(4)), conds, done, samples)
+    assert orig["consistency"] == 1.0 and zeros["consistency"] == 0.5  # "yes." ~ "Yes", "No" ~ "no"
+    assert zeros["consistency_se"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
+    assert orig["vqa_acc"] == 0.5 and zeros["vqa_acc"] == 0.5 and zeros["changed"] == 1.0
+    lo, hi = zeros["vqa_acc_ci95"]
+    assert 0 <= lo <= 0.5 <= hi <= 1 and orig["delta_ci95"] == [0.0, 0.0]
