@@ -26,6 +26,7 @@ from feature_cache import cache_grid, cache_image_size
 from images import parse_image_size
 from lmms_model import INSTALL, LowRankQwen
 from runs import load_run, read_run
+from token_selection import LRCP_RANK
 from transforms import parse_spec
 from vqa import fit_bases
 
@@ -73,7 +74,7 @@ def run_setup(args):
         return specs, (w, h), (h // 28, w // 28), "layernorm", None, {}
     cfg, split = read_run(args.results_dir)
     model = load_run(args.results_dir)[0] if any(s.kind == "nn" for s in specs) else None
-    bases = fit_bases(specs, 32, args.results_dir, cfg["cache_dir"], split["train"], cfg["normalization"])
+    bases = fit_bases(specs, LRCP_RANK, args.results_dir, cfg["cache_dir"], split["train"], cfg["normalization"])
     size, hw = cache_image_size(cfg["cache_dir"]), cache_grid(cfg["cache_dir"])
     return specs, size, hw, cfg["normalization"], model, bases
 

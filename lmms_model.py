@@ -76,9 +76,8 @@ class LowRankQwen(LmmsModel):
             self.asker.max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
             rec = next(self.asker.ask(doc_id, load_image(visuals[0], self.size), context, [self.spec]))
             answer = rec["answer"]
-            for stop in (
-                [gen_kwargs.get("until")] if isinstance(gen_kwargs.get("until"), str) else gen_kwargs.get("until") or []
-            ):
+            until = gen_kwargs.get("until") or []
+            for stop in [until] if isinstance(until, str) else until:
                 answer = answer.split(stop)[0]
             out.append(answer)
         return out

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
 RULES = ("leverage", "lrcp", "pivoted_qr", "norm", "grid", "random")
 
 

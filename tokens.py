@@ -27,7 +27,7 @@ from feature_cache import answer_box_masks, cache_grid, cache_image_size, cached
 from metrics import scale_bbox
 from qwenvl_dataloader import FeatureDataset, cached_image, principal_basis
 from runs import first, read_run
-from token_selection import RULES, box_hits, reconstruct_from, select
+from token_selection import LRCP_RANK, RULES, box_hits, reconstruct_from, select
 
 
 def get_args_parser():
@@ -45,7 +45,10 @@ def get_args_parser():
     ap.add_argument("--ks", default="16,32,64,128", help="numbers of kept tokens")
     ap.add_argument("--rules", default=",".join(RULES), help="comma list of rules")
     ap.add_argument(
-        "--lrcp_rank", type=positive_int, default=32, help="lrcp: rank of the training split's principal subspace"
+        "--lrcp_rank",
+        type=positive_int,
+        default=LRCP_RANK,
+        help="lrcp: rank of the training split's principal subspace",
     )
     ap.add_argument("--seed", type=int, default=0, help="random rule")
     ap.add_argument("--name", default=None, help="output stem tokens_<name> (default: the split)")

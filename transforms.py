@@ -24,8 +24,6 @@ from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, f
 from metrics import truncated_svd
 from token_selection import RULES, select
 
-KINDS = ("original", "zeros", "svd", "nn", "keep", "codec")
-
 
 @dataclass(frozen=True)
 class Spec:

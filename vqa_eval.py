@@ -39,7 +39,7 @@ from encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from feature_cache import cache_grid, read_manifest
 from images import Source, fingerprint, load_image, parse_image_size
 from runs import BEST, first, load_run, read_run
-from token_selection import RULES
+from token_selection import LRCP_RANK, RULES
 from vlm import RANDOM_TEXT, load_vlm
 from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, fit_bases, score
 
@@ -72,7 +72,10 @@ def get_args_parser():
     ap.add_argument("--rules", default="", help=f"token-selection conditions: comma list of {', '.join(RULES)}")
     ap.add_argument("--keep", default="64", help="kept tokens k for each --rules entry (comma list)")
     ap.add_argument(
-        "--lrcp_rank", type=positive_int, default=32, help="lrcp: rank of the training split's principal subspace"
+        "--lrcp_rank",
+        type=positive_int,
+        default=LRCP_RANK,
+        help="lrcp: rank of the training split's principal subspace",
     )
     ap.add_argument("--zeros", action="store_true", help="add the control with every vision token set to zero")
     ap.add_argument(
