@@ -5,11 +5,13 @@
 #   2. one epoch of subspace training with bf16 autocast (--amp)      GPU
 #   3. bench.py on it: quality, ms/sample vs exact SVD and the GEMM floor, profile   GPU, fp32, batch 64
 #   4. random-3b extraction img/s at batch 8 and 32                   GPU, bf16
-#   5. vqa_eval.py with the full real-size Qwen2.5-VL-3B (random weights, batch 1, bf16): ms/sample per condition,
-#      on 40 demo images (random-3b features, a rank-64 subspace model trained for one epoch)
+#   5. vqa_eval.py with the full real-size Qwen2.5-VL-3B (random weights, bf16, batches of 32): cost per condition
+#      (prefill ms, ms per decoding step, peak memory) on 40 demo images (random-3b features, a rank-64 subspace
+#      model trained for one epoch)
+#   6. bench_vqa.py: answers per second at batch 1, 8 and 32 with the same full model (target: >= 8x at 32)
 # then prints one table. Usage: ./bench_gpu.sh [work_dir]   (default bench_gpu_work; the cache is reused if present)
 # A dry run of the plumbing on CPU (what the tests do):
-#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random EXTRACT_BATCHES=2,4 \
+#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random EXTRACT_BATCHES=2,4 VQA_BATCHES=1,2 \
 #       ./bench_gpu.sh /tmp/bench_gpu_dry
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,7 +36,9 @@ $PY qwenvl_dataloader.py --dataset_dir "$W/demo" --model "$M" --cache_dir "$W/ca
 $PY train_real_data.py --cache_dir "$W/cache_vqa" --arch subspace --rank 64 --epochs 1 --device "$DEVICE" \
     --results_dir "$W/results_vqa" --resplit 2>&1 | tail -3
 $PY vqa_eval.py --results_dir "$W/results_vqa" --model "$M" --device "$DEVICE" --split train --limit "${VQA_LIMIT:-8}" \
-    --svd_ranks 64 --nn_ranks 64 --rules leverage --keep 64 --zeros --restart 2>&1 | tee "$W/vqa.log"
+    --svd_ranks 64 --nn_ranks 64 --rules leverage --keep 64 --zeros --restart --batch_size 32 2>&1 | tee "$W/vqa.log"
+$PY bench_vqa.py --model "$M" --device "$DEVICE" --batch_sizes "${VQA_BATCHES:-1,8,32}" --num "${VQA_BENCH_NUM:-64}" \
+    --json "$W/vqa_bench.json" 2>&1 | tee "$W/vqa_bench.log"
 $PY - "$W" <<'PYEOF'
 import json, sys, torch
 W = sys.argv[1]
@@ -42,6 +46,7 @@ v = json.load(open(f"{W}/results_vqa/vqa_train.json"))
 b = json.load(open(f"{W}/results/bench.json"))
 h = json.load(open(f"{W}/results/history.json"))
 e = json.load(open(f"{W}/extract.json"))
+vb = json.load(open(f"{W}/vqa_bench.json"))
 dev = torch.cuda.get_device_name() if b["device"].startswith("cuda") else "CPU (a dry run: these are not GPU figures)"
 print(f"\n== bench_gpu.sh on {dev}, torch {torch.__version__}, features {b['features']} n={b['n_test']} ==")
 print(f"{'what':<44}{'rank':>5}{'cosine':>9}{'gap':>9}{'worst':>9}{'ms/sample':>11}{'x linalg.svd':>13}{'x floor':>9}")
@@ -55,7 +60,11 @@ for r in e["rows"]:
     print(f"{e['model'] + ' extraction img/s, batch ' + str(r['batch']):<44}{'':>32}{r['both_img_s']:>11.1f}"
           f"   (tower only {r['tower_img_s']:.1f})")
 for r in v["summary"]:
-    print(f"{v['settings']['model'] + ' VQA ms/sample: ' + r['condition']:<44}{'':>32}{r['ms_per_sample']:>11.1f}")
+    print(f"{v['settings']['model'] + ' VQA ms/sample: ' + r['condition']:<44}{'':>32}{r['ms_per_sample']:>11.1f}"
+          f"   (prefill {r['prefill_ms']:.1f} ms per batch of {r['batch_size']:.0f}, {r['prefill_flops'] / 1e12:.2f} TFLOPs/answer)")
+for r in vb["rows"]:
+    print(f"{vb['model'] + ' answers/s, batch ' + str(r['batch_size']):<44}{'':>32}{r['answers_per_s']:>11.2f}"
+          f"   (x{r['speedup']:.1f} batch {vb['rows'][0]['batch_size']}, same answers: {r['equal_to_first']})")
 if e["peak_gib"] is not None:
     print(f"peak GPU memory: extraction {e['peak_gib']:.2f} GiB, full model VQA {v['peak_gpu_gib']:.2f} GiB")
 PYEOF

@@ -50,6 +50,12 @@ def get_args_parser():
     ap.add_argument("--results_dir", default=None, help="a training run: its factoriser, bases and normalisation")
     ap.add_argument("--image_size", default=DEFAULT_IMAGE_SIZE, help="images are resized to this (the run's cache's)")
     ap.add_argument("--max_new_tokens", type=positive_int, default=16, help="when the task sets none")
+    ap.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=None,
+        help="documents answered together (default 32 on CUDA, 8 on CPU; 1: one at a time)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
@@ -104,6 +110,7 @@ def main(argv=None):
         bases,
         args.max_new_tokens,
         args.seed,
+        args.batch_size or (32 if dev.type == "cuda" else 8),
     )
     out, report = Path(args.out_dir), {}
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from cli import UserError
 from images import load_image
 from transforms import parse_spec
-from vlm import load_vlm
+from vlm import decode_answer, load_vlm
 from vqa import Asker
 
 try:
@@ -43,11 +43,13 @@ class LowRankQwen(LmmsModel):
         bases=None,
         max_new_tokens=16,
         seed=0,
+        batch_size=1,
     ):
         if LmmsModel is object:
             raise UserError(f"lmms-eval is not installed: {INSTALL}")
         super().__init__()
         self.size, self.spec, self.max_new_tokens = tuple(size), parse_spec(transform), max_new_tokens
+        self.batch_size = batch_size
         self.model, self.proc = load_vlm(pretrained, torch.device(device), dtype, self.size)
         max_svd = self.spec.rank if self.spec.kind == "svd" else 0
         self.asker = Asker(
@@ -65,21 +67,27 @@ class LowRankQwen(LmmsModel):
         )  # lmms-eval's context is the whole user turn
 
     def generate_until(self, requests):
-        """One greedy answer per request, cut at the task's stop strings; the answer is a function of (document,
-        transform, seed) alone, as in vqa_eval.py."""
+        """One greedy answer per request, batch_size requests at a time, cut at the task's stop strings. A batch
+        decodes to its longest max_new_tokens and each answer keeps its own first max_new_tokens (greedy decoding:
+        the same tokens); the answer is a function of (document, transform, seed) alone, as in vqa_eval.py."""
         out = []
-        for req in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-            if len(visuals) != 1:
-                raise UserError(f"{task}: document {doc_id} has {len(visuals)} images; this model takes one")
-            self.asker.max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
-            rec = next(self.asker.ask(doc_id, load_image(visuals[0], self.size), context, [self.spec]))
-            answer = rec["answer"]
-            until = gen_kwargs.get("until") or []
-            for stop in [until] if isinstance(until, str) else until:
-                answer = answer.split(stop)[0]
-            out.append(answer)
+        for b in range(0, len(requests), self.batch_size):
+            items, limits, stops = [], [], []
+            for req in requests[b : b + self.batch_size]:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                if len(visuals) != 1:
+                    raise UserError(f"{task}: document {doc_id} has {len(visuals)} images; this model takes one")
+                items.append((doc_id, load_image(visuals[0], self.size), context, [self.spec]))
+                limits.append(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)))
+                until = gen_kwargs.get("until") or []
+                stops.append([until] if isinstance(until, str) else until)
+            self.asker.max_new_tokens = max(limits)
+            for rec, limit, until in zip(self.asker.ask(items), limits, stops):
+                answer = decode_answer(self.proc, rec["tokens"][:limit])
+                for stop in until:
+                    answer = answer.split(stop)[0]
+                out.append(answer)
         return out
 
     def loglikelihood(self, requests):

@@ -20,7 +20,7 @@ import torch
 
 from cli import UserError, check_rank
 from feature_cache import denormalize, normalize
-from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family
+from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
 from metrics import truncated_svd
 from token_selection import RULES, select
 
@@ -78,6 +78,23 @@ def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=()):
             raise UserError(f"transform {spec}: no {family(spec.codec)} basis in this run (omega needs a subspace run)")
 
 
+def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
+    """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype (element_bytes each) for
+    original (T x D), svd and nn (the factors, r x (T + D)) and keep (k x D, plus k int16 indices); a codec's exact
+    payload (feature_codecs.payload_bytes, as compress.py counts it; a shared basis is stored once per data set, not
+    counted). Reconstructions under layernorm also keep each token's mean and standard deviation (2 x T)."""
+    if spec.kind in ("original", "zeros"):
+        return T * D * element_bytes if spec.kind == "original" else 0
+    if spec.kind == "keep":
+        return spec.rank * D * element_bytes + 2 * spec.rank
+    stats = 2 * T * element_bytes if norm == "layernorm" else 0
+    if spec.kind in ("svd", "nn"):
+        return spec.rank * (T + D) * element_bytes + stats
+    basis = (bases or {}).get(family(spec.codec))
+    payload = encode(spec.codec, torch.randn(T, D), spec.rank, basis.float().cpu() if basis is not None else None)
+    return payload_bytes(payload) + stats  # the payload's size depends on the shapes only
+
+
 class Tower:
     """One image's tower output and what the transforms share: the normalised tokens, one truncated SVD at the
     largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules and codecs."""
@@ -101,7 +118,7 @@ class Tower:
                 self.svd = [f[0] for f in truncated_svd(self.Xn[None], spec.rank)[:2]]
             Xh = self.svd[0][:, : spec.rank] @ self.svd[1][: spec.rank]
         elif spec.kind == "nn":
-            Xh = self.nn_model(self.Xn[None], rank=spec.rank)[0]
+            Xh = self.nn_model(self.Xn[None], rank=spec.rank)[0][0]  # (X̂, A, B) of a batch of one
         else:  # codecs run on the CPU, as compress.py measures them
             basis = self.bases.get(family(spec.codec))
             basis = basis.float().cpu() if basis is not None else None

@@ -10,6 +10,7 @@ import torch
 
 from cli import UserError
 from encoders import RANDOM_3B, RANDOM_TOWERS, TINY, TINY_SEED, checkpoint_family, image_processor, random_tower
+from metrics import timed
 
 SPECIAL = [
     "<|endoftext|>",
@@ -185,45 +186,71 @@ def mrope_positions(input_ids, image_token_id, grid_hw):
     return pos
 
 
+def prompt_embeds(model, ids, positions, V, kept, image_token_id):
+    """(embeddings [L', H], M-RoPE positions [3, L']) of one prompt with the image tokens' embeddings replaced by
+    V [T, D]; with kept indices, V [k, D] holds only the kept tokens: they keep their own positions and the other
+    image tokens leave the sequence."""
+    embeds = model.get_input_embeddings()(ids)
+    positions = positions.to(ids.device)
+    img = (ids == image_token_id).nonzero().squeeze(1)
+    if kept is None:
+        embeds[img] = V.to(embeds.dtype)
+        return embeds, positions
+    kept = kept.to(ids.device)
+    keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+    keep[img] = False
+    keep[img[kept]] = True
+    embeds[img[kept]] = V.to(embeds.dtype)
+    return embeds[keep], positions[:, keep]
+
+
 @torch.no_grad()
-def greedy(model, embeds, positions, max_new_tokens, eos_ids):
-    """Greedy decoding from prompt embeddings [1, L, H] and M-RoPE positions [3, L]; new tokens take positions
-    max + 1, max + 2, ... on all three axes (what the model's own generate does after an image)."""
+def greedy(model, prompts, max_new_tokens, eos_ids):
+    """Greedy decoding of a batch of prompts [(embeddings [L_i, H], positions [3, L_i])] -> (the new token ids of
+    each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later step, 'total_s'}, for the
+    whole batch).
+    Prompts of different lengths are left-padded and masked; each sample's new tokens take positions max + 1,
+    max + 2, ... of its own prompt on all three axes (what the model's own generate does after an image)."""
     from transformers import DynamicCache
 
+    dev, B = prompts[0][0].device, len(prompts)
+    L = max(len(e) for e, _ in prompts)
+    x = torch.zeros(B, L, prompts[0][0].shape[1], dtype=prompts[0][0].dtype, device=dev)
+    pos = torch.zeros(3, B, L, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, L, dtype=torch.long, device=dev)
+    for b, (e, p) in enumerate(prompts):
+        x[b, L - len(e) :], pos[:, b, L - len(e) :], mask[b, L - len(e) :] = e, p, 1
+    nxt = pos.amax(dim=(0, 2)) + 1
     cache = DynamicCache()
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
-    embed = model.get_input_embeddings()
-    pos, out, x = positions[:, None, :], [], embeds
-    nxt = int(positions.max()) + 1
+    step = lambda x, pos, mask: model(  # noqa: E731
+        inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
+    ).logits[:, -1]
+    out, alive, times = [[] for _ in prompts], [True] * B, []
     for _ in range(max_new_tokens):
-        logits = model(inputs_embeds=x, position_ids=pos, use_cache=True, **{cache_kw: cache}).logits
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos_ids:
+        logits, secs = timed(step, x, pos, mask, device=dev)
+        times.append(secs)
+        toks = logits.argmax(-1)
+        for b, t in enumerate(toks.tolist()):
+            if alive[b]:
+                out[b].append(t)
+                alive[b] = t not in eos_ids
+        if not any(alive):
             break
-        x = embed(torch.tensor([[tok]], device=embeds.device))
-        pos = torch.full((3, 1, 1), nxt, dtype=torch.long, device=embeds.device)
-        nxt += 1
-    return out
+        x, pos = model.get_input_embeddings()(toks[:, None]), nxt[None, :, None].expand(3, B, 1)
+        mask, nxt = torch.cat([mask, mask.new_ones(B, 1)], 1), nxt + 1
+    decode = sorted(times[1:])
+    return out, {"prefill_s": times[0], "decode_s": decode[len(decode) // 2] if decode else None, "total_s": sum(times)}
+
+
+def decode_answer(proc, tokens):
+    """The answer's text; ids beyond the tokenizer (random-3b's vocabulary is larger than the byte tokenizer's)
+    are left out."""
+    return proc.tokenizer.decode([t for t in tokens if t < len(proc.tokenizer)], skip_special_tokens=True).strip()
 
 
 def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
-    """Greedy answer with the image tokens' embeddings replaced by V [T, D]; with kept indices, V [k, D] holds only
-    the kept tokens: they keep their own positions and the other image tokens leave the sequence."""
-    embeds = model.get_input_embeddings()(ids[None])
-    positions = positions.to(ids.device)
-    img = (ids == image_token_id).nonzero().squeeze(1)
-    kept = kept.to(ids.device) if kept is not None else None
-    if kept is None:
-        embeds[0, img] = V.to(embeds.dtype)
-        pos = positions
-    else:
-        keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-        keep[img] = False
-        keep[img[kept]] = True
-        embeds[0, img[kept]] = V.to(embeds.dtype)
-        embeds, pos = embeds[:, keep], positions[:, keep]
-    out = greedy(model, embeds, pos, max_new_tokens, eos_ids)
-    text = proc.tokenizer.decode([t for t in out if t < len(proc.tokenizer)], skip_special_tokens=True)  # random-3b:
-    return text.strip(), out  # a vocabulary larger than the byte tokenizer
+    """(text, token ids) of one greedy answer with the image tokens replaced (prompt_embeds)."""
+    prompt = prompt_embeds(model, ids, positions, V, kept, image_token_id)
+    out = greedy(model, [prompt], max_new_tokens, eos_ids)[0][0]
+    return decode_answer(proc, out), out

@@ -12,12 +12,13 @@ import torch
 
 from cli import UserError, parse_ints
 from feature_codecs import family
+from lm_cost import kv_bytes, prefill_flops
 from metrics import timed
 from qwenvl_dataloader import principal_basis
 from runs import omega_basis
 from token_selection import RULES
 from transforms import Spec, Tower, check_spec, parse_spec
-from vlm import answer, mrope_positions
+from vlm import decode_answer, greedy, mrope_positions, prompt_embeds
 from vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
 # lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the question with
@@ -92,8 +93,9 @@ def draw_seed(seed, sample, condition):
 
 
 class Asker:
-    """Asks the model one question about one image under each transform. The vision tower runs once per sample;
-    the SVD at the largest rank is taken once and truncated for the smaller ones (transforms.Tower)."""
+    """Asks the model questions about images under each transform, a batch of samples at a time: the vision tower
+    runs once per sample, the SVD at the largest rank is taken once and truncated for the smaller ones
+    (transforms.Tower), and each condition answers the whole batch in one greedy decoding."""
 
     def __init__(self, model, proc, dtype, norm, hw, nn_model, bases, max_svd, seed, prompt, max_new_tokens):
         """bases: {'lrcp' | 'pca' | 'omega': [D, r]} for the rules and codecs that need one; prompt: question -> the
@@ -104,12 +106,10 @@ class Asker:
         self.bases, self.max_svd, self.prompt, self.max_new_tokens = bases, max_svd, prompt, max_new_tokens
         self.seed = seed
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
+        self.text_config = getattr(model.config, "text_config", model.config)
 
-    def ask(self, sample, image, question, conds):
-        """Yield one record per condition: its answer, the answer's token ids, ms (the condition's tokens and the
-        answer) and tower_ms (the shared run of the vision tower). Every answer is a function of (sample,
-        condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed run
-        answers as an uninterrupted one."""
+    def encode(self, image, question):
+        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower ms)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(question)}]}]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.proc(text=[text], images=[image], return_tensors="pt")
@@ -119,19 +119,50 @@ class Asker:
             V, secs = timed(lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev)
             V = getattr(V, "pooler_output", V).float()
         positions = mrope_positions(ids.cpu(), self.img_id, self.hw)
-        tower = Tower(V, self.norm, self.hw, self.nn_model, self.bases, self.max_svd)
-        for spec in conds:
+        return ids, positions, Tower(V, self.norm, self.hw, self.nn_model, self.bases, self.max_svd), secs * 1e3
 
-            def run():
+    def ask(self, items):
+        """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a condition at a
+        time (one batch: every item that asks it): the answer, its token ids and the cost (vision and prompt
+        tokens, prefill FLOPs and KV-cache bytes from the config, the transform's ms, the batch's prefill ms and
+        median ms per decoding step, peak CUDA memory). Every answer is a function of (sample, condition, seed)
+        alone: the random rule draws from a generator seeded by all three, so a resumed run answers as an
+        uninterrupted one."""
+        encoded = [(sample, *self.encode(image, question), specs) for sample, image, question, specs in items]
+        cuda = self.dev.type == "cuda"
+        for spec in dict.fromkeys(s for *_, specs in items for s in specs):
+            group = [e for e in encoded if spec in e[-1]]
+            prompts, made = [], []
+            for sample, ids, positions, tower, _, _ in group:
+                gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
                 with torch.no_grad():
-                    gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
-                    Vc, kept = tower.apply(spec, gen)
-                return answer(
-                    self.model, self.proc, ids, positions, Vc, kept, self.img_id, self.max_new_tokens, self.eos
-                )
-
-            (text_out, toks), ms = timed(run, device=self.dev)
-            yield {"condition": str(spec), "answer": text_out, "tokens": toks, "ms": ms * 1e3, "tower_ms": secs * 1e3}
+                    (Vc, kept), secs = timed(tower.apply, spec, gen, device=self.dev)
+                prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
+                made.append((len(Vc), secs * 1e3))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.dev)
+            outs, times = greedy(self.model, prompts, self.max_new_tokens, self.eos)
+            peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
+            for (sample, _, _, _, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(
+                group, prompts, outs, made
+            ):
+                yield {
+                    "sample": sample,
+                    "condition": str(spec),
+                    "answer": decode_answer(self.proc, toks),
+                    "tokens": toks,
+                    "vision_tokens": n_vision,
+                    "prompt_tokens": len(e),
+                    "prefill_flops": prefill_flops(self.text_config, len(e)),
+                    "kv_bytes": kv_bytes(self.text_config, len(e), self.dtype.itemsize),
+                    "tower_ms": tower_ms,
+                    "transform_ms": transform_ms,
+                    "batch": len(group),
+                    "prefill_ms": times["prefill_s"] * 1e3,
+                    "decode_ms": times["decode_s"] * 1e3 if times["decode_s"] is not None else None,
+                    "generate_ms": times["total_s"] * 1e3,
+                    "peak_mib": peak,
+                }
 
 
 def consistency(agrees):
@@ -151,10 +182,11 @@ def bootstrap(acc, base, draws=1000, seed=0):
     return {"vqa_acc_ci95": ci(acc), "delta_ci95": ci(diff)}
 
 
-def score(idx, conds, done, samples):
+def score(idx, conds, done, samples, stored=None):
     """Every answer scored against the references -> (one row per sample, one summary per condition). The change
     against the original tokens is paired (the same questions), with its standard error over the samples and a
-    bootstrap interval; consistency is the agreement with the original tokens' answer."""
+    bootstrap interval; consistency is the agreement with the original tokens' answer. The cost columns summarise
+    the answers' records (Asker.ask); stored: {condition: bytes per image} (transforms.stored_bytes)."""
     names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
@@ -168,7 +200,6 @@ def score(idx, conds, done, samples):
                 "top_answer": top_answer_match(a, refs),
                 "changed": a != done[(i, "original")]["answer"],
                 "consistent": normalize_answer(a) == normalize_answer(done[(i, "original")]["answer"]),
-                "ms": done[(i, n)]["ms"],
             }
         per_sample.append(row)
     scored = [r for r in per_sample if r["answers"]]  # a sample without reference answers has no accuracy
@@ -197,7 +228,28 @@ def score(idx, conds, done, samples):
                 "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
                 **consistency([r[n]["consistent"] for r in per_sample]),
                 **bootstrap([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
-                "ms_per_sample": sorted(r[n]["ms"] for r in per_sample)[len(per_sample) // 2],
+                **cost([done[(i, n)] for i in idx]),
+                "bytes_per_image": (stored or {}).get(n),
             }
         )
     return per_sample, summary
+
+
+def cost(recs):
+    """A condition's cost over its answers' records: medians of the token counts and times, means of the FLOPs
+    and bytes; ms_per_sample is the condition's own time per answer (its transform, plus its batch's decoding
+    shared by the batch)."""
+    med = lambda v: float(np.median(v)) if v else None  # noqa: E731
+    peaks = [r["peak_mib"] for r in recs if r["peak_mib"] is not None]
+    return {
+        "vision_tokens": med([r["vision_tokens"] for r in recs]),
+        "prompt_tokens": med([r["prompt_tokens"] for r in recs]),
+        "prefill_flops": float(np.mean([r["prefill_flops"] for r in recs])),
+        "kv_bytes": float(np.mean([r["kv_bytes"] for r in recs])),
+        "batch_size": med([r["batch"] for r in recs]),
+        "transform_ms": med([r["transform_ms"] for r in recs]),
+        "prefill_ms": med([r["prefill_ms"] for r in recs]),
+        "decode_ms_per_token": med([r["decode_ms"] for r in recs if r["decode_ms"] is not None]),
+        "ms_per_sample": med([r["transform_ms"] + r["generate_ms"] / r["batch"] for r in recs]),
+        "peak_gpu_mib": max(peaks) if peaks else None,
+    }

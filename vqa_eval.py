@@ -20,9 +20,14 @@ nothing, it proves the mechanics.
 
 Scores (vqa_score.py): TextVQA's score exactly as lmms-eval 0.7.x computes it (the EvalAI answer processor, then
 min(#other references / 3, 1) over the leave-one-out subsets), and the top-answer match. The default protocol is
-lmms-eval's for qwen2_5_vl (question.capitalize(), then the line above). Writes <out>/vqa_<name>.jsonl (one line
-per answered sample and condition; a rerun resumes from it), vqa_<name>.json / .csv (per condition and per sample)
-and vqa_<name>.png (accuracy against rank / kept tokens).
+lmms-eval's for qwen2_5_vl (question.capitalize(), then the line above). Beside accuracy and consistency, each
+condition's cost: vision tokens into the language model, prefill FLOPs and KV-cache bytes (lm_cost.py), bytes per
+image, the transform's ms, prefill ms and ms per decoding step. --batch_size samples answer together (left-padded,
+each with its own positions and stop); `torchrun --nproc_per_node=N vqa_eval.py ...` shards the samples by rank.
+
+Writes <out>/vqa_<name>.jsonl (one line per answer; a rerun resumes from it; vqa_<name>.rank<r>.jsonl per process
+under torchrun), vqa_<name>.json / .csv (per condition and per sample), vqa_<name>_summary.csv (per condition),
+vqa_<name>.png (accuracy against rank / kept tokens) and vqa_<name>_cost.png (accuracy against each cost).
 """
 
 import argparse
@@ -34,12 +39,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, positive_int, run_cli
+from cli import HelpFormatter, UserError, dist_env, positive_int, run_cli
 from encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from feature_cache import cache_grid, read_manifest
 from images import Source, fingerprint, load_image, parse_image_size
 from runs import BEST, first, load_run, read_run
 from token_selection import LRCP_RANK, RULES
+from transforms import stored_bytes
 from vlm import RANDOM_TEXT, load_vlm
 from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, fit_bases, score
 
@@ -92,6 +98,12 @@ def get_args_parser():
         help="applied to the question first: capitalize (str.capitalize, lmms-eval's TextVQA protocol) or none",
     )
     ap.add_argument("--max_new_tokens", type=positive_int, default=16, help="greedy decoding length limit")
+    ap.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=None,
+        help="samples answered together, per condition (default 32 on CUDA, 8 on CPU; 1: one at a time)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
@@ -138,27 +150,19 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vqa_{args.name or args.split}"
     size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
-    settings = {
-        "model": name,
-        "revision": args.revision,
-        "protocol": protocol(args, name, size, hw),
-        "versions": versions(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "normalization": norm,
-        "cache": str(cache),
-        "checkpoint": str(ckpt) if nn_model is not None else None,
-        "checkpoint_sha": file_sha(ckpt) if nn_model is not None else None,  # retrained: other answers
-        "lrcp_rank": args.lrcp_rank,
-        "seed": args.seed,
-    }
-    log_path = stem.with_suffix(".jsonl")
-    done, h = open_log(log_path, settings, args.restart)
-    todo = [(i, s) for i in idx for s in conds if (i, str(s)) not in done]
-    print(
-        f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}); "
-        f"{len(conds)} conditions: {', '.join(map(str, conds))}; {len(done)} answers already in {log_path}, "
-        f"{len(todo)} to ask"
-    )
+    settings = run_settings(args, name, size, hw, dtype, norm, cache, ckpt if nn_model is not None else None)
+    rank, world, _ = dist_env()
+    h = settings_hash(settings)
+    done, own = open_logs(stem, settings, h, args.restart, rank, world)
+    mine = idx[rank::world]  # the samples this process answers (all of them without torchrun)
+    todo = [(i, s) for i in mine for s in conds if (i, str(s)) not in done]
+    batch = args.batch_size or (32 if dev.type == "cuda" else 8)
+    if rank == 0:
+        print(
+            f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}"
+            f"{f', {world} processes' if world > 1 else ''}); {len(conds)} conditions: {', '.join(map(str, conds))}; "
+            f"{len(done)} answers already in {stem}.jsonl, {len(todo)} to ask, batches of {batch}"
+        )
     if todo:
         images = source_images(source, sorted({i for i, _ in todo}), samples, cache)
         model, proc = load_vlm(name, dev, dtype, size, args.revision)
@@ -175,8 +179,31 @@ def main(argv=None):
             lambda q: args.prompt.format(question=QUESTION_TRANSFORMS[args.question_transform](q)),
             args.max_new_tokens,
         )
-        ask_all(asker, idx, conds, done, samples, images, size, log_path, h, len(todo))
-    return report(idx, conds, done, samples, stem, settings)
+        ask_all(asker, mine, conds, done, samples, images, size, own, h, batch, rank == 0)
+    barrier(world)
+    if rank != 0:
+        return None
+    done = read_logs(stem, settings, h, False) if world > 1 else done
+    stored = {str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases) for c in conds}
+    return report(idx, conds, done, samples, stem, settings, stored)
+
+
+def run_settings(args, name, size, hw, dtype, norm, cache, ckpt):
+    """Everything an answer depends on; a log of other settings is refused."""
+    return {
+        "model": name,
+        "revision": args.revision,
+        "protocol": protocol(args, name, size, hw),
+        "versions": versions(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "normalization": norm,
+        "cache": str(cache),
+        "checkpoint": str(ckpt) if ckpt is not None else None,
+        "checkpoint_sha": file_sha(ckpt) if ckpt is not None else None,  # retrained: other answers
+        "lrcp_rank": args.lrcp_rank,
+        "seed": args.seed,
+        "log_version": 2,  # records with their cost
+    }
 
 
 def protocol(args, name, size, hw):
@@ -211,37 +238,76 @@ def file_sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def open_log(log_path, settings, restart):
-    """-> (the answers already in the run's JSONL log {(sample, condition): record}, the settings' hash). The log's
-    first line holds the settings, every line their hash: a log of other settings, or lines of another run glued on,
-    are refused. A torn last line (a killed write) is cut off with a note; the answer is asked again."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    text = "" if restart or not log_path.exists() else log_path.read_text()
+def settings_hash(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def log_paths(stem):
+    """A run's answer logs: vqa_<name>.jsonl, and one per process of a torchrun run (vqa_<name>.rank<r>.jsonl)."""
+    main = stem.with_suffix(".jsonl")
+    return ([main] if main.exists() else []) + sorted(stem.parent.glob(f"{stem.name}.rank*.jsonl"))
+
+
+def read_logs(stem, settings, h, talk=True):
+    """{(sample, condition): record} of every answer in the run's logs. A log's first line holds the settings,
+    every line their hash: a log of other settings, or lines of another run glued on, are refused. A torn last line
+    (a killed write) is not an answer: that one is asked again."""
+    done = {}
+    for path in log_paths(stem):
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            if talk:
+                print(f"note: {path}: its last line was cut off by an interrupted write; that answer is asked again")
+        recs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"{path}:{n} is not a JSON line; use another --name, or --restart") from None
+        if recs and recs[0].get("settings") != settings:
+            raise UserError(
+                f"{path} holds answers made with other settings ({recs[0].get('settings')}); "
+                f"use another --name, or --restart to discard them"
+            )
+        stranger = next((n for n, r in enumerate(recs[1:], 2) if r.get("h") != h), None)
+        if stranger:
+            raise UserError(
+                f"{path}:{stranger} comes from a run with other settings (logs joined together?); use "
+                f"another --name, or --restart"
+            )
+        done.update({(r["sample"], r["condition"]): r for r in recs[1:]})
+    return done
+
+
+def start_log(path, settings, h):
+    """Make path ready for appending: a torn last line cut off, the settings line written to a new log."""
+    text = path.read_text() if path.exists() else ""
     if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        print(f"note: {log_path}: its last line was cut off by an interrupted write; dropped it")
-        log_path.write_text(text)
-    recs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            recs.append(json.loads(line))
-        except ValueError:
-            raise UserError(f"{log_path}:{n} is not a JSON line; use another --name, or --restart") from None
-    if not recs:
-        log_path.write_text(json.dumps({"settings": settings, "h": h}) + "\n")
-        return {}, h
-    if recs[0].get("settings") != settings:
-        raise UserError(
-            f"{log_path} holds answers made with other settings ({recs[0].get('settings')}); "
-            f"use another --name, or --restart to discard them"
-        )
-    stranger = next((n for n, r in enumerate(recs[1:], 2) if r.get("h") != h), None)
-    if stranger:
-        raise UserError(
-            f"{log_path}:{stranger} comes from a run with other settings (logs joined together?); use "
-            f"another --name, or --restart"
-        )
-    return {(r["sample"], r["condition"]): r for r in recs[1:]}, h
+        path.write_text(text[: text.rfind("\n") + 1])
+    if not text.strip():
+        path.write_text(json.dumps({"settings": settings, "h": h}) + "\n")
+
+
+def open_logs(stem, settings, h, restart, rank, world):
+    """-> (every answer already in the run's logs, the log this process appends to). Under torchrun every process
+    reads all the logs before any appends to its own; --restart discards them first."""
+    if restart and rank == 0:
+        for path in log_paths(stem):
+            path.unlink()
+    barrier(world)
+    done = read_logs(stem, settings, h, rank == 0)
+    barrier(world)
+    own = stem.with_suffix(".jsonl") if world == 1 else stem.with_name(f"{stem.name}.rank{rank}.jsonl")
+    start_log(own, settings, h)
+    return done, own
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def source_images(source, indices, samples, cache):
@@ -262,49 +328,38 @@ def source_images(source, indices, samples, cache):
     return images
 
 
-def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, total):
-    """Ask every condition not yet answered; each answer is appended to the log as it comes (a rerun resumes)."""
-    bar = tqdm(total=total, desc="vqa")
+def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, batch_size, progress=True):
+    """Ask every condition not yet answered, batch_size samples at a time. Each answer is appended to the log when
+    its condition's batch is done, so a rerun resumes and a batch killed halfway leaves none of its answers."""
+    todo = [(i, [s for s in conds if (i, str(s)) not in done]) for i in idx]
+    todo = [(i, specs) for i, specs in todo if specs]
+    bar = tqdm(total=sum(len(specs) for _, specs in todo), desc="vqa", disable=not progress)
     with log_path.open("a") as log:
-        for i in idx:
-            mine = [s for s in conds if (i, str(s)) not in done]
-            if not mine:
-                continue
-            meta = samples[str(i)]
-            try:
-                image = load_image(images[i], size)
-            except Exception as e:
-                raise UserError(
-                    f"sample {i} ({meta.get('id')}): unreadable image ({type(e).__name__}: {e}); the "
-                    f"{len(done)} answers so far are kept in {log_path}"
-                ) from None
-            for rec in asker.ask(i, image, meta["question"], mine):
-                rec = {"h": h, "sample": i, **rec}
+        for b in range(0, len(todo), batch_size):
+            items = []
+            for i, specs in todo[b : b + batch_size]:
+                try:
+                    image = load_image(images[i], size)
+                except Exception as e:
+                    raise UserError(
+                        f"sample {i} ({samples[str(i)].get('id')}): unreadable image ({type(e).__name__}: {e}); "
+                        f"the {len(done)} answers so far are kept in {log_path}"
+                    ) from None
+                items.append((i, image, samples[str(i)]["question"], specs))
+            for rec in asker.ask(items):
+                rec = {"h": h, **rec}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                done[(i, rec["condition"])] = rec
+                done[(rec["sample"], rec["condition"])] = rec
                 bar.update(1)
     bar.close()
 
 
-def report(idx, conds, done, samples, stem, settings):
-    """Per-condition accuracy table (printed, JSON, CSV) and the accuracy-vs-budget plot."""
-    per_sample, summary = score(idx, conds, done, samples)
-    print(
-        f"{'condition':<22}{'VQA acc':>9}{'vs original (± 1.96 se)':>26}{'consistent':>11}{'top ans':>8}{'changed':>9}"
-        f"{'ms/sample':>11}"
-    )
-    for s in summary:
-        print(
-            f"{s['condition']:<22}{s['vqa_acc']:>9.4f}{s['delta']:>+17.4f} ± {1.96 * s['delta_se']:<6.4f}"
-            f"{s['consistency']:>11.3f}{s['top_answer']:>8.3f}{s['changed']:>9.3f}{s['ms_per_sample']:>11.1f}"
-        )
-    print(
-        "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
-        "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consistent: "
-        "share of answers equal to the original tokens' once normalised; changed: share that differ at all; ms: "
-        "median per sample (the vision tower's run is shared)"
-    )
+def report(idx, conds, done, samples, stem, settings, stored=None):
+    """Per-condition accuracy and cost table (printed, JSON, CSV), the accuracy-vs-budget plot and the
+    accuracy-vs-cost chart."""
+    per_sample, summary = score(idx, conds, done, samples, stored)
+    print_table(summary)
     if settings["model"] in RANDOM_TEXT:
         print(
             f"{settings['model']} is a randomly initialised model: these accuracies mean nothing; they prove the "
@@ -325,9 +380,43 @@ def report(idx, conds, done, samples, stem, settings):
                 [r["sample"], r["id"], r["question"], " | ".join(r["answers"])]
                 + [x for n in names for x in (r[n]["answer"], f"{r[n]['vqa_acc']:.4f}")]
             )
+    with stem.with_name(f"{stem.name}_summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in summary[0] if not k.endswith("ci95")], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(summary)
     plot(summary, stem.with_suffix(".png"), settings)
-    print(f"wrote {stem}.json, .csv, .png")
+    plot_cost(summary, stem.with_name(f"{stem.name}_cost.png"), settings)
+    print(f"wrote {stem}.json, .csv, _summary.csv, .png, _cost.png")
     return summary
+
+
+COLUMNS = (  # (header, width, format of one summary row)
+    ("condition", 22, lambda s: f"{s['condition']:<22}"),
+    ("VQA acc", 8, lambda s: f"{s['vqa_acc']:>8.4f}"),
+    ("vs original", 20, lambda s: f"{s['delta']:>+11.4f} ± {1.96 * s['delta_se']:<6.4f}"),
+    ("consist", 8, lambda s: f"{s['consistency']:>8.3f}"),
+    ("tokens", 7, lambda s: f"{s['vision_tokens']:>7.0f}"),
+    ("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:>8.2f}"),
+    ("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:>8.2f}"),
+    ("KiB/img", 9, lambda s: f"{s['bytes_per_image'] / 1024:>9.1f}" if s["bytes_per_image"] is not None else " " * 9),
+    ("trans ms", 9, lambda s: f"{s['transform_ms']:>9.2f}"),
+    ("prefill ms", 11, lambda s: f"{s['prefill_ms']:>11.1f}"),
+    ("ms/token", 9, lambda s: f"{s['decode_ms_per_token']:>9.2f}" if s["decode_ms_per_token"] else " " * 9),
+)
+
+
+def print_table(summary):
+    print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
+    for s in summary:
+        print("".join(f(s) for _, _, f in COLUMNS))
+    print(
+        "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
+        "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consist: share "
+        "of answers equal to the original tokens' once normalised; tokens: vision tokens into the language model; "
+        "GFLOPs: its prefill (lm_cost.py); KV MiB: the prompt's KV cache; KiB/img: what reproduces the tokens; "
+        f"trans ms: the transform; prefill ms and ms/token (one decoding step): per batch of "
+        f"{summary[0]['batch_size']:.0f}, medians, device-synchronised"
+    )
 
 
 def plot(summary, path, settings):
@@ -367,6 +456,44 @@ def plot(summary, path, settings):
     ax.set_ylabel("VQA accuracy")
     ax.set_title(f"VQA accuracy by vision-token budget, {settings['model']}, n={summary[0]['n']}")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+FAMILIES = {"svd": "reconstruction", "nn": "reconstruction", "keep": "selection", "codec": "compression"}
+
+
+def plot_cost(summary, path, settings):
+    """Accuracy against three costs (vision tokens, prefill FLOPs, bytes per image), every condition on each,
+    one series per transform family (svd, nn, each rule, each codec), the original tokens a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    series = {}
+    for s in summary:
+        if s["kind"] in ("original", "zeros"):
+            continue
+        name = s["rule"] or s["codec"] or s["kind"]
+        series.setdefault((FAMILIES.get(s["kind"], s["kind"]), name), []).append(s)
+    marks = {"reconstruction": "o-", "selection": "s--", "compression": "^:", "merging": "D-."}
+    axes_of = (("vision_tokens", "vision tokens into the language model"), ("prefill_flops", "prefill FLOPs"))
+    for ax, (key, label) in zip(axes, axes_of + (("bytes_per_image", "bytes per image"),)):
+        for (fam, name), rows in series.items():
+            rows = sorted((r for r in rows if r[key]), key=lambda r: r[key])
+            ax.plot([r[key] for r in rows], [r["vqa_acc"] for r in rows], marks.get(fam, "x-"), label=f"{fam}: {name}")
+        base = summary[0]
+        ax.axhline(base["vqa_acc"], color="k", lw=1, label="original tokens")
+        ax.plot([base[key]], [base["vqa_acc"]], "k*", ms=10)
+        zeros = next((s for s in summary if s["kind"] == "zeros"), None)
+        if zeros is not None:
+            ax.axhline(zeros["vqa_acc"], color="k", ls=":", lw=1, label="all-zero tokens")
+        ax.set_xscale("log"), ax.set_xlabel(label), ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("VQA accuracy"), axes[0].set_ylim(-0.02, 1.02), axes[0].legend(fontsize=7)
+    fig.suptitle(f"VQA accuracy against cost, {settings['model']}, n={summary[0]['n']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

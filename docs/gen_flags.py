@@ -16,6 +16,7 @@ SCRIPTS = [
     "visualize_svd_nn",
     "svd_baseline",
     "bench",
+    "bench_vqa",
     "bench_extract",
     "tokens",
     "compress",

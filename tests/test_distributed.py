@@ -107,3 +107,43 @@ def test_sharded_extraction(tiny_cache, tmp_path):
             feature_cache.read_feature(feature_cache.feature_path(tmp_path / "c", i)),
             feature_cache.read_feature(feature_cache.feature_path(tiny_cache / "cache", i)),
         ), i
+
+
+def test_vqa_eval_sharded_over_two_processes_equals_one(trained, tmp_path):
+    """torchrun --nproc_per_node=2 vqa_eval.py: each rank answers every other sample into its own log, rank 0
+    merges them and reports once; every answer and every accuracy equals the single-process run's."""
+    import vqa_eval
+
+    common = ["--results_dir", trained, "--model", "tiny-random", "--split", "train", "--limit", "5"]
+    common += [
+        "--svd_ranks",
+        "8",
+        "--nn_ranks",
+        "16",
+        "--rules",
+        "random",
+        "--keep",
+        "16",
+        "--zeros",
+        "--device",
+        "cpu",
+    ]
+    out = torchrun(2, "vqa_eval.py", *common, "--out_dir", tmp_path / "two", "--batch_size", "2")
+    assert out.count("wrote ") == 1  # rank 0 alone reports
+    logs = {p.name: p.read_text().splitlines()[1:] for p in sorted((tmp_path / "two").glob("*.jsonl"))}
+    assert sorted(logs) == ["vqa_train.rank0.jsonl", "vqa_train.rank1.jsonl"]
+    per_rank = [{json.loads(line)["sample"] for line in lines} for lines in logs.values()]
+    assert len(per_rank[0]) == 3 and len(per_rank[1]) == 2 and not per_rank[0] & per_rank[1]
+    vqa_eval.main([str(a) for a in common] + ["--out_dir", str(tmp_path / "one"), "--batch_size", "5"])
+    two, one = (json.loads((tmp_path / d / "vqa_train.json").read_text()) for d in ("two", "one"))
+    conds = [s["condition"] for s in one["summary"]]
+    assert [s["condition"] for s in two["summary"]] == conds and len(conds) == 5
+    assert [{c: r[c]["answer"] for c in conds} for r in two["samples"]] == [
+        {c: r[c]["answer"] for c in conds} for r in one["samples"]
+    ]
+    for a, b in zip(two["summary"], one["summary"]):
+        assert (a["vqa_acc"], a["consistency"], a["prefill_flops"]) == (
+            b["vqa_acc"],
+            b["consistency"],
+            b["prefill_flops"],
+        )

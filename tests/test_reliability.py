@@ -227,13 +227,19 @@ def test_metadata_schema(tmp_path):
         images.Source(tmp_path / "bad.jsonl")
 
 
+# the cost fields of an answer's record (vqa.Asker.ask), for answers made up by hand
+COST = dict(vision_tokens=256, prompt_tokens=300, prefill_flops=1e9, kv_bytes=1e6, batch=2, transform_ms=0.1)
+COST.update(prefill_ms=5.0, decode_ms=1.0, generate_ms=9.0, peak_mib=None)
+
+
 def test_a_sample_without_answers_is_left_out_of_the_accuracy():
     conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {"0": {"question": "q", "answers": ["a"] * 10}, "1": {"question": "q"}}
-    done = {(i, str(c)): {"answer": "a" if c.kind == "original" else "b", "ms": 1.0} for i in (0, 1) for c in conds}
+    done = {(i, str(c)): {"answer": "a" if c.kind == "original" else "b", **COST} for i in (0, 1) for c in conds}
     _, summary = vqa.score([0, 1], conds, done, samples)
     assert summary[0]["vqa_acc"] == 1.0 and summary[1]["vqa_acc"] == 0.0
     assert summary[0]["n"] == 1 and summary[0]["n_without_answers"] == 1
+    assert summary[0]["ms_per_sample"] == 0.1 + 9.0 / 2 and summary[0]["prefill_flops"] == 1e9
 
 
 def test_an_image_gone_from_the_source_is_reported_missing(tmp_path, capsys):
@@ -499,7 +505,7 @@ def test_consistency_and_bootstrap_intervals_by_hand():
     conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {str(i): {"question": "q", "answers": ["yes"] * 10} for i in range(4)}
     said = {0: ("Yes", "yes."), 1: ("yes", "no"), 2: ("no", "No"), 3: ("no", "yes")}  # (original, zeros)
-    done = {(i, str(c)): {"answer": said[i][k], "ms": 1.0} for i in range(4) for k, c in enumerate(conds)}
+    done = {(i, str(c)): {"answer": said[i][k], **COST} for i in range(4) for k, c in enumerate(conds)}
     _, (orig, zeros) = vqa.score(list(range(4)), conds, done, samples)
     assert orig["consistency"] == 1.0 and zeros["consistency"] == 0.5  # "yes." ~ "Yes", "No" ~ "no"
     assert zeros["consistency_se"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)

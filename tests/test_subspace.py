@@ -159,6 +159,8 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
         VQA_LIMIT="2",
         EXTRACT_MODEL="tiny-random",
         EXTRACT_BATCHES="2,4",
+        VQA_BATCHES="1,2",
+        VQA_BENCH_NUM="2",
         PYTHON=sys.executable,
     )
     r = subprocess.run(
@@ -174,6 +176,7 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
     assert "features synthetic-hard" in table and "subspace (NN)" in table and "GEMM floor" in table
     assert "train, 1 epoch bf16 amp" in table and "extraction img/s, batch 4" in table
     assert "tiny-random VQA ms/sample: original" in table and "tiny-random VQA ms/sample: svd:64" in table
+    assert "tiny-random answers/s, batch 2" in table and "same answers: True" in table
     assert "profile: subspace factors at rank 16" in r.stdout and "aten::" in r.stdout
     b = json.loads((tmp_path / "w" / "results" / "bench.json").read_text())
     assert b["features"] == "synthetic-hard" and b["arch_options"]["power_iters"] == 1

@@ -185,28 +185,54 @@ def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, 
 
 
 def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
-    """Interrupted after 3 answers, the rerun asks only the 3 missing ones; a third run asks none."""
+    """Interrupted after 3 answers (batch 1), the rerun asks only the 3 missing ones; a third run asks none."""
     calls = []
-    real = vlm.answer
+    real = vlm.greedy
 
-    def counting(*a, **k):
-        calls.append(1)
+    def counting(model, prompts, *a, **k):
+        calls.extend(prompts)
         if len(calls) == 4 and not getattr(counting, "resumed", False):
             raise KeyboardInterrupt  # the user's Ctrl-C
-        return real(*a, **k)
+        return real(model, prompts, *a, **k)
 
-    monkeypatch.setattr(vqa, "answer", counting)
+    monkeypatch.setattr(vqa, "greedy", counting)
+    args = ("--svd_ranks", "8", "--nn_ranks", "", "--zeros", "--batch_size", "1")
     with pytest.raises(KeyboardInterrupt):
-        run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
+        run(trained, tmp_path, *args)
     assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1 + 3
     counting.resumed, calls[:] = True, []
-    run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
+    run(trained, tmp_path, *args)
     assert len(calls) == 3  # 2 samples x 3 conditions - 3 done
     calls[:] = []
-    summary = run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--zeros")
+    summary = run(trained, tmp_path, *args)
     assert calls == [] and [s["n"] for s in summary] == [2, 2, 2]
     with pytest.raises(SystemExit, match="other settings"):  # another prompt: not mixed into the same file
         run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--prompt", "{question}?")
+
+
+def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, monkeypatch):
+    """Batches of 3 samples: killed inside the second condition's decoding, the log holds the first condition's 3
+    answers and nothing of the second; the rerun's answers equal an uninterrupted run's."""
+    real, calls = vlm.greedy, []
+
+    def dying(model, prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, prompts, *a, **k)
+
+    monkeypatch.setattr(vqa, "greedy", dying)
+    args = ("--svd_ranks", "8", "--nn_ranks", "", "--batch_size", "3", "--limit", "3")
+    with pytest.raises(KeyboardInterrupt):
+        run(trained, tmp_path / "a", *args)
+    log = [json.loads(l) for l in (tmp_path / "a" / "vqa_test.jsonl").read_text().splitlines()[1:]]
+    assert calls[0] == 3 and [r["condition"] for r in log] == ["original"] * 3
+    monkeypatch.setattr(vqa, "greedy", real)
+    run(trained, tmp_path / "a", *args)
+    run(trained, tmp_path / "b", *args)
+    answers = lambda d: {(r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")}  # noqa: E731
+    a, b = (json.loads((tmp_path / d / "vqa_test.json").read_text()) for d in "ab")
+    assert len(answers(a)) == 6 and answers(a) == answers(b)
 
 
 def test_wrong_model_for_the_cache_is_refused(trained, tmp_path):
@@ -271,11 +297,12 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
     best = max(set(refs[0]), key=refs[0].count)
     calls = iter(range(100))
 
-    def by_condition(*a, **k):
-        n = next(calls)  # per sample: original, then svd:8
-        return (best.upper() + ".", [0]) if n == 0 else ("wrong", [1])
+    def by_condition(model, prompts, *a, **k):  # one batch per condition: original, then svd:8
+        toks = [[0], [1]] if next(calls) == 0 else [[1], [1]]
+        return toks, {"prefill_s": 0.0, "decode_s": None, "total_s": 0.0}
 
-    monkeypatch.setattr(vqa, "answer", by_condition)
+    monkeypatch.setattr(vqa, "greedy", by_condition)
+    monkeypatch.setattr(vqa, "decode_answer", lambda proc, toks: best.upper() + "." if toks == [0] else "wrong")
     summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
     acc0 = vqa_score.vqa_accuracy(best, refs[0])
     assert acc0 > 0 and vqa_score.vqa_accuracy("wrong", refs[1]) == 0
@@ -306,3 +333,123 @@ def test_transform_specs_on_the_command_line(trained, tmp_path):
         assert r["svd:256"]["answer"] == r["original"]["answer"] == r["codec:fp16"]["answer"]
     with pytest.raises(SystemExit, match="transform 'svd:x'"):
         run(trained, tmp_path / "b", "--transforms", "svd:x")
+
+
+# ---------------------------------------------------------------------------------------------- batches and the cost
+
+QUESTIONS = ["what?", "what is written on the sign in this photo, in capitals?", "colour", "who is at the back"]
+KINDS = [
+    "original",
+    "zeros",
+    "svd:8",
+    "nn:16",
+    "keep:leverage:32",
+    "keep:random:16",
+    "keep:lrcp:64",
+    "codec:pca_int8:32",
+]
+
+
+def test_batched_answers_equal_batch_one(trained, tiny_vlm):
+    """Every condition kind, 4 questions of different lengths: the answers of one batch of 4 (and of 3 + 1) equal
+    the answers asked one sample at a time, token for token, and the batches had mixed prompt lengths."""
+    import runs
+    import transforms
+
+    model, proc = tiny_vlm
+    cfg, split = runs.read_run(trained)
+    nn_model = runs.load_run(trained)[0]
+    conds = [transforms.parse_spec(t) for t in KINDS]
+    bases = vqa.fit_bases(conds, 8, trained, cfg["cache_dir"], split["train"], cfg["normalization"])
+    asker = vqa.Asker(model, proc, torch.float32, "layernorm", (16, 16), nn_model, bases, 8, 0, str, 6)
+    import demo_set
+
+    rows = demo_set.make_rows(4, seed=5)
+    items = [
+        (i, images.load_image(r["image"]["bytes"], (448, 448)), q, conds)
+        for i, (r, q) in enumerate(zip(rows, QUESTIONS))
+    ]
+    one = {(r["sample"], r["condition"]): r for it in items for r in asker.ask([it])}
+    assert {r["batch"] for r in one.values()} == {1}
+    for chunks in ([items], [items[:3], items[3:]]):
+        many = {(r["sample"], r["condition"]): r for c in chunks for r in asker.ask(c)}
+        assert many.keys() == one.keys()
+        assert all(many[k]["tokens"] == one[k]["tokens"] for k in one), [
+            k for k in one if many[k]["tokens"] != one[k]["tokens"]
+        ]
+        assert len({many[i, "original"]["prompt_tokens"] for i in range(4)}) == 4  # mixed lengths in one batch
+    tokens = {c: one[0, c]["vision_tokens"] for c in KINDS}
+    assert tokens == {c: int(c.split(":")[-1]) if c.startswith("keep") else 256 for c in KINDS}
+
+
+def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
+    """vlm.greedy itself: all 256 tokens, 40 kept tokens and 7 kept tokens, after questions of different lengths,
+    in one left-padded batch, give each prompt's batch-1 tokens; each stops at its own eos id."""
+    model, proc = tiny_vlm
+    img = model.config.image_token_id
+    prompts = []
+    for q, kept in zip(
+        QUESTIONS[:3], [None, torch.arange(0, 256, 6)[:40], torch.tensor([3, 50, 77, 100, 101, 200, 255])]
+    ):
+        inp = prompt_inputs(proc, q)
+        ids = inp["input_ids"][0]
+        with torch.no_grad():
+            V = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+            V = getattr(V, "pooler_output", V)
+        pos = vlm.mrope_positions(ids, img, (16, 16))
+        prompts.append(vlm.prompt_embeds(model, ids, pos, V if kept is None else V[kept], kept, img))
+    assert len({len(e) for e, _ in prompts}) == 3
+    alone = [vlm.greedy(model, [p], 8, set())[0][0] for p in prompts]
+    assert vlm.greedy(model, prompts, 8, set())[0] == alone
+    eos = {alone[1][2]}  # the second prompt's third token ends its answer there; the others run on
+    cut = vlm.greedy(model, prompts, 8, eos)[0]
+    assert cut[1] == alone[1][: alone[1].index(alone[1][2]) + 1]
+    assert all(
+        c == a[: a.index(t) + 1] if (t := next((x for x in a if x in eos), None)) else c == a
+        for c, a in zip(cut, alone)
+    )
+
+
+def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
+    """lm_cost's formula against torch's FLOP counter on the tiny model's real prefill (eager attention, whose
+    matmuls the counter sees; the last token's logits only), and by hand: 1 layer, d = 2048, 2 heads of 1024, 1
+    key/value head, MLP 256, vocabulary 263. The KV bytes equal the cache the prefill leaves."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DynamicCache
+
+    import lm_cost
+
+    model, _ = tiny_vlm
+    cfg = model.config.text_config
+    n = 300
+    by_hand = (
+        2 * n * 2048 * (2048 + 2 * 1024) + 2 * n * 2048 * 2048 + 4 * n * n * 2048 + 6 * n * 2048 * 256 + 2 * 2048 * 263
+    )
+    assert lm_cost.prefill_flops(cfg, n) == by_hand
+    x, pos = torch.randn(1, n, 2048), torch.arange(n)[None, None].expand(3, 1, n)
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            cache = DynamicCache()
+            model(inputs_embeds=x, position_ids=pos, logits_to_keep=1, use_cache=True, cache=cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert fc.get_total_flops() == by_hand
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert lm_cost.kv_bytes(cfg, n, 4) == held == 2 * 1 * 1024 * n * 4
+
+
+def test_stored_bytes_per_image():
+    """Bytes that reproduce each condition's tokens, by hand for [256, 2048] features in bf16 (2 bytes), and the
+    codecs' from their real payloads."""
+    import feature_codecs
+    import transforms
+
+    T, D, b = 256, 2048, 2
+    size = lambda t: transforms.stored_bytes(transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)})  # noqa: E731
+    assert size("original") == T * D * 2 and size("zeros") == 0
+    assert size("svd:64") == size("nn:64") == 64 * (T + D) * 2 + 2 * T * 2
+    assert size("keep:norm:32") == 32 * D * 2 + 32 * 2
+    assert size("codec:int8") == T * D + 4 * T + 2 * T * 2  # one byte per number, a float32 scale per row
+    payload = feature_codecs.encode("pca_int8", torch.randn(T, D), 32, torch.eye(D))
+    assert size("codec:pca_int8:32") == feature_codecs.payload_bytes(payload) + 2 * T * 2

@@ -1,0 +1,105 @@
+"""
+Downstream answering throughput: answers per second of vqa_eval's path (tower, transform, greedy decoding) at
+several batch sizes, on the same questions and images, and whether every batch size gives batch 1's answers.
+
+    python bench_vqa.py                                                   (tiny-random on the CPU: the mechanics)
+    python bench_vqa.py --model random-3b --device cuda --batch_sizes 1,8,32 --num 64      (real size, bf16)
+
+The images are the demo set's photos (scikit-image), every question a different length; the conditions are
+transform specs that need no training run (original, zeros, svd:r, keep:<rule>:k except lrcp, codec:fp16/int8/...).
+One warm-up batch runs first at each batch size; then all --num samples under every condition, timed as a whole.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
+from demo_set import make_rows
+from encoders import TINY, default_dtype
+from images import load_image
+from metrics import synchronize
+from transforms import check_spec, parse_spec
+from vlm import RANDOM_TEXT, load_vlm
+from vqa import PROMPT, Asker
+
+QUESTIONS = ("what is written on the sign?", "what word is on it?", "what does the sign in this photo say, exactly?")
+
+
+def get_args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--model", default=TINY, help=f"a full model built in code ({', '.join(RANDOM_TEXT)}) or a checkpoint"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--num", type=positive_int, default=32, help="samples answered at every batch size")
+    ap.add_argument("--batch_sizes", default="1,8,32", help="comma list; the first is the reference")
+    ap.add_argument("--transforms", default="original,svd:64,keep:norm:64", help="conditions (transform specs)")
+    ap.add_argument("--max_new_tokens", type=positive_int, default=8, help="greedy decoding length limit")
+    ap.add_argument("--json", default=None, help="write the figures here too")
+    return ap
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or default_dtype(dev))
+    sizes = parse_ints(args.batch_sizes, "--batch_sizes")
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch_sizes {args.batch_sizes}: give positive batch sizes, e.g. 1,8,32")
+    conds = [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
+    model, proc = load_vlm(args.model, dev, dtype, (448, 448))
+    for spec in conds:
+        if spec.kind == "nn" or spec.rule == "lrcp" or spec.codec and spec.codec.startswith(("pca", "omega")):
+            raise UserError(f"transform {spec}: needs a training run; bench_vqa.py takes the ones that do not")
+        check_spec(spec, 256, model.config.vision_config.out_hidden_size)
+    max_svd = max((s.rank for s in conds if s.kind == "svd"), default=0)
+    prompt = lambda q: PROMPT.format(question=q)  # noqa: E731
+    asker = Asker(model, proc, dtype, "layernorm", (16, 16), None, {}, max_svd, 0, prompt, args.max_new_tokens)
+    rows = make_rows(args.num, seed=0)
+    items = [
+        (i, load_image(r["image"]["bytes"], (448, 448)), QUESTIONS[i % len(QUESTIONS)], conds)
+        for i, r in enumerate(rows)
+    ]
+    n_answers = len(items) * len(conds)
+    print(
+        f"{args.model} ({str(dtype).replace('torch.', '')} on {dev}): {len(items)} samples x {len(conds)} conditions "
+        f"({', '.join(map(str, conds))}) = {n_answers} answers, up to {args.max_new_tokens} new tokens each"
+    )
+    results, ref = [], None
+    for b in sizes:
+        list(asker.ask(items[:b]))  # warm-up
+        synchronize(dev)
+        t = time.perf_counter()
+        recs = [r for s in range(0, len(items), b) for r in asker.ask(items[s : s + b])]
+        synchronize(dev)
+        secs = time.perf_counter() - t
+        answers = {(r["sample"], r["condition"]): r["tokens"] for r in recs}
+        ref = ref or answers
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        results.append(
+            {
+                "batch_size": b,
+                "answers_per_s": n_answers / secs,
+                "seconds": secs,
+                "equal_to_first": answers == ref,
+                "differing": sum(answers[k] != ref[k] for k in ref),
+                "peak_gpu_gib": peak,
+            }
+        )
+    print(f"{'batch':>6}{'answers/s':>11}{'x first':>9}{'seconds':>9}  same answers as batch {sizes[0]}")
+    for r in results:
+        r["speedup"] = r["answers_per_s"] / results[0]["answers_per_s"]
+        same = "yes" if r["equal_to_first"] else f"no ({r['differing']} of {n_answers} differ)"
+        print(f"{r['batch_size']:>6}{r['answers_per_s']:>11.2f}{r['speedup']:>9.2f}{r['seconds']:>9.1f}  {same}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "device": str(dev), "rows": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
