@@ -7,6 +7,7 @@ processor at a fixed size, and Encoder: PIL images -> [N, T, D] vision tokens, w
 import importlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -237,3 +238,64 @@ class Encoder:
         if isinstance(out, tuple):  # 4.x Qwen3-VL: (merged tokens, deepstack features)
             out = out[0]
         return out.reshape(len(images), self.grid[0] * self.grid[1], self.dim)
+
+
+@torch.no_grad()
+def attention_received(tower, pixel_values, grid_thw, check=False):
+    """(the tower's output [N·T, D], attention [N, T]): for each image, the attention each merged token receives in
+    the tower's last full-attention block, averaged over heads and queries and summed over the token's patches
+    (VisionZip's dominance), in raster order like the output. sdpa returns no weights, so softmax(q kᵀ / √d) is
+    recomputed from that block's own q and k (rotary applied) for the images at hand. check: also return
+    {'recomputed', 'actual'} (that attention applied to v and the output projection, and the block's own attention
+    output) and the un-permutation 'order'."""
+    full = getattr(tower, "fullatt_block_indexes", None) or [len(tower.blocks) - 1]  # Qwen2-VL: every block is full
+    attn = tower.blocks[full[-1]].attn
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    seen = {}
+
+    def grab(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        q, k, v = module.qkv(h).reshape(len(h), 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rotary(q, k, *kwargs["position_embeddings"])
+        bounds, recv, mixed = kwargs["cu_seqlens"].tolist(), [], []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            w = torch.softmax(torch.einsum("nhd,mhd->hnm", q[s:e].float(), k[s:e].float()) * module.scaling, -1)
+            recv.append(w.mean((0, 1)))
+            if check:
+                mixed.append(torch.einsum("hnm,mhd->nhd", w, v[s:e].float()).reshape(e - s, -1))
+        seen["patches"] = torch.cat(recv)
+        if check:
+            seen["recomputed"] = module.proj(torch.cat(mixed).to(h.dtype))
+
+    def grab_output(module, args, kwargs, out):
+        seen["actual"] = out
+
+    hooks = [attn.register_forward_pre_hook(grab, with_kwargs=True)]
+    hooks.append(tower.merger.register_forward_hook(lambda m, a, out: seen.update(merged=out)))
+    if check:
+        hooks.append(attn.register_forward_hook(grab_output, with_kwargs=True))
+    try:
+        out = tower(pixel_values, grid_thw=grid_thw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = getattr(out, "pooler_output", out)
+    out = out[0] if isinstance(out, tuple) else out
+    per_token = seen["patches"].reshape(-1, tower.spatial_merge_size**2).sum(1)  # window order, as the merger
+    order = raster_order(seen["merged"], out)
+    att = per_token[order].reshape(len(grid_thw), -1)
+    if check:
+        return out, att, {"recomputed": seen["recomputed"], "actual": seen["actual"], "order": order}
+    return out, att
+
+
+def raster_order(window_ordered, raster):
+    """The permutation p with raster == window_ordered[p] (the tower un-permutes its window order after the merger),
+    read off the rows themselves: a random projection tells them apart."""
+    r = torch.randn(window_ordered.shape[1], 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a, b = (window_ordered.double() @ r.to(raster.device))[:, 0], (raster.double() @ r.to(raster.device))[:, 0]
+    p = torch.empty_like(a, dtype=torch.long)
+    p[b.argsort()] = a.argsort()
+    if not torch.equal(window_ordered[p], raster):
+        raise RuntimeError("the tower's output is not a permutation of its merger's output")
+    return p

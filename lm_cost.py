@@ -18,16 +18,19 @@ def sizes(text_config):
     )
 
 
-def prefill_flops(text_config, n):
+def prefill_flops(text_config, n, pruned=None):
     """FLOPs (2 per multiply-add) of one prefill over n tokens: per layer the q, k, v and o projections, the
     attention scores and their weighted sum over all n x n pairs (the field's convention, as FastV counts; a causal
-    kernel does about half), a gated MLP of three matrices; then the logits of the last token only."""
+    kernel does about half), a gated MLP of three matrices; then the logits of the last token only. pruned: (K, n')
+    when only n' tokens remain after layer K (FastV; its ranking, one query row, is not counted)."""
     layers, d, dq, dkv, m, vocab = sizes(text_config)
-    per_layer = 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d + 4 * n * n * dq + 6 * n * d * m
-    return layers * per_layer + 2 * d * vocab
+    per_layer = lambda n: 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d + 4 * n * n * dq + 6 * n * d * m  # noqa: E731
+    K, after = pruned or (layers, n)
+    return K * per_layer(n) + (layers - K) * per_layer(after) + 2 * d * vocab
 
 
-def kv_bytes(text_config, n, element_bytes):
-    """Bytes of the keys and values that n prompt tokens leave in the cache."""
+def kv_bytes(text_config, n, element_bytes, pruned=None):
+    """Bytes of the keys and values that n prompt tokens leave in the cache (pruned: as in prefill_flops)."""
     layers, _, _, dkv, _, _ = sizes(text_config)
-    return 2 * layers * dkv * n * element_bytes
+    K, after = pruned or (layers, n)
+    return 2 * dkv * (K * n + (layers - K) * after) * element_bytes

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import BadFeature, HelpFormatter, UserError, dist_env, nonneg_int, positive_int, run_cli
-from encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY, Encoder, encoder_key
+from encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY, Encoder, attention_received, encoder_key
 from feature_cache import (
     MANIFEST,
     SAMPLE_LOG,
@@ -128,6 +128,39 @@ def cached_image(cache_dir, sid):
     except Exception as e:
         print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
         return None
+
+
+def tower_attention(cache_dir, idx, device="cpu", progress=True):
+    """{sample: [T]} the attention each token receives in the cache's vision tower (encoders.attention_received),
+    running the tower again on each sample's image; the tower's output must be the cached features (else the image
+    or the model is another one than the cache's, and the attention would belong to other tokens)."""
+    manifest = load_manifest(cache_dir)
+    enc = manifest["encoder"]
+    if manifest["source"].get("kind") == "synthetic" or enc.get("family") == "synthetic":
+        raise UserError(
+            f"{cache_dir} holds synthetic features: there is no vision tower whose attention visionzip needs"
+        )
+    size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
+    encoder = Encoder(
+        enc["model"],
+        device,
+        enc.get("dtype"),
+        enc.get("revision"),
+        "x".join(map(str, size)) if isinstance(size, list) else size,
+    )
+    out = {}
+    for i in tqdm(idx, desc="tower attention", disable=not progress):
+        image = cached_image(cache_dir, i)
+        if image is None:
+            raise UserError(f"sample {i}: its image is not reachable, so the tower's attention cannot be taken")
+        inputs = encoder.processor(images=[Image.fromarray(image)], return_tensors="pt")
+        pixels = inputs["pixel_values"].to(encoder.device, encoder.dtype)
+        V, att = attention_received(encoder.tower, pixels, inputs["image_grid_thw"].to(encoder.device))
+        X = read_feature(feature_path(cache_dir, i)).float()
+        if (V.float().cpu() - X).norm() > 1e-2 * X.norm():
+            raise UserError(f"sample {i}: the tower's output is not the cached features (another image or model)")
+        out[i] = att[0].cpu()
+    return out
 
 
 def load_basis(cache_dir, codec, dim):

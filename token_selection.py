@@ -8,9 +8,15 @@ kept tokens.
                 residual ‖x − P x‖ (LRCP, arXiv 2605.15621)
     pivoted_qr  column-pivoted QR of Xᵀ: greedily the token farthest from the span of those already kept (a classical
                 column-subset selection; LAPACK's geqp3 criterion)
+    divprune    DivPrune (arXiv 2503.02175): greedy max-min diversity in cosine distance, each time the token farthest
+                from all those kept
+    dart        DART (arXiv 2502.11494) on the features: a few pivot tokens (largest L1 norm), then in turn for each
+                pivot the token least similar to it (duplication-aware)
     norm        the k largest token norms ‖x_t‖
     grid        a uniform spatial grid of k cells over the H×W token grid
     random      k tokens drawn uniformly (seeded)
+
+Merging rules (pooling, ToMe, VisionZip) are in token_merging.py.
 """
 
 import math
@@ -19,7 +25,8 @@ import numpy as np
 import torch
 
 LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
-RULES = ("leverage", "lrcp", "pivoted_qr", "norm", "grid", "random")
+RULES = ("leverage", "lrcp", "pivoted_qr", "divprune", "dart", "norm", "grid", "random")
+DART_PIVOTS = 4  # DART's pivot image tokens
 
 
 def pivoted_qr(X, k):
@@ -42,6 +49,41 @@ def pivoted_qr(X, k):
     if len(kept) < k:  # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
         rest = [t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept]
         kept += rest[: k - len(kept)]
+    return torch.tensor(kept)
+
+
+def divprune(X, k):
+    """DivPrune's greedy max-min diversity in cosine distance: first the token whose nearest other token is
+    farthest, then each time the token farthest from every token kept so far."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    dist = 1.0 - Xn @ Xn.T
+    near = dist + torch.diag(torch.full((len(X),), float("inf"), dtype=dist.dtype))
+    kept = [int(near.min(0).values.argmax())]
+    gap = dist[kept[0]].clone()
+    for _ in range(k - 1):
+        gap[kept] = -1.0
+        t = int(gap.argmax())
+        kept.append(t)
+        gap = torch.minimum(gap, dist[t])
+    return torch.tensor(kept)
+
+
+def dart(X, k, pivots=DART_PIVOTS):
+    """DART's duplication-aware selection on the features: the `pivots` tokens of largest L1 norm, then, in turn
+    for each pivot, the token least similar to it (cosine) not kept yet, until k."""
+    p = min(pivots, k)
+    kept = X.double().abs().sum(1).topk(p).indices.tolist()
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    order = (Xn[kept] @ Xn.T).argsort(1)  # per pivot, the least similar tokens first
+    cursor, taken = [0] * p, set(kept)
+    while len(kept) < k:
+        for j in range(p):
+            while int(order[j, cursor[j]]) in taken:
+                cursor[j] += 1
+            t = int(order[j, cursor[j]])
+            kept.append(t), taken.add(t)
+            if len(kept) == k:
+                break
     return torch.tensor(kept)
 
 
@@ -70,6 +112,10 @@ def select(rule, X, k, hw=None, basis=None, generator=None):
         return (resid * resid).sum(1).topk(k).indices
     if rule == "pivoted_qr":
         return pivoted_qr(X, k)
+    if rule == "divprune":
+        return divprune(X, k)
+    if rule == "dart":
+        return dart(X, k)
     if rule == "norm":
         return (X.double() ** 2).sum(1).topk(k).indices
     if rule == "grid":
@@ -81,9 +127,11 @@ def select(rule, X, k, hw=None, basis=None, generator=None):
 
 def reconstruct_from(X, kept, rtol=1e-10):
     """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably as X·V·Vᵀ with V
-    the right singular vectors of X_S above rtol·σ₁ (float64)."""
+    the right singular vectors of X_S above rtol·σ₁ (float64). kept: indices, or the rows [k, D] themselves (merged
+    tokens)."""
     Xd = X.double()
-    _, S, Vh = torch.linalg.svd(Xd[kept], full_matrices=False)
+    rows = Xd[kept] if kept.dtype in (torch.int64, torch.int32) else kept.double()
+    _, S, Vh = torch.linalg.svd(rows, full_matrices=False)
     V = Vh[S > rtol * S[0]].T if len(S) and S[0] > 0 else Vh[:0].T
     return (Xd @ V) @ V.T
 

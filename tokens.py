@@ -5,7 +5,11 @@ with rank-k truncated SVD, which no choice of k tokens can beat (X̂ has rank <=
 
     python tokens.py --results_dir results --ks 16,32,64,128
 
-Rules (token_selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, norm, grid, random.
+Selection rules (token_selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, divprune, dart, norm, grid, random
+(drawn --random_draws times: mean ± spread over the draws). Merging rules (token_merging.py): pool, tome, visionzip:
+k merged tokens, every token rebuilt from their span; box recall counts their representative tokens. visionzip needs
+the tower's attention: the cache's tower runs again on each image (--device), so it is left out of the default rules
+for a cache without one (synthetic features).
 Writes tokens_<name>.json / .csv, tokens_<name>_cosine.png (cosine vs k per rule, with SVD), tokens_<name>_box.png
 (answer-box recall vs k) and tokens_<name>_kept.png (the kept tokens over one image, with its box).
 """
@@ -25,8 +29,9 @@ import metrics
 from cli import HelpFormatter, UserError, check_rank, nonneg_int, parse_ints, positive_int, run_cli
 from feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
 from metrics import scale_bbox
-from qwenvl_dataloader import FeatureDataset, cached_image, principal_basis
+from qwenvl_dataloader import FeatureDataset, cached_image, principal_basis, tower_attention
 from runs import first, read_run
+from token_merging import MERGES, merge, pool_shape
 from token_selection import LRCP_RANK, RULES, box_hits, reconstruct_from, select
 
 
@@ -43,7 +48,13 @@ def get_args_parser():
         "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
     )
     ap.add_argument("--ks", default="16,32,64,128", help="numbers of kept tokens")
-    ap.add_argument("--rules", default=",".join(RULES), help="comma list of rules")
+    ap.add_argument(
+        "--rules", default=",".join(RULES + MERGES), help="comma list of selection and merging rules (see above)"
+    )
+    ap.add_argument(
+        "--random_draws", type=positive_int, default=5, help="random: draws with seeds --seed, --seed + 1, ..."
+    )
+    ap.add_argument("--device", default="cpu", help="where the tower runs for visionzip's attention")
     ap.add_argument(
         "--lrcp_rank",
         type=positive_int,
@@ -70,9 +81,18 @@ def main(argv=None):
     for k in ks:
         check_rank(k, min(T, D), "--ks")
     check_rank(args.draw_k, min(T, D), "--draw_k")
-    bad = set(rules) - set(RULES)
+    bad = set(rules) - set(RULES + MERGES)
     if bad:
-        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES)}")
+        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES + MERGES)}")
+    if "pool" in rules:
+        for k in ks + [args.draw_k]:
+            try:
+                pool_shape(hw, k)
+            except ValueError as e:
+                raise UserError(f"--ks / --draw_k {k}: {e}") from None
+    synthetic = load_manifest(cache)["source"].get("kind") == "synthetic"
+    if synthetic and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
+        rules.remove("visionzip")  # the default asks for every rule; a cache without a tower cannot give this one
     idx = first(split[args.split], args.num_samples)
     X_all = [x for x, _ in FeatureDataset(cache, idx, norm)]
     masks = answer_box_masks(cache, idx)
@@ -85,7 +105,9 @@ def main(argv=None):
         f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
         f"principal directions of {len(split['train'])} training images"
     )
-    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, torch.Generator().manual_seed(args.seed))
+    attention = tower_attention(cache, idx, args.device) if "visionzip" in rules else None
+    seeds = [args.seed + d for d in range(args.random_draws)]
+    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention)
     print_rows(rows)
     stem = out / f"tokens_{args.name or args.split}"
     meta = {
@@ -96,7 +118,7 @@ def main(argv=None):
         "grid": list(hw),
         "shape": [T, D],
         "lrcp_rank": args.lrcp_rank,
-        "seed": args.seed,
+        "seeds": seeds,
         "rows": rows,
     }
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
@@ -106,76 +128,112 @@ def main(argv=None):
     paths = plot(rows, ks, rules, stem)
     if 0 <= args.draw_idx < len(idx):
         paths.append(
-            draw_kept(X_all[args.draw_idx], idx[args.draw_idx], cache, rules, args.draw_k, hw, basis, args.seed, stem)
+            draw_kept(
+                X_all[args.draw_idx],
+                idx[args.draw_idx],
+                cache,
+                rules,
+                args.draw_k,
+                hw,
+                basis,
+                args.seed,
+                stem,
+                attention,
+            )
         )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
     return rows
 
 
-def measure(X_all, idx, masks, ks, rules, hw, basis, gen):
-    """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample, rule and k)."""
-    T = len(X_all[0])
+def reduce(rule, X, k, hw, basis, gen, attention=None):
+    """(the rows every token is rebuilt from [k, D], their token positions [k]): the kept tokens of a selection
+    rule, or the merged tokens of a merging rule at their representatives."""
+    if rule in MERGES:
+        W, reps = merge(rule, X, k, hw, attention)
+        return W @ X.double(), reps
+    kept = select(rule, X, k, hw, basis, gen)
+    return X[kept], kept
+
+
+def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention=None):
+    """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample, rule, k and
+    draw). random is drawn once per seed; its row is the mean over the draws, with their spread."""
     rows, per_sample = [], []
     for k in ks:
         svd_m = metrics.metrics(torch.stack(X_all), torch.cat([metrics.svd_reconstruct(x[None], k) for x in X_all]))
         for rule in tqdm(rules, desc=f"k={k}", leave=False):
-            cos, en, rec, prec, base_rec, base_prec, secs = [], [], [], [], [], [], 0.0
-            for j, (i, X) in enumerate(zip(idx, X_all)):
-                t0 = time.perf_counter()
-                kept = select(rule, X, k, hw, basis, gen)
-                secs += time.perf_counter() - t0
-                m = metrics.metrics(X[None], reconstruct_from(X, kept)[None])
-                cos.append(m["cosine"].item()), en.append(m["energy"].item())
-                rec_i = prec_i = None
-                if masks[i] is not None:
-                    rec_i, prec_i = box_hits(kept, masks[i])
-                    rec.append(rec_i), prec.append(prec_i)
-                    base_rec.append(k / T), base_prec.append(int(masks[i].sum()) / T)
-                per_sample.append(
-                    {
-                        "sample_id": i,
-                        "rule": rule,
-                        "k": k,
-                        "cosine": cos[-1],
-                        "energy": en[-1],
-                        "svd_cosine": svd_m["cosine"][j].item(),
-                        "box_recall": rec_i,
-                        "box_precision": prec_i,
-                    }
-                )
-            svd_cos = svd_m["cosine"].numpy()
-            mean = lambda v: float(np.mean(v)) if rec else None  # noqa: E731
-            rows.append(
-                {
-                    "rule": rule,
-                    "k": k,
-                    "n": len(idx),
-                    "cosine": float(np.mean(cos)),
-                    "cosine_std": float(np.std(cos)),
-                    "energy": float(np.mean(en)),
-                    "svd_cosine": float(svd_cos.mean()),
-                    "gap_to_svd": float(np.mean(np.array(cos) - svd_cos)),
-                    "box_n": len(rec),
-                    "box_recall": mean(rec),
-                    "box_precision": mean(prec),
-                    "random_expected_recall": mean(base_rec),
-                    "box_area_share": mean(base_prec),
-                    "ms_per_sample": 1000 * secs / len(idx),
-                }
-            )
+            draws = []
+            for seed in seeds if rule == "random" else seeds[:1]:
+                gen = torch.Generator().manual_seed(seed)
+                recs, secs = [], 0.0
+                for j, (i, X) in enumerate(zip(idx, X_all)):
+                    t0 = time.perf_counter()
+                    S, kept = reduce(rule, X, k, hw, basis, gen, attention[i] if attention else None)
+                    secs += time.perf_counter() - t0
+                    m = metrics.metrics(X[None], reconstruct_from(X, S)[None])
+                    rec, prec = box_hits(kept, masks[i]) if masks[i] is not None else (None, None)
+                    recs.append(
+                        {
+                            "sample_id": i,
+                            "rule": rule,
+                            "k": k,
+                            "seed": seed if rule == "random" else None,
+                            "cosine": m["cosine"].item(),
+                            "energy": m["energy"].item(),
+                            "svd_cosine": svd_m["cosine"][j].item(),
+                            "box_recall": rec,
+                            "box_precision": prec,
+                            "box_area_share": int(masks[i].sum()) / len(X) if masks[i] is not None else None,
+                        }
+                    )
+                per_sample += recs
+                draws.append((recs, 1000 * secs / len(idx)))
+            rows.append(summarise(rule, k, draws, len(X_all[0])))
     return rows, per_sample
+
+
+def summarise(rule, k, draws, T):
+    """One row per rule and k: means over the samples (and over random's draws, with the spread of the draws'
+    means)."""
+    col = lambda recs, key: [r[key] for r in recs if r[key] is not None]  # noqa: E731
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    per_draw = {key: [mean(col(recs, key)) for recs, _ in draws] for key in ("cosine", "box_recall")}
+    recs = [r for rs, _ in draws for r in rs]
+    row = {
+        "rule": rule,
+        "k": k,
+        "n": len(draws[0][0]),
+        "draws": len(draws),
+        "cosine": mean(col(recs, "cosine")),
+        "cosine_std": float(np.std(col(recs, "cosine"))),
+        "cosine_draw_spread": float(np.std(per_draw["cosine"])) if len(draws) > 1 else None,
+        "energy": mean(col(recs, "energy")),
+        "svd_cosine": mean(col(draws[0][0], "svd_cosine")),
+        "box_n": len(col(draws[0][0], "box_recall")),
+        "box_recall": mean(col(recs, "box_recall")),
+        "box_recall_draw_spread": (
+            float(np.std(per_draw["box_recall"])) if len(draws) > 1 and None not in per_draw["box_recall"] else None
+        ),
+        "box_precision": mean(col(recs, "box_precision")),
+        "random_expected_recall": k / T if col(recs, "box_recall") else None,
+        "box_area_share": mean(col(draws[0][0], "box_area_share")),
+        "ms_per_sample": float(np.mean([ms for _, ms in draws])),
+    }
+    row["gap_to_svd"] = row["cosine"] - row["svd_cosine"]
+    return row
 
 
 def print_rows(rows):
     print(
-        f"{'rule':<11}{'k':>5}{'cosine':>9}{'rank-k SVD':>11}{'gap':>9}{'energy':>8}{'box recall':>11}"
-        f"{'(random)':>9}{'precision':>10}{'(area)':>8}{'ms/sample':>10}"
+        f"{'rule':<11}{'k':>5}{'cosine':>9}{'± draws':>8}{'rank-k SVD':>11}{'gap':>9}{'energy':>8}{'box recall':>11}"
+        f"{'± draws':>8}{'(random)':>9}{'precision':>10}{'(area)':>8}{'ms/sample':>10}"
     )
     for r in rows:
         f = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'—':>{w}}"  # noqa: E731
         print(
-            f"{r['rule']:<11}{r['k']:>5}{r['cosine']:>9.4f}{r['svd_cosine']:>11.4f}{r['gap_to_svd']:>9.4f}"
-            f"{r['energy']:>8.4f}{f(r['box_recall'], 11)}{f(r['random_expected_recall'], 9)}"
+            f"{r['rule']:<11}{r['k']:>5}{r['cosine']:>9.4f}{f(r['cosine_draw_spread'], 8, 4)}{r['svd_cosine']:>11.4f}"
+            f"{r['gap_to_svd']:>9.4f}{r['energy']:>8.4f}{f(r['box_recall'], 11)}{f(r['box_recall_draw_spread'], 8)}"
+            f"{f(r['random_expected_recall'], 9)}"
             f"{f(r['box_precision'], 10)}{f(r['box_area_share'], 8)}{r['ms_per_sample']:>10.2f}"
         )
 
@@ -222,8 +280,8 @@ def plot(rows, ks, rules, stem):
     return paths
 
 
-def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
-    """The kept tokens of each rule over the image, with the answer box."""
+def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, attention=None):
+    """The kept (or representative) tokens of each rule over the image, with the answer box."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +296,8 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem):
     cols = math.ceil(len(rules) / 2)
     fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained")
     for a, rule in zip(ax.flat, rules):
-        kept = select(rule, X, k, hw, basis, torch.Generator().manual_seed(seed))
+        att = attention[sid] if attention else None
+        kept = reduce(rule, X, k, hw, basis, torch.Generator().manual_seed(seed), att)[1]
         m = np.zeros(H * W)
         m[kept.numpy()] = 1
         if image is not None:

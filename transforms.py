@@ -7,11 +7,17 @@ the same on every command line and in every output file:
     svd:<r>                  truncated SVD at rank r
     nn:<r>                   the run's trained factoriser at rank r
     keep:<rule>:<k>          only k tokens, chosen by a token_selection rule; they keep their own M-RoPE positions
+    merge:<rule>:<k>         k merged tokens (token_merging: pool, tome, visionzip), each the mean of a group, at its
+                             representative token's M-RoPE position
+    fastv:<K>:<k>            all tokens into the language model, and after its layer K only the k image tokens the
+                             last prompt token attends to most (FastV; vlm.fastv_hooks): the tower's tokens unchanged
     codec:<name>[:<r>]       the features through a feature codec (feature_codecs.py) and back
 
 Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's normalisation) and
-mapped back with each token's own mean and standard deviation. apply() returns (tokens for the language model,
-indices of the kept tokens or None): a kept-token condition shortens the sequence, the others replace the tokens.
+mapped back with each token's own mean and standard deviation; rules choose and group tokens on the normalised
+features, and merged tokens are means of the model-scale ones. apply() returns (tokens for the language model,
+indices of the kept or representative tokens, or None): keep and merge shorten the sequence, the others replace the
+tokens.
 """
 
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from cli import UserError, check_rank
 from feature_cache import denormalize, normalize
 from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
 from metrics import truncated_svd
+from token_merging import MERGES, merge, pool_shape
 from token_selection import RULES, select
 
 
@@ -31,10 +38,13 @@ class Spec:
     rank: int | None = None
     rule: str | None = None
     codec: str | None = None
+    layer: int | None = None  # fastv: the language model's layers that see every token
 
     def __str__(self):
-        if self.kind == "keep":
-            return f"keep:{self.rule}:{self.rank}"
+        if self.kind in ("keep", "merge"):
+            return f"{self.kind}:{self.rule}:{self.rank}"
+        if self.kind == "fastv":
+            return f"fastv:{self.layer}:{self.rank}"
         if self.kind == "codec":
             return f"codec:{self.codec}" + (f":{self.rank}" if self.rank is not None else "")
         return self.kind if self.rank is None else f"{self.kind}:{self.rank}"
@@ -49,22 +59,38 @@ def parse_spec(text):
             return Spec(kind)
         if kind in ("svd", "nn") and len(args) == 1:
             return Spec(kind, int(args[0]))
-        if kind == "keep" and len(args) == 2 and args[0] in RULES:
+        if kind in ("keep", "merge") and len(args) == 2 and args[0] in (RULES if kind == "keep" else MERGES):
             return Spec(kind, int(args[1]), rule=args[0])
+        if kind == "fastv" and len(args) == 2:
+            return Spec(kind, int(args[1]), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
             return Spec(kind, int(args[1]) if len(args) == 2 else None, codec=args[0])
     except ValueError:
         pass
     raise UserError(
         f"transform {text!r}: expected original, zeros, svd:<r>, nn:<r>, keep:<rule>:<k> (rules: "
-        f"{', '.join(RULES)}) or codec:<name>[:<r>] (codecs: {', '.join(CODECS)})"
+        f"{', '.join(RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k> or codec:<name>[:<r>] "
+        f"(codecs: {', '.join(CODECS)})"
     )
 
 
-def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=()):
-    """A spec's rank or k within what the features and the run's model allow, before any work."""
-    if spec.kind in ("svd", "keep") or (spec.kind == "codec" and spec.rank is not None):
-        check_rank(spec.rank, tokens if spec.kind == "keep" else min(tokens, dim), f"transform {spec}:")
+def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=(), hw=None, attention=True):
+    """A spec's rank or k within what the features and the run's model allow, before any work. attention: whether
+    the vision tower's attention is at hand (visionzip needs it)."""
+    if spec.kind in ("svd", "keep", "merge", "fastv") or (spec.kind == "codec" and spec.rank is not None):
+        limit = tokens if spec.kind in ("keep", "merge", "fastv") else min(tokens, dim)
+        check_rank(spec.rank, limit, f"transform {spec}:")
+    if spec.kind == "fastv" and spec.layer < 1:
+        raise UserError(f"transform {spec}: K must be at least 1 (the layers that see every token)")
+    if spec.kind == "merge" and spec.rule == "pool" and hw is not None:
+        try:
+            pool_shape(hw, spec.rank)
+        except ValueError as e:
+            raise UserError(f"transform {spec}: {e}") from None
+    if spec.kind == "merge" and spec.rule == "visionzip" and not attention:
+        raise UserError(
+            f"transform {spec}: visionzip needs the vision tower's attention, and these features have no tower"
+        )
     if spec.kind == "nn":
         if nn_rank is None:
             raise UserError(f"transform {spec}: the run has no trained factoriser (best_model.pt)")
@@ -80,12 +106,13 @@ def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=()):
 
 def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
     """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype (element_bytes each) for
-    original (T x D), svd and nn (the factors, r x (T + D)) and keep (k x D, plus k int16 indices); a codec's exact
-    payload (feature_codecs.payload_bytes, as compress.py counts it; a shared basis is stored once per data set, not
-    counted). Reconstructions under layernorm also keep each token's mean and standard deviation (2 x T)."""
-    if spec.kind in ("original", "zeros"):
-        return T * D * element_bytes if spec.kind == "original" else 0
-    if spec.kind == "keep":
+    original (T x D), svd and nn (the factors, r x (T + D)), keep and merge (k x D, plus k int16 positions); a
+    codec's exact payload (feature_codecs.payload_bytes, as compress.py counts it; a shared basis is stored once
+    per data set, not counted). Reconstructions under layernorm also keep each token's mean and standard deviation
+    (2 x T)."""
+    if spec.kind in ("original", "zeros", "fastv"):
+        return T * D * element_bytes if spec.kind != "zeros" else 0
+    if spec.kind in ("keep", "merge"):
         return spec.rank * D * element_bytes + 2 * spec.rank
     stats = 2 * T * element_bytes if norm == "layernorm" else 0
     if spec.kind in ("svd", "nn"):
@@ -99,20 +126,25 @@ class Tower:
     """One image's tower output and what the transforms share: the normalised tokens, one truncated SVD at the
     largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules and codecs."""
 
-    def __init__(self, X, norm, hw, nn_model=None, bases=None, max_svd=0):
+    def __init__(self, X, norm, hw, nn_model=None, bases=None, max_svd=0, attention=None):
+        """attention [T]: what each token receives in the tower (encoders.attention_received), for visionzip."""
         self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
+        self.attention = attention
         self.Xn = normalize(X, norm)
         self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
 
     def apply(self, spec, generator=None):
         """-> (tokens [T', D] in the model's scale, kept indices or None)."""
-        if spec.kind == "original":
+        if spec.kind in ("original", "fastv"):  # fastv acts inside the language model
             return self.X, None
         if spec.kind == "zeros":
             return torch.zeros_like(self.X), None
         if spec.kind == "keep":
             kept = select(spec.rule, self.Xn, spec.rank, self.hw, self.bases.get("lrcp"), generator).sort().values
             return self.X[kept.to(self.X.device)], kept
+        if spec.kind == "merge":
+            W, reps = merge(spec.rule, self.Xn, spec.rank, self.hw, self.attention)
+            return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps
         if spec.kind == "svd":
             if self.svd is None or self.svd[0].shape[1] < spec.rank:
                 self.svd = [f[0] for f in truncated_svd(self.Xn[None], spec.rank)[:2]]

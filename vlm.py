@@ -5,6 +5,7 @@ its M-RoPE positions computed here, greedy decoding from embeddings, and an answ
 """
 
 import inspect
+import sys
 
 import torch
 
@@ -67,7 +68,7 @@ def make_processor(tokenizer, image_processor, chat_template):
 # and memory figures on a GPU without the weights (bench_gpu.sh).
 RANDOM_TEXT = {
     TINY: dict(
-        num_hidden_layers=1,
+        num_hidden_layers=2,  # two, so that FastV can prune after layer 1
         num_attention_heads=2,
         num_key_value_heads=1,
         intermediate_size=256,
@@ -204,13 +205,57 @@ def prompt_embeds(model, ids, positions, V, kept, image_token_id):
     return embeds[keep], positions[:, keep]
 
 
+def fastv_hooks(model, layer, k, image_positions, n):
+    """Hooks that make one prefill of n tokens (batch 1) FastV's (arXiv 2403.06764): the last prompt token's
+    attention in layer `layer` - 1, averaged over heads and recomputed from that layer's own q and k (sdpa returns no
+    weights), ranks the image tokens at image_positions; from layer `layer` on only the k best of them and the text
+    remain, in the sequence and in those layers' KV cache; later steps attend to what each layer's cache holds."""
+    layers = model.model.language_model.layers
+    attn, state = layers[layer - 1].self_attn, {}
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def rank(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] != n:  # a decoding step
+            return
+        cos, sin = kwargs["position_embeddings"]
+        q = module.q_proj(h[:, -1:]).view(1, 1, -1, module.head_dim).transpose(1, 2)
+        key = module.k_proj(h).view(1, n, -1, module.head_dim).transpose(1, 2)
+        q, key = rotate(q, q, cos[:, -1:], sin[:, -1:])[0], rotate(key, key, cos, sin)[0]
+        key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+        w = torch.softmax((q @ key.transpose(2, 3)).float() * module.scaling, -1)[0, :, 0].mean(0)
+        best = image_positions[w[image_positions].topk(k).indices]
+        keep = torch.ones(n, dtype=torch.bool, device=h.device)
+        keep[image_positions] = False
+        keep[best] = True
+        state.update(keep=keep, attention=w)
+
+    def prune(module, args, kwargs):
+        keep = state["keep"]
+        h = args[0] if args else kwargs.pop("hidden_states")
+        cos, sin = kwargs["position_embeddings"]
+        if cos.shape[1] == n:  # the prefill: the tokens, their positions and the mask lose the pruned ones
+            h = h[:, keep] if h.shape[1] == n else h
+            kwargs["position_embeddings"] = (cos[:, keep], sin[:, keep])
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            cols = torch.cat([keep, keep.new_ones(mask.shape[-1] - n)])
+            kwargs["attention_mask"] = mask[..., keep, :][..., cols] if mask.shape[-2] == n else mask[..., cols]
+        return (h, *args[1:]), kwargs
+
+    hooks = [attn.register_forward_pre_hook(rank, with_kwargs=True)]
+    hooks += [layers[j].register_forward_pre_hook(prune, with_kwargs=True) for j in range(layer, len(layers))]
+    return hooks, state
+
+
 @torch.no_grad()
-def greedy(model, prompts, max_new_tokens, eos_ids):
+def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
     """Greedy decoding of a batch of prompts [(embeddings [L_i, H], positions [3, L_i])] -> (the new token ids of
     each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later step, 'total_s'}, for the
-    whole batch).
-    Prompts of different lengths are left-padded and masked; each sample's new tokens take positions max + 1,
-    max + 2, ... of its own prompt on all three axes (what the model's own generate does after an image)."""
+    whole batch). Prompts of different lengths are left-padded and masked; each sample's new tokens take positions
+    max + 1, max + 2, ... of its own prompt on all three axes (what the model's own generate does after an image).
+    fastv: (layer K, kept k, the image tokens' positions in the prompt) prunes inside the language model
+    (fastv_hooks; one prompt at a time). cache: a DynamicCache to fill (a test reads it afterwards)."""
     from transformers import DynamicCache
 
     dev, B = prompts[0][0].device, len(prompts)
@@ -221,24 +266,29 @@ def greedy(model, prompts, max_new_tokens, eos_ids):
     for b, (e, p) in enumerate(prompts):
         x[b, L - len(e) :], pos[:, b, L - len(e) :], mask[b, L - len(e) :] = e, p, 1
     nxt = pos.amax(dim=(0, 2)) + 1
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
     step = lambda x, pos, mask: model(  # noqa: E731
         inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
     ).logits[:, -1]
     out, alive, times = [[] for _ in prompts], [True] * B, []
-    for _ in range(max_new_tokens):
-        logits, secs = timed(step, x, pos, mask, device=dev)
-        times.append(secs)
-        toks = logits.argmax(-1)
-        for b, t in enumerate(toks.tolist()):
-            if alive[b]:
-                out[b].append(t)
-                alive[b] = t not in eos_ids
-        if not any(alive):
-            break
-        x, pos = model.get_input_embeddings()(toks[:, None]), nxt[None, :, None].expand(3, B, 1)
-        mask, nxt = torch.cat([mask, mask.new_ones(B, 1)], 1), nxt + 1
+    hooks = fastv_hooks(model, *fastv, L)[0] if fastv else []
+    try:
+        for _ in range(max_new_tokens):
+            logits, secs = timed(step, x, pos, mask, device=dev)
+            times.append(secs)
+            toks = logits.argmax(-1)
+            for b, t in enumerate(toks.tolist()):
+                if alive[b]:
+                    out[b].append(t)
+                    alive[b] = t not in eos_ids
+            if not any(alive):
+                break
+            x, pos = model.get_input_embeddings()(toks[:, None]), nxt[None, :, None].expand(3, B, 1)
+            mask, nxt = torch.cat([mask, mask.new_ones(B, 1)], 1), nxt + 1
+    finally:
+        for h in hooks:
+            h.remove()
     decode = sorted(times[1:])
     return out, {"prefill_s": times[0], "decode_s": decode[len(decode) // 2] if decode else None, "total_s": sum(times)}
 

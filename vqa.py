@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cli import UserError, parse_ints
+from encoders import attention_received
 from feature_codecs import family
 from lm_cost import kv_bytes, prefill_flops
 from metrics import timed
@@ -76,7 +77,7 @@ def fit_bases(conds, lrcp_rank, results_dir, cache, train_idx, norm):
 def check_conditions(conds, arch, nn_rank, hw, dim, bases):
     """Every transform's rank or k within what the run's model and the cache's features allow, before any work."""
     for spec in conds:
-        check_spec(spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases)
+        check_spec(spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases, hw=hw)
 
 
 def eos_ids(model, tokenizer):
@@ -108,61 +109,77 @@ class Asker:
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
         self.text_config = getattr(model.config, "text_config", model.config)
 
-    def encode(self, image, question):
-        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower ms)."""
+    def encode(self, image, question, attention=False):
+        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower ms); attention: also
+        the attention each token receives in the tower (for visionzip; its recomputation counts in the tower ms)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(question)}]}]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
         with torch.no_grad():
             pixels, grid = inputs["pixel_values"].to(self.dev, self.dtype), inputs["image_grid_thw"].to(self.dev)
-            V, secs = timed(lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev)
-            V = getattr(V, "pooler_output", V).float()
+            if attention:
+                (V, att), secs = timed(attention_received, self.model.model.visual, pixels, grid, device=self.dev)
+                att = att[0]
+            else:
+                V, secs = timed(lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev)
+                V, att = getattr(V, "pooler_output", V), None
         positions = mrope_positions(ids.cpu(), self.img_id, self.hw)
-        return ids, positions, Tower(V, self.norm, self.hw, self.nn_model, self.bases, self.max_svd), secs * 1e3
+        tower = Tower(V.float(), self.norm, self.hw, self.nn_model, self.bases, self.max_svd, att)
+        return ids, positions, tower, secs * 1e3
 
     def ask(self, items):
         """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a condition at a
-        time (one batch: every item that asks it): the answer, its token ids and the cost (vision and prompt
-        tokens, prefill FLOPs and KV-cache bytes from the config, the transform's ms, the batch's prefill ms and
-        median ms per decoding step, peak CUDA memory). Every answer is a function of (sample, condition, seed)
-        alone: the random rule draws from a generator seeded by all three, so a resumed run answers as an
-        uninterrupted one."""
-        encoded = [(sample, *self.encode(image, question), specs) for sample, image, question, specs in items]
-        cuda = self.dev.type == "cuda"
+        time (one batch: every item that asks it; fastv one item at a time): the answer, its token ids and the cost
+        (vision and prompt tokens, prefill FLOPs and KV-cache bytes from the config, the transform's ms, the
+        batch's prefill ms and median ms per decoding step, peak CUDA memory). Every answer is a function of
+        (sample, condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed
+        run answers as an uninterrupted one."""
+        attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
+        encoded = [(sample, *self.encode(image, q, attention), specs) for sample, image, q, specs in items]
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
             group = [e for e in encoded if spec in e[-1]]
-            prompts, made = [], []
-            for sample, ids, positions, tower, _, _ in group:
-                gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
-                with torch.no_grad():
-                    (Vc, kept), secs = timed(tower.apply, spec, gen, device=self.dev)
-                prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
-                made.append((len(Vc), secs * 1e3))
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(self.dev)
-            outs, times = greedy(self.model, prompts, self.max_new_tokens, self.eos)
-            peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
-            for (sample, _, _, _, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(
-                group, prompts, outs, made
-            ):
-                yield {
-                    "sample": sample,
-                    "condition": str(spec),
-                    "answer": decode_answer(self.proc, toks),
-                    "tokens": toks,
-                    "vision_tokens": n_vision,
-                    "prompt_tokens": len(e),
-                    "prefill_flops": prefill_flops(self.text_config, len(e)),
-                    "kv_bytes": kv_bytes(self.text_config, len(e), self.dtype.itemsize),
-                    "tower_ms": tower_ms,
-                    "transform_ms": transform_ms,
-                    "batch": len(group),
-                    "prefill_ms": times["prefill_s"] * 1e3,
-                    "decode_ms": times["decode_s"] * 1e3 if times["decode_s"] is not None else None,
-                    "generate_ms": times["total_s"] * 1e3,
-                    "peak_mib": peak,
-                }
+            if spec.kind == "fastv" and spec.layer >= self.text_config.num_hidden_layers:
+                raise UserError(f"transform {spec}: the model has {self.text_config.num_hidden_layers} layers")
+            for batch in [[e] for e in group] if spec.kind == "fastv" else [group]:
+                yield from self.answer_batch(spec, batch)
+
+    def answer_batch(self, spec, group):
+        prompts, made = [], []
+        for sample, ids, positions, tower, _, _ in group:
+            gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
+            with torch.no_grad():
+                (Vc, kept), secs = timed(tower.apply, spec, gen, device=self.dev)
+            prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
+            made.append((len(Vc) if spec.kind != "fastv" else spec.rank, secs * 1e3))
+        fastv = None
+        if spec.kind == "fastv":
+            fastv = (spec.layer, spec.rank, (group[0][1] == self.img_id).nonzero().squeeze(1))
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        outs, times = greedy(self.model, prompts, self.max_new_tokens, self.eos, fastv)
+        peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
+        for (sample, *_, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(group, prompts, outs, made):
+            n = len(e)
+            pruned = (spec.layer, n - len(fastv[2]) + spec.rank) if fastv else None
+            yield {
+                "sample": sample,
+                "condition": str(spec),
+                "answer": decode_answer(self.proc, toks),
+                "tokens": toks,
+                "vision_tokens": n_vision,
+                "prompt_tokens": n,
+                "prefill_flops": prefill_flops(self.text_config, n, pruned),
+                "kv_bytes": kv_bytes(self.text_config, n, self.dtype.itemsize, pruned),
+                "tower_ms": tower_ms,
+                "transform_ms": transform_ms,
+                "batch": len(group),
+                "prefill_ms": times["prefill_s"] * 1e3,
+                "decode_ms": times["decode_s"] * 1e3 if times["decode_s"] is not None else None,
+                "generate_ms": times["total_s"] * 1e3,
+                "peak_mib": peak,
+            }
 
 
 def consistency(agrees):
@@ -219,6 +236,7 @@ def score(idx, conds, done, samples, stored=None):
                 "value": spec.rank,  # the rank r, or the kept tokens k
                 "rule": spec.rule,
                 "codec": spec.codec,
+                "layer": spec.layer,
                 "n": N,
                 "n_without_answers": len(per_sample) - N,
                 "vqa_acc": acc,

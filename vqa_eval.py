@@ -432,12 +432,16 @@ def plot(summary, path, settings):
         if s["value"] is None or s["kind"] in ("original", "zeros"):
             continue
         label = labels.get(s["kind"]) or (
-            f"keep k tokens: {s['rule']}" if s["kind"] == "keep" else f"codec {s['codec']}"
+            f"{s['kind']} k tokens: {s['rule']}"
+            if s["kind"] in ("keep", "merge")
+            else f"fastv k tokens after layer {s['layer']}"
+            if s["kind"] == "fastv"
+            else f"codec {s['codec']}"
         )
         groups.setdefault(label, []).append((s["value"], s["vqa_acc"]))
     for label, pts in groups.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "keep" not in label else "s--", label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if " k tokens" in label else "o-", label=label)
     for s, style in ((summary[0], "k-"), (next((s for s in summary if s["kind"] == "zeros"), None), "k:")):
         if s is not None:
             ax.axhline(
@@ -461,7 +465,14 @@ def plot(summary, path, settings):
     plt.close(fig)
 
 
-FAMILIES = {"svd": "reconstruction", "nn": "reconstruction", "keep": "selection", "codec": "compression"}
+FAMILIES = {
+    "svd": "reconstruction",
+    "nn": "reconstruction",
+    "keep": "selection",
+    "merge": "merging",
+    "fastv": "pruning in the LLM",
+    "codec": "compression",
+}
 
 
 def plot_cost(summary, path, settings):
@@ -477,7 +488,7 @@ def plot_cost(summary, path, settings):
     for s in summary:
         if s["kind"] in ("original", "zeros"):
             continue
-        name = s["rule"] or s["codec"] or s["kind"]
+        name = s["rule"] or s["codec"] or (f"K={s['layer']}" if s["kind"] == "fastv" else s["kind"])
         series.setdefault((FAMILIES.get(s["kind"], s["kind"]), name), []).append(s)
     marks = {"reconstruction": "o-", "selection": "s--", "compression": "^:", "merging": "D-."}
     axes_of = (("vision_tokens", "vision tokens into the language model"), ("prefill_flops", "prefill FLOPs"))

@@ -13,6 +13,7 @@ import compare_svd_nn
 import feature_cache
 import metrics
 import qwenvl_dataloader
+import token_merging
 import token_selection
 import tokens
 
@@ -114,7 +115,10 @@ def test_box_metrics_against_numpy():
 def test_tokens_script_end_to_end(trained, capsys):
     rows = tokens.main(["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"])
     out = capsys.readouterr().out
-    assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in token_selection.RULES for k in (4, 16)}
+    every = token_selection.RULES + token_merging.MERGES  # the tiny cache has a tower: visionzip's attention runs
+    assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in every for k in (4, 16)}
+    random = next(r for r in rows if r["rule"] == "random")
+    assert random["draws"] == 5 and random["cosine_draw_spread"] > 0 and random["box_recall_draw_spread"] is not None
     for r in rows:
         assert r["cosine"] <= r["svd_cosine"] + 1e-9  # the optimum is never beaten
         assert (
@@ -130,7 +134,7 @@ def test_tokens_script_end_to_end(trained, capsys):
         assert (trained / f).stat().st_size > 0, f
     per = list(csv.DictReader(open(trained / "tokens_test.csv")))
     split = json.loads((trained / "split.json").read_text())
-    assert len(per) == len(split["test"]) * len(token_selection.RULES) * 2 and "leverage" in out
+    assert len(per) == len(split["test"]) * (len(every) + 4) * 2 and "leverage" in out and "visionzip" in out
 
 
 def test_compare_reports_inside_and_outside_the_box(trained, capsys):

@@ -412,8 +412,9 @@ def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
 
 def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     """lm_cost's formula against torch's FLOP counter on the tiny model's real prefill (eager attention, whose
-    matmuls the counter sees; the last token's logits only), and by hand: 1 layer, d = 2048, 2 heads of 1024, 1
-    key/value head, MLP 256, vocabulary 263. The KV bytes equal the cache the prefill leaves."""
+    matmuls the counter sees; the last token's logits only), and by hand: 2 layers, d = 2048, 2 heads of 1024, 1
+    key/value head, MLP 256, vocabulary 263. The KV bytes equal the cache the prefill leaves. FastV's pruned
+    prefill: the first layer at n tokens, the second at n'."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import DynamicCache
 
@@ -422,10 +423,14 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     model, _ = tiny_vlm
     cfg = model.config.text_config
     n = 300
-    by_hand = (
-        2 * n * 2048 * (2048 + 2 * 1024) + 2 * n * 2048 * 2048 + 4 * n * n * 2048 + 6 * n * 2048 * 256 + 2 * 2048 * 263
-    )
+
+    def layer(n):
+        return 2 * n * 2048 * (2048 + 2 * 1024) + 2 * n * 2048 * 2048 + 4 * n * n * 2048 + 6 * n * 2048 * 256
+
+    by_hand = 2 * layer(n) + 2 * 2048 * 263
     assert lm_cost.prefill_flops(cfg, n) == by_hand
+    assert lm_cost.prefill_flops(cfg, n, pruned=(1, 108)) == layer(n) + layer(108) + 2 * 2048 * 263
+    assert lm_cost.kv_bytes(cfg, n, 2, pruned=(1, 108)) == 2 * 1024 * (n + 108) * 2
     x, pos = torch.randn(1, n, 2048), torch.arange(n)[None, None].expand(3, 1, n)
     model.set_attn_implementation("eager")
     try:
@@ -436,7 +441,7 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
         model.set_attn_implementation("sdpa")
     assert fc.get_total_flops() == by_hand
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert lm_cost.kv_bytes(cfg, n, 4) == held == 2 * 1 * 1024 * n * 4
+    assert lm_cost.kv_bytes(cfg, n, 4) == held == 2 * 2 * 1024 * n * 4
 
 
 def test_stored_bytes_per_image():
