@@ -276,7 +276,9 @@ def plot(rows, ks, rules, stem):
         ax.text(0.5, 0.5, "no sample of this split has an answer box", ha="center", transform=ax.transAxes)
     ax.set_xscale("log", base=2), ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("tokens kept k"), ax.set_ylabel("share of the box's tokens kept"), ax.grid(alpha=0.3)
-    ax.legend(fontsize=8), fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
+    if rows[0]["box_recall"] is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
     return paths
 
 
