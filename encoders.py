@@ -76,14 +76,16 @@ def default_dtype(device):
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
-def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE):
-    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid and dim)."""
+def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE, layer=None):
+    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid and dim). layer:
+    where along the tower the features are taken (layer_names; 'merger', the tower's output, by default)."""
     w, h = parse_image_size(image_size)
     return {
         "model": str(model),
         "revision": revision,
         "dtype": dtype or default_dtype(device),
         "image_size": w if w == h else [w, h],
+        "layer": layer or "merger",
     }
 
 
@@ -189,9 +191,12 @@ class Encoder:
     T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size * spatial_merge_size (28 px for Qwen2-VL
     and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's output dim (what the language model sees)."""
 
-    def __init__(self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE):
+    def __init__(
+        self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE, layer=None
+    ):
         self.device = torch.device(device)
-        key = encoder_key(model, revision, dtype, device, image_size)
+        key = encoder_key(model, revision, dtype, device, image_size, layer)
+        self.layer = key["layer"]
         self.dtype = getattr(torch, key["dtype"])
         self.size = parse_image_size(image_size)
         if model in RANDOM_TOWERS:
@@ -216,15 +221,21 @@ class Encoder:
         self.tower.eval().to(self.device)
         cfg = self.tower.config
         self.processor = image_processor(cfg, family, self.size, model, revision)
-        cell = cfg.patch_size * cfg.spatial_merge_size
+        if self.layer not in layer_names(self.tower):
+            raise UserError(f"--layer {self.layer}: {model}'s tower has {', '.join(layer_names(self.tower))}")
         w, h = self.size
-        self.grid = [h // cell, w // cell]  # rows, columns
+        merged = cfg.patch_size * cfg.spatial_merge_size
+        rows, cols, cell = layer_grid(self.tower, self.layer, (h // merged, w // merged))
+        self.grid = [rows, cols]  # of the layer's tokens
         self.dim = getattr(cfg, family_classes(family)[2])
+        if is_patch_layer(self.layer):  # the blocks' width (Qwen2-VL calls it embed_dim)
+            self.dim = getattr(cfg, "embed_dim", None) or cfg.hidden_size
         self.info = dict(
             key,
             family=family,
             cell=cell,
             grid=self.grid,
+            layer=self.layer,
             feature_dim=self.dim,
             tiny_seed=TINY_SEED if model in RANDOM_TOWERS else None,
         )
@@ -233,6 +244,8 @@ class Encoder:
     def __call__(self, images):
         inputs = self.processor(images=images, return_tensors="pt")
         pv = inputs["pixel_values"].to(self.device, self.dtype)
+        if self.layer != "merger":
+            return tower_layers(self.tower, pv, inputs["image_grid_thw"].to(self.device), [self.layer])[1][self.layer]
         out = self.tower(pv, grid_thw=inputs["image_grid_thw"].to(self.device))
         out = getattr(out, "pooler_output", out)  # 5.x returns an output object, 4.x the merged tokens
         if isinstance(out, tuple):  # 4.x Qwen3-VL: (merged tokens, deepstack features)
@@ -299,3 +312,79 @@ def raster_order(window_ordered, raster):
     if not torch.equal(window_ordered[p], raster):
         raise RuntimeError("the tower's output is not a permutation of its merger's output")
     return p
+
+
+def layer_names(tower):
+    """The places along the tower a layer study taps, in depth order: the patch embedding, every block, the merger
+    (its input is the last block's output) and, for Qwen3-VL, the deepstack mergers (deepstack_<i>, after block i)."""
+    names = ["patch_embed"] + [f"block_{i}" for i in range(len(tower.blocks))] + ["merger"]
+    taps = getattr(tower.config, "deepstack_visual_indexes", None) or []
+    return names + [f"deepstack_{i}" for i in taps]
+
+
+def layer_module(tower, name):
+    if name == "patch_embed" or name == "merger":
+        return getattr(tower, name)
+    kind, i = name.rsplit("_", 1)
+    if kind == "block":
+        return tower.blocks[int(i)]
+    taps = list(tower.config.deepstack_visual_indexes)
+    return tower.deepstack_merger_list[taps.index(int(i))]
+
+
+def is_patch_layer(name):
+    """Patch embedding and blocks hold one token per patch (14 px for Qwen2/2.5-VL); the mergers one per 2x2 cell."""
+    return name == "patch_embed" or name.startswith("block_")
+
+
+def layer_grid(tower, name, grid_hw):
+    """(rows, columns, cell px) of a layer's tokens, from the merged grid_hw."""
+    patch, merge = tower.config.patch_size, tower.config.spatial_merge_size
+    if is_patch_layer(name):
+        return grid_hw[0] * merge, grid_hw[1] * merge, patch
+    return grid_hw[0], grid_hw[1], patch * merge
+
+
+@torch.no_grad()
+def tower_layers(tower, pixel_values, grid_thw, names=None):
+    """(the tower's output [N·T, D], {name: [N, T_layer, D_layer]}) for the layers asked (default all of
+    layer_names), every one in raster order. Qwen2.5-VL's blocks run on window-permuted merge units; the
+    permutation is read off the merger's output against the tower's (raster_order), applied to each block's units,
+    and then each unit's 2x2 patches are put back in their rows and columns (the processor groups them)."""
+    names = names or layer_names(tower)
+    seen = {}
+    hooks = [layer_module(tower, n).register_forward_hook(lambda m, a, out, n=n: seen.update({n: out})) for n in names]
+    if "merger" not in names:
+        hooks.append(tower.merger.register_forward_hook(lambda m, a, out: seen.update(merger=out)))
+    try:
+        out = tower(pixel_values, grid_thw=grid_thw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = getattr(out, "pooler_output", out)
+    out = out[0] if isinstance(out, tuple) else out
+    order = raster_order(seen["merger"], out)
+    unit = tower.config.spatial_merge_size**2
+    layers = {}
+    for n in names:
+        h = seen[n][0] if isinstance(seen[n], tuple) else seen[n]
+        if n.startswith("block_"):  # window order of merge units -> the processor's order
+            h = h.reshape(len(order), unit, -1)[order].reshape(len(order) * unit, -1)
+        elif not is_patch_layer(n):
+            h = h[order]
+        layers[n] = per_image(h, grid_thw, tower.config.spatial_merge_size, is_patch_layer(n))
+    return out, layers
+
+
+def per_image(h, grid_thw, merge, patches):
+    """[N, T, D] in raster order from the processor's order (merge units in raster order, each unit's patches in
+    raster order inside it); merged tokens are in raster order already."""
+    out, start = [], 0
+    for t, gh, gw in grid_thw.tolist():
+        n = t * gh * gw // (1 if patches else merge * merge)
+        x = h[start : start + n]
+        start += n
+        if patches:
+            x = x.reshape(t, gh // merge, gw // merge, merge, merge, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, -1)
+        out.append(x)
+    return torch.stack(out)

@@ -263,6 +263,7 @@ def key_string(info):
 
 def check_compatible(manifest, encoder_info, source_info, cache_dir):
     old = manifest.get("encoder", {})
+    old = {"layer": "merger", **old} if old else old  # caches from before --layer hold the tower's output
     diff = {k: (old.get(k), v) for k, v in encoder_info.items() if k in old and old.get(k) != v}
     if diff:
         raise UserError(

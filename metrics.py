@@ -210,3 +210,22 @@ def evaluate(reconstruct, loader, device="cpu", desc="eval", masks=None):
                         per[k].append(b[k])
             idx += i.tolist()
     return per, idx, secs
+
+
+def spectrum_stats(S, ranks):
+    """What one token matrix's singular values S (descending) say about its low-rank structure: the energy of the
+    rank-r truncated SVD and its cosine (the flattened cosine above, sqrt of the energy for an SVD) at each r; the
+    effective rank exp(H(σ / Σσ)) (Roy & Vetterli 2007); the stable rank ‖X‖²_F / σ₁²; the participation ratio
+    (Σσ²)² / Σσ⁴."""
+    S = S.double()
+    e = S**2
+    total = e.sum()
+    out = {}
+    for r in ranks:
+        out[f"energy_{r}"] = float(e[:r].sum() / total)
+        out[f"cosine_{r}"] = out[f"energy_{r}"] ** 0.5
+    p = S[S > 0] / S.sum()
+    out["effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
+    out["stable_rank"] = float(total / e[0])
+    out["participation_ratio"] = float(total**2 / (e**2).sum())
+    return out

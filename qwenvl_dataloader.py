@@ -140,6 +140,8 @@ def tower_attention(cache_dir, idx, device="cpu", progress=True):
         raise UserError(
             f"{cache_dir} holds synthetic features: there is no vision tower whose attention visionzip needs"
         )
+    if enc.get("layer", "merger") != "merger":
+        raise UserError(f"{cache_dir} holds the tower's {enc['layer']}: visionzip ranks the merger's output tokens")
     size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
     encoder = Encoder(
         enc["model"],
@@ -313,6 +315,7 @@ def extract(
     encoder=None,
     rebuild_manifest=False,
     image_size=DEFAULT_IMAGE_SIZE,
+    layer=None,
 ):
     """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a summary dict.
     Any number of processes may run on one cache_dir (the manifest is merged under a lock); a sample already
@@ -323,9 +326,9 @@ def extract(
     source_info = {"kind": src.kind, "path": str(Path(dataset_dir).resolve()), "num_samples": len(src)}
     for what, n in src.notes.items():  # the metadata schema's coercions (images.Source.clean)
         print(f"note: {n} samples: {what}")
-    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device, image_size)
+    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device, image_size, layer)
     manifest, rebuild_manifest = open_cache(cache_dir, source_info, key, rebuild_manifest)
-    enc = encoder or Encoder(model, device, dtype, revision, image_size)
+    enc = encoder or Encoder(model, device, dtype, revision, image_size, layer)
     check_compatible(manifest, enc.info, source_info, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(cache_dir)
@@ -415,6 +418,13 @@ def get_args_parser():
         choices=["float32", "bfloat16", "float16"],
         help="default bfloat16 on CUDA, float32 on CPU",
     )
+    ap.add_argument(
+        "--layer",
+        default="merger",
+        help="where along the tower: merger (its output, what the language model sees), patch_embed or block_<i> "
+        "(one token per patch, raster order; the last block is the merger's input), deepstack_<i> (Qwen3-VL); "
+        "layers.py reports every one",
+    )
     ap.add_argument("--extract_batch_size", type=positive_int, default=8, help="images per forward call")
     ap.add_argument("--start", type=nonneg_int, default=0, help="first sample index")
     ap.add_argument("--limit", type=positive_int, default=None, help="at most this many samples")
@@ -447,6 +457,7 @@ def main(argv=None):
         world_size=world,
         rebuild_manifest=args.rebuild_manifest,
         image_size=args.image_size,
+        layer=args.layer,
     )
     if world > 1:
         import torch.distributed as dist

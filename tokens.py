@@ -90,9 +90,10 @@ def main(argv=None):
                 pool_shape(hw, k)
             except ValueError as e:
                 raise UserError(f"--ks / --draw_k {k}: {e}") from None
-    synthetic = load_manifest(cache)["source"].get("kind") == "synthetic"
-    if synthetic and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
-        rules.remove("visionzip")  # the default asks for every rule; a cache without a tower cannot give this one
+    m = load_manifest(cache)
+    towerless = m["source"].get("kind") == "synthetic" or m["encoder"].get("layer", "merger") != "merger"
+    if towerless and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
+        rules.remove("visionzip")  # the default asks for every rule; visionzip needs the tower's output tokens
     idx = first(split[args.split], args.num_samples)
     X_all = [x for x, _ in FeatureDataset(cache, idx, norm)]
     masks = answer_box_masks(cache, idx)

@@ -126,6 +126,10 @@ def main(argv=None):
             f"--model {name}: the cache {cache} holds features of {enc['model']}; the factoriser and "
             f"the token rules work on those features, so answer with the same model"
         )
+    if enc.get("layer", "merger") != "merger":
+        raise UserError(
+            f"{cache} holds the tower's {enc['layer']}, not its output: the language model takes the merger's tokens"
+        )
     hw, dev = cache_grid(cache), torch.device(args.device)
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     ckpt = Path(args.results_dir) / BEST

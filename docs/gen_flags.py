@@ -19,6 +19,7 @@ SCRIPTS = [
     "bench_vqa",
     "bench_extract",
     "tokens",
+    "layers",
     "compress",
     "vqa_eval",
     "lmms_eval_lowrank",
