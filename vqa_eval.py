@@ -418,8 +418,8 @@ def print_table(summary):
         "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consist: share "
         "of answers equal to the original tokens' once normalised; tokens: vision tokens into the language model; "
         "GFLOPs: its prefill (lm_cost.py); KV MiB: the prompt's KV cache; KiB/img: what reproduces the tokens; "
-        f"trans ms: the transform; prefill ms and ms/token (one decoding step): per batch of "
-        f"{summary[0]['batch_size']:.0f}, medians, device-synchronised"
+        f"trans ms: the transform; prefill ms and ms/token (one decoding step): per batch of up to "
+        f"{max(s['batch_size'] for s in summary):.0f} (fastv: one sample), medians, device-synchronised"
     )
 
 
