@@ -287,13 +287,7 @@ def attention_received(tower, pixel_values, grid_thw, check=False):
     hooks.append(tower.merger.register_forward_hook(lambda m, a, out: seen.update(merged=out)))
     if check:
         hooks.append(attn.register_forward_hook(grab_output, with_kwargs=True))
-    try:
-        out = tower(pixel_values, grid_thw=grid_thw)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    out = getattr(out, "pooler_output", out)
-    out = out[0] if isinstance(out, tuple) else out
+    out = run_hooked(tower, pixel_values, grid_thw, hooks)
     per_token = seen["patches"].reshape(-1, tower.spatial_merge_size**2).sum(1)  # window order, as the merger
     order = raster_order(seen["merged"], out)
     att = per_token[order].reshape(len(grid_thw), -1)
@@ -356,13 +350,7 @@ def tower_layers(tower, pixel_values, grid_thw, names=None):
     hooks = [layer_module(tower, n).register_forward_hook(lambda m, a, out, n=n: seen.update({n: out})) for n in names]
     if "merger" not in names:
         hooks.append(tower.merger.register_forward_hook(lambda m, a, out: seen.update(merger=out)))
-    try:
-        out = tower(pixel_values, grid_thw=grid_thw)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    out = getattr(out, "pooler_output", out)
-    out = out[0] if isinstance(out, tuple) else out
+    out = run_hooked(tower, pixel_values, grid_thw, hooks)
     order = raster_order(seen["merger"], out)
     unit = tower.config.spatial_merge_size**2
     layers = {}
@@ -388,3 +376,14 @@ def per_image(h, grid_thw, merge, patches):
             x = x.reshape(t, gh // merge, gw // merge, merge, merge, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, -1)
         out.append(x)
     return torch.stack(out)
+
+
+def run_hooked(tower, pixel_values, grid_thw, hooks):
+    """The tower's merged output [N·T, D] (any transformers version's return type), its hooks removed after."""
+    try:
+        out = tower(pixel_values, grid_thw=grid_thw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = getattr(out, "pooler_output", out)
+    return out[0] if isinstance(out, tuple) else out

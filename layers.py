@@ -26,14 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
 from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
-from encoders import RANDOM_TOWERS, Encoder, layer_grid, layer_names, tower_layers
-from feature_cache import cache_grid, feature_path, info_size, load_manifest, normalize, read_feature
+from encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
+from feature_cache import cache_grid, load_manifest, normalize
 from metrics import spectrum_stats
-from qwenvl_dataloader import cached_image
+from qwenvl_dataloader import cache_encoder, rerun_tower
 from runs import first, read_run
 
 
@@ -58,8 +56,7 @@ def main(argv=None):
     if manifest["source"].get("kind") == "synthetic" or enc.get("layer", "merger") != "merger":
         raise UserError(f"{cache}: layers.py runs the tower that made a merger-output cache of real images")
     ranks = parse_ints(args.ranks, "--ranks")
-    size = info_size(enc)
-    encoder = Encoder(enc["model"], args.device, enc.get("dtype"), enc.get("revision"), f"{size[0]}x{size[1]}")
+    encoder = cache_encoder(cache, args.device)
     names = layer_names(encoder.tower)
     idx = first(split[args.split], args.num_samples)
     hw = cache_grid(cache)
@@ -70,16 +67,7 @@ def main(argv=None):
         f"{names[0]} .. {names[-1]}; {norm} per token)"
     )
     per_image, grams = {n: [] for n in names}, {}
-    for i in tqdm(idx, desc="layers"):
-        image = cached_image(cache, i)
-        if image is None:
-            raise UserError(f"sample {i}: its image is not reachable; layers.py needs the images of the cache")
-        inputs = encoder.processor(images=[Image.fromarray(image)], return_tensors="pt")
-        pixels = inputs["pixel_values"].to(encoder.device, encoder.dtype)
-        out, layers = tower_layers(encoder.tower, pixels, inputs["image_grid_thw"].to(encoder.device))
-        cached = read_feature(feature_path(cache, i)).float()
-        if (out.float().cpu() - cached).norm() > 1e-2 * cached.norm():
-            raise UserError(f"sample {i}: the tower's output is not the cached features (another image or model)")
+    for _, layers in rerun_tower(encoder, cache, idx, tower_layers, "layers"):
         for n, X in layers.items():
             X = normalize(X[0].double(), norm)
             per_image[n].append(spectrum_stats(torch.linalg.svdvals(X), ranks))

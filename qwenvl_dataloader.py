@@ -130,39 +130,41 @@ def cached_image(cache_dir, sid):
         return None
 
 
-def tower_attention(cache_dir, idx, device="cpu", progress=True):
-    """{sample: [T]} the attention each token receives in the cache's vision tower (encoders.attention_received),
-    running the tower again on each sample's image; the tower's output must be the cached features (else the image
-    or the model is another one than the cache's, and the attention would belong to other tokens)."""
+def cache_encoder(cache_dir, device="cpu"):
+    """The Encoder that made a cache of real images (same model, revision, dtype, size and layer)."""
     manifest = load_manifest(cache_dir)
     enc = manifest["encoder"]
     if manifest["source"].get("kind") == "synthetic" or enc.get("family") == "synthetic":
-        raise UserError(
-            f"{cache_dir} holds synthetic features: there is no vision tower whose attention visionzip needs"
-        )
-    if enc.get("layer", "merger") != "merger":
-        raise UserError(f"{cache_dir} holds the tower's {enc['layer']}: visionzip ranks the merger's output tokens")
+        raise UserError(f"{cache_dir} holds synthetic features: there is no vision tower to run")
     size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
-    encoder = Encoder(
-        enc["model"],
-        device,
-        enc.get("dtype"),
-        enc.get("revision"),
-        "x".join(map(str, size)) if isinstance(size, list) else size,
-    )
-    out = {}
-    for i in tqdm(idx, desc="tower attention", disable=not progress):
+    size = "x".join(map(str, size)) if isinstance(size, list) else size
+    return Encoder(enc["model"], device, enc.get("dtype"), enc.get("revision"), size, enc.get("layer"))
+
+
+def rerun_tower(encoder, cache_dir, idx, run, desc="tower", progress=True):
+    """Yield (sample, what run(tower, pixel_values, grid_thw) gives beside the tower's output) for each sample, the
+    tower run again on its image; the output must be the cached features (else the image or the model is another
+    one than the cache's, and whatever run measured would belong to other tokens)."""
+    for i in tqdm(idx, desc=desc, disable=not progress):
         image = cached_image(cache_dir, i)
         if image is None:
-            raise UserError(f"sample {i}: its image is not reachable, so the tower's attention cannot be taken")
+            raise UserError(f"sample {i}: its image is not reachable, and the tower has to run on it again")
         inputs = encoder.processor(images=[Image.fromarray(image)], return_tensors="pt")
         pixels = inputs["pixel_values"].to(encoder.device, encoder.dtype)
-        V, att = attention_received(encoder.tower, pixels, inputs["image_grid_thw"].to(encoder.device))
+        out, extra = run(encoder.tower, pixels, inputs["image_grid_thw"].to(encoder.device))
         X = read_feature(feature_path(cache_dir, i)).float()
-        if (V.float().cpu() - X).norm() > 1e-2 * X.norm():
+        if (out.float().cpu() - X).norm() > 1e-2 * X.norm():
             raise UserError(f"sample {i}: the tower's output is not the cached features (another image or model)")
-        out[i] = att[0].cpu()
-    return out
+        yield i, extra
+
+
+def tower_attention(cache_dir, idx, device="cpu", progress=True):
+    """{sample: [T]} the attention each token receives in the cache's vision tower (encoders.attention_received)."""
+    encoder = cache_encoder(cache_dir, device)
+    if encoder.layer != "merger":
+        raise UserError(f"{cache_dir} holds the tower's {encoder.layer}: visionzip ranks the merger's output tokens")
+    runs = rerun_tower(encoder, cache_dir, idx, attention_received, "tower attention", progress)
+    return {i: att[0].cpu() for i, att in runs}
 
 
 def load_basis(cache_dir, codec, dim):
