@@ -47,7 +47,11 @@ def get_args_parser():
     ap.add_argument(
         "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
     )
-    ap.add_argument("--ks", default="16,32,64,128", help="numbers of kept tokens")
+    ap.add_argument(
+        "--ks",
+        default="16,32,64,128",
+        help="kept tokens: counts (16,32) or shares of the cache's T tokens (0.0625,0.125: one budget on any grid)",
+    )
     ap.add_argument(
         "--rules", default=",".join(RULES + MERGES), help="comma list of selection and merging rules (see above)"
     )
@@ -77,7 +81,7 @@ def main(argv=None):
     cache, norm = args.cache_dir or cfg["cache_dir"], cfg["normalization"]
     T, D = cached_shape(cache)
     hw = cache_grid(cache)
-    ks, rules = parse_ints(args.ks, "--ks"), args.rules.split(",")
+    ks, rules = budgets(args.ks, T), args.rules.split(",")
     for k in ks:
         check_rank(k, min(T, D), "--ks")
     check_rank(args.draw_k, min(T, D), "--draw_k")
@@ -144,6 +148,19 @@ def main(argv=None):
         )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
     return rows
+
+
+def budgets(spec, T):
+    """--ks: integers are token counts; numbers with a decimal point are shares of T (rounded, at least 1)."""
+    if "." not in spec:
+        return parse_ints(spec, "--ks")
+    try:
+        shares = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--ks {spec}: expected counts (16,32) or shares of the tokens (0.0625,0.125)") from None
+    if any(not 0 < f <= 1 for f in shares):
+        raise UserError(f"--ks {spec}: a share of the tokens must lie in (0, 1]")
+    return list(dict.fromkeys(max(1, round(f * T)) for f in shares))
 
 
 def reduce(rule, X, k, hw, basis, gen, attention=None):

@@ -150,3 +150,11 @@ def test_compare_reports_inside_and_outside_the_box(trained, capsys):
     row = next(r for r in csv.DictReader(open(trained / "compare_rank16.csv")) if int(r["sample_id"]) == i)
     assert float(row["svd_rel_token_in"]) == pytest.approx(ref["rel_token_in"], abs=1e-6)
     assert (trained / "compare_rank16_box_error.png").exists()
+
+
+def test_budgets_as_counts_or_shares():
+    assert tokens.budgets("16,32", 256) == [16, 32]
+    assert tokens.budgets("0.0625,0.125,0.25,0.5", 256) == [16, 32, 64, 128]
+    assert tokens.budgets("0.0625,0.25", 1024) == [64, 256]  # the same budgets on a 32 x 32 patch grid
+    with pytest.raises(SystemExit, match="share of the tokens must lie in"):
+        tokens.budgets("0.5,1.5", 256)
