@@ -53,8 +53,10 @@ def main(argv=None):
     cache, norm = cfg["cache_dir"], cfg["normalization"]
     manifest = load_manifest(cache)
     enc = manifest["encoder"]
-    if manifest["source"].get("kind") == "synthetic" or enc.get("layer", "merger") != "merger":
-        raise UserError(f"{cache}: layers.py runs the tower that made a merger-output cache of real images")
+    if enc.get("layer", "merger") != "merger":  # (a synthetic cache has no tower: cache_encoder says so)
+        raise UserError(
+            f"{cache} holds the tower's {enc['layer']}: layers.py taps every layer of a merger-output cache"
+        )
     ranks = parse_ints(args.ranks, "--ranks")
     encoder = cache_encoder(cache, args.device)
     names = layer_names(encoder.tower)

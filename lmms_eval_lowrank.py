@@ -28,7 +28,7 @@ from lmms_model import INSTALL, LowRankQwen
 from runs import load_run, read_run
 from token_selection import LRCP_RANK
 from transforms import parse_spec
-from vqa import fit_bases
+from vqa import default_batch_size, fit_bases
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TASK = "textvqa_local"
@@ -110,7 +110,7 @@ def main(argv=None):
         bases,
         args.max_new_tokens,
         args.seed,
-        args.batch_size or (32 if dev.type == "cuda" else 8),
+        args.batch_size or default_batch_size(dev),
     )
     out, report = Path(args.out_dir), {}
     out.mkdir(parents=True, exist_ok=True)

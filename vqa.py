@@ -88,6 +88,11 @@ def eos_ids(model, tokenizer):
     return (ids | set(gen if isinstance(gen, (list, tuple)) else [gen])) - {None}
 
 
+def default_batch_size(device):
+    """Samples answered together when --batch_size is not given: a GPU's worth, or a CPU's."""
+    return 32 if device.type == "cuda" else 8
+
+
 def draw_seed(seed, sample, condition):
     """A seed for one (run seed, sample, condition): random draws never depend on what was asked before."""
     return int.from_bytes(hashlib.sha256(json.dumps([seed, sample, condition]).encode()).digest()[:8], "little")

@@ -47,7 +47,17 @@ from runs import BEST, first, load_run, read_run
 from token_selection import LRCP_RANK, RULES
 from transforms import stored_bytes
 from vlm import RANDOM_TEXT, load_vlm
-from vqa import PROMPT, QUESTION_TRANSFORMS, Asker, check_conditions, check_prompt, conditions, fit_bases, score
+from vqa import (
+    PROMPT,
+    QUESTION_TRANSFORMS,
+    Asker,
+    check_conditions,
+    check_prompt,
+    conditions,
+    default_batch_size,
+    fit_bases,
+    score,
+)
 
 
 def get_args_parser():
@@ -160,7 +170,7 @@ def main(argv=None):
     done, own = open_logs(stem, settings, h, args.restart, rank, world)
     mine = idx[rank::world]  # the samples this process answers (all of them without torchrun)
     todo = [(i, s) for i in mine for s in conds if (i, str(s)) not in done]
-    batch = args.batch_size or (32 if dev.type == "cuda" else 8)
+    batch = args.batch_size or default_batch_size(dev)
     if rank == 0:
         print(
             f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}"
