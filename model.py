@@ -67,7 +67,7 @@ class Symmetric(nn.Module):
 def _chol_orth(Y, gram64):
     """One Cholesky-QR pass: R = chol(YᵀY), Q = Y R⁻¹ (R upper triangular, so Q[..., :j] spans Y[..., :j]). The
     k x k Gram matrix and its Cholesky in float64 (gram64: the Gram matrix too, for an ill-conditioned Y), the
-    triangular solve in Y's dtype. -> (Q, bad): bad marks samples whose Gram matrix is not numerically positive
+    triangular solve in Y's dtype. -> (Q, R, bad): bad marks samples whose Gram matrix is not numerically positive
     definite (Y rank-deficient, or κ(Y) beyond ~1e6, where a float32 Y R⁻¹ would not come out orthonormal)."""
     G = Y.double().transpose(-1, -2) @ Y.double() if gram64 else (Y.transpose(-1, -2) @ Y).double()
     with torch.no_grad():
@@ -76,8 +76,17 @@ def _chol_orth(Y, gram64):
         bad = (info > 0) | ~torch.isfinite(d).all(-1) | (d.min(-1).values <= 1e-6 * d.max(-1).values)
     if bad.any():  # keep the failing samples out of the (differentiable) factorisation: identity in their place
         G = torch.where(bad[:, None, None], torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), G)
-    R = torch.linalg.cholesky(G, upper=True) if torch.is_grad_enabled() or bad.any() else R
-    return torch.linalg.solve_triangular(R.to(Y.dtype), Y, upper=True, left=False), bad
+    R = (torch.linalg.cholesky(G, upper=True) if torch.is_grad_enabled() or bad.any() else R).to(Y.dtype)
+    return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R, bad
+
+
+def _householder(Q, Y, bad):
+    """Q with the samples marked bad replaced by Householder QR of Y (same column order, always orthonormal,
+    slower on these tall-skinny batches), passing no gradient: QR's gradient is NaN on rank-deficient input, and a
+    degenerate sample must not put NaN into Ω during training."""
+    Q = Q.clone()
+    Q[bad] = torch.linalg.qr(Y[bad].detach(), mode="reduced")[0]
+    return Q
 
 
 def _orth(Y, passes=2):
@@ -85,38 +94,68 @@ def _orth(Y, passes=2):
     float32 at least (bf16 under --amp is promoted). Cholesky-QR twice (CholQR2; Yamamoto et al. 2015): the first
     pass (float64 Gram) takes Y to a nearly orthonormal Q, the second (float32 Gram, κ ≈ 1 now) restores
     orthogonality to float32 rounding; one pass is enough where only the span matters (inside a power step).
-    Safeguard: any sample one pass marks as rank-deficient or too ill-conditioned is redone with Householder QR
-    (torch.linalg.qr: same column order, always orthonormal, slower on these tall-skinny batches) and passes no
-    gradient, so a degenerate sample cannot put NaN into Ω during training."""
+    Samples one pass marks as rank-deficient or too ill-conditioned are redone by Householder QR."""
     Y = Y if Y.dtype in (torch.float32, torch.float64) else Y.float()
-    Q, bad = _chol_orth(Y, gram64=True)
+    Q, _, bad = _chol_orth(Y, gram64=True)
     for _ in range(passes - 1):
-        Q, bad2 = _chol_orth(Q, gram64=False)
+        Q, _, bad2 = _chol_orth(Q, gram64=False)
         bad = bad | bad2
-    if bad.any():  # constant for autograd: QR's gradient is undefined (NaN) on rank-deficient input
-        Q = Q.clone()
-        Q[bad] = torch.linalg.qr(Y[bad].detach(), mode="reduced")[0]
-    return Q
+    return _householder(Q, Y, bad) if bad.any() else Q
+
+
+def _project(Y, X):
+    """(Q, C = Qᵀ X): Q an orthonormal basis of Y's columns in column order, X̂ = Q C the projection of X onto
+    range(Y), each prefix of Q's columns onto the span of Y's prefix. One Cholesky pass (float64 Gram) and
+    C = R⁻ᵀ (Yᵀ X): Q C = Y (YᵀY)⁻¹ Yᵀ X is the projection even where Q = Y R⁻¹ comes out orthonormal only to
+    ~κ(Y)·1e-7, so the second pass CholQR2 would spend is not needed. Bad samples as in _orth."""
+    Y = Y if Y.dtype in (torch.float32, torch.float64) else Y.float()
+    X = X.to(Y.dtype)
+    Q, R, bad = _chol_orth(Y, gram64=True)
+    C = torch.linalg.solve_triangular(R.transpose(-1, -2), Y.transpose(-1, -2) @ X, upper=False)
+    if bad.any():
+        Q = _householder(Q, Y, bad)
+        C = torch.where(bad[:, None, None], Q.transpose(-1, -2) @ X, C)
+    return Q, C
+
+
+# (max rank, oversample, power steps): rank k takes the first row with k <= max rank (the last row above them all).
+# Chosen by bench.py --ablation on real ViT tokens (docs/results.md): at small ranks 8 extra columns and one power
+# step close the gap best per unit of cost; at large ranks the eigendecomposition an oversampled basis needs costs
+# more than a second power step, which is also closer to SVD.
+DEFAULT_SCHEDULE = [[64, 8, 1], [256, 0, 2]]
 
 
 class Subspace(nn.Module):
-    """Learned subspace iteration. Ω [D, m] is a parameter, m = r + oversample; per sample Q = orth(X Ω) (column
-    order kept, so the first k columns of Q span X Ω[:, :k]), then power_iters steps Q = orth(X (Xᵀ Q)) (default
-    1: Ω alone falls short of SVD on features of real-model difficulty; docs/results.md).
-    oversample 0 (default): A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range((X Xᵀ)^p X Ω), and
-    the first k components give the projection onto range((X Xᵀ)^p X Ω[:, :k]): nested ranks by construction.
-    oversample > 0: C = Qᵀ X, C = V Σ Wᵀ via the m x m Gram matrix, A = Q V_r Σ_r, B = W_rᵀ: the best rank-r
-    approximation inside range(Q), ordered by singular value.
-    Either way X̂ is exact when range(Q) holds X's top-r left singular vectors. Ω starts at the training tokens'
-    top principal directions and is trained to maximise the energy of X captured by each prefix of Q
-    (objective), differentiable through the orthonormalisation, no eigendecomposition in the loss. Cost: 2 + 2p
-    products with X (each about one GEMM floor X·W) plus small k x k work."""
+    """Learned subspace iteration. Ω [D, m] is a parameter; for rank k, with (o, p) = the schedule's setting for k
+    and m = k + o, per sample Q = orth(X Ω[:, :m]) (column order kept, so the first j columns of Q span
+    X Ω[:, :j]), then p power steps Q = orth(X (Xᵀ Q)) (or, where it is cheaper, one Gram matrix X Xᵀ and p steps
+    Q = orth((X Xᵀ) Q)).
+    o = 0: A = Q, B = Qᵀ X, so X̂ = Q Qᵀ X is the projection of X onto range((X Xᵀ)^p X Ω[:, :k]), and the first j
+    components give the projection onto range((X Xᵀ)^p X Ω[:, :j]): nested ranks by construction.
+    o > 0: C = Qᵀ X, C = V Σ Wᵀ via the m x m Gram matrix, A = Q V_k Σ_k, B = W_kᵀ: the best rank-k approximation
+    inside range(Q), ordered by singular value.
+    Either way X̂ is exact when range(Q) holds X's top-k left singular vectors. Ω starts at the training tokens'
+    top principal directions and is trained to maximise the energy of X captured by each prefix of Q at the trained
+    rank (objective), differentiable through the orthonormalisation and the power steps. oversample / power_iters,
+    where given, replace the schedule by one setting for every rank (checkpoints from before the schedule)."""
 
-    def __init__(self, rank=128, tokens=256, dim=2048, oversample=0, power_iters=1):
+    def __init__(self, rank=128, tokens=256, dim=2048, oversample=None, power_iters=None, schedule=None):
         super().__init__()
-        self.rank, self.power_iters = rank, power_iters
-        m = min(rank + oversample, tokens)
+        self.rank, self.tokens = rank, tokens
+        if oversample is not None or power_iters is not None:
+            schedule = [[tokens, oversample or 0, 1 if power_iters is None else power_iters]]
+        self.schedule = [list(row) for row in (schedule or DEFAULT_SCHEDULE)]
+        m = min(tokens, max(k + self.setting(k)[0] for k in range(1, rank + 1)))
         self.omega = nn.Parameter(torch.randn(dim, m) / math.sqrt(dim))
+
+    def setting(self, k):
+        """(oversample, power steps) at rank k."""
+        row = next((row for row in self.schedule if k <= row[0]), self.schedule[-1])
+        return row[1], row[2]
+
+    @property
+    def power_iters(self):
+        return self.setting(self.rank)[1]
 
     @torch.no_grad()
     def init_from_data(self, batches):
@@ -124,29 +163,38 @@ class Subspace(nn.Module):
         V = principal_directions(batches, self.omega.device)
         self.omega.copy_(V[:, : self.omega.shape[1]].to(self.omega.dtype))
 
-    def basis(self, X, k=None):
-        """Orthonormal Q [B, T, k] spanning X Ω[:, :k] (k: all columns by default), after the power steps. QR keeps
-        column order and the power step maps prefixes to prefixes, so Q for k columns is the first k columns of Q
-        for all of them: a small rank never pays for the full basis."""
-        Q = _orth(X @ self.omega[:, :k].to(X.dtype), passes=1 if self.power_iters else 2)
-        for i in range(self.power_iters):
-            Q = _orth(X @ (X.transpose(1, 2) @ Q), passes=1 if i < self.power_iters - 1 else 2)
-        return Q
+    def basis(self, X, k, power_iters, orthonormal=False):
+        """(Q [B, T, k], Qᵀ X): Q an orthonormal basis of (X Xᵀ)^p X Ω[:, :k]. QR keeps column order and each power
+        step maps prefixes to prefixes, so Q for j < k columns is the first j columns of Q for k: a small rank
+        never pays for the full basis. Only the last step is orthonormalised fully (_project); the start X Ω only
+        has its columns scaled (Ω's columns are nearly X's principal directions, so X Ω's are nearly orthogonal),
+        and the power steps go through the T x T Gram matrix where that costs fewer products. orthonormal: Q
+        orthonormal to float32 rounding (CholQR2), as a Rayleigh-Ritz step on it needs."""
+        T, D = X.shape[1:]
+        Y = X @ self.omega[:, :k].to(X.dtype)
+        G = X @ X.transpose(1, 2) if T * T * (D + power_iters * k) < 2 * power_iters * T * D * k else None
+        for i in range(power_iters):
+            Q = Y / Y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny) if i == 0 else _orth(Y, 1)
+            Y = G @ Q if G is not None else X @ (X.transpose(1, 2) @ Q)
+        if orthonormal:
+            Q = _orth(Y, 2)
+            return Q, Q.transpose(1, 2) @ X
+        return _project(Y, X)
 
     def forward(self, X, rank=None):
         A, B = self.factors(X, rank)
         return A @ B, A, B
 
     def factors(self, X, rank=None):
-        """(A, B) for rank k (default: the trained rank r); the first k components of the rank-r factors."""
+        """(A, B) for rank k (default: the trained rank r), each rank with its schedule's setting."""
         r = self.rank if rank is None else rank
         if not 1 <= r <= self.rank:
             raise ValueError(f"rank {r}: this model serves ranks 1..{self.rank} (its trained rank)")
-        if self.omega.shape[1] == self.rank:  # nested by column order: only the first r columns
-            Q = self.basis(X, r)
-            return Q, Q.transpose(1, 2) @ X
-        Q = self.basis(X)  # [B, T, m]
-        C = Q.transpose(1, 2) @ X  # [B, m, D]
+        o, p = self.setting(r)
+        m = min(r + o, self.omega.shape[1])
+        Q, C = self.basis(X, m, p, orthonormal=m > r)  # [B, T, m], [B, m, D]
+        if m == r:  # nested by column order
+            return Q, C
         w, V = torch.linalg.eigh((C @ C.transpose(1, 2)).double())
         V, s = V.flip(-1)[..., :r], w.flip(-1)[..., :r].clamp_min(0).sqrt()
         V, s = V.to(X.dtype), s.to(X.dtype)
@@ -168,7 +216,7 @@ class Subspace(nn.Module):
 
 
 ARCHS = {"symmetric": Symmetric, "subspace": Subspace}
-ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(oversample=0, power_iters=1)}
+ARCH_DEFAULTS = {"symmetric": dict(hidden=512, n_blocks=2), "subspace": dict(schedule=DEFAULT_SCHEDULE)}
 
 
 def build_model(config):
@@ -180,10 +228,19 @@ def build_model(config):
     kw = dict(ARCH_DEFAULTS[arch], **config.get("arch_options", {}))
     shape = {k: config[k] for k in ("tokens", "dim") if k in config}  # checkpoints before shapes were stored: defaults
     sizes = {"rank": config["rank"], **shape, **kw}
+    schedule = sizes.pop("schedule", None)
     bad = {k: v for k, v in sizes.items() if type(v) is not int or v < (0 if k in ("oversample", "power_iters") else 1)}
+    if schedule is not None and not (
+        isinstance(schedule, list)
+        and schedule
+        and all(
+            isinstance(row, list) and len(row) == 3 and all(type(v) is int and v >= 0 for v in row) for row in schedule
+        )
+    ):
+        bad["schedule"] = schedule
     if bad or config["rank"] > min(shape.get("tokens", 256), shape.get("dim", 2048)):
         raise ValueError(f"config sizes {bad or sizes} are not positive integers with rank <= min(tokens, dim)")
-    return ARCHS[arch](**sizes)
+    return ARCHS[arch](**sizes, **({"schedule": schedule} if schedule is not None else {}))
 
 
 def loss_terms(X, Xhat, A, B, lambda_B, lambda_ortho):

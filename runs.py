@@ -165,15 +165,21 @@ def shared_between_splits(cache_dir, split, field):
     return sum(len(parts) > 1 for parts in seen.values())
 
 
-def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_by=GROUP_AUTO, resplit=False):
+def load_or_make_split(
+    results_dir, cache_dir, seed=42, max_samples=None, group_by=GROUP_AUTO, resplit=False, test_share=0.1
+):
     """split.json in results_dir: read it if present (so every script sees the same test set), else make and save.
-    A saved split made from another seed, sample count, cache or grouping is refused (resplit=True replaces it)."""
+    A saved split made from another seed, sample count, cache, grouping or test share is refused (resplit=True
+    replaces it). test_share: the test split's share of the samples (validation 0.1, training the rest)."""
+    if not 0 < test_share < 0.9:
+        raise UserError(f"--test_share {test_share}: choose a share between 0 and 0.9 (validation takes 0.1)")
     p = Path(results_dir) / SPLIT
     made_from = {
         "seed": seed,
         "max_samples": max_samples,
         "cache_dir": str(Path(cache_dir).resolve()),
         "group_by": group_by,
+        **({"test_share": test_share} if test_share != 0.1 else {}),  # older split.json files: the default
     }
     if p.exists() and not resplit:
         s = read_split(results_dir)
@@ -201,12 +207,13 @@ def load_or_make_split(results_dir, cache_dir, seed=42, max_samples=None, group_
     if len(idx) < 3:
         raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
     groups, field = split_groups(cache_dir, idx, group_by)
-    s = make_split(idx, seed, groups=groups)
+    s = make_split(idx, seed, (0.9 - test_share, 0.1, test_share), groups=groups)
     empty = [k for k in PARTS if not s[k]]
     if empty:
         raise UserError(
             f"{len(idx)} samples{f' in {len(set(groups.values()))} {field} groups' if groups else ''} "
-            f"leave the {' and '.join(empty)} split empty (80/10/10); use more samples (--max_samples) "
+            f"leave the {' and '.join(empty)} split empty ({0.9 - test_share:.0%} / 10% / {test_share:.0%}); "
+            f"use more samples (--max_samples) "
             f"or --group_by none"
         )
     s.update(

@@ -43,7 +43,7 @@ from runs import (
     split_fingerprint,
 )
 
-ARCH_FLAGS = ("hidden", "power_iters", "oversample")  # the per-arch options; their defaults are ARCH_DEFAULTS'
+ARCH_FLAGS = {"symmetric": ("hidden",), "subspace": ("power_iters", "oversample")}  # per-arch options (flags)
 
 
 def get_args_parser():
@@ -109,6 +109,13 @@ def get_args_parser():
         action="store_true",
         help="replace a split.json made with another seed, sample count, cache or grouping (its test set changes)",
     )
+    ap.add_argument(
+        "--test_share",
+        type=positive_float,
+        default=0.1,
+        help="share of the samples (whole --group_by groups) in the test split; validation 0.1, training the rest "
+        "(more test photos where there are few, e.g. 0.3 on vit_features.py's 19 photos)",
+    )
     ap.add_argument("--grad_clip", type=positive_float, default=1.0, help="gradient-norm clipping")
     sym, sub = ARCH_DEFAULTS["symmetric"], ARCH_DEFAULTS["subspace"]
     ap.add_argument("--hidden", type=int, default=None, help=f"symmetric: MLP hidden width (default {sym['hidden']})")
@@ -116,13 +123,15 @@ def get_args_parser():
         "--power_iters",
         type=int,
         default=None,
-        help=f"subspace: power steps Q = orth(X Xᵀ Q) per sample (default {sub['power_iters']})",
+        help=f"subspace: power steps Q = orth(X Xᵀ Q) per sample at every rank (default: per rank, the schedule "
+        f"[max rank, oversample, power steps] {sub['schedule']})",
     )
     ap.add_argument(
         "--oversample",
         type=int,
         default=None,
-        help=f"subspace: extra columns in Ω (default {sub['oversample']}: nested ranks without an eigendecomposition)",
+        help="subspace: extra columns in Ω at every rank, the best rank k then taken by an m x m "
+        "eigendecomposition (default: per rank, the schedule; --power_iters alone: 0)",
     )
     return ap
 
@@ -143,6 +152,7 @@ CONFIG_FLAGS = (
     "grad_clip",
     "max_samples",
     "group_by",
+    "test_share",
 )  # stored in the config as given
 FIXED_ON_RESUME = {
     "arch": "arch",
@@ -158,6 +168,7 @@ FIXED_ON_RESUME = {
     "grad_clip": "grad_clip",
     "max_samples": "max_samples",
     "group_by": "group_by",
+    "test_share": "test_share",
 }  # flag -> config key
 
 
@@ -167,11 +178,14 @@ def resolve_config(args, world, log):
     flag given with another value than the checkpoint's is refused (only --epochs and --patience may change)."""
     out = Path(args.results_dir)
     if not args.resume:
-        given = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
+        given = {k: getattr(args, k) for k in ARCH_FLAGS[args.arch] if getattr(args, k) is not None}
+        options = dict(ARCH_DEFAULTS[args.arch])
+        if given and args.arch == "subspace":  # one setting for every rank instead of the per-rank schedule
+            options.pop("schedule")
         config = {
             "arch": args.arch,
             "rank": args.rank,
-            "arch_options": {k: given.get(k, v) for k, v in ARCH_DEFAULTS[args.arch].items()},
+            "arch_options": {**options, **given},
             "normalization": args.normalize,
             "cache_dir": str(Path(args.cache_dir).resolve()),
             "world_size": world,
@@ -467,7 +481,15 @@ def write_run_folder(out, config, resplit):
     records the split's fingerprint: a checkpoint is never scored on a split it was not trained with."""
     remove_stale_tmp(out)
     group_by = config.get("group_by", GROUP_AUTO)
-    split = load_or_make_split(out, config["cache_dir"], config["seed"], config["max_samples"], group_by, resplit)
+    split = load_or_make_split(
+        out,
+        config["cache_dir"],
+        config["seed"],
+        config["max_samples"],
+        group_by,
+        resplit,
+        config.get("test_share", 0.1),
+    )
     if config.setdefault("split_sha", split_fingerprint(split)) != split_fingerprint(split):
         raise UserError(f"--resume: {out / SPLIT} is not the split this run was trained on")
     atomic_save(config, out / CONFIG)

