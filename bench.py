@@ -4,6 +4,10 @@ Quality and speed of the factorisers against truncated SVD, measured in one run 
     python bench.py --results_dir results_subspace [--symmetric_dir results_symmetric] --ranks 16,32,64,128
 
 Quality: mean flattened cosine and energy on the results directory's test split (disjoint from training).
+Peers at equal cost, at each rank: torch.svd_lowrank and our own randomized range finder (a Gaussian Ω through the
+model's own code), each with the model's oversampling and power steps at that rank, so each makes as many products
+with X. --ablation adds the table start (learned Ω / the training split's principal directions / Gaussian) x
+oversampling (0, 8, 16) x power steps (0, 1, 2): gap to SVD and ms per sample for each.
 Speed: ms per sample to produce the factors A, B at --batch_size (default 64), median of --repeats runs after a
 warm-up, against the fastest exact truncated SVD at each rank (torch.linalg.svd on X and on Xᵀ, and
 the Gram methods of metrics.py; each one's largest relative deviation from torch.linalg.svd in float64 over the
@@ -20,7 +24,7 @@ import torch
 import metrics
 from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
 from feature_cache import cached_indices, lossy_note, read_manifest
-from model import ARCH_DEFAULTS, load_checkpoint
+from model import ARCH_DEFAULTS, Subspace, load_checkpoint
 from qwenvl_dataloader import FeatureDataset
 from runs import BEST, load_run
 
@@ -70,6 +74,11 @@ def get_args_parser():
         action="store_true",
         help="print torch.profiler's top operators of the factoriser's call at each rank (one timed batch)",
     )
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="subspace: also time and score every start x oversampling x power steps at each rank",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default <results_dir>/bench.json)")
     return ap
 
@@ -106,7 +115,7 @@ def main(argv=None):
     )
     print(
         f"{'method':<36}{'rank':>5}{'cosine':>9}{'gap':>9}{'worst gap':>10}{'energy':>8}{'ms/sample':>10}"
-        f"{'x linalg.svd(X)':>16}{'x fastest exact':>16}{'x GEMM floor':>13}{'dev. vs fp64 SVD':>17}"
+        f"{'x svd_lowrank':>14}{'x fastest exact':>16}{'x GEMM floor':>13}{'dev. vs fp64 SVD':>17}"
     )
     rows = []
     for r in ranks:
@@ -115,10 +124,12 @@ def main(argv=None):
             profile(lambda x: model.factors(x, r), xb, f"{cfg['arch']} factors at rank {r}")
     print(
         f"* the fastest exact truncated SVD at that rank among those within {EXACT_TOL:g} of float64 SVD (dev.): "
-        "the yardstick of 'x fastest exact'. gap: cosine minus "
+        "the yardstick of 'x fastest exact'. same o, p: q = rank + the model's oversampling at that rank, niter = its "
+        "power steps (as many products with X). gap: cosine minus "
         "exact SVD's, mean over images; worst gap: the lowest image's; dev.: largest relative Frobenius distance of "
         "an image's rank-r reconstruction from torch.linalg.svd's in float64"
     )
+    ablation = bench.ablation(ranks, xb, args.repeats, args.results_dir, cfg) if args.ablation else None
     out = Path(args.out or Path(args.results_dir) / "bench.json")
     out.write_text(
         json.dumps(
@@ -134,6 +145,7 @@ def main(argv=None):
                 "n_test": len(X),
                 "cache_dir": str(cache_dir),
                 "rows": rows,
+                **({"ablation": ablation} if ablation is not None else {}),
             },
             indent=1,
         )
@@ -160,10 +172,22 @@ EXACT = {
 }
 
 
-def svd_lowrank(x, r):
-    T = x.shape[1]
-    U, S, V = torch.svd_lowrank(x, q=min(r + 8, T), niter=2)
+def svd_lowrank(x, r, oversample, power_iters):
+    U, S, V = torch.svd_lowrank(x, q=min(r + oversample, *x.shape[1:]), niter=power_iters)
     return U[..., :r] * S[..., None, :r], V[..., :r].transpose(1, 2)
+
+
+def range_finder(omega, rank, setting):
+    """A Subspace with the given Ω and one (oversample, power steps) setting at every rank."""
+    o, p = setting
+    m = Subspace(rank, tokens=256, dim=omega.shape[0], schedule=[[1 << 30, o, p]]).to(omega.device)
+    with torch.no_grad():
+        m.omega = torch.nn.Parameter(omega[:, : m.omega.shape[1]].clone())
+    return m
+
+
+LOWRANK = "torch.svd_lowrank, same o, p"
+ABLATION = [(o, p) for o in (0, 8, 16) for p in (0, 1, 2)]
 
 
 class Bench:
@@ -173,14 +197,57 @@ class Bench:
         self.X, self.model, self.sym = X, model, sym
         with torch.no_grad():  # the truth for the exact methods: torch.linalg.svd in float64
             self.U64, self.S64, self.Vh64 = torch.linalg.svd(X.double(), full_matrices=False)
+        self.arch = arch
+        setting = model.setting if hasattr(model, "setting") else lambda r: (8, 2)  # symmetric: the old peer
+        D = X.shape[2]
+        gauss = torch.randn(D, min(X.shape[1], max(ranks) + 16), generator=torch.Generator().manual_seed(0))
+        self.gauss = (gauss / D**0.5).to(X.device)
         self.approx = {
             f"{arch} (NN)": lambda x, r: model.factors(x, r),
-            "torch.svd_lowrank (q=r+8, 2 iters)": svd_lowrank,
+            LOWRANK: lambda x, r: svd_lowrank(x, r, *setting(r)),
+            "Gaussian range finder, same o, p": lambda x, r: range_finder(self.gauss, r, setting(r)).factors(x, r),
         }
         if sym is not None:
             self.approx["symmetric (NN)"] = lambda x, r: sym.factors(x)
-        D = X.shape[2]
         self.W = {r: torch.randn(D, r, device=X.device) for r in ranks}
+
+    def ablation(self, ranks, xb, repeats, results_dir, cfg):
+        """Every start x (oversample, power steps) at each rank: gap to SVD (mean, worst) and ms per sample."""
+        from qwenvl_dataloader import principal_basis
+        from runs import read_split
+
+        starts = {
+            "learned": self.model.omega.detach(),
+            "principal": principal_basis(cfg["cache_dir"], read_split(results_dir)["train"], cfg["normalization"])
+            .float()
+            .to(self.X.device),
+            "Gaussian": self.gauss,
+        }
+        print(f"ablation: start x oversampling x power steps ({self.arch}, the default marked <-)")
+        print(f"{'start':<11}{'o':>3}{'p':>3}" + "".join(f"{f'rank {r}: gap / worst / ms':>30}" for r in ranks))
+        rows = []
+        for name, omega in starts.items():
+            for o, p in ABLATION:
+                row = {"start": name, "oversample": o, "power_iters": p, "ranks": {}}
+                line = f"{name:<11}{o:>3}{p:>3}"
+                for r in ranks:
+                    if omega.shape[1] < min(r + o, self.X.shape[1]):
+                        line += f"{'(Ω too narrow)':>30}"
+                        continue
+                    m = range_finder(omega, r, (o, p))
+                    f = lambda x, r: m.factors(x, r)  # noqa: E731
+                    gap = self.quality(f, r)["cosine"] - self.svd_quality(r)["cosine"]
+                    t = metrics.time_ms(lambda x: f(x, r), xb, repeats)
+                    default = name == "learned" and (o, p) == tuple(self.model.setting(r))
+                    row["ranks"][r] = {"gap": gap.mean().item(), "worst_gap": gap.min().item(), "ms": t}
+                    row["ranks"][r]["default"] = default
+                    line += f"{gap.mean():>10.4f} /{gap.min():>8.4f} /{t:>6.2f}{' <-' if default else '   '}"
+                print(line)
+                rows.append(row)
+        return rows
+
+    def svd_quality(self, r):
+        return metrics.metrics(self.X, self.truth(r).to(self.X.dtype))
 
     def truth(self, r):
         return (self.U64[..., :r] * self.S64[:, None, :r]) @ self.Vh64[:, :r]
@@ -204,7 +271,7 @@ class Bench:
         exact_enough = [n for n in t_exact if devs[n] <= EXACT_TOL] or list(t_exact)
         fastest = min(exact_enough, key=t_exact.get)  # the yardstick: fastest of those within EXACT_TOL
         t_floor = metrics.time_ms(lambda x: x @ self.W[r], xb, repeats)  # one GEMM X·W: the least any costs
-        svd_q = metrics.metrics(self.X, self.truth(r).to(self.X.dtype))  # exact SVD's quality, from float64 SVD
+        svd_q = self.svd_quality(r)  # exact SVD's quality, from float64 SVD
         times, quals = dict(t_exact), {name: svd_q for name in EXACT}
         for name, f in self.approx.items():
             if name == "symmetric (NN)" and self.sym is not None and r != self.sym.rank:
@@ -220,6 +287,7 @@ class Bench:
                 "rank": r,
                 "ms_per_sample": t,
                 "speedup_vs_linalg_svd": t_exact["torch.linalg.svd(X)"] / t,
+                "speedup_vs_svd_lowrank": times[LOWRANK] / t,
                 "speedup_vs_fastest_exact": t_exact[fastest] / t,
                 "fastest_exact": fastest,
                 "x_gemm_floor": t / t_floor,
@@ -242,7 +310,7 @@ class Bench:
             )
             label = name + (" *" if name == fastest else "")
             print(
-                f"{label:<36}{r:>5}{qs}{t:>10.2f}{row['speedup_vs_linalg_svd']:>16.1f}"
+                f"{label:<36}{r:>5}{qs}{t:>10.2f}{row['speedup_vs_svd_lowrank']:>14.2f}"
                 f"{row['speedup_vs_fastest_exact']:>16.2f}{row['x_gemm_floor']:>13.1f}"
                 + (f"{devs[name]:>17.1e}" if name in devs else "")
             )

@@ -136,6 +136,8 @@ def cache_encoder(cache_dir, device="cpu"):
     enc = manifest["encoder"]
     if manifest["source"].get("kind") == "synthetic" or enc.get("family") == "synthetic":
         raise UserError(f"{cache_dir} holds synthetic features: there is no vision tower to run")
+    if enc.get("family") == "vit-onnx":
+        raise UserError(f"{cache_dir} holds a plain ViT's tokens (vit_features.py): there is no Qwen tower to run")
     size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
     size = "x".join(map(str, size)) if isinstance(size, list) else size
     return Encoder(enc["model"], device, enc.get("dtype"), enc.get("revision"), size, enc.get("layer"))

@@ -26,6 +26,7 @@ SCRIPTS = [
     "tune",
     "demo_data",
     "synth_features",
+    "vit_features",
 ]
 
 
