@@ -25,8 +25,8 @@ import metrics
 from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
 from feature_cache import cached_indices, lossy_note, read_manifest
 from model import ARCH_DEFAULTS, Subspace, load_checkpoint
-from qwenvl_dataloader import FeatureDataset
-from runs import BEST, load_run
+from qwenvl_dataloader import FeatureDataset, principal_basis
+from runs import BEST, load_run, read_split
 
 EXACT_TOL = 1e-5  # an exact method is a yardstick only within this relative distance of float64 SVD on the data
 
@@ -213,9 +213,6 @@ class Bench:
 
     def ablation(self, ranks, xb, repeats, results_dir, cfg):
         """Every start x (oversample, power steps) at each rank: gap to SVD (mean, worst) and ms per sample."""
-        from qwenvl_dataloader import principal_basis
-        from runs import read_split
-
         starts = {
             "learned": self.model.omega.detach(),
             "principal": principal_basis(cfg["cache_dir"], read_split(results_dir)["train"], cfg["normalization"])

