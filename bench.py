@@ -202,10 +202,11 @@ class Bench:
         D = X.shape[2]
         gauss = torch.randn(D, min(X.shape[1], max(ranks) + 16), generator=torch.Generator().manual_seed(0))
         self.gauss = (gauss / D**0.5).to(X.device)
+        self.peers = {r: range_finder(self.gauss, r, setting(r)) for r in ranks}  # built once, outside the timing
         self.approx = {
             f"{arch} (NN)": lambda x, r: model.factors(x, r),
             LOWRANK: lambda x, r: svd_lowrank(x, r, *setting(r)),
-            "Gaussian range finder, same o, p": lambda x, r: range_finder(self.gauss, r, setting(r)).factors(x, r),
+            "Gaussian range finder, same o, p": lambda x, r: self.peers[r].factors(x, r),
         }
         if sym is not None:
             self.approx["symmetric (NN)"] = lambda x, r: sym.factors(x)
@@ -263,18 +264,20 @@ class Bench:
 
     def rank_rows(self, r, xb, repeats):
         """Time and score every method at rank r; print one line each -> the rows."""
-        t_exact = {name: metrics.time_ms(lambda x: f(x, r), xb, repeats) for name, f in EXACT.items()}
+        approx = {
+            name: f
+            for name, f in self.approx.items()
+            if not (name == "symmetric (NN)" and self.sym is not None and r != self.sym.rank)
+        }
+        calls = {name: (lambda x, f=f: f(x, r)) for name, f in {**EXACT, **approx}.items()}
+        times = metrics.time_all({**calls, "floor": lambda x: x @ self.W[r]}, xb, repeats)  # in turns
+        t_floor = times.pop("floor")  # one GEMM X·W: the least any costs
+        t_exact = {name: times[name] for name in EXACT}
         devs = {name: self.deviation(f, r) for name, f in EXACT.items()}
         exact_enough = [n for n in t_exact if devs[n] <= EXACT_TOL] or list(t_exact)
         fastest = min(exact_enough, key=t_exact.get)  # the yardstick: fastest of those within EXACT_TOL
-        t_floor = metrics.time_ms(lambda x: x @ self.W[r], xb, repeats)  # one GEMM X·W: the least any costs
         svd_q = self.svd_quality(r)  # exact SVD's quality, from float64 SVD
-        times, quals = dict(t_exact), {name: svd_q for name in EXACT}
-        for name, f in self.approx.items():
-            if name == "symmetric (NN)" and self.sym is not None and r != self.sym.rank:
-                continue
-            times[name] = metrics.time_ms(lambda x: f(x, r), xb, repeats)
-            quals[name] = self.quality(f, r)
+        quals = {name: svd_q for name in EXACT} | {name: self.quality(f, r) for name, f in approx.items()}
         times["GEMM floor X·W"], quals["GEMM floor X·W"] = t_floor, None
         rows = []
         for name, t in times.items():

@@ -59,10 +59,21 @@ def timed(f, *args, device="cpu"):
 
 def time_ms(f, x, repeats=3):
     """ms per sample of f(x) for a batch x: one warm-up call, then the median of `repeats` timed calls."""
+    return time_all({"f": f}, x, repeats)["f"]
+
+
+def time_all(fs, x, repeats=3):
+    """{name: ms per sample} of each f(x) in fs, timed in turns (one call of each per round, after one warm-up
+    round), median over `repeats` rounds: a slow spell of a shared machine hits every method alike, so ratios
+    between them are fair."""
+    times = {name: [] for name in fs}
     with torch.no_grad():
-        f(x)
-        times = sorted(timed(f, x, device=x.device)[1] for _ in range(repeats))
-    return 1000 * times[len(times) // 2] / len(x)
+        for f in fs.values():
+            f(x)
+        for _ in range(repeats):
+            for name, f in fs.items():
+                times[name].append(timed(f, x, device=x.device)[1])
+    return {name: 1000 * sorted(t)[len(t) // 2] / len(x) for name, t in times.items()}
 
 
 def svd_reconstruct(X, rank, method=DEFAULT_METHOD):

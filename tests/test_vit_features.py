@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import compare_svd_nn
 import compress
 import feature_cache
 import metrics
@@ -92,6 +93,8 @@ def test_every_script_runs_on_the_real_benchmark(vit_cache, tmp_path, capsys):
     assert {(a["start"], a["oversample"], a["power_iters"]) for a in b["ablation"]} == {
         (s, o, p) for s in ("learned", "principal", "Gaussian") for o in (0, 8, 16) for p in (0, 1, 2)
     }
+    s = compare_svd_nn.main(["--results_dir", str(run), "--device", "cpu"])
+    assert s["n"] == len(split["test"]) >= 3  # the crops of the held-out photos
     d, paths = visualize_svd_nn.main(["--results_dir", str(run), "--image_idx", "0"])
     assert all(p.exists() for p in paths)
     assert "source image not reachable" not in capsys.readouterr().out  # drawn under the crop itself
