@@ -76,8 +76,11 @@ def _chol_orth(Y, gram64):
         bad = (info > 0) | ~torch.isfinite(d).all(-1) | (d.min(-1).values <= 1e-6 * d.max(-1).values)
     if bad.any():  # keep the failing samples out of the (differentiable) factorisation: identity in their place
         G = torch.where(bad[:, None, None], torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), G)
-    R = (torch.linalg.cholesky(G, upper=True) if torch.is_grad_enabled() or bad.any() else R).to(Y.dtype)
-    return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R, bad
+    R = torch.linalg.cholesky(G, upper=True) if torch.is_grad_enabled() or bad.any() else R
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+    R_inv = torch.linalg.solve_triangular(R, eye, upper=True).to(Y.dtype)
+    with torch.autocast(Y.device.type, enabled=False):  # under --amp too: the basis in float32
+        return Y @ R_inv, R_inv, bad
 
 
 def _householder(Q, Y, bad):
@@ -110,8 +113,9 @@ def _project(Y, X):
     ~κ(Y)·1e-7, so the second pass CholQR2 would spend is not needed. Bad samples as in _orth."""
     Y = Y if Y.dtype in (torch.float32, torch.float64) else Y.float()
     X = X.to(Y.dtype)
-    Q, R, bad = _chol_orth(Y, gram64=True)
-    C = torch.linalg.solve_triangular(R.transpose(-1, -2), Y.transpose(-1, -2) @ X, upper=False)
+    Q, R_inv, bad = _chol_orth(Y, gram64=True)
+    with torch.autocast(Y.device.type, enabled=False):
+        C = R_inv.transpose(-1, -2) @ (Y.transpose(-1, -2) @ X)
     if bad.any():
         Q = _householder(Q, Y, bad)
         C = torch.where(bad[:, None, None], Q.transpose(-1, -2) @ X, C)
@@ -171,7 +175,8 @@ class Subspace(nn.Module):
         and the power steps go through the T x T Gram matrix where that costs fewer products. orthonormal: Q
         orthonormal to float32 rounding (CholQR2), as a Rayleigh-Ritz step on it needs."""
         T, D = X.shape[1:]
-        Y = X @ self.omega[:, :k].to(X.dtype)
+        omega = self.omega[:, :k].to(X.dtype)
+        Y = X @ (omega / omega.abs().amax(0).clamp_min(torch.finfo(omega.dtype).tiny))  # scale-free: no overflow
         G = X @ X.transpose(1, 2) if T * T * (D + power_iters * k) < 2 * power_iters * T * D * k else None
         for i in range(power_iters):
             Q = Y / Y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny) if i == 0 else _orth(Y, 1)
