@@ -64,15 +64,16 @@ def time_ms(f, x, repeats=3):
 
 def time_all(fs, x, repeats=3):
     """{name: ms per sample} of each f(x) in fs, timed in turns (one call of each per round, after one warm-up
-    round), median over `repeats` rounds: a slow spell of a shared machine hits every method alike, so ratios
-    between them are fair."""
+    round, the order rotated each round), median over `repeats` rounds: a slow spell of a shared machine, or the
+    cache state one method leaves the next, hits every method alike, so ratios between them are fair."""
     times = {name: [] for name in fs}
     with torch.no_grad():
         for f in fs.values():
             f(x)
-        for _ in range(repeats):
-            for name, f in fs.items():
-                times[name].append(timed(f, x, device=x.device)[1])
+        names = list(fs)
+        for i in range(repeats):
+            for name in names[i % len(names) :] + names[: i % len(names)]:  # each round starts one further on
+                times[name].append(timed(fs[name], x, device=x.device)[1])
     return {name: 1000 * sorted(t)[len(t) // 2] / len(x) for name, t in times.items()}
 
 
