@@ -6,9 +6,10 @@ and the row quantiser.
 
     symmetric  the original toolkit's design (LowRankProjSymmetric): a token-wise residual MLP makes each row of A
                from a D-dim token, the same kind of MLP over the columns of X (T-dim) makes each column of B.
-    subspace   learned subspace iteration: Q = orth(X·Ω) with a learned Ω [D, r] (initialised from the training
-               data's principal directions), A = Q, B = QᵀX; QR keeps column order, so the first k components
-               serve every rank k <= r. One power step by default; optional oversampling (exact SVD of the small QᵀX).
+    subspace   learned subspace iteration: Q = orth((X Xᵀ)^p X·Ω) with a learned Ω [D, m] (initialised from the
+               training data's principal directions), A = Q, B = QᵀX; QR keeps column order, so one model serves
+               every rank k <= r. Per rank a schedule picks the power steps p and the extra columns (the best rank k
+               inside a wider range, by the small eigendecomposition of QᵀX): DEFAULT_SCHEDULE.
 """
 
 import math

