@@ -88,6 +88,8 @@ def main(argv=None):
     ranks = parse_ints(args.ranks, "--ranks")
     dev = torch.device(args.device)
     model, ck, cfg, test_idx, cache_dir = load_run(args.results_dir, device=dev)
+    if args.ablation and cfg["arch"] != "subspace":
+        raise UserError(f"--ablation varies a subspace model's start and steps; {args.results_dir} holds {cfg['arch']}")
     nested = cfg["arch"] != "symmetric"  # a subspace model serves every rank up to its own; symmetric only its own
     bad = [r for r in ranks if not (1 <= r <= cfg["rank"] if nested else r == cfg["rank"])]
     if bad:
@@ -177,10 +179,10 @@ def svd_lowrank(x, r, oversample, power_iters):
     return U[..., :r] * S[..., None, :r], V[..., :r].transpose(1, 2)
 
 
-def range_finder(omega, rank, setting):
+def range_finder(omega, rank, setting, tokens):
     """A Subspace with the given Ω and one (oversample, power steps) setting at every rank."""
     o, p = setting
-    m = Subspace(rank, tokens=256, dim=omega.shape[0], schedule=[[1 << 30, o, p]]).to(omega.device)
+    m = Subspace(rank, tokens=tokens, dim=omega.shape[0], schedule=[[1 << 30, o, p]]).to(omega.device)
     with torch.no_grad():
         m.omega = torch.nn.Parameter(omega[:, : m.omega.shape[1]].clone())
     return m
@@ -202,7 +204,9 @@ class Bench:
         D = X.shape[2]
         gauss = torch.randn(D, min(X.shape[1], max(ranks) + 16), generator=torch.Generator().manual_seed(0))
         self.gauss = (gauss / D**0.5).to(X.device)
-        self.peers = {r: range_finder(self.gauss, r, setting(r)) for r in ranks}  # built once, outside the timing
+        self.peers = {
+            r: range_finder(self.gauss, r, setting(r), X.shape[1]) for r in ranks
+        }  # built once, outside the timing
         self.approx = {
             f"{arch} (NN)": lambda x, r: model.factors(x, r),
             LOWRANK: lambda x, r: svd_lowrank(x, r, *setting(r)),
@@ -232,7 +236,7 @@ class Bench:
                     if omega.shape[1] < min(r + o, self.X.shape[1]):
                         line += f"{'(Ω too narrow)':>30}"
                         continue
-                    m = range_finder(omega, r, (o, p))
+                    m = range_finder(omega, r, (o, p), self.X.shape[1])
                     f = lambda x, r: m.factors(x, r)  # noqa: E731
                     gap = self.quality(f, r)["cosine"] - self.svd_quality(r)["cosine"]
                     t = metrics.time_ms(lambda x: f(x, r), xb, repeats)
