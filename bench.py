@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-import metrics
-from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
-from feature_cache import cached_indices, lossy_note, read_manifest
-from model import ARCH_DEFAULTS, Subspace, load_checkpoint
-from qwenvl_dataloader import FeatureDataset, principal_basis
-from runs import BEST, load_run, read_split
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, principal_basis
+from lowrank.feature_cache import cached_indices, lossy_note, read_manifest
+from lowrank.model import ARCH_DEFAULTS, Subspace, load_checkpoint
+from lowrank.runs import BEST, load_run, read_split
 
 EXACT_TOL = 1e-5  # an exact method is a yardstick only within this relative distance of float64 SVD on the data
 
 
 def model_options(cfg):
     """The options the model runs with (the checkpoint's, defaults filled in)."""
-    return dict(ARCH_DEFAULTS.get(cfg["arch"], {}), **cfg.get("arch_options", {}))
+    return dict(ARCH_DEFAULTS.get(cfg.arch, {}), **cfg.arch_options)
 
 
 def profile(f, x, title, rows=8):
@@ -87,31 +87,32 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     ranks = parse_ints(args.ranks, "--ranks")
     dev = torch.device(args.device)
-    model, ck, cfg, test_idx, cache_dir = load_run(args.results_dir, device=dev)
-    if args.ablation and cfg["arch"] != "subspace":
-        raise UserError(f"--ablation varies a subspace model's start and steps; {args.results_dir} holds {cfg['arch']}")
-    nested = cfg["arch"] != "symmetric"  # a subspace model serves every rank up to its own; symmetric only its own
-    bad = [r for r in ranks if not (1 <= r <= cfg["rank"] if nested else r == cfg["rank"])]
+    run = load_run(args.results_dir, device=dev)
+    model, cfg, test_idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
+    if args.ablation and cfg.arch != "subspace":
+        raise UserError(f"--ablation varies a subspace model's start and steps; {args.results_dir} holds {cfg.arch}")
+    nested = cfg.arch != "symmetric"  # a subspace model serves every rank up to its own; symmetric only its own
+    bad = [r for r in ranks if not (1 <= r <= cfg.rank if nested else r == cfg.rank)]
     if bad:
-        serves = f"ranks 1..{cfg['rank']} (its trained rank)" if nested else f"only its trained rank {cfg['rank']}"
+        serves = f"ranks 1..{cfg.rank} (its trained rank)" if nested else f"only its trained rank {cfg.rank}"
         raise UserError(
             f"--ranks {','.join(map(str, bad))}: the model in {args.results_dir} serves {serves}; train at a higher "
             f"--rank to bench higher ranks"
         )
     if args.eval_cache:
         cache_dir, test_idx = args.eval_cache, cached_indices(args.eval_cache)[: args.max_eval]
-    X = torch.stack([x for x, _ in FeatureDataset(cache_dir, test_idx, cfg["normalization"])]).to(dev)
+    X = torch.stack([x for x, _ in FeatureDataset(cache_dir, test_idx, cfg.normalization)]).to(dev)
     xb = X[: args.batch_size]
     if len(xb) < args.batch_size:  # time a full batch even on a small test split
         xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
     T, D = X.shape[1:]
     sym = load_checkpoint(Path(args.symmetric_dir) / BEST, dev)[0] if args.symmetric_dir else None
-    bench = Bench(X, model, sym, cfg["arch"], ranks)
+    bench = Bench(X, model, sym, cfg.arch, ranks)
     features = read_manifest(cache_dir)["encoder"]["model"]
     print(
         f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, float32, "
         f"{'evaluated' if args.eval_cache else 'test'} n={len(X)} [{T}, {D}] from {cache_dir} "
-        f"({cfg['normalization']}), model {args.results_dir} ({cfg['arch']}, trained rank {cfg['rank']}, "
+        f"({cfg.normalization}), model {args.results_dir} ({cfg.arch}, trained rank {cfg.rank}, "
         f"options {model_options(cfg)}); features: {features}; ms: "
         f"median of {args.repeats} after a warm-up{lossy_note(cache_dir)}"
     )
@@ -123,7 +124,7 @@ def main(argv=None):
     for r in ranks:
         rows += bench.rank_rows(r, xb, args.repeats)
         if args.profile:
-            profile(lambda x: model.factors(x, r), xb, f"{cfg['arch']} factors at rank {r}")
+            profile(lambda x: model.factors(x, r), xb, f"{cfg.arch} factors at rank {r}")
     print(
         f"* the fastest exact truncated SVD at that rank among those within {EXACT_TOL:g} of float64 SVD (dev.): "
         "the yardstick of 'x fastest exact'. same o, p: q = rank + the model's oversampling at that rank, niter = its "
@@ -136,11 +137,11 @@ def main(argv=None):
     out.write_text(
         json.dumps(
             {
-                "normalization": cfg["normalization"],
+                "normalization": cfg.normalization,
                 "device": str(dev),
                 "threads": torch.get_num_threads(),
                 "shape": [T, D],
-                "arch": cfg["arch"],
+                "arch": cfg.arch,
                 "arch_options": model_options(cfg),
                 "features": features,
                 "batch_size": args.batch_size,
@@ -220,7 +221,7 @@ class Bench:
         """Every start x (oversample, power steps) at each rank: gap to SVD (mean, worst) and ms per sample."""
         starts = {
             "learned": self.model.omega.detach(),
-            "principal": principal_basis(cfg["cache_dir"], read_split(results_dir)["train"], cfg["normalization"])
+            "principal": principal_basis(cfg.cache_dir, read_split(results_dir)["train"], cfg.normalization)
             .float()
             .to(self.X.device),
             "Gaussian": self.gauss,
@@ -237,7 +238,10 @@ class Bench:
                         line += f"{'(Ω too narrow)':>30}"
                         continue
                     m = range_finder(omega, r, (o, p), self.X.shape[1])
-                    f = lambda x, r: m.factors(x, r)  # noqa: E731
+
+                    def f(x, r):
+                        return m.factors(x, r)
+
                     gap = self.quality(f, r)["cosine"] - self.svd_quality(r)["cosine"]
                     t = metrics.time_ms(lambda x: f(x, r), xb, repeats)
                     default = name == "learned" and (o, p) == tuple(self.model.setting(r))

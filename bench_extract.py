@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, positive_int, run_cli
-from demo_set import make_rows
-from encoders import DEFAULT_IMAGE_SIZE, RANDOM_3B, RANDOM_TOWERS, Encoder, family_classes
-from feature_cache import cached_indices, feature_path, info_size, read_feature
-from images import load_image, parse_image_size
-from qwenvl_dataloader import FeatureDataset
+from lowrank.cli import HelpFormatter, positive_int, run_cli
+from lowrank.dataset import FeatureDataset
+from lowrank.demo_set import make_rows
+from lowrank.encoders import DEFAULT_IMAGE_SIZE, RANDOM_3B, RANDOM_TOWERS, Encoder, family_classes
+from lowrank.feature_cache import cached_indices, feature_path, info_size, read_feature
+from lowrank.images import load_image, parse_image_size
 
 
 def tower_table(image_size):

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
-from demo_set import make_rows
-from encoders import TINY, default_dtype
-from images import load_image
-from metrics import synchronize
-from transforms import check_spec, parse_spec
-from vlm import RANDOM_TEXT, load_vlm
-from vqa import PROMPT, Asker
+from lowrank.cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
+from lowrank.demo_set import make_rows
+from lowrank.downstream import PROMPT, Asker
+from lowrank.encoders import TINY, default_dtype
+from lowrank.images import load_image
+from lowrank.metrics import synchronize
+from lowrank.transforms import check_spec, parse_spec
+from lowrank.vlm import RANDOM_TEXT, load_vlm
 
 QUESTIONS = ("what is written on the sign?", "what word is on it?", "what does the sign in this photo say, exactly?")
 
@@ -58,7 +58,10 @@ def main(argv=None):
             raise UserError(f"transform {spec}: needs a training run; bench_vqa.py takes the ones that do not")
         check_spec(spec, 256, model.config.vision_config.out_hidden_size)
     max_svd = max((s.rank for s in conds if s.kind == "svd"), default=0)
-    prompt = lambda q: PROMPT.format(question=q)  # noqa: E731
+
+    def prompt(q):
+        return PROMPT.format(question=q)
+
     asker = Asker(model, proc, dtype, "layernorm", (16, 16), None, {}, max_svd, 0, prompt, args.max_new_tokens)
     rows = make_rows(args.num, seed=0)
     items = [

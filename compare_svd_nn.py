@@ -9,18 +9,17 @@ another split than test or another checkpoint than best_model.pt).
 """
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 import torch
 
-import metrics
-from cli import HelpFormatter, positive_int, run_cli
-from feature_cache import answer_box_masks, lossy_note
-from qwenvl_dataloader import FeatureDataset, make_loader
-from runs import first, load_run, output_stem
-from svd_baseline import plot_energy_curve
+from lowrank import metrics, reports
+from lowrank.cli import HelpFormatter, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, make_loader
+from lowrank.feature_cache import answer_box_masks, lossy_note
+from lowrank.plots import plot_energy_curve, pyplot
+from lowrank.runs import first, load_run, output_stem
 
 
 def get_args_parser():
@@ -54,11 +53,12 @@ def paired(nn, svd):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    model, ck, cfg, idx, cache_dir = load_run(
-        args.results_dir, args.checkpoint, args.split, args.rank, args.cache_dir, args.device
+    run = load_run(
+        args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir, device=args.device
     )
-    idx = first(idx, args.num_samples)
-    r, norm = cfg["rank"], cfg["normalization"]
+    model, ck, cfg, cache_dir = run.model, run.checkpoint, run.config, run.cache_dir
+    idx = first(run.indices, args.num_samples)
+    r, norm = cfg.rank, cfg.normalization
     loader = make_loader(FeatureDataset(cache_dir, idx, norm), args.batch_size)
     masks = answer_box_masks(cache_dir, idx)  # tokens overlapping each sample's answer box
     nn, ids, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, args.device, "NN", masks)
@@ -82,7 +82,7 @@ def main(argv=None):
     }
 
     print(
-        f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg['arch']} (epoch {ck['epoch']}), "
+        f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg.arch} (epoch {ck['epoch']}), "
         f"device {args.device}, batch {args.batch_size}{lossy_note(cache_dir)}"
     )
     print_table(S_svd, S_nn, D, n_box, n)
@@ -102,7 +102,7 @@ def main(argv=None):
         "split": args.split,
         "n": n,
         "normalization": norm,
-        "arch": cfg["arch"],
+        "arch": cfg.arch,
         "checkpoint_epoch": ck["epoch"],
         "device": args.device,
         "batch_size": args.batch_size,
@@ -119,9 +119,9 @@ def main(argv=None):
     }
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     write_csv(out / f"{stem}.csv", ids, svd, nn)
-    paths = plot(nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg["arch"], out / stem)
+    paths = plot(nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg.arch, out / stem)
     if n_box:
-        paths.append(plot_box(nn, svd, r, cfg["arch"], out / stem))
+        paths.append(plot_box(nn, svd, r, cfg.arch, out / stem))
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
     return summary
 
@@ -131,25 +131,23 @@ def print_table(S_svd, S_nn, D, n_box, n):
     for k in metrics.METRICS + metrics.BOX_METRICS:
         if k == metrics.BOX_METRICS[0]:
             print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
-        f = lambda s: f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"  # noqa: E731
+
+        def f(s):
+            return f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
+
         print(f"{k:<17}{f(S_svd):>22}{f(S_nn):>22}{f(D):>24}")
 
 
 def write_csv(path, ids, svd, nn):
     """One row per sample: every metric of SVD and of the factoriser."""
     keys = metrics.METRICS + metrics.BOX_METRICS
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["sample_id"] + [f"svd_{k}" for k in keys] + [f"nn_{k}" for k in keys])
-        for j, i in enumerate(ids):
-            w.writerow([i] + [svd[k][j] for k in keys] + [nn[k][j] for k in keys])
+    header = ["sample_id"] + [f"svd_{k}" for k in keys] + [f"nn_{k}" for k in keys]
+    rows = [[i] + [svd[k][j] for k in keys] + [nn[k][j] for k in keys] for j, i in enumerate(ids)]
+    reports.write_csv(path, rows, header)
 
 
 def plot(nn, svd, energy, S_nn, r, arch, stem):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = [Path(f"{stem}_cosine_hist.png"), Path(f"{stem}_scatter.png"), Path(f"{stem}_energy.png")]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
@@ -157,17 +155,26 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     bins = torch.linspace(lo, 1, 40).tolist()
     ax.hist(svd["cosine"], bins=bins, alpha=0.6, label="truncated SVD")
     ax.hist(nn["cosine"], bins=bins, alpha=0.6, label=f"NN ({arch})")
-    ax.set_xlabel(f"flattened cosine, rank {r}"), ax.set_ylabel("samples"), ax.legend()
+    ax.set_xlabel(f"flattened cosine, rank {r}")
+    ax.set_ylabel("samples")
+    ax.legend()
     ax.set_title(f"Per-sample cosine, NN ({arch}) vs truncated SVD, rank {r} (n={len(nn['cosine'])})", fontsize=9)
-    fig.tight_layout(), fig.savefig(paths[0]), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(paths[0])
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
     ax.scatter(svd["cosine"], nn["cosine"], s=10)
     a, b = min(lo, 1), 1
     ax.plot([a, b], [a, b], "k--", lw=0.8, label="NN = SVD")
     ax.plot([a, b], [a - 0.01, b - 0.01], ":", color="grey", lw=0.8, label="SVD - 0.01")
-    ax.set_xlabel("SVD cosine"), ax.set_ylabel(f"NN ({arch}) cosine"), ax.set_title(f"per sample, rank {r}")
-    ax.legend(), fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
+    ax.set_xlabel("SVD cosine")
+    ax.set_ylabel(f"NN ({arch}) cosine")
+    ax.set_title(f"per sample, rank {r}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[1])
+    plt.close(fig)
 
     plot_energy_curve(
         energy,
@@ -181,10 +188,7 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
 
 def plot_box(nn, svd, r, arch, stem):
     """Per sample with a box: mean token error inside the answer box vs outside, SVD and NN."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(f"{stem}_box_error.png")
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=150)
@@ -193,9 +197,14 @@ def plot_box(nn, svd, r, arch, stem):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=c, label=f"{name} (n={len(pts)})")
     lim = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot(lim, lim, "k--", lw=0.8, label="in = out")
-    ax.set_xlabel("rel_token outside the answer box"), ax.set_ylabel("rel_token inside the answer box")
-    ax.set_title(f"Error inside vs outside the answer box, rank {r}"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(path), plt.close(fig)
+    ax.set_xlabel("rel_token outside the answer box")
+    ax.set_ylabel("rel_token inside the answer box")
+    ax.set_title(f"Error inside vs outside the answer box, rank {r}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 

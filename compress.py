@@ -16,7 +16,6 @@ split's principal directions); omega_fp16/int8/int4 (the same on a subspace mode
 
 import argparse
 import copy
-import csv
 import json
 import warnings
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch
 import torch.nn.utils.prune as prune
 from tqdm import tqdm
 
-import metrics
-from cli import HelpFormatter, UserError, check_rank, parse_ints, positive_int, run_cli
-from feature_cache import (
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, parse_ints, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, principal_basis
+from lowrank.feature_cache import (
     MANIFEST,
     atomic_save,
     cached_indices,
@@ -38,11 +38,12 @@ from feature_cache import (
     read_manifest,
     tensor_sha,
 )
-from feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
-from model import Subspace, load_checkpoint, make_checkpoint, quantized_state
-from quantize import dequantize_rows, quantize_rows
-from qwenvl_dataloader import FeatureDataset, principal_basis
-from runs import first, omega_basis, read_run
+from lowrank.feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
+from lowrank.model import Subspace, load_checkpoint, make_checkpoint, quantized_state
+from lowrank.plots import pyplot
+from lowrank.quantize import dequantize_rows, quantize_rows
+from lowrank.reports import write_csv
+from lowrank.runs import first, omega_basis, read_run
 
 # ----------------------------------------------------------------------------------------------------------------
 # shared bases and the run's data
@@ -51,7 +52,7 @@ from runs import first, omega_basis, read_run
 def source_run(results_dir, cache_dir=None):
     """(config, split, cache) of the run whose features are compressed: never an already compressed cache."""
     cfg, split = read_run(results_dir)
-    cache = cache_dir or cfg["cache_dir"]
+    cache = cache_dir or cfg.cache_dir
     codec = read_manifest(cache).get("codec")
     if codec:
         raise UserError(
@@ -66,7 +67,7 @@ def source_run(results_dir, cache_dir=None):
 
 def study(args):
     cfg, split, cache = source_run(args.results_dir, args.cache_dir)
-    norm = cfg["normalization"]
+    norm = cfg.normalization
     T, D = cached_shape(cache)
     n_cache = len(cached_indices(cache))
     idx = first(split[args.split], args.num_samples)
@@ -102,9 +103,7 @@ def study(args):
             indent=1,
         )
     )
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader(), w.writerows(rows)
+    write_csv(f"{stem}.csv", rows)
     plot_rd(rows, f"{stem}.png", f"{len(idx)} {args.split} images [{T}, {D}], {norm}")
     print(f"wrote {stem}.json, {stem}.csv, {stem}.png")
     return rows
@@ -188,10 +187,7 @@ def smallest(rows, targets):
 
 
 def plot_rd(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=150)
     for c, codec in enumerate(dict.fromkeys(r["codec"] for r in rows)):
@@ -218,14 +214,18 @@ def plot_rd(rows, path, title):
     )
     for t in (0.99, 0.999):
         ax.axhline(t, color="grey", lw=0.5, ls=":")
-    ax.set_xscale("log"), ax.set_xlabel("bytes per image (a shared basis amortised over the cache)")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per image (a shared basis amortised over the cache)")
     (
         ax.set_ylabel("cosine to the original features"),
         ax.set_ylim(max(0.9, min(r["cosine"] for r in rows) - 0.005), 1.0005),
     )
-    ax.set_title(f"Rate-distortion: {title}", fontsize=9), ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"Rate-distortion: {title}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout(), fig.savefig(path), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def plot_rd(rows, path, title):
 
 def write_cache(args):
     cfg, split, cache = source_run(args.results_dir, args.cache_dir)
-    norm = cfg["normalization"]
+    norm = cfg.normalization
     T, D = cached_shape(cache)
     codec, r = args.codec, args.rank
     if family(codec) in ("svd", "pca", "omega"):
@@ -328,7 +328,7 @@ def model_table(args):
     cfg, split, cache = source_run(args.results_dir, args.cache_dir)
     model, ck = load_checkpoint(Path(args.results_dir) / "best_model.pt")
     idx = split["test"][: args.num_samples] if args.num_samples else split["test"]
-    X = torch.stack([x for x, _ in FeatureDataset(cache, idx, cfg["normalization"])])
+    X = torch.stack([x for x, _ in FeatureDataset(cache, idx, cfg.normalization)])
     xb = X.repeat((64 + len(X) - 1) // len(X), 1, 1)[:64]
     out = Path(args.results_dir)
     variants = [("float32", model, None, None)]
@@ -339,7 +339,7 @@ def model_table(args):
         variants.append((f"pruned {int(a * 100)}%", pm, None, zeros))
     rows, base = [], None
     print(
-        f"{cfg['arch']} rank {cfg['rank']} from {args.results_dir}; test n={len(X)}; CPU ms/sample at batch 64 "
+        f"{cfg.arch} rank {cfg.rank} from {args.results_dir}; test n={len(X)}; CPU ms/sample at batch 64 "
         f"(median of 3 after a warm-up), threads {torch.get_num_threads()}"
     )
     print(
@@ -352,13 +352,13 @@ def model_table(args):
         ms = metrics.time_ms(lambda x: m(x)[0], xb)
         fname = out / ("best_model.pt" if name == "float32" else f"model_{name.replace(' ', '_').replace('%', '')}.pt")
         if name != "float32":
-            sd_model = m if extra is None or cfg["arch"] != "subspace" else model
+            sd_model = m if extra is None or cfg.arch != "subspace" else model
             ckd = make_checkpoint(
                 sd_model, dict(ck["config"], compressed=name), ck["epoch"], ck["best_val_mse"], extra=extra
             )
-            if name == "int8" and cfg["arch"] != "subspace":  # quantised Linear layers: keep the int8 weights only
+            if name == "int8" and cfg.arch != "subspace":  # quantised Linear layers: keep the int8 weights only
                 ckd["model"] = {k: v for k, v in quantized_state(m).items()}
-            if name == "int8" and cfg["arch"] == "subspace":
+            if name == "int8" and cfg.arch == "subspace":
                 ckd["model"] = {k: v for k, v in model.state_dict().items() if k != "omega"}
             atomic_save(ckd, fname)
         size = fname.stat().st_size
@@ -397,7 +397,7 @@ def get_args_parser():
     ap.add_argument("--num_samples", type=positive_int, default=None, help="study / model: the first N of the split")
     ap.add_argument("--codecs", default=",".join(CODECS), help="study: codecs measured")
     ap.add_argument("--ranks", default="16,32,64,128,256", help="study: ranks of the rank codecs")
-    ap.add_argument("--name", default=None, help="study: output stem rd_<name> (default: the split)")
+    ap.add_argument("--name", type=name_arg, default=None, help="study: output stem rd_<name> (default: the split)")
     ap.add_argument("--codec", default="pca_int8", help="cache: the codec")
     ap.add_argument("--rank", type=int, default=256, help="cache: its rank, for svd/pca/omega codecs")
     ap.add_argument("--out", default=None, help="cache: the new cache's folder")

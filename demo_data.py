@@ -8,8 +8,8 @@ how). No network needed.
 import argparse
 from pathlib import Path
 
-from cli import HelpFormatter, UserError, positive_int, run_cli
-from demo_set import PHOTOS, make_rows, write_parquet
+from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
+from lowrank.demo_set import PHOTOS, make_rows, write_parquet
 
 
 def get_args_parser():

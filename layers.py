@@ -20,19 +20,20 @@ A layer as a feature cache: qwenvl_dataloader.py --layer block_<i>.
 """
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
-from encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
-from feature_cache import cache_grid, load_manifest, normalize
-from metrics import spectrum_stats
-from qwenvl_dataloader import cache_encoder, rerun_tower
-from runs import first, read_run
+from lowrank.cli import HelpFormatter, UserError, name_arg, parse_ints, positive_int, run_cli
+from lowrank.dataset import cache_encoder, rerun_tower
+from lowrank.encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
+from lowrank.feature_cache import cache_grid, load_manifest, normalize
+from lowrank.metrics import spectrum_stats
+from lowrank.plots import pyplot
+from lowrank.reports import write_csv
+from lowrank.runs import first, read_run
 
 
 def get_args_parser():
@@ -43,14 +44,14 @@ def get_args_parser():
     ap.add_argument("--ranks", default="16,64", help="ranks r of energy_r and cosine_r")
     ap.add_argument("--shared_rank", type=positive_int, default=64, help="r of the shared principal subspace")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the tower runs")
-    ap.add_argument("--name", default=None, help="output stem layers_<name> (default: the split)")
+    ap.add_argument("--name", type=name_arg, default=None, help="output stem layers_<name> (default: the split)")
     return ap
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     cfg, split = read_run(args.results_dir)
-    cache, norm = cfg["cache_dir"], cfg["normalization"]
+    cache, norm = cfg.cache_dir, cfg.normalization
     manifest = load_manifest(cache)
     enc = manifest["encoder"]
     if enc.get("layer", "merger") != "merger":  # (a synthetic cache has no tower: cache_encoder says so)
@@ -81,9 +82,7 @@ def main(argv=None):
     meta = {"cache_dir": str(cache), "model": enc["model"], "n": len(idx), "split": args.split, "normalization": norm}
     meta.update(ranks=ranks, shared_rank=args.shared_rank, full_attention_blocks=full, rows=rows)
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader(), w.writerows(rows)
+    write_csv(f"{stem}.csv", rows)
     title = f"{enc['model']}, {len(idx)} {args.split} images"
     if enc["model"] in RANDOM_TOWERS:
         title += " (random weights: the mechanics, not a real model's depth profile)"
@@ -120,10 +119,7 @@ def print_rows(rows, ranks, shared_rank):
 
 
 def plot(rows, ranks, shared_rank, full, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = np.arange(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=130)
@@ -139,11 +135,15 @@ def plot(rows, ranks, shared_rank, full, path, title):
             if row["layer"].startswith("block_") and int(row["layer"].split("_")[1]) in full:
                 ax.axvline(i, color="grey", ls=":", lw=1)
         ax.set_xticks(x, [row["layer"].replace("block_", "") for row in rows], rotation=90, fontsize=7)
-        ax.set_xlabel("layer (blocks by number; dotted: full-attention blocks)"), ax.grid(alpha=0.3)
+        ax.set_xlabel("layer (blocks by number; dotted: full-attention blocks)")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    a.set_ylabel("share of energy"), b.set_ylabel("dimensions")
+    a.set_ylabel("share of energy")
+    b.set_ylabel("dimensions")
     fig.suptitle(f"Low-rank structure along the tower: {title}", fontsize=10)
-    fig.tight_layout(), fig.savefig(path), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

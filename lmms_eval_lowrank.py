@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, UserError, positive_int, run_cli
-from encoders import DEFAULT_IMAGE_SIZE, default_dtype
-from feature_cache import cache_grid, cache_image_size
-from images import parse_image_size
-from lmms_model import INSTALL, LowRankQwen
-from runs import load_run, read_run
-from token_selection import LRCP_RANK
-from transforms import parse_spec
-from vqa import default_batch_size, fit_bases
+from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
+from lowrank.downstream import default_batch_size, fit_bases
+from lowrank.encoders import DEFAULT_IMAGE_SIZE, default_dtype
+from lowrank.feature_cache import cache_grid, cache_image_size
+from lowrank.images import parse_image_size
+from lowrank.lmms_model import INSTALL, LowRankQwen
+from lowrank.runs import load_run, read_run
+from lowrank.selection import LRCP_RANK
+from lowrank.transforms import parse_spec
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TASK = "textvqa_local"
@@ -79,10 +79,10 @@ def run_setup(args):
             raise UserError("nn:r, keep:lrcp:k and pca/omega codecs need --results_dir (a training run)")
         return specs, (w, h), (h // 28, w // 28), "layernorm", None, {}
     cfg, split = read_run(args.results_dir)
-    model = load_run(args.results_dir)[0] if any(s.kind == "nn" for s in specs) else None
-    bases = fit_bases(specs, LRCP_RANK, args.results_dir, cfg["cache_dir"], split["train"], cfg["normalization"])
-    size, hw = cache_image_size(cfg["cache_dir"]), cache_grid(cfg["cache_dir"])
-    return specs, size, hw, cfg["normalization"], model, bases
+    model = load_run(args.results_dir).model if any(s.kind == "nn" for s in specs) else None
+    bases = fit_bases(specs, LRCP_RANK, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization)
+    size, hw = cache_image_size(cfg.cache_dir), cache_grid(cfg.cache_dir)
+    return specs, size, hw, cfg.normalization, model, bases
 
 
 def main(argv=None):

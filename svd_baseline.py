@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-import metrics
-from cli import HelpFormatter, check_rank, parse_ints, positive_int, run_cli
-from feature_cache import NORMALIZATIONS, cached_indices, cached_shape, lossy_note
-from qwenvl_dataloader import FeatureDataset, make_loader
-from runs import first, read_split
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, check_rank, parse_ints, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, make_loader
+from lowrank.feature_cache import NORMALIZATIONS, cached_indices, cached_shape, lossy_note
+from lowrank.plots import plot_energy_curve
+from lowrank.runs import first, read_split
 
 
 def get_args_parser():
@@ -57,7 +58,10 @@ def main(argv=None):
         f"method {args.method}, device {args.device}{lossy_note(args.cache_dir)}"
     )
     if not args.ranks:
-        reconstruct = lambda X: metrics.svd_reconstruct(X, args.rank, args.method)  # noqa: E731
+
+        def reconstruct(X):
+            return metrics.svd_reconstruct(X, args.rank, args.method)
+
         per, _, secs = metrics.evaluate(reconstruct, loader, args.device, "svd")
         s = metrics.summarize(per)
         print(f"SVD rank {args.rank} (n={len(ds)}): {metrics.format_summary(s)}")
@@ -96,35 +100,6 @@ def rank_sweep(args, loader, ranks, n):
     )
     print(f"wrote {out / 'svd_rank_sweep.json'} and {out / 'svd_energy_vs_rank.png'}")
     return rows
-
-
-def plot_energy_curve(energy, path, ranks=(), points=(), title="Energy captured by truncated SVD"):
-    """Mean captured energy vs rank (band: ± 1 std over samples); points: [(rank, energy, label)] to overlay."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = torch.arange(1, energy.shape[1] + 1)
-    m, s = energy.mean(0), energy.std(0) if len(energy) > 1 else torch.zeros(energy.shape[1])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
-    ax.plot(k, m, label=f"truncated SVD (mean of {len(energy)})")
-    ax.fill_between(k, m - s, (m + s).clamp(max=1), alpha=0.25, label="± 1 std over samples")
-    for r in ranks:
-        ax.axvline(r, color="grey", lw=0.5, ls=":")
-        e = m[min(r, len(m)) - 1].item()
-        ax.annotate(f"r={r}: {e:.4f}", (r, e), textcoords="offset points", xytext=(3, -12), fontsize=7)
-    for r, e, label in points:
-        ax.plot([r], [e], "o", color="C3", label=label)
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("captured energy 1 - rel_fro²")
-    ax.set_xscale("log", base=2)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, nonneg_float, positive_int, run_cli
-from feature_cache import MANIFEST, atomic_save, feature_path
+from lowrank.cli import HelpFormatter, UserError, nonneg_float, positive_int, run_cli
+from lowrank.feature_cache import MANIFEST, atomic_save, feature_path
 
 
 def generate(num, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), ramp=64, seed=0):

@@ -15,12 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import demo_set
-import encoders
-import feature_cache
-import images
 import qwenvl_dataloader
-import runs
+from lowrank import demo_set, encoders, feature_cache, images, runs
+from lowrank.cli import UserError
 
 HERE = Path(__file__).resolve().parent
 
@@ -157,7 +154,7 @@ def test_resume_after_interrupt(tmp_path, encoder):
 
 def test_refuses_mismatched_cache(cache):
     src, cache_dir, _, _ = cache
-    with pytest.raises(SystemExit, match="another encoder.*dtype"):
+    with pytest.raises(UserError, match="another encoder.*dtype"):
         qwenvl_dataloader.extract(src, cache_dir, encoders.TINY, "cpu", dtype="bfloat16", progress=False)
 
 
@@ -233,7 +230,7 @@ def test_nan_feature_is_named(tmp_path):
 
 
 def test_missing_cache_names_command(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist.*qwenvl_dataloader.py --dataset_dir"):
+    with pytest.raises(UserError, match="does not exist.*qwenvl_dataloader.py --dataset_dir"):
         qwenvl_dataloader.FeatureDataset(tmp_path / "nothing")
 
 
@@ -247,9 +244,9 @@ def test_split_is_seeded_disjoint_and_saved(cache, tmp_path):
     s = runs.load_or_make_split(tmp_path, cache_dir, seed=0)
     assert json.loads((tmp_path / "split.json").read_text())["test"] == s["test"]
     assert runs.load_or_make_split(tmp_path, cache_dir, seed=0)["test"] == s["test"]  # the saved one is reused
-    with pytest.raises(SystemExit, match="seed 0.*seed 999.*--resplit"):  # never silently, when settings differ
+    with pytest.raises(UserError, match="seed 0.*seed 999.*--resplit"):  # never silently, when settings differ
         runs.load_or_make_split(tmp_path, cache_dir, seed=999)
-    with pytest.raises(SystemExit, match="max_samples None.*max_samples 5"):
+    with pytest.raises(UserError, match="max_samples None.*max_samples 5"):
         runs.load_or_make_split(tmp_path, cache_dir, seed=0, max_samples=5)
     s2 = runs.load_or_make_split(tmp_path, cache_dir, seed=999, resplit=True)
     assert s2["seed"] == 999 and json.loads((tmp_path / "split.json").read_text())["test"] == s2["test"]
@@ -315,12 +312,12 @@ def test_real_checkpoint_path_loads_only_the_tower(tmp_path, encoder):
 
 def test_checkpoint_with_missing_weights_is_refused(tmp_path):
     write_original_layout_checkpoint(tmp_path, drop="merger.mlp.0.weight")
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(UserError, match="missing"):
         encoders.Encoder(str(tmp_path), "cpu")
 
 
 def test_unloadable_model_says_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match="tiny-random"):
+    with pytest.raises(UserError, match="tiny-random"):
         encoders.Encoder(str(tmp_path / "no_such_checkpoint"), "cpu")
 
 

@@ -5,8 +5,8 @@ with rank-k truncated SVD, which no choice of k tokens can beat (X̂ has rank <=
 
     python tokens.py --results_dir results --ks 16,32,64,128
 
-Selection rules (token_selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, divprune, dart, norm, grid, random
-(drawn --random_draws times: mean ± spread over the draws). Merging rules (token_merging.py): pool, tome, visionzip:
+Selection rules (selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, divprune, dart, norm, grid, random
+(drawn --random_draws times: mean ± spread over the draws). Merging rules (merging.py): pool, tome, visionzip:
 k merged tokens, every token rebuilt from their span; box recall counts their representative tokens. visionzip needs
 the tower's attention: the cache's tower runs again on each image (--device), so it is left out of the default rules
 for a cache without one (synthetic features).
@@ -15,7 +15,6 @@ Writes tokens_<name>.json / .csv, tokens_<name>_cosine.png (cosine vs k per rule
 """
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -25,14 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import metrics
-from cli import HelpFormatter, UserError, check_rank, nonneg_int, parse_ints, positive_int, run_cli
-from feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
-from metrics import scale_bbox
-from qwenvl_dataloader import FeatureDataset, cached_image, principal_basis, tower_attention
-from runs import first, read_run
-from token_merging import MERGES, merge, pool_shape
-from token_selection import LRCP_RANK, RULES, box_hits, reconstruct_from, select
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, nonneg_int, parse_ints, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, cached_image, principal_basis, tower_attention
+from lowrank.feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
+from lowrank.merging import MERGES, merge, pool_shape
+from lowrank.metrics import scale_bbox
+from lowrank.plots import pyplot
+from lowrank.reports import write_csv
+from lowrank.runs import first, read_run
+from lowrank.selection import LRCP_RANK, RULES, box_hits, reconstruct_from, select
 
 
 def get_args_parser():
@@ -66,7 +67,7 @@ def get_args_parser():
         help="lrcp: rank of the training split's principal subspace",
     )
     ap.add_argument("--seed", type=int, default=0, help="random rule")
-    ap.add_argument("--name", default=None, help="output stem tokens_<name> (default: the split)")
+    ap.add_argument("--name", type=name_arg, default=None, help="output stem tokens_<name> (default: the split)")
     ap.add_argument(
         "--draw_idx", type=nonneg_int, default=0, help="position in the split of the image drawn with its kept tokens"
     )
@@ -78,7 +79,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     out = Path(args.results_dir)
     cfg, split = read_run(out)
-    cache, norm = args.cache_dir or cfg["cache_dir"], cfg["normalization"]
+    cache, norm = args.cache_dir or cfg.cache_dir, cfg.normalization
     T, D = cached_shape(cache)
     hw = cache_grid(cache)
     ks, rules = budgets(args.ks, T), args.rules.split(",")
@@ -127,9 +128,7 @@ def main(argv=None):
         "rows": rows,
     }
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(per_sample[0]))
-        w.writeheader(), w.writerows(per_sample)
+    write_csv(f"{stem}.csv", per_sample)
     paths = plot(rows, ks, rules, stem)
     if 0 <= args.draw_idx < len(idx):
         paths.append(
@@ -213,8 +212,13 @@ def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention=None):
 def summarise(rule, k, draws, T):
     """One row per rule and k: means over the samples (and over random's draws, with the spread of the draws'
     means)."""
-    col = lambda recs, key: [r[key] for r in recs if r[key] is not None]  # noqa: E731
-    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+
+    def col(recs, key):
+        return [r[key] for r in recs if r[key] is not None]
+
+    def mean(v):
+        return float(np.mean(v)) if v else None
+
     per_draw = {key: [mean(col(recs, key)) for recs, _ in draws] for key in ("cosine", "box_recall")}
     recs = [r for rs, _ in draws for r in rs]
     row = {
@@ -247,7 +251,10 @@ def print_rows(rows):
         f"{'± draws':>8}{'(random)':>9}{'precision':>10}{'(area)':>8}{'ms/sample':>10}"
     )
     for r in rows:
-        f = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'—':>{w}}"  # noqa: E731
+
+        def f(v, w, p=3):
+            return f"{v:>{w}.{p}f}" if v is not None else f"{'—':>{w}}"
+
         print(
             f"{r['rule']:<11}{r['k']:>5}{r['cosine']:>9.4f}{f(r['cosine_draw_spread'], 8, 4)}{r['svd_cosine']:>11.4f}"
             f"{r['gap_to_svd']:>9.4f}{r['energy']:>8.4f}{f(r['box_recall'], 11)}{f(r['box_recall_draw_spread'], 8)}"
@@ -257,10 +264,7 @@ def print_rows(rows):
 
 
 def plot(rows, ks, rules, stem):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = [Path(f"{stem}_cosine.png"), Path(f"{stem}_box.png")]
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=150)
@@ -270,10 +274,16 @@ def plot(rows, ks, rules, stem):
         ax.plot(
             ks, [next(r["cosine"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks], "o-", label=rule
         )
-    ax.set_xscale("log", base=2), ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("tokens kept k"), ax.set_ylabel("cosine of all tokens rebuilt from the kept ones")
-    ax.set_title("Token selection vs truncated SVD"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(paths[0]), plt.close(fig)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("tokens kept k")
+    ax.set_ylabel("cosine of all tokens rebuilt from the kept ones")
+    ax.set_title("Token selection vs truncated SVD")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[0])
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=150)
     if rows[0]["box_recall"] is not None:
         ax.plot(
@@ -292,20 +302,22 @@ def plot(rows, ks, rules, stem):
         ax.set_title(f"Answer-box recall (n={rows[0]['box_n']} samples with a box)")
     else:
         ax.text(0.5, 0.5, "no sample of this split has an answer box", ha="center", transform=ax.transAxes)
-    ax.set_xscale("log", base=2), ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("tokens kept k"), ax.set_ylabel("share of the box's tokens kept"), ax.grid(alpha=0.3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("tokens kept k")
+    ax.set_ylabel("share of the box's tokens kept")
+    ax.grid(alpha=0.3)
     if rows[0]["box_recall"] is not None:
         ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(paths[1]), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(paths[1])
+    plt.close(fig)
     return paths
 
 
 def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, attention=None):
     """The kept (or representative) tokens of each rule over the image, with the answer box."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     size = cache_image_size(cache)
@@ -334,12 +346,15 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, attention=None):
         if meta.get("bbox") and meta.get("image_size"):
             x, y, w, h = scale_bbox(meta["bbox"], meta["image_size"], size)
             a.add_patch(Rectangle((x, y), w, h, fill=False, ec="cyan", lw=2))
-        a.set_title(f"{rule}: {k} of {H * W} kept", fontsize=9), a.set_xticks([]), a.set_yticks([])
+        a.set_title(f"{rule}: {k} of {H * W} kept", fontsize=9)
+        a.set_xticks([])
+        a.set_yticks([])
     for a in ax.flat[len(rules) :]:
         a.axis("off")
     fig.suptitle(f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)", fontsize=10)
     path = Path(f"{stem}_kept.png")
-    fig.savefig(path), plt.close(fig)
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 

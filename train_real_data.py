@@ -7,8 +7,8 @@ Train a low-rank factoriser X ≈ A·B on cached Qwen2.5-VL vision features.
 Writes into --results_dir: best_model.pt, last.pt, split.json, config.json, history.json, loss_curves.png.
 """
 
-from cli import run_cli
-from training import get_args_parser, train
+from lowrank.cli import run_cli
+from lowrank.training import get_args_parser, train
 
 
 def main(argv=None):

@@ -18,13 +18,26 @@ from pathlib import Path
 
 import optuna
 
-from cli import HelpFormatter, UserError, check_rank, nonneg_int, parse_ints, positive_float, positive_int, run_cli
-from feature_cache import NORMALIZATIONS, cached_shape
-from runs import load_or_make_split
-from training import get_args_parser as training_parser
-from training import train
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    check_rank,
+    name_arg,
+    nonneg_int,
+    parse_ints,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from lowrank.config import RunConfig
+from lowrank.feature_cache import NORMALIZATIONS, cached_shape
+from lowrank.plots import pyplot
+from lowrank.runs import load_or_make_split
+from lowrank.training import get_args_parser as training_parser
+from lowrank.training import train
 
-TRAINING = training_parser()  # each trial's flags are training's, its defaults the one source of theirs
+TRAINING = training_parser()  # each trial's flags are training's
+DEFAULTS = RunConfig()  # and their defaults the one source of these
 
 
 def storage_from(spec, results_dir):
@@ -68,10 +81,11 @@ def get_args_parser():
     ap = argparse.ArgumentParser(
         description="Optuna search over the training hyperparameters.", formatter_class=HelpFormatter
     )
-    ap.add_argument("--cache_dir", default=TRAINING.get_default("cache_dir"), help="the feature cache")
+    ap.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="the feature cache")
     ap.add_argument("--results_dir", default="results_tune", help="study folder: trials, journal, plots")
     ap.add_argument(
         "--study_name",
+        type=name_arg,
         default="low-rank-image",
         help="Optuna study name (resumed if it exists); also the folder of its trials under --results_dir",
     )
@@ -90,27 +104,18 @@ def get_args_parser():
     ap.add_argument("--timeout", type=positive_float, default=None, help="seconds for this invocation")
     ap.add_argument("--epochs", type=nonneg_int, default=10, help="epochs per trial")
     ap.add_argument(
-        "--patience",
-        type=positive_int,
-        default=TRAINING.get_default("patience"),
-        help="early-stopping patience per trial",
+        "--patience", type=positive_int, default=DEFAULTS.patience, help="early-stopping patience per trial"
     )
     ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
-    ap.add_argument(
-        "--rank", type=int, default=TRAINING.get_default("rank"), help="rank of every trial (without --tune_rank)"
-    )
+    ap.add_argument("--rank", type=int, default=DEFAULTS.rank, help="rank of every trial (without --tune_rank)")
     ap.add_argument("--tune_rank", action="store_true", help="also search the rank over --ranks")
     ap.add_argument("--ranks", default="32,64,128", help="ranks searched with --tune_rank")
     ap.add_argument("--batch_sizes", default="4,8,16,32", help="batch sizes searched")
-    ap.add_argument(
-        "--normalize", default=TRAINING.get_default("normalize"), choices=NORMALIZATIONS, help="as in training"
-    )
-    ap.add_argument("--seed", type=int, default=TRAINING.get_default("seed"), help="split and sampler seed")
+    ap.add_argument("--normalize", default=DEFAULTS.normalization, choices=NORMALIZATIONS, help="as in training")
+    ap.add_argument("--seed", type=int, default=DEFAULTS.seed, help="split and sampler seed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
-    ap.add_argument(
-        "--group_by", default=TRAINING.get_default("group_by"), help="split grouping, as train_real_data.py's"
-    )
+    ap.add_argument("--group_by", default=DEFAULTS.group_by, help="split grouping, as train_real_data.py's")
     ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")
     return ap
 
@@ -177,10 +182,6 @@ def main(argv=None):
     tokens = min(cached_shape(args.cache_dir))
     for r in parse_ints(args.ranks, "--ranks") if args.tune_rank else [args.rank]:
         check_rank(r, tokens, "--ranks" if args.tune_rank else "--rank")
-    if not args.study_name or Path(args.study_name).name != args.study_name or args.study_name in (".", ".."):
-        raise UserError(
-            f"--study_name {args.study_name!r}: a plain folder name (its trials go into <results_dir>/<name>)"
-        )
     out = Path(args.results_dir)
     study_dir = out / args.study_name
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +204,7 @@ def main(argv=None):
     todo = max(0, args.n_trials - done)
     print(f"study '{args.study_name}': {done} trials done, running {todo} more")
     if todo:
-        study.optimize(objective, n_trials=todo, timeout=args.timeout, catch=(SystemExit,))
+        study.optimize(objective, n_trials=todo, timeout=args.timeout, catch=(UserError,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise UserError("no trial completed")
@@ -225,17 +226,16 @@ def plots(study, out, min_trials_for_importance=5):
     """optimization_history.png: each complete trial's validation MSE (log axis) and the best so far;
     param_importances.png: Optuna's fANOVA importances, or, with fewer than 5 complete trials, a note saying why none
     are drawn (importances from so few trials are noise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     fig, ax = plt.subplots(figsize=(8, 5))
     n, v = [t.number for t in done], [t.value for t in done]
     ax.plot(n, v, "o", label="trial (complete)")
     ax.step(n, [min(v[: k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far")
-    ax.set_yscale("log"), ax.set_xlabel("trial"), ax.set_ylabel("validation MSE (best epoch)")
+    ax.set_yscale("log")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation MSE (best epoch)")
     (
         ax.set_title(
             f"Optuna study '{study.study_name}': {len(done)} complete, {len(study.trials) - len(done)} pruned or failed"
@@ -243,7 +243,9 @@ def plots(study, out, min_trials_for_importance=5):
         ax.legend(),
         ax.grid(alpha=0.3),
     )
-    fig.tight_layout(), fig.savefig(out / "optimization_history.png", dpi=120), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "optimization_history.png", dpi=120)
+    plt.close(fig)
     fig = None
     if len(done) >= min_trials_for_importance:
         import warnings

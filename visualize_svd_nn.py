@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import metrics
-from cli import HelpFormatter, UserError, nonneg_int, positive_int, run_cli
-from feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
-from metrics import scale_bbox
-from qwenvl_dataloader import FeatureDataset, cached_image
-from runs import load_run, output_stem, read_split
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, UserError, nonneg_int, positive_int, run_cli
+from lowrank.dataset import FeatureDataset, cached_image
+from lowrank.feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
+from lowrank.metrics import scale_bbox
+from lowrank.plots import pyplot
+from lowrank.runs import load_run, output_stem, read_split
 
 
 def parse_channels(spec, dim):
@@ -85,11 +86,15 @@ def fig_channels(d, channels, head, arch, image=None):
     for i, label in enumerate([r[0] for r in rows] + ["|X - SVD|", "|X - NN|"]):
         ax[i, 0].set_ylabel(label)
     for a in ax.flat:
-        a.set_xticks([]), a.set_yticks([])
+        a.set_xticks([])
+        a.set_yticks([])
     fig.suptitle(f"{head}\n{title_metrics(d, arch)}", fontsize=10)
     if image is not None:  # a thumbnail of the image the maps come from, top left
         th = fig.add_axes((0.0, 0.9, 0.09, 0.09))
-        th.imshow(image), th.set_xticks([]), th.set_yticks([]), th.set_title("image", fontsize=7)
+        th.imshow(image)
+        th.set_xticks([])
+        th.set_yticks([])
+        th.set_title("image", fontsize=7)
     return fig
 
 
@@ -130,7 +135,8 @@ def fig_errors(d, head, arch, image=None, bbox=None):
                 )
                 ax[i, 2].legend(loc="lower right", fontsize=8)
     for a in ax.flat:
-        a.set_xticks([]), a.set_yticks([])
+        a.set_xticks([])
+        a.set_yticks([])
     fig.suptitle(f"{head}\n{title_metrics(d, arch)}", fontsize=10)
     fig.tight_layout()
     return fig
@@ -142,11 +148,14 @@ def fig_spectrum(d, rank, head):
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     k = np.arange(1, len(d["S"]) + 1)
     ax[0].semilogy(k, d["S"].numpy())
-    ax[0].set_title("singular values"), ax[0].set_xlabel("index")
+    ax[0].set_title("singular values")
+    ax[0].set_xlabel("index")
     ax[1].plot(k, d["energy"].numpy())
     e = d["energy"][rank - 1].item()
     ax[1].plot([rank], [e], "o", color="C3", label=f"rank {rank}: {e:.4f}")
-    ax[1].set_title("captured energy of the best rank-k approximation"), ax[1].set_xlabel("k"), ax[1].legend()
+    ax[1].set_title("captured energy of the best rank-k approximation")
+    ax[1].set_xlabel("k")
+    ax[1].legend()
     for a in ax:
         a.axvline(rank, color="C3", ls=":", lw=1)
         a.grid(alpha=0.3)
@@ -321,21 +330,19 @@ def pick_sample(args, idx, cache_dir):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model, ck, cfg, idx, cache_dir = load_run(args.results_dir, args.checkpoint, args.split, args.rank, args.cache_dir)
+    run = load_run(args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir)
+    model, cfg, idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
     sid, where, tag = pick_sample(args, idx, cache_dir)
     hw, size = cache_grid(cache_dir), cache_image_size(cache_dir)  # from the manifest
-    r = cfg["rank"]
-    X = FeatureDataset(cache_dir, [sid], cfg["normalization"])[0][0]
+    r = cfg.rank
+    X = FeatureDataset(cache_dir, [sid], cfg.normalization)[0][0]
     channels = parse_channels(args.channels, X.shape[1])
     d = compute(X, model, r, hw)
     manifest = load_manifest(cache_dir)
     meta = manifest["samples"].get(str(sid), {})
-    head = f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg['normalization']}{lossy_note(cache_dir)}" + (
+    head = f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg.normalization}{lossy_note(cache_dir)}" + (
         f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers") else ""
     )
 
@@ -348,8 +355,8 @@ def main(argv=None):
     stem = output_stem(f"{tag}_rank{r}", checkpoint=args.checkpoint)  # the tag names the split
     paths = []
     for name, fig in [
-        ("channels", fig_channels(d, channels, head, cfg["arch"], image)),
-        ("errors", fig_errors(d, head, cfg["arch"], image, bbox)),
+        ("channels", fig_channels(d, channels, head, cfg.arch, image)),
+        ("errors", fig_errors(d, head, cfg.arch, image, bbox)),
         ("spectrum", fig_spectrum(d, r, head)),
     ]:
         p = out / f"{stem}_{name}.{args.format}"
@@ -358,9 +365,9 @@ def main(argv=None):
         paths.append(p)
     html_channels = sorted(set(range(min(args.html_channels, X.shape[1]))) | set(channels))
     p = out / f"{stem}_interactive.html"
-    write_html(d, html_channels, p, head.replace("\n", " | "), cfg["arch"], image, bbox)
+    write_html(d, html_channels, p, head.replace("\n", " | "), cfg.arch, image, bbox)
     paths.append(p)
-    print(f"{where}: {title_metrics(d, cfg['arch'])}")
+    print(f"{where}: {title_metrics(d, cfg.arch)}")
     for p in paths:
         print(f"wrote {p}")
     return d, paths

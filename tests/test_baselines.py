@@ -6,12 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import demo_set
-import encoders
-import images
-import token_merging
-import token_selection
-import transforms
+from lowrank import demo_set, encoders, images, merging, selection, transforms
+from lowrank.cli import UserError
 
 
 def feats(T=40, D=12, seed=0):
@@ -33,14 +29,14 @@ def np_divprune(X, k):
 def test_divprune_equals_an_independent_numpy_greedy():
     for seed in range(3):
         X = feats(seed=seed)
-        assert token_selection.divprune(X, 10).tolist() == np_divprune(X.numpy(), 10)
+        assert selection.divprune(X, 10).tolist() == np_divprune(X.numpy(), 10)
 
 
 def test_divprune_keeps_one_of_each_duplicate_cluster():
     """Three tight clusters of 5 near-copies: 3 kept tokens are one from each cluster."""
     centres = torch.eye(3, 8, dtype=torch.float64)
     X = torch.cat([c + 1e-3 * feats(5, 8, i) for i, c in enumerate(centres)])
-    kept = token_selection.divprune(X, 3)
+    kept = selection.divprune(X, 3)
     assert sorted(int(t) // 5 for t in kept) == [0, 1, 2]
 
 
@@ -50,16 +46,16 @@ def test_dart_by_hand():
     # L1 norms 5, 4, 2, 1.1, 1.2, 1.9: pivots 0 and 1. Least similar to pivot 0 ([1, 0]): token 3 (cos -0.995);
     # to pivot 1 ([0, 1]): token 4 (cos -0.98); then pivot 0 again: token 4 is taken, next token 1 is taken, then 2
     # (cos .707) vs 5 (cos .743): token 2
-    assert token_selection.dart(X, 5, pivots=2).tolist() == [0, 1, 3, 4, 2]
-    assert len(set(token_selection.dart(feats(), 17).tolist())) == 17
+    assert selection.dart(X, 5, pivots=2).tolist() == [0, 1, 3, 4, 2]
+    assert len(set(selection.dart(feats(), 17).tolist())) == 17
 
 
 @pytest.mark.parametrize("k", [16, 32, 64, 128, 12])
 def test_pool_equals_adaptive_average_pooling(k):
     H = W = 16
     X = feats(H * W, 6)
-    Wt, reps = token_merging.merge("pool", X, k, (H, W))
-    gh, gw = token_merging.pool_shape((H, W), k)
+    Wt, reps = merging.merge("pool", X, k, (H, W))
+    gh, gw = merging.pool_shape((H, W), k)
     ref = F.adaptive_avg_pool2d(X.T.reshape(1, 6, H, W), (gh, gw)).reshape(6, k).T
     torch.testing.assert_close(Wt @ X, ref)
     assert gh * gw == k and torch.equal(reps, reps.sort().values)
@@ -88,7 +84,7 @@ def np_tome(X, k):
 
 def test_tome_equals_an_independent_numpy_matching():
     X = feats(30, 5, seed=4)
-    Wt, reps = token_merging.merge("tome", X, 7)
+    Wt, reps = merging.merge("tome", X, 7)
     groups = np_tome(X.numpy(), 7)
     assert [sorted(torch.nonzero(row).squeeze(1).tolist()) for row in Wt] == groups
     torch.testing.assert_close(Wt @ X, torch.stack([X[g].mean(0) for g in groups]))
@@ -101,11 +97,11 @@ def test_visionzip_by_hand():
     around the middle remaining token (evenly spaced targets: one target at the middle of the rest)."""
     X = feats(8, 4)
     att = torch.tensor([0.3, 0.05, 0.2, 0.05, 0.05, 0.25, 0.05, 0.05])
-    Wt, reps = token_merging.merge("visionzip", X, 4, attention=att)
+    Wt, reps = merging.merge("visionzip", X, 4, attention=att)
     # dominant: 0, 5, 2; the rest 1, 3, 4, 6, 7, target rest[round(0 * 4)] = rest[0] = 1 (linspace(0, 4, 1) = [0])
     assert reps.tolist() == [0, 1, 2, 5]
     torch.testing.assert_close(Wt @ X, torch.stack([X[0], X[[1, 3, 4, 6, 7]].mean(0), X[2], X[5]]))
-    Wt, reps = token_merging.merge("visionzip", feats(256, 6), 64, attention=torch.rand(256))
+    Wt, reps = merging.merge("visionzip", feats(256, 6), 64, attention=torch.rand(256))
     assert len(reps) == 64 and (Wt > 0).sum(1).eq(1).sum() == 54  # VisionZip's 54 dominant + 10 contextual
 
 
@@ -124,16 +120,16 @@ def test_merge_specs_and_the_tower():
     X = feats(256, 16).float() * 3 + 1
     tower = transforms.Tower(X, "layernorm", (16, 16))
     tokens, kept = tower.apply(transforms.parse_spec("merge:pool:64"))
-    Wt, reps = token_merging.merge("pool", X, 64, (16, 16))
+    Wt, reps = merging.merge("pool", X, 64, (16, 16))
     torch.testing.assert_close(tokens, (Wt @ X.double()).float())
     assert torch.equal(kept, reps)
     for spec in ("merge:pool:256", "merge:tome:256"):
         tokens, kept = tower.apply(transforms.parse_spec(spec))
         torch.testing.assert_close(tokens, X)
         assert torch.equal(kept, torch.arange(256))
-    with pytest.raises(SystemExit, match="visionzip needs the vision tower's attention"):
+    with pytest.raises(UserError, match="visionzip needs the vision tower's attention"):
         transforms.check_spec(transforms.parse_spec("merge:visionzip:64"), 256, 16, attention=False)
-    with pytest.raises(SystemExit, match="pool: 7 cells"):
+    with pytest.raises(UserError, match="pool: 7 cells"):
         transforms.check_spec(transforms.parse_spec("merge:pool:7"), 16, 16, hw=(4, 4))
 
 
@@ -191,7 +187,7 @@ def test_fastv_prunes_after_layer_k():
     from test_vqa import prompt_inputs
     from transformers import DynamicCache
 
-    import vlm
+    from lowrank import vlm
 
     model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
     inp = prompt_inputs(proc)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import compare_svd_nn
-import metrics
-import qwenvl_dataloader
+from lowrank import dataset, metrics
+from lowrank.cli import UserError
 
 
 def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
@@ -19,11 +19,11 @@ def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
     assert s["n"] == len(split["test"]) >= 3
     # recompute every number independently of compare's own loop
     ck = torch.load(trained / "best_model.pt", weights_only=True)
-    from model import build_model
+    from lowrank.model import build_model
 
     m = build_model(ck["config"]).eval()
     m.load_state_dict(ck["model"])
-    X = torch.stack([qwenvl_dataloader.FeatureDataset(tiny_cache_dir(trained), [i])[0][0] for i in split["test"]])
+    X = torch.stack([dataset.FeatureDataset(tiny_cache_dir(trained), [i])[0][0] for i in split["test"]])
     with torch.no_grad():
         nn = metrics.metrics(X, m(X)[0])
     svd = metrics.metrics(X, metrics.svd_reconstruct(X, 16, "svd"))
@@ -49,10 +49,10 @@ def tiny_cache_dir(results):
 
 
 def test_rank_mismatch_is_an_error(trained):
-    with pytest.raises(SystemExit, match="--rank 128 disagrees.*rank 16"):
+    with pytest.raises(UserError, match="--rank 128 disagrees.*rank 16"):
         compare_svd_nn.main(["--results_dir", str(trained), "--rank", "128"])
 
 
 def test_missing_checkpoint_says_train_first(tmp_path):
-    with pytest.raises(SystemExit, match="train"):
+    with pytest.raises(UserError, match="train"):
         compare_svd_nn.main(["--results_dir", str(tmp_path)])

@@ -9,14 +9,10 @@ import torch
 
 import compare_svd_nn
 import compress
-import feature_cache
-import feature_codecs
-import metrics
-import model
-import quantize
-import qwenvl_dataloader
 import train_real_data
-from model import Subspace, Symmetric, load_checkpoint
+from lowrank import dataset, feature_cache, feature_codecs, metrics, model, quantize
+from lowrank.cli import UserError
+from lowrank.model import Subspace, Symmetric, load_checkpoint
 
 
 def X_(T_=256, D=2048, seed=0):
@@ -93,8 +89,8 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
         ["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "64", "--out", str(out)]
     )
     cfg = json.loads((trained / "config.json").read_text())
-    ds_src = qwenvl_dataloader.FeatureDataset(cfg["cache_dir"])
-    ds_c = qwenvl_dataloader.FeatureDataset(out)
+    ds_src = dataset.FeatureDataset(cfg["cache_dir"])
+    ds_c = dataset.FeatureDataset(out)
     basis = torch.load(out / "basis.pt", weights_only=True)
     cos = []
     for k in range(len(ds_src)):
@@ -127,7 +123,7 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
     assert res["nn"]["cosine"]["n"] > 0
     s = compare_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--device", "cpu"])
     assert "LOSSY" in capsys.readouterr().out and "pca_int8" in s["lossy"]
-    with pytest.raises(SystemExit, match="already a compressed cache"):
+    with pytest.raises(UserError, match="already a compressed cache"):
         compress.main(["cache", "--results_dir", str(tmp_path / "r"), "--codec", "int8", "--out", str(tmp_path / "cc")])
 
 
@@ -160,7 +156,7 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = Symmetric(rank=8, tokens=256, dim=2048, hidden=32).eval()
     q, _ = compress.quantize_model(m)
-    from model import make_checkpoint
+    from lowrank.model import make_checkpoint
 
     cfg = {"arch": "symmetric", "rank": 8, "arch_options": {"hidden": 32, "n_blocks": 2}, "compressed": "int8"}
     ck = make_checkpoint(m, cfg, 1, 0.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import feature_cache
+from lowrank import feature_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,13 +10,11 @@ import torch
 from PIL import Image
 
 import compare_svd_nn
-import demo_set
-import encoders
-import feature_cache
-import images
 import qwenvl_dataloader
 import train_real_data
 import visualize_svd_nn
+from lowrank import demo_set, encoders, feature_cache, images
+from lowrank.cli import UserError
 
 MATRIX = {
     ("tiny-random", "448"): ((16, 16), 2048),
@@ -103,11 +101,11 @@ def test_qwen3_layout_uses_32_px_cells():
 
 
 def test_image_size_must_fit_the_cells(data, tmp_path):
-    with pytest.raises(SystemExit, match="multiple of 28"):
+    with pytest.raises(UserError, match="multiple of 28"):
         encoders.Encoder(encoders.TINY, "cpu", image_size="450")
-    with pytest.raises(SystemExit, match="multiple of 32"):
+    with pytest.raises(UserError, match="multiple of 32"):
         encoders.Encoder("tiny-random-qwen3-vl", "cpu", image_size="700")  # 672 = 21 x 32 fits
-    with pytest.raises(SystemExit, match="WxH"):
+    with pytest.raises(UserError, match="WxH"):
         images.parse_image_size("big")
 
 
@@ -115,7 +113,7 @@ def test_shapes_never_mix(data, tmp_path):
     a, b = tmp_path / "a448", tmp_path / "b672"
     qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False)
     qwenvl_dataloader.extract(data, b, encoders.TINY, "cpu", progress=False, image_size="672")
-    with pytest.raises(SystemExit, match="another encoder.*image_size"):  # before loading the encoder
+    with pytest.raises(UserError, match="another encoder.*image_size"):  # before loading the encoder
         qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False, image_size="672")
     train_real_data.main(
         [
@@ -135,9 +133,9 @@ def test_shapes_never_mix(data, tmp_path):
             "4",
         ]
     )
-    with pytest.raises(SystemExit, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
+    with pytest.raises(UserError, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
         compare_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
-    with pytest.raises(SystemExit, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
+    with pytest.raises(UserError, match=r"trained on \[256, 2048\].*holds \[576, 2048\]"):
         visualize_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--cache_dir", str(b)])
 
 

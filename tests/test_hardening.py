@@ -16,18 +16,13 @@ import torch
 from PIL import Image
 
 import compare_svd_nn
-import demo_set
-import encoders
-import feature_cache
-import images
-import model
 import qwenvl_dataloader
-import runs
 import svd_baseline
 import train_real_data
-import training
 import tune
 import visualize_svd_nn
+from lowrank import demo_set, encoders, feature_cache, images, model, runs, training
+from lowrank.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -124,7 +119,7 @@ def test_another_data_set_with_the_same_ids_is_refused(tiny_cache, tmp_path):
     cache = tmp_path / "c"
     shutil.copytree(tiny_cache / "cache", cache)
     before = {p.name: p.read_bytes() for p in cache.glob("features_*.pt")}
-    with pytest.raises(SystemExit, match="other image bytes.*another data set"):
+    with pytest.raises(UserError, match="other image bytes.*another data set"):
         qwenvl_dataloader.extract(other, cache, encoders.TINY, "cpu", progress=False)
     assert before == {p.name: p.read_bytes() for p in cache.glob("features_*.pt")}  # nothing overwritten
 
@@ -133,7 +128,7 @@ def test_features_without_manifest_are_not_adopted(tiny_cache, tmp_path):
     cache = tmp_path / "c"
     shutil.copytree(tiny_cache / "cache", cache)
     (cache / "manifest.json").unlink()
-    with pytest.raises(SystemExit, match="no manifest.json.*--rebuild_manifest"):
+    with pytest.raises(UserError, match="no manifest.json.*--rebuild_manifest"):
         qwenvl_dataloader.extract(tiny_cache / "data", cache, encoders.TINY, "cpu", dtype="bfloat16", progress=False)
     # the sample log vouches for the files: a rebuild keeps them all (with their metadata) and extracts nothing
     s = qwenvl_dataloader.extract(
@@ -145,7 +140,7 @@ def test_features_without_manifest_are_not_adopted(tiny_cache, tmp_path):
 
 def test_encoder_mismatch_is_found_before_loading(tiny_cache, tmp_path):
     # a checkpoint path that does not exist: if the encoder were loaded first, this would say 'could not load'
-    with pytest.raises(SystemExit, match="another encoder.*model"):
+    with pytest.raises(UserError, match="another encoder.*model"):
         qwenvl_dataloader.extract(
             tiny_cache / "data", tiny_cache / "cache", str(tmp_path / "Qwen2.5-VL-7B"), "cpu", progress=False
         )
@@ -156,7 +151,8 @@ def test_encoder_mismatch_is_found_before_loading(tiny_cache, tmp_path):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import encoders, qwenvl_dataloader
+from lowrank import encoders
+import qwenvl_dataloader
 enc = encoders.Encoder(encoders.TINY, "cpu")
 calls = [0]
 def dying(images):
@@ -355,7 +351,7 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
     ]
     for call in calls:
         with pytest.raises(
-            SystemExit,
+            UserError,
             match=f"{rank}: a rank must be between 1 and min.tokens, dim. of the "
             r"cache's features \(256\)",
         ):
@@ -363,7 +359,7 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
     assert not (tmp_path / "t").exists()
     import bench
 
-    with pytest.raises(SystemExit, match=f"--ranks {rank}: the model .* serves ranks 1..16"):
+    with pytest.raises(UserError, match=f"--ranks {rank}: the model .* serves ranks 1..16"):
         bench.main(["--results_dir", str(trained), "--ranks", rank, "--device", "cpu"])
     with pytest.raises(ValueError, match="ranks 1..8"):
         model.Subspace(rank=8).factors(torch.randn(1, 256, 2048), rank=int(rank))
@@ -504,5 +500,5 @@ def test_offline_hub_id_fails_at_once_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     assert not encoders.hub_reachable()
-    with pytest.raises(SystemExit, match="hub is unreachable.*not in the local hub cache.*tiny-random"):
+    with pytest.raises(UserError, match="hub is unreachable.*not in the local hub cache.*tiny-random"):
         encoders.Encoder("Qwen/Qwen2.5-VL-3B-Instruct", "cpu")

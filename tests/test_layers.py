@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import demo_set
-import encoders
-import images
 import layers
-import metrics
 import qwenvl_dataloader
 import vqa_eval
+from lowrank import demo_set, encoders, images, metrics
+from lowrank.cli import UserError
 
 
 def photos(n=2, seed=1):
@@ -125,11 +123,11 @@ def test_a_layer_as_a_cache(tiny_cache, tmp_path):
     image = images.load_image(source.image(0), (448, 448))
     _, maps = run_layers(enc, [image])
     torch.testing.assert_close(torch.load(tmp_path / "b0" / "features_0.pt").float(), maps["block_0"][0])
-    with pytest.raises(SystemExit, match="layer: cache has 'block_0', this run 'block_1'"):
+    with pytest.raises(UserError, match="layer: cache has 'block_0', this run 'block_1'"):
         qwenvl_dataloader.extract(
             tiny_cache / "data", tmp_path / "b0", encoders.TINY, "cpu", limit=3, progress=False, layer="block_1"
         )
-    with pytest.raises(SystemExit, match="layer: cache has 'merger'"):
+    with pytest.raises(UserError, match="layer: cache has 'merger'"):
         qwenvl_dataloader.extract(
             tiny_cache / "data", tiny_cache / "cache", encoders.TINY, "cpu", limit=3, progress=False, layer="block_0"
         )
@@ -158,5 +156,5 @@ def test_training_runs_on_a_layer_cache_and_vqa_eval_refuses_it(tiny_cache, tmp_
         + ["--device", "cpu", "--batch_size", "8"]
     )
     assert json.loads((run / "history.json").read_text())[-1]["val_cosine"] > 0.5
-    with pytest.raises(SystemExit, match="holds the tower's block_1, not its output"):
+    with pytest.raises(UserError, match="holds the tower's block_1, not its output"):
         vqa_eval.main(["--results_dir", str(run), "--model", encoders.TINY, "--out_dir", str(tmp_path)])

@@ -7,12 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import encoders
-import images
 import lmms_eval_lowrank
-import lmms_model
-import vlm
-import vqa_score
+from lowrank import encoders, images, lmms_model, vlm, vqa_score
 
 pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval not installed (requirements-lmms*.txt)")
 

@@ -19,20 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import compare_svd_nn
 import compress
-import encoders
-import feature_cache
-import images
-import model
 import qwenvl_dataloader
-import runs
 import tokens
 import train_real_data
-import transforms
-import vqa
 import vqa_eval
+from lowrank import cli, dataset, downstream, encoders, feature_cache, images, model, runs, transforms
+from lowrank.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -60,16 +54,26 @@ def one_line(stderr):
     return lines[-1]
 
 
-def wait_for_lock(folder, proc, timeout=120):
-    """Until the process holding folder's lock has written its PID there."""
+def wait_until(done, proc, what, timeout=300):
+    """Poll done() until it holds; fails with what was awaited (and the process's output if it ended) rather than
+    hang. The processes these tests race cannot finish on their own before the event (an epoch count they cannot
+    reach, a holder that sleeps until killed), so only the timeout depends on the machine's speed."""
     t = time.time()
     while time.time() - t < timeout:
-        lock = Path(folder) / feature_cache.LOCK
-        if lock.exists() and lock.read_text().startswith(str(proc.pid)):
+        if done():
             return
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, f"the process ended before {what}: " + "".join(proc.communicate())[-3000:]
         time.sleep(0.1)
-    raise AssertionError("the lock was never taken")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_for_lock(folder, proc, timeout=300):
+    """Until the process holding folder's lock has written its PID there."""
+    lock = Path(folder) / feature_cache.LOCK
+    wait_until(lambda: lock.exists() and lock.read_text().startswith(str(proc.pid)), proc, f"{proc.pid} to lock")
+
+
+ENDLESS = ["--epochs", "1000000", "--patience", "1000000"]  # a training that cannot finish before it is stopped
 
 
 # 1. a run folder has one owner ------------------------------------------------------------------------------------
@@ -77,16 +81,7 @@ def wait_for_lock(folder, proc, timeout=120):
 
 def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line(tiny_cache, tmp_path):
     first = script(
-        "train_real_data.py",
-        "--cache_dir",
-        tiny_cache / "cache",
-        "--results_dir",
-        tmp_path,
-        *SMALL,
-        "--epochs",
-        "200",
-        "--patience",
-        "200",
+        "train_real_data.py", "--cache_dir", tiny_cache / "cache", "--results_dir", tmp_path, *SMALL, *ENDLESS
     )
     wait_for_lock(tmp_path, first)
     second = script(
@@ -94,8 +89,7 @@ def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line
     )
     _, err = second.communicate(timeout=300)
     assert second.returncode == 1 and f"in use by PID {first.pid}" in one_line(err)
-    while not (tmp_path / "last.pt").exists():  # let it finish an epoch, then Ctrl-C
-        time.sleep(0.2)
+    wait_until(lambda: (tmp_path / "last.pt").exists(), first, "an epoch to finish")  # then Ctrl-C
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 130 and "interrupted" in one_line(err), err[-3000:]
@@ -106,10 +100,10 @@ def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line
 def test_a_finished_run_is_not_replaced_without_asking(tiny_cache, tmp_path):
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     best = (tmp_path / "best_model.pt").read_bytes()
-    with pytest.raises(SystemExit, match="holds a trained run .*--resume continues it, --overwrite replaces it"):
+    with pytest.raises(UserError, match="holds a trained run .*--resume continues it, --overwrite replaces it"):
         train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     assert (tmp_path / "best_model.pt").read_bytes() == best
-    with pytest.raises(SystemExit, match="give one of them"):
+    with pytest.raises(UserError, match="give one of them"):
         train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--resume", "--overwrite")
     train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--overwrite")
 
@@ -132,7 +126,7 @@ def test_reports_of_other_splits_and_checkpoints_have_their_own_names(trained, t
 
 def test_a_checkpoint_of_another_split_is_refused(tiny_cache, trained, tmp_path):
     train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--seed", "7")  # another seed: another split
-    with pytest.raises(SystemExit, match="trained on another split"):
+    with pytest.raises(UserError, match="trained on another split"):
         compare_svd_nn.main(
             ["--results_dir", str(trained), "--checkpoint", str(tmp_path / "best_model.pt"), "--device", "cpu"]
         )
@@ -157,7 +151,7 @@ def test_resume_refuses_changed_settings(tiny_cache, tmp_path):
             "--resume",
         ]
         argv += [flag, value]
-        with pytest.raises(SystemExit, match=f"these flags differ: {flag} "):
+        with pytest.raises(UserError, match=f"these flags differ: {flag} "):
             train_real_data.main(argv)
     train(tiny_cache / "cache", tmp_path, "--epochs", "2", "--resume")  # the same flags: it continues
 
@@ -167,7 +161,7 @@ def test_resume_from_a_compressed_checkpoint_is_refused(tiny_cache, tmp_path):
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     ck["config"]["compressed"] = "int8"
     torch.save(ck, tmp_path / "last.pt")
-    with pytest.raises(SystemExit, match="not a training state"):
+    with pytest.raises(UserError, match="not a training state"):
         train(tiny_cache / "cache", tmp_path, "--epochs", "2", "--resume")
 
 
@@ -197,9 +191,9 @@ def test_a_regenerated_image_is_not_drawn_under_old_features(trained, tmp_path, 
     sid = next(iter(manifest["samples"]))
     manifest["samples"][sid]["fingerprint"] = "0" * 20  # the source now holds other bytes for this sample
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    assert qwenvl_dataloader.cached_image(cache, int(sid)) is None
+    assert dataset.cached_image(cache, int(sid)) is None
     assert "not the one the cache was made from" in capsys.readouterr().out
-    assert qwenvl_dataloader.cached_image(cfg["cache_dir"], int(sid)).shape == (448, 448, 3)
+    assert dataset.cached_image(cfg["cache_dir"], int(sid)).shape == (448, 448, 3)
 
 
 # 3. metadata means one thing ----------------------------------------------------------------------------------------
@@ -223,11 +217,11 @@ def test_metadata_schema(tmp_path):
     assert src.meta[4]["bbox"] == [1.0, 2.0, 3.0, 4.0] and "answers" not in src.meta[4]
     assert sum(src.notes.values()) == 4
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": str(img), "question": 3}) + "\n")
-    with pytest.raises(SystemExit, match="sample 0 .*question must be a string"):
+    with pytest.raises(UserError, match="sample 0 .*question must be a string"):
         images.Source(tmp_path / "bad.jsonl")
 
 
-# the cost fields of an answer's record (vqa.Asker.ask), for answers made up by hand
+# the cost fields of an answer's record (downstream.Asker.ask), for answers made up by hand
 COST = dict(vision_tokens=256, prompt_tokens=300, prefill_flops=1e9, kv_bytes=1e6, batch=2, transform_ms=0.1)
 COST.update(prefill_ms=5.0, decode_ms=1.0, generate_ms=9.0, peak_mib=None)
 
@@ -236,7 +230,7 @@ def test_a_sample_without_answers_is_left_out_of_the_accuracy():
     conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {"0": {"question": "q", "answers": ["a"] * 10}, "1": {"question": "q"}}
     done = {(i, str(c)): {"answer": "a" if c.kind == "original" else "b", **COST} for i in (0, 1) for c in conds}
-    _, summary = vqa.score([0, 1], conds, done, samples)
+    _, summary = downstream.score([0, 1], conds, done, samples)
     assert summary[0]["vqa_acc"] == 1.0 and summary[1]["vqa_acc"] == 0.0
     assert summary[0]["n"] == 1 and summary[0]["n_without_answers"] == 1
     assert summary[0]["ms_per_sample"] == 0.1 + 9.0 / 2 and summary[0]["prefill_flops"] == 1e9
@@ -307,7 +301,7 @@ def test_vqa_log_torn_tail_strangers_and_reproducible_random_rule(trained, tmp_p
     other = tmp_path / "b"
     vqa_run(trained, other, "--seed", "5")
     log.write_text(log.read_text() + "".join((other / "vqa_test.jsonl").read_text().splitlines(keepends=True)[1:]))
-    with pytest.raises(SystemExit, match="comes from a run with other settings"):
+    with pytest.raises(UserError, match="comes from a run with other settings"):
         vqa_run(trained, tmp_path / "a")
     log.write_text("")  # an empty log starts again
     vqa_run(trained, tmp_path / "a")
@@ -322,7 +316,7 @@ def test_a_torn_sample_log_line_never_glues_onto_the_next(tmp_path):
 
 def test_vqa_settings_include_lrcp_rank_and_the_checkpoint(trained, tmp_path):
     vqa_run(trained, tmp_path)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         vqa_run(trained, tmp_path, "--lrcp_rank", "4")
 
 
@@ -333,21 +327,21 @@ def test_compressed_cache_basis_is_checked(trained, tmp_path):
     out = tmp_path / "pca"
     compress.main(["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "32", "--out", str(out)])
     assert json.loads((out / "manifest.json").read_text())["codec"]["basis_sha"]
-    qwenvl_dataloader.FeatureDataset(out, preload=False)[0]
+    dataset.FeatureDataset(out, preload=False)[0]
     basis = torch.load(out / "basis.pt", weights_only=True)
     torch.save(torch.linalg.qr(torch.randn_like(basis))[0], out / "basis.pt")  # swapped
     with pytest.raises(cli.BadFeature, match="not the basis this cache was written with"):
-        qwenvl_dataloader.FeatureDataset(out, preload=False)
+        dataset.FeatureDataset(out, preload=False)
     os.remove(out / "basis.pt")
     with pytest.raises(cli.BadFeature, match="basis.pt is missing"):
-        qwenvl_dataloader.FeatureDataset(out, preload=False)
+        dataset.FeatureDataset(out, preload=False)
     torch.save(basis, out / "basis.pt")
-    f = out / f"features_{qwenvl_dataloader.FeatureDataset(out, preload=False).indices[0]}.pt"
+    f = out / f"features_{dataset.FeatureDataset(out, preload=False).indices[0]}.pt"
     p = torch.load(f, weights_only=True)
     p["C"]["scale"][0] = float("nan")
     torch.save(p, f)
     with pytest.raises(cli.BadFeature, match="NaN"):
-        qwenvl_dataloader.FeatureDataset(out, preload=False)[0]
+        dataset.FeatureDataset(out, preload=False)[0]
 
 
 # 7. degenerate input is refused at the start ------------------------------------------------------------------------
@@ -374,13 +368,13 @@ def test_degenerate_flags_are_one_line(tiny_cache, trained, tmp_path):
     with pytest.raises(SystemExit) as e:
         qwenvl_dataloader.main(["--dataset_dir", str(tiny_cache / "data"), "--extract_batch_size", "0"])
     assert e.value.code == 2
-    with pytest.raises(SystemExit, match="--ks 8,a: expected a comma list of integers"):
+    with pytest.raises(UserError, match="--ks 8,a: expected a comma list of integers"):
         tokens.main(["--results_dir", str(trained), "--ks", "8,a"])
-    with pytest.raises(SystemExit, match="--draw_k 300: a rank must be between 1 and"):
+    with pytest.raises(UserError, match="--draw_k 300: a rank must be between 1 and"):
         tokens.main(["--results_dir", str(trained), "--draw_k", "300"])
-    with pytest.raises(SystemExit, match="--prompt .*only {question}"):
+    with pytest.raises(UserError, match="--prompt .*only {question}"):
         vqa_run(trained, tmp_path, "--prompt", "{question} {image}")
-    with pytest.raises(SystemExit, match="leave the .* split empty"):
+    with pytest.raises(UserError, match="leave the .* split empty"):
         train(tiny_cache / "cache", tmp_path / "few", "--max_samples", "4", "--group_by", "none")
 
 
@@ -398,7 +392,7 @@ def test_an_absurd_checkpoint_config_is_refused_before_allocating(trained, tmp_p
     for change in ({"rank": 200000}, {"dim": "2048"}, {"arch_options": {"oversample": "x"}}, {"arch": 3}):
         bad = dict(ck, config=dict(ck["config"], **change))
         torch.save(bad, tmp_path / "bad.pt")
-        with pytest.raises(SystemExit, match="do not build a model"):
+        with pytest.raises(UserError, match="do not build a model"):
             model.load_checkpoint(tmp_path / "bad.pt")
 
 
@@ -408,7 +402,7 @@ def test_bench_on_a_symmetric_run(tiny_cache, tmp_path):
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     rows = bench.main(["--results_dir", str(tmp_path), "--ranks", "8", "--device", "cpu", "--batch_size", "4"])
     assert any(r["method"] == "symmetric (NN)" and "cosine" in r for r in rows)
-    with pytest.raises(SystemExit, match="serves only its trained rank 8"):
+    with pytest.raises(UserError, match="serves only its trained rank 8"):
         bench.main(["--results_dir", str(tmp_path), "--ranks", "4", "--device", "cpu"])
 
 
@@ -437,11 +431,11 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tiny_cache, tmp_
         "1",
         "--overwrite",
     ]
-    with pytest.raises(SystemExit, match="no space left on the device: cannot write .*best_model.pt"):
+    with pytest.raises(SystemExit, match="^error: no space left on the device: cannot write .*best_model.pt"):
         cli.run_cli(train_real_data.main, argv)
     assert (tmp_path / "best_model.pt").read_bytes() == best and not list(tmp_path.glob(".*.tmp"))
     e = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x.json"))
-    with pytest.raises(SystemExit, match="read-only file system: cannot write .*x.json"):
+    with pytest.raises(SystemExit, match="^error: read-only file system: cannot write .*x.json"):
         cli.run_cli(lambda argv: (_ for _ in ()).throw(e))
 
 
@@ -452,7 +446,7 @@ def test_a_truncated_manifest_is_named_and_extraction_rebuilds_it(tiny_cache, tm
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache / "cache", cache)
     (cache / "manifest.json").write_text((cache / "manifest.json").read_text()[:500])
-    with pytest.raises(SystemExit, match="manifest.json is damaged"):
+    with pytest.raises(UserError, match="manifest.json is damaged"):
         train(cache, tmp_path / "r", "--epochs", "1")
     s = qwenvl_dataloader.extract(tiny_cache / "data", cache, encoders.TINY, "cpu", progress=False)
     assert "rebuilding it from the sample log" in capsys.readouterr().out
@@ -467,8 +461,8 @@ def test_a_held_cache_lock_is_named_after_the_timeout(tiny_cache, tmp_path):
             sys.executable,
             "-c",
             f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
-            f"import feature_cache as fc\nwith fc.folder_lock({str(cache)!r}, what='hung'):\n"
-            f"    time.sleep(60)",
+            f"from lowrank import feature_cache as fc\nwith fc.folder_lock({str(cache)!r}, what='hung'):\n"
+            f"    time.sleep(100000)",  # until killed below
         ],
         env=ENV,
     )
@@ -506,7 +500,7 @@ def test_consistency_and_bootstrap_intervals_by_hand():
     samples = {str(i): {"question": "q", "answers": ["yes"] * 10} for i in range(4)}
     said = {0: ("Yes", "yes."), 1: ("yes", "no"), 2: ("no", "No"), 3: ("no", "yes")}  # (original, zeros)
     done = {(i, str(c)): {"answer": said[i][k], **COST} for i in range(4) for k, c in enumerate(conds)}
-    _, (orig, zeros) = vqa.score(list(range(4)), conds, done, samples)
+    _, (orig, zeros) = downstream.score(list(range(4)), conds, done, samples)
     assert orig["consistency"] == 1.0 and zeros["consistency"] == 0.5  # "yes." ~ "Yes", "No" ~ "no"
     assert zeros["consistency_se"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
     assert orig["vqa_acc"] == 0.5 and zeros["vqa_acc"] == 0.5 and zeros["changed"] == 1.0

@@ -4,10 +4,8 @@ and its nested ranks on the hard synthetic features."""
 import pytest
 import torch
 
-import feature_cache
-import metrics
-import model
 import synth_features
+from lowrank import feature_cache, metrics, model
 
 
 def prefix_error(Q, Qref, ks):

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import feature_cache
-import metrics
-import qwenvl_dataloader
 import synth_features
+from lowrank import dataset, feature_cache, metrics
+from lowrank.cli import UserError
 
 
 def random_mats(kind, n=3, T=256, D=2048, seed=0):
@@ -105,12 +104,12 @@ def test_summarize():
 def test_hard_synthetic_cache_matches_the_real_spectrum(tmp_path):
     """synth_features.py: a normal cache, reproducible, whose rank-128 SVD cosine is the real model's 0.99 ± 0.005."""
     synth_features.main(["--out", str(tmp_path / "hard"), "--num", "12", "--groups", "4"])
-    ds = qwenvl_dataloader.FeatureDataset(tmp_path / "hard")
+    ds = dataset.FeatureDataset(tmp_path / "hard")
     assert len(ds) == 12 and feature_cache.cached_shape(tmp_path / "hard") == (256, 2048)
     X = torch.stack([x for x, _ in ds])
     cos = metrics.metrics(X, metrics.svd_reconstruct(X, 128))["cosine"]
     assert abs(cos.mean().item() - 0.99) < 0.005 and cos.std().item() < 0.006
     again = next(synth_features.generate(1))[1]
     assert torch.equal(torch.load(tmp_path / "hard" / "features_0.pt", weights_only=True), again)
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         synth_features.main(["--out", str(tmp_path / "hard"), "--num", "2"])

@@ -10,12 +10,9 @@ import scipy.linalg
 import torch
 
 import compare_svd_nn
-import feature_cache
-import metrics
-import qwenvl_dataloader
-import token_merging
-import token_selection
 import tokens
+from lowrank import dataset, feature_cache, merging, metrics, selection
+from lowrank.cli import UserError
 
 
 def small(T=24, D=40, seed=0):
@@ -27,25 +24,25 @@ def test_rules_against_numpy():
     x = X.numpy()
     k = 6
     U = np.linalg.svd(x, full_matrices=False)[0][:, :k]
-    assert set(token_selection.select("leverage", X, k).tolist()) == set(np.argsort(-(U**2).sum(1))[:k])
-    assert set(token_selection.select("norm", X, k).tolist()) == set(np.argsort(-np.linalg.norm(x, axis=1))[:k])
+    assert set(selection.select("leverage", X, k).tolist()) == set(np.argsort(-(U**2).sum(1))[:k])
+    assert set(selection.select("norm", X, k).tolist()) == set(np.argsort(-np.linalg.norm(x, axis=1))[:k])
     basis = torch.linalg.qr(torch.randn(40, 5, dtype=torch.float64))[0]
     b = basis.numpy()
     resid = np.linalg.norm(x - x @ b @ b.T, axis=1)
-    assert set(token_selection.select("lrcp", X, k, basis=basis).tolist()) == set(np.argsort(-resid)[:k])
+    assert set(selection.select("lrcp", X, k, basis=basis).tolist()) == set(np.argsort(-resid)[:k])
     piv = scipy.linalg.qr(x.T, pivoting=True, mode="economic")[2]  # LAPACK geqp3 on Xᵀ: tokens are columns
-    assert token_selection.select("pivoted_qr", X, k).tolist() == piv[:k].tolist()
-    r1 = token_selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
-    r2 = token_selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
+    assert selection.select("pivoted_qr", X, k).tolist() == piv[:k].tolist()
+    r1 = selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
+    r2 = selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
     assert torch.equal(r1, r2) and len(set(r1.tolist())) == k and max(r1) < 24
 
 
 def test_grid_rule_by_hand():
-    assert token_selection.grid_tokens((16, 16), 16).tolist() == sorted(
+    assert selection.grid_tokens((16, 16), 16).tolist() == sorted(
         r * 16 + c for r in (2, 6, 10, 14) for c in (2, 6, 10, 14)
     )
     for hw, k in (((16, 16), 32), ((16, 16), 128), ((32, 16), 64), ((14, 14), 16)):
-        t = token_selection.grid_tokens(hw, k)
+        t = selection.grid_tokens(hw, k)
         assert len(t) == k and len(set(t.tolist())) == k and t.max() < hw[0] * hw[1]
 
 
@@ -53,9 +50,9 @@ def test_grid_rule_by_hand():
 def test_exact_basis_of_a_rank_k_matrix(rule):
     g = torch.Generator().manual_seed(1)
     X = torch.randn(30, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g, dtype=torch.float64)
-    kept = token_selection.select(rule, X, 8)
-    torch.testing.assert_close(token_selection.reconstruct_from(X, kept), X, atol=1e-9, rtol=1e-9)
-    m = metrics.metrics(X[None], token_selection.reconstruct_from(X, kept)[None])
+    kept = selection.select(rule, X, 8)
+    torch.testing.assert_close(selection.reconstruct_from(X, kept), X, atol=1e-9, rtol=1e-9)
+    m = metrics.metrics(X[None], selection.reconstruct_from(X, kept)[None])
     assert m["cosine"].item() == pytest.approx(1.0, abs=1e-12)
 
 
@@ -64,7 +61,7 @@ def test_reconstruction_is_the_projection_onto_the_kept_span():
     kept = torch.tensor([0, 3, 7])
     x = X.numpy()
     ref = x @ np.linalg.pinv(x[[0, 3, 7]]) @ x[[0, 3, 7]]
-    np.testing.assert_allclose(token_selection.reconstruct_from(X, kept).numpy(), ref, atol=1e-10)
+    np.testing.assert_allclose(selection.reconstruct_from(X, kept).numpy(), ref, atol=1e-10)
     # no k-token selection beats rank-k truncated SVD
     assert (
         metrics.metrics(X[None], torch.from_numpy(ref)[None])["cosine"]
@@ -94,7 +91,7 @@ def test_box_to_tokens_by_hand():
 def test_recall_and_precision_by_hand():
     mask = torch.zeros(64, dtype=torch.bool)
     mask[[5, 6, 7, 8]] = True
-    assert token_selection.box_hits(torch.tensor([5, 6, 8, 20, 21, 22, 23, 24]), mask) == (0.75, 3 / 8)
+    assert selection.box_hits(torch.tensor([5, 6, 8, 20, 21, 22, 23, 24]), mask) == (0.75, 3 / 8)
 
 
 def test_box_metrics_against_numpy():
@@ -115,7 +112,7 @@ def test_box_metrics_against_numpy():
 def test_tokens_script_end_to_end(trained, capsys):
     rows = tokens.main(["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"])
     out = capsys.readouterr().out
-    every = token_selection.RULES + token_merging.MERGES  # the tiny cache has a tower: visionzip's attention runs
+    every = selection.RULES + merging.MERGES  # the tiny cache has a tower: visionzip's attention runs
     assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in every for k in (4, 16)}
     random = next(r for r in rows if r["rule"] == "random")
     assert random["draws"] == 5 and random["cosine_draw_spread"] > 0 and random["box_recall_draw_spread"] is not None
@@ -144,7 +141,7 @@ def test_compare_reports_inside_and_outside_the_box(trained, capsys):
     split = json.loads((trained / "split.json").read_text())
     cfg = json.loads((trained / "config.json").read_text())
     i = split["test"][0]
-    X = qwenvl_dataloader.FeatureDataset(cfg["cache_dir"], [i])[0][0]
+    X = dataset.FeatureDataset(cfg["cache_dir"], [i])[0][0]
     mask = feature_cache.answer_box_masks(cfg["cache_dir"], [i])[i]
     ref = metrics.box_metrics(X, metrics.svd_reconstruct(X[None], 16, "svd")[0], mask)
     row = next(r for r in csv.DictReader(open(trained / "compare_rank16.csv")) if int(r["sample_id"]) == i)
@@ -156,5 +153,5 @@ def test_budgets_as_counts_or_shares():
     assert tokens.budgets("16,32", 256) == [16, 32]
     assert tokens.budgets("0.0625,0.125,0.25,0.5", 256) == [16, 32, 64, 128]
     assert tokens.budgets("0.0625,0.25", 1024) == [64, 256]  # the same budgets on a 32 x 32 patch grid
-    with pytest.raises(SystemExit, match="share of the tokens must lie in"):
+    with pytest.raises(UserError, match="share of the tokens must lie in"):
         tokens.budgets("0.5,1.5", 256)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-import model
 import train_real_data
-import training
+from lowrank import metrics, model, training
+from lowrank.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--rank", "8", "--hidden", "16", "--batch_size", "8"]
@@ -141,7 +140,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cache, tmp_path, monkeyp
 
 
 def test_missing_cache_names_extraction_command(tmp_path):
-    with pytest.raises(SystemExit, match="qwenvl_dataloader.py"):
+    with pytest.raises(UserError, match="qwenvl_dataloader.py"):
         run(tmp_path / "none", tmp_path / "r", "--epochs", "1")
 
 
@@ -258,3 +257,40 @@ def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
     assert abs(r32["nn"]["cosine"]["mean"] - rbf["nn"]["cosine"]["mean"]) < 0.002
     h = json.loads((tmp_path / "bf16" / "history.json").read_text())
     assert all(np.isfinite(r["val_mse"]) for r in h)
+
+
+def test_no_flag_vanishes(tiny_cache, tmp_path):
+    """A flag of another arch is refused; on --resume a flag given with another value than the run's is refused,
+    whatever its value (the parser's default included) and arch options too; the same value is accepted."""
+    cache = tiny_cache / "cache"
+    with pytest.raises(UserError, match="--hidden is an option of --arch symmetric.*arch is subspace"):
+        run(cache, tmp_path / "a", "--arch", "subspace", "--epochs", "1")
+    with pytest.raises(UserError, match="--power_iters is an option of --arch subspace"):
+        train_real_data.main(["--cache_dir", str(cache), "--results_dir", str(tmp_path / "b"), "--power_iters", "2"])
+    sub = ["--cache_dir", str(cache), "--results_dir", str(tmp_path / "s"), "--arch", "subspace", "--rank", "8"]
+    train_real_data.main(sub + ["--epochs", "1", "--lr", "0.01", "--device", "cpu"])
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["lr"] == 0.01 and "schedule" in cfg["arch_options"]
+    resume = ["--cache_dir", str(cache), "--results_dir", str(tmp_path / "s"), "--resume", "--device", "cpu"]
+    with pytest.raises(UserError, match=r"--lr 0.001 \(the run has 0.01\)"):  # 0.001 is the parser's default
+        train_real_data.main(resume + ["--lr", "0.001"])
+    with pytest.raises(UserError, match=r"--power_iters 2 \(the run has the per-rank schedule\)"):
+        train_real_data.main(resume + ["--power_iters", "2"])
+    with pytest.raises(UserError, match=r"--arch symmetric \(the run has subspace\)"):
+        train_real_data.main(resume + ["--arch", "symmetric"])
+    train_real_data.main(resume + ["--lr", "0.01", "--rank", "8", "--epochs", "2"])  # the run's own values
+    h = json.loads((tmp_path / "s" / "history.json").read_text())
+    assert [r["epoch"] for r in h] == [0, 1, 2]
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["lr"] == 0.01
+
+
+def test_a_new_training_flag_is_one_field():
+    """Every RunConfig field with a help text is a flag of training's parser, with the field's default in its help
+    and no default of the parser's own (so 'given' means given)."""
+    from lowrank.config import flag_fields
+
+    ap = training.get_args_parser()
+    for name, f in flag_fields():
+        action = next(a for a in ap._actions if a.dest == name)
+        assert action.default is None and f"(default: {f.default})" in action.help, name

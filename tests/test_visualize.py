@@ -10,10 +10,10 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import feature_cache
-import metrics
 import visualize_svd_nn
-from model import load_checkpoint  # noqa: E402
+from lowrank import feature_cache, metrics
+from lowrank.cli import UserError
+from lowrank.model import load_checkpoint  # noqa: E402
 
 
 def test_figures_files_and_arrays(trained, tmp_path):
@@ -99,13 +99,13 @@ def test_training_sample_is_named_as_such(trained, tmp_path, capsys):
 
 def test_out_of_range_index_gives_valid_range(trained):
     n = len(json.loads((trained / "split.json").read_text())["test"])
-    with pytest.raises(SystemExit, match=rf"out of range.*\(0\.\.{n - 1}\)"):
+    with pytest.raises(UserError, match=rf"out of range.*\(0\.\.{n - 1}\)"):
         visualize_svd_nn.main(["--results_dir", str(trained), "--image_idx", str(n)])
-    with pytest.raises(SystemExit, match="not in cache"):
+    with pytest.raises(UserError, match="not in cache"):
         visualize_svd_nn.main(["--results_dir", str(trained), "--sample_id", "99999"])
 
 
 def test_parse_channels():
     assert visualize_svd_nn.parse_channels("0-3,9", 2048) == [0, 1, 2, 3, 9]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="channels must lie in 0..2047"):
         visualize_svd_nn.parse_channels("2040-2050", 2048)

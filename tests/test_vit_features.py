@@ -10,28 +10,17 @@ import onnx
 import onnx.numpy_helper
 import pytest
 import torch
+from conftest import VIT_PHOTOS as PHOTOS
 
 import bench
 import compare_svd_nn
 import compress
-import feature_cache
-import metrics
 import tokens
-import train_real_data
 import visualize_svd_nn
 import vit_features
-from qwenvl_dataloader import FeatureDataset, cached_image
-
-PHOTOS = "astronaut,coffee,chelsea,camera,coins,grace_hopper"
-
-
-@pytest.fixture(scope="module")
-def vit_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vit") / "c"
-    vit_features.main(
-        ["--out", str(out), "--layers", "block_3,block_11,final_norm", "--crops", "4", "--photos", PHOTOS]
-    )
-    return out
+from lowrank import feature_cache, metrics, vit
+from lowrank.cli import UserError
+from lowrank.dataset import FeatureDataset, cached_image
 
 
 def test_caches_images_and_manifest(vit_cache):
@@ -46,16 +35,16 @@ def test_caches_images_and_manifest(vit_cache):
     assert len(list((vit_cache / "images").glob("*.png"))) == 24
     # the image a sample was made from is found again (visualisation draws under it), as the ViT saw it
     assert cached_image(vit_cache / "block_3", 7).shape == (224, 224, 3)
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         vit_features.main(["--out", str(vit_cache), "--photos", "coffee"])
-    with pytest.raises(SystemExit, match="block_0 .. block_11 or final_norm"):
+    with pytest.raises(UserError, match="block_0 .. block_11 or final_norm"):
         vit_features.main(["--out", str(vit_cache.parent / "x"), "--layers", "block_12"])
 
 
 def test_taps_sit_where_their_names_say(vit_cache):
     """final_norm = LayerNorm(block_11's output) with the backbone's own layer-norm weights (ε 1e-6, DINOv2's):
     so block_11 is the residual stream after the last block, and the taps are in depth order."""
-    init = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(vit_features.model_path()).graph.initializer}
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(vit.model_path()).graph.initializer}
     w, b = (torch.from_numpy(init[f"backbone.layernorm.{k}"].copy()) for k in ("weight", "bias"))
     for i in (0, 11, 23):
         x = feature_cache.read_feature(feature_cache.feature_path(vit_cache / "block_11", i))
@@ -75,13 +64,8 @@ def test_an_early_block_is_as_hard_as_qwen_features(vit_cache):
     assert cos["block_11"][15] > cos["block_3"][15] + 0.03
 
 
-def test_every_script_runs_on_the_real_benchmark(vit_cache, tmp_path, capsys):
-    run = tmp_path / "r"
-    cache = str(vit_cache / "block_3")
-    train_real_data.main(
-        ["--cache_dir", cache, "--arch", "subspace", "--rank", "32", "--epochs", "1", "--results_dir", str(run)]
-        + ["--test_share", "0.3", "--device", "cpu"]
-    )
+def test_every_script_runs_on_the_real_benchmark(vit_run, capsys):
+    run = vit_run
     split = json.loads((run / "split.json").read_text())
     assert split["shared_image_ids"] == 0 and split["test_share"] == 0.3
     rows = bench.main(["--results_dir", str(run), "--ranks", "16,32", "--repeats", "1", "--ablation"])

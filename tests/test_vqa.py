@@ -7,13 +7,9 @@ import json
 import pytest
 import torch
 
-import encoders
-import feature_cache
-import images
-import vlm
-import vqa
 import vqa_eval
-import vqa_score
+from lowrank import downstream, encoders, feature_cache, images, vlm, vqa_score
+from lowrank.cli import UserError
 
 
 def test_vqa_accuracy_partial_credit_by_hand():
@@ -69,7 +65,7 @@ def tiny_vlm():
 
 
 def prompt_inputs(proc, question="what is written on the sign?", seed=0):
-    import demo_set
+    from lowrank import demo_set
 
     row = demo_set.make_rows(1, seed=seed)[0]
     image = images.load_image(row["image"]["bytes"], (448, 448))
@@ -81,7 +77,7 @@ def prompt_inputs(proc, question="what is written on the sign?", seed=0):
 def test_tiny_model_tower_is_the_tiny_encoder(tiny_vlm):
     """The tiny full model's vision tower gives exactly the tiny-random encoder's features (what a cache holds)."""
     model, proc = tiny_vlm
-    import demo_set
+    from lowrank import demo_set
 
     enc = encoders.Encoder(encoders.TINY, "cpu")
     image = images.load_image(demo_set.make_rows(1, seed=0)[0]["image"]["bytes"], (448, 448))
@@ -195,7 +191,7 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the user's Ctrl-C
         return real(model, prompts, *a, **k)
 
-    monkeypatch.setattr(vqa, "greedy", counting)
+    monkeypatch.setattr(downstream, "greedy", counting)
     args = ("--svd_ranks", "8", "--nn_ranks", "", "--zeros", "--batch_size", "1")
     with pytest.raises(KeyboardInterrupt):
         run(trained, tmp_path, *args)
@@ -206,7 +202,7 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
     calls[:] = []
     summary = run(trained, tmp_path, *args)
     assert calls == [] and [s["n"] for s in summary] == [2, 2, 2]
-    with pytest.raises(SystemExit, match="other settings"):  # another prompt: not mixed into the same file
+    with pytest.raises(UserError, match="other settings"):  # another prompt: not mixed into the same file
         run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--prompt", "{question}?")
 
 
@@ -221,13 +217,13 @@ def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, mo
             raise KeyboardInterrupt
         return real(model, prompts, *a, **k)
 
-    monkeypatch.setattr(vqa, "greedy", dying)
+    monkeypatch.setattr(downstream, "greedy", dying)
     args = ("--svd_ranks", "8", "--nn_ranks", "", "--batch_size", "3", "--limit", "3")
     with pytest.raises(KeyboardInterrupt):
         run(trained, tmp_path / "a", *args)
     log = [json.loads(l) for l in (tmp_path / "a" / "vqa_test.jsonl").read_text().splitlines()[1:]]
     assert calls[0] == 3 and [r["condition"] for r in log] == ["original"] * 3
-    monkeypatch.setattr(vqa, "greedy", real)
+    monkeypatch.setattr(downstream, "greedy", real)
     run(trained, tmp_path / "a", *args)
     run(trained, tmp_path / "b", *args)
     answers = lambda d: {(r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")}  # noqa: E731
@@ -236,7 +232,7 @@ def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, mo
 
 
 def test_wrong_model_for_the_cache_is_refused(trained, tmp_path):
-    with pytest.raises(SystemExit, match="holds features of tiny-random"):
+    with pytest.raises(UserError, match="holds features of tiny-random"):
         vqa_eval.main(["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)])
 
 
@@ -276,11 +272,11 @@ def test_random_3b_has_the_published_size():
 def test_another_data_set_is_refused(trained, tmp_path):
     """--dataset_dir pointing at other images (same schema, same count) is refused before anything is asked: the
     questions and features belong to the cache's images (per-sample fingerprints)."""
-    import demo_set
+    from lowrank import demo_set
 
     other = tmp_path / "other"
     demo_set.write_parquet(demo_set.make_rows(40, seed=11), other / "data", shards=2)
-    with pytest.raises(SystemExit, match="holds another image than the one the cache"):
+    with pytest.raises(UserError, match="holds another image than the one the cache"):
         run(trained, tmp_path, "--dataset_dir", str(other), "--svd_ranks", "8", "--nn_ranks", "")
     assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1  # the header only: nothing asked
 
@@ -301,8 +297,8 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
         toks = [[0], [1]] if next(calls) == 0 else [[1], [1]]
         return toks, {"prefill_s": 0.0, "decode_s": None, "total_s": 0.0}
 
-    monkeypatch.setattr(vqa, "greedy", by_condition)
-    monkeypatch.setattr(vqa, "decode_answer", lambda proc, toks: best.upper() + "." if toks == [0] else "wrong")
+    monkeypatch.setattr(downstream, "greedy", by_condition)
+    monkeypatch.setattr(downstream, "decode_answer", lambda proc, toks: best.upper() + "." if toks == [0] else "wrong")
     summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
     acc0 = vqa_score.vqa_accuracy(best, refs[0])
     assert acc0 > 0 and vqa_score.vqa_accuracy("wrong", refs[1]) == 0
@@ -331,7 +327,7 @@ def test_transform_specs_on_the_command_line(trained, tmp_path):
     per = json.loads((tmp_path / "vqa_test.json").read_text())["samples"]
     for r in per:  # full rank and fp16 storage keep the answer of the original tokens
         assert r["svd:256"]["answer"] == r["original"]["answer"] == r["codec:fp16"]["answer"]
-    with pytest.raises(SystemExit, match="transform 'svd:x'"):
+    with pytest.raises(UserError, match="transform 'svd:x'"):
         run(trained, tmp_path / "b", "--transforms", "svd:x")
 
 
@@ -353,16 +349,15 @@ KINDS = [
 def test_batched_answers_equal_batch_one(trained, tiny_vlm):
     """Every condition kind, 4 questions of different lengths: the answers of one batch of 4 (and of 3 + 1) equal
     the answers asked one sample at a time, token for token, and the batches had mixed prompt lengths."""
-    import runs
-    import transforms
+    from lowrank import runs, transforms
 
     model, proc = tiny_vlm
     cfg, split = runs.read_run(trained)
-    nn_model = runs.load_run(trained)[0]
+    nn_model = runs.load_run(trained).model
     conds = [transforms.parse_spec(t) for t in KINDS]
-    bases = vqa.fit_bases(conds, 8, trained, cfg["cache_dir"], split["train"], cfg["normalization"])
-    asker = vqa.Asker(model, proc, torch.float32, "layernorm", (16, 16), nn_model, bases, 8, 0, str, 6)
-    import demo_set
+    bases = downstream.fit_bases(conds, 8, trained, cfg.cache_dir, split["train"], cfg.normalization)
+    asker = downstream.Asker(model, proc, torch.float32, "layernorm", (16, 16), nn_model, bases, 8, 0, str, 6)
+    from lowrank import demo_set
 
     rows = demo_set.make_rows(4, seed=5)
     items = [
@@ -418,7 +413,7 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import DynamicCache
 
-    import lm_cost
+    from lowrank import lm_cost
 
     model, _ = tiny_vlm
     cfg = model.config.text_config
@@ -447,8 +442,7 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
 def test_stored_bytes_per_image():
     """Bytes that reproduce each condition's tokens, by hand for [256, 2048] features in bf16 (2 bytes), and the
     codecs' from their real payloads."""
-    import feature_codecs
-    import transforms
+    from lowrank import feature_codecs, transforms
 
     T, D, b = 256, 2048, 2
     size = lambda t: transforms.stored_bytes(transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)})  # noqa: E731

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import vqa_score
+from lowrank import vqa_score
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = json.loads((DATA / "textvqa_corpus.json").read_text())["cases"]

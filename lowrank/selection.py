@@ -16,7 +16,7 @@ kept tokens.
     grid        a uniform spatial grid of k cells over the H×W token grid
     random      k tokens drawn uniformly (seeded)
 
-Merging rules (pooling, ToMe, VisionZip) are in token_merging.py.
+Merging rules (pooling, ToMe, VisionZip) are in merging.py.
 """
 
 import math
@@ -81,7 +81,8 @@ def dart(X, k, pivots=DART_PIVOTS):
             while int(order[j, cursor[j]]) in taken:
                 cursor[j] += 1
             t = int(order[j, cursor[j]])
-            kept.append(t), taken.add(t)
+            kept.append(t)
+            taken.add(t)
             if len(kept) == k:
                 break
     return torch.tensor(kept)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cli import UserError
+from lowrank.cli import UserError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

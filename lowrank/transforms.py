@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError, check_rank
-from feature_cache import denormalize, normalize
-from feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
-from metrics import truncated_svd
-from token_merging import MERGES, merge, pool_shape
-from token_selection import RULES, select
+from lowrank.cli import UserError, check_rank
+from lowrank.feature_cache import denormalize, normalize
+from lowrank.feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
+from lowrank.merging import MERGES, merge, pool_shape
+from lowrank.metrics import truncated_svd
+from lowrank.selection import RULES, select
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,20 @@ class Spec:
         return self.kind if self.rank is None else f"{self.kind}:{self.rank}"
 
 
-def parse_spec(text):
-    """'svd:64' -> Spec('svd', 64); one UserError naming the spec for anything else than the forms above."""
+def token_count(text, tokens=None):
+    """A k: a count ('64'), or, given the image's token count, a share of it ('0.25', '1.0': a number with a
+    point, above 0 and at most 1), rounded to the nearest count."""
+    if tokens is not None and "." in text:
+        share = float(text)
+        if not 0 < share <= 1:
+            raise ValueError(text)
+        return max(1, round(share * tokens))
+    return int(text)
+
+
+def parse_spec(text, tokens=None):
+    """'svd:64' -> Spec('svd', 64); one UserError naming the spec for anything else than the forms above. Given
+    the image's token count, a k may be a share of it: 'keep:norm:0.25' keeps a quarter of the tokens."""
     parts = str(text).strip().split(":")
     kind, args = parts[0], parts[1:]
     try:
@@ -60,9 +72,9 @@ def parse_spec(text):
         if kind in ("svd", "nn") and len(args) == 1:
             return Spec(kind, int(args[0]))
         if kind in ("keep", "merge") and len(args) == 2 and args[0] in (RULES if kind == "keep" else MERGES):
-            return Spec(kind, int(args[1]), rule=args[0])
+            return Spec(kind, token_count(args[1], tokens), rule=args[0])
         if kind == "fastv" and len(args) == 2:
-            return Spec(kind, int(args[1]), layer=int(args[0]))
+            return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
             return Spec(kind, int(args[1]) if len(args) == 2 else None, codec=args[0])
     except ValueError:
@@ -139,12 +151,9 @@ class Tower:
             return self.X, None
         if spec.kind == "zeros":
             return torch.zeros_like(self.X), None
-        if spec.kind == "keep":
-            kept = select(spec.rule, self.Xn, spec.rank, self.hw, self.bases.get("lrcp"), generator).sort().values
-            return self.X[kept.to(self.X.device)], kept
-        if spec.kind == "merge":
-            W, reps = merge(spec.rule, self.Xn, spec.rank, self.hw, self.attention)
-            return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps
+        if spec.kind in ("keep", "merge"):
+            tokens, kept, _ = self.reduce(spec, generator)
+            return tokens, kept
         if spec.kind == "svd":
             if self.svd is None or self.svd[0].shape[1] < spec.rank:
                 self.svd = [f[0] for f in truncated_svd(self.Xn[None], spec.rank)[:2]]
@@ -157,3 +166,28 @@ class Tower:
             payload = encode(spec.codec, self.Xn.float().cpu(), spec.rank, basis)
             Xh = decode(spec.codec, payload, basis).to(self.Xn.device)
         return denormalize(Xh.to(self.X.dtype), self.X, self.norm), None
+
+    def reduce(self, spec, generator=None):
+        """keep and merge -> (k tokens in the model's scale, kept or representative indices, merge weights W [k, T]
+        or None)."""
+        if spec.kind == "keep":
+            kept = select(spec.rule, self.Xn, spec.rank, self.hw, self.bases.get("lrcp"), generator).sort().values
+            return self.X[kept.to(self.X.device)], kept, None
+        W, reps = merge(spec.rule, self.Xn, spec.rank, self.hw, self.attention)
+        return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps, W
+
+    def dense(self, spec, generator=None):
+        """For a read-out that needs every token's place (a dense head) -> (tokens [T', D], owner [T]): token t takes
+        the output of tokens[owner[t]]. Its own for the conditions that replace every token; its group's for a merge
+        (the merge's own assignment); for a selection, the kept token nearest on the grid, by position alone: what
+        the kept set knows without the dropped tokens' features (ties: the lower index)."""
+        T = self.X.shape[0]
+        if spec.kind not in ("keep", "merge"):
+            return self.apply(spec, generator)[0], torch.arange(T)
+        tokens, kept, W = self.reduce(spec, generator)
+        if W is not None:
+            return tokens, W.argmax(0).cpu()
+        rows, cols = torch.arange(T) // self.hw[1], torch.arange(T) % self.hw[1]
+        kept = kept.cpu()
+        dist = (rows[:, None] - rows[kept][None]) ** 2 + (cols[:, None] - cols[kept][None]) ** 2
+        return tokens, dist.argmin(1)

@@ -10,17 +10,17 @@ import json
 import numpy as np
 import torch
 
-from cli import UserError, parse_ints
-from encoders import attention_received
-from feature_codecs import family
-from lm_cost import kv_bytes, prefill_flops
-from metrics import timed
-from qwenvl_dataloader import principal_basis
-from runs import omega_basis
-from token_selection import RULES
-from transforms import Spec, Tower, check_spec, parse_spec
-from vlm import decode_answer, greedy, mrope_positions, prompt_embeds
-from vqa_score import normalize_answer, top_answer_match, vqa_accuracy
+from lowrank.cli import UserError, parse_ints
+from lowrank.dataset import principal_basis
+from lowrank.encoders import attention_received
+from lowrank.feature_codecs import family
+from lowrank.lm_cost import kv_bytes, prefill_flops
+from lowrank.metrics import timed
+from lowrank.runs import omega_basis
+from lowrank.selection import RULES
+from lowrank.transforms import Spec, Tower, check_spec, parse_spec
+from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
+from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
 # lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the question with
 # str.capitalize() applied (first letter upper, the rest lower) and this line after it
@@ -200,7 +200,10 @@ def bootstrap(acc, base, draws=1000, seed=0):
     resamples of the samples (a fixed seed: the same answers give the same interval)."""
     acc, diff = np.asarray(acc, dtype=float), np.asarray(acc, dtype=float) - np.asarray(base, dtype=float)
     pick = np.random.default_rng(seed).integers(0, len(acc), (draws, len(acc)))
-    ci = lambda v: [float(q) for q in np.percentile(v[pick].mean(1), [2.5, 97.5])]  # noqa: E731
+
+    def ci(v):
+        return [float(q) for q in np.percentile(v[pick].mean(1), [2.5, 97.5])]
+
     return {"vqa_acc_ci95": ci(acc), "delta_ci95": ci(diff)}
 
 
@@ -262,7 +265,10 @@ def cost(recs):
     """A condition's cost over its answers' records: medians of the token counts and times, means of the FLOPs
     and bytes; ms_per_sample is the condition's own time per answer (its transform, plus its batch's decoding
     shared by the batch)."""
-    med = lambda v: float(np.median(v)) if v else None  # noqa: E731
+
+    def med(v):
+        return float(np.median(v)) if v else None
+
     peaks = [r["peak_mib"] for r in recs if r["peak_mib"] is not None]
     return {
         "vision_tokens": med([r["vision_tokens"] for r in recs]),

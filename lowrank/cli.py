@@ -8,18 +8,17 @@ import argparse
 import errno
 import math
 import os
+import re
 import sys
 import traceback
 
 import torch
 
 
-class UserError(SystemExit):
-    """A mistake the user can fix (bad input, a missing file): printed as one line 'error: ...', exit status 1,
-    no traceback. LOWRANK_DEBUG=1 prints the traceback too."""
-
-    def __init__(self, msg):
-        super().__init__(f"error: {msg}")
+class UserError(Exception):
+    """A mistake the user can fix (bad input, a missing file). An ordinary exception, so a notebook, a sweep or
+    lmms-eval can catch it; a script's run_cli prints it as one line 'error: ...', exit status 1, no traceback
+    (LOWRANK_DEBUG=1 prints the traceback too)."""
 
 
 class BadFeature(ValueError):
@@ -27,7 +26,11 @@ class BadFeature(ValueError):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every script: the description as written, and each flag's default."""
+    """--help of every script: the description as written, and each flag's default (as its help states it, where
+    the parser's default is a 'not given' marker)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
 DISK_ERRORS = {
@@ -57,14 +60,15 @@ def run_cli(main, argv=None):
             )
             # every finally block has run by now; leave without interpreter shutdown, where a daemon thread still
             # writing (tqdm's monitor) can abort the process with SIGABRT instead of exit status 130
-            sys.stdout.flush(), sys.stderr.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(130)
         if isinstance(e, OSError):
             raise SystemExit(
                 f"error: {DISK_ERRORS[e.errno]}: cannot write {e.filename or 'a file'}; the files "
                 f"written before are intact"
             ) from None
-        raise SystemExit(str(e) if isinstance(e, UserError) else f"error: {e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 def parse_ints(spec, flag="a list"):
@@ -105,6 +109,31 @@ def check_rank(rank, limit, flag="--rank"):
         raise UserError(
             f"{flag} {rank}: a rank must be between 1 and min(tokens, dim) of the cache's features ({limit})"
         )
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def run_name(name, flag="--name"):
+    """A run's name is a name: letters, digits and _ . + - (at most 100), starting with a letter or digit, no path
+    separator, no '..', no pattern characters, and not ending in .rank<N> (a torchrun process's log). Output files
+    are built by appending to it, never by replacing a suffix."""
+    if name is None:
+        return None
+    if not NAME.fullmatch(name) or ".." in name or re.search(r"\.rank\d+$", name):
+        raise UserError(
+            f"{f'{flag} ' if flag else ''}{name!r}: a run's name is a plain name of letters, digits and _ . + - "
+            f"(starting with a letter or digit; no '/', '..', wildcards, or a .rank<N> ending)"
+        )
+    return name
+
+
+def name_arg(text):
+    """An argparse type for a run's name (--name, --study_name): refused at parse time, before any work."""
+    try:
+        return run_name(text, "")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
 
 
 def dist_env():

@@ -11,11 +11,11 @@ processor and greedy decoding as vqa_eval.py.
 
 import torch
 
-from cli import UserError
-from images import load_image
-from transforms import parse_spec
-from vlm import decode_answer, load_vlm
-from vqa import Asker
+from lowrank.cli import UserError
+from lowrank.downstream import Asker
+from lowrank.images import load_image
+from lowrank.transforms import parse_spec
+from lowrank.vlm import decode_answer, load_vlm
 
 try:
     from lmms_eval.api.model import lmms as LmmsModel

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from cli import UserError
-from encoders import RANDOM_3B, RANDOM_TOWERS, TINY, TINY_SEED, checkpoint_family, image_processor, random_tower
-from metrics import timed
+from lowrank.cli import UserError
+from lowrank.encoders import RANDOM_3B, RANDOM_TOWERS, TINY, TINY_SEED, checkpoint_family, image_processor, random_tower
+from lowrank.metrics import timed
 
 SPECIAL = [
     "<|endoftext|>",
@@ -268,9 +268,17 @@ def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
     nxt = pos.amax(dim=(0, 2)) + 1
     cache = DynamicCache() if cache is None else cache
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
-    step = lambda x, pos, mask: model(  # noqa: E731
-        inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
-    ).logits[:, -1]
+
+    def step(x, pos, mask):
+        return model(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        ).logits[:, -1]
+
     out, alive, times = [[] for _ in prompts], [True] * B, []
     hooks = fastv_hooks(model, *fastv, L)[0] if fastv else []
     try:

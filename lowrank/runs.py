@@ -6,13 +6,15 @@ are the one way to read them back.
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cli import UserError, check_rank
-from feature_cache import atomic_save, cached_indices, cached_shape, feature_path, load_manifest
-from model import load_checkpoint, read_checkpoint
+from lowrank.cli import UserError, check_rank
+from lowrank.config import RunConfig
+from lowrank.feature_cache import atomic_save, cached_indices, cached_shape, check_not_held, feature_path, load_manifest
+from lowrank.model import SHA_KEY, load_checkpoint, read_checkpoint
 
 SPLIT, CONFIG, BEST, LAST, HISTORY = "split.json", "config.json", "best_model.pt", "last.pt", "history.json"
 PARTS = ("train", "val", "test")
@@ -49,40 +51,68 @@ def first(indices, num=None):
 
 
 def read_run(results_dir):
-    """(config, split) of a training run's folder: the cache, normalisation and test set every later script uses."""
+    """(RunConfig, split) of a training run's folder: the cache, normalisation and test set every later script
+    uses."""
     p = Path(results_dir) / CONFIG
     if not p.exists():
         raise UserError(f"{p} not found: train first ({train_command(results_dir)})")
-    return json.loads(p.read_text()), read_split(results_dir)
+    check_not_held(results_dir)
+    try:
+        config = json.loads(p.read_text())
+    except ValueError:
+        raise UserError(
+            f"{p} is not readable JSON (damaged or cut short?); it is rewritten by training: "
+            f"{train_command(results_dir)} --resume"
+        ) from None
+    return RunConfig.from_dict(config, str(p)), read_split(results_dir)
 
 
-def load_run(results_dir, checkpoint=None, split="test", rank=None, cache_dir=None, device="cpu"):
-    """(model, checkpoint, config, the split's sample indices, cache dir), all from the results directory; the
-    checkpoint must match the cache's feature shape and, when given, the rank."""
+@dataclass(frozen=True)
+class Run:
+    """A trained run as the reports read it: its factoriser (eval mode), checkpoint dict and typed config, the
+    chosen split's sample indices and the cache they are read from."""
+
+    model: torch.nn.Module
+    checkpoint: dict
+    config: RunConfig
+    indices: list
+    cache_dir: str
+
+    @property
+    def checkpoint_sha(self):
+        """The content hash of the bytes the model was loaded from (read once: a file replaced meanwhile cannot
+        give another hash than the weights that answer)."""
+        return self.checkpoint[SHA_KEY]
+
+
+def load_run(results_dir, checkpoint=None, split="test", *, rank=None, cache_dir=None, device="cpu"):
+    """-> Run, all from the results directory; the checkpoint must match the cache's feature shape and, when
+    given, the rank."""
     results_dir = Path(results_dir)
+    check_not_held(results_dir)
     ckpt = Path(checkpoint) if checkpoint else results_dir / BEST
     model, ck = load_checkpoint(ckpt, device)
-    cfg = ck["config"]
-    cache_dir = cache_dir or cfg["cache_dir"]
+    cfg = RunConfig.from_dict(ck["config"], f"{ckpt}'s config")
+    cache_dir = cache_dir or cfg.cache_dir
     shape = cached_shape(cache_dir)
     if rank is not None:
         check_rank(rank, min(shape))
-    trained = (cfg.get("tokens", 256), cfg.get("dim", 2048))  # checkpoints before shapes were stored: Qwen2.5-VL-3B
+    trained = cfg.shape
     if trained != shape:
         raise UserError(
             f"{ckpt} was trained on [{trained[0]}, {trained[1]}] features; the cache {cache_dir} holds "
             f"[{shape[0]}, {shape[1]}]: use a cache of the same encoder and image size, or train on this "
             f"one"
         )
-    if rank is not None and rank != cfg["rank"]:
-        raise UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg['rank']}")
+    if rank is not None and rank != cfg.rank:
+        raise UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg.rank}")
     parts = read_split(results_dir)
-    if cfg.get("split_sha") and cfg["split_sha"] != split_fingerprint(parts):
+    if cfg.split_sha and cfg.split_sha != split_fingerprint(parts):
         raise UserError(
             f"{ckpt} was trained on another split than {Path(results_dir) / SPLIT} (its samples there may be ones it "
             f"trained on): score it with the run folder it was trained in"
         )
-    return model, ck, cfg, parts[split], cache_dir
+    return Run(model, ck, cfg, parts[split], cache_dir)
 
 
 def output_stem(stem, split="test", checkpoint=None):
@@ -101,7 +131,7 @@ def omega_basis(results_dir):
     if not p.exists():
         return None
     ck = read_checkpoint(p)
-    if ck["config"]["arch"] != "subspace":
+    if RunConfig.from_dict(ck["config"]).arch != "subspace":
         return None
     return torch.linalg.qr(ck["model"]["omega"].double())[0].float()
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cli import BadFeature, UserError
-from metrics import box_mask
+from lowrank.cli import BadFeature, UserError
+from lowrank.metrics import box_mask
 
 MANIFEST = "manifest.json"
 SAMPLE_LOG = "samples.jsonl"  # append-only, one line per extracted sample: survives kill -9 and manifest rebuilds
@@ -119,6 +119,25 @@ def folder_lock(folder, wait=None, what=""):
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def check_not_held(folder):
+    """A reader of a run folder: refused in one line while a training holds the folder's lock (its checkpoints may
+    be replaced while they are read). Only looks; never holds the lock."""
+    path = Path(folder) / LOCK
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise UserError(
+            f"{folder} is in use by {lock_holder(folder)}: its checkpoints change while it trains; wait for it to "
+            f"finish, or read a copy of the folder"
+        ) from None
+    finally:
         os.close(fd)
 
 

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import metrics
-from cli import HelpFormatter, UserError, check_rank, dist_env, nonneg_float, nonneg_int, positive_float, positive_int
-from feature_cache import (
+from lowrank import metrics
+from lowrank.cli import HelpFormatter, UserError, check_rank, dist_env, nonneg_int
+from lowrank.config import ARCH_FLAGS, RunConfig, flag_fields
+from lowrank.dataset import FeatureDataset, make_loader
+from lowrank.feature_cache import (
     NORMALIZATIONS,
     atomic_save,
     cache_grid,
@@ -28,12 +31,19 @@ from feature_cache import (
     lossy_note,
     remove_stale_tmp,
 )
-from model import ARCH_DEFAULTS, ARCHS, build_model, load_checkpoint, loss_terms, make_checkpoint, read_checkpoint
-from qwenvl_dataloader import FeatureDataset, make_loader
-from runs import (
+from lowrank.model import (
+    ARCH_DEFAULTS,
+    ARCHS,
+    build_model,
+    load_checkpoint,
+    loss_terms,
+    make_checkpoint,
+    read_checkpoint,
+)
+from lowrank.plots import pyplot
+from lowrank.runs import (
     BEST,
     CONFIG,
-    GROUP_AUTO,
     HISTORY,
     LAST,
     SPLIT,
@@ -43,45 +53,27 @@ from runs import (
     split_fingerprint,
 )
 
-ARCH_FLAGS = {"symmetric": ("hidden",), "subspace": ("power_iters", "oversample")}  # per-arch options (flags)
-
 
 def get_args_parser():
     ap = argparse.ArgumentParser(
         description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.", formatter_class=HelpFormatter
     )
-    ap.add_argument(
-        "--batch_size", type=positive_int, default=8, help="training batch size (per process under torchrun)"
-    )
-    ap.add_argument("--epochs", type=nonneg_int, default=20, help="training epochs (epoch 0 = the starting point)")
-    ap.add_argument("--lr", type=nonneg_float, default=0.001, help="AdamW learning rate")
-    ap.add_argument("--rank", type=int, default=128, help="rank r of the factorisation, 1..min(tokens, dim)")
-    ap.add_argument("--lambda_B", type=nonneg_float, default=0.0001, help="weight of mean(B²)")
-    ap.add_argument("--lambda_ortho", type=nonneg_float, default=0.001, help="weight of ‖BBᵀ - I‖²_F / r²")
-    ap.add_argument("--weight_decay", type=nonneg_float, default=0.00001, help="AdamW weight decay")
-    ap.add_argument(
-        "--patience",
-        type=positive_int,
-        default=10,
-        help="early stop after this many epochs without a better validation MSE",
-    )
+    choices = {"arch": list(ARCHS), "normalize": list(NORMALIZATIONS)}
+    for name, f in flag_fields():  # what the run is: RunConfig holds the defaults and help
+        ap.add_argument(
+            f"--{name}",
+            type=f.metadata["type"],
+            default=None,
+            choices=choices.get(name),
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+    for name, (arch, help, type_) in ARCH_FLAGS.items():
+        default = ARCH_DEFAULTS[arch].get(name, "per rank, from the schedule")
+        ap.add_argument(f"--{name}", type=type_, default=None, help=f"{arch} only: {help} (default: {default})")
+    # how to run, not what the run is: free to differ on --resume
     ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
-    ap.add_argument("--seed", type=int, default=42, help="split, initialisation and shuffling")
-    ap.add_argument(
-        "--arch",
-        default="symmetric",
-        choices=list(ARCHS),
-        help="symmetric: the original's MLP network; subspace: learned subspace iteration",
-    )
-    ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache (qwenvl_dataloader.py)")
     ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     ap.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
-    ap.add_argument(
-        "--normalize",
-        default="layernorm",
-        choices=NORMALIZATIONS,
-        help="layer norm over the feature dims (no affine), or none; stored in the checkpoint",
-    )
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
     ap.add_argument(
         "--overwrite",
@@ -89,7 +81,6 @@ def get_args_parser():
         help="train into a --results_dir that holds a trained run, replacing it (refused otherwise)",
     )
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32")
-    ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
     ap.add_argument(
         "--preload",
         default="auto",
@@ -98,138 +89,86 @@ def get_args_parser():
         "quarter of the machine's RAM), or read them from the cache every epoch",
     )
     ap.add_argument(
-        "--group_by",
-        default=GROUP_AUTO,
-        help="keep samples with the same value of this manifest field in one split: image_id (the "
-        "source photo/image), fingerprint (identical image bytes), none; auto = image_id where the "
-        "source has it, else fingerprint",
-    )
-    ap.add_argument(
         "--resplit",
         action="store_true",
         help="replace a split.json made with another seed, sample count, cache or grouping (its test set changes)",
     )
-    ap.add_argument(
-        "--test_share",
-        type=positive_float,
-        default=0.1,
-        help="share of the samples (whole --group_by groups) in the test split; validation 0.1, training the rest "
-        "(more test photos where there are few, e.g. 0.3 on vit_features.py's 19 photos)",
-    )
-    ap.add_argument("--grad_clip", type=positive_float, default=1.0, help="gradient-norm clipping")
-    add_arch_flags(ap)
     return ap
-
-
-def add_arch_flags(ap):
-    sym, sub = ARCH_DEFAULTS["symmetric"], ARCH_DEFAULTS["subspace"]
-    ap.add_argument("--hidden", type=int, default=None, help=f"symmetric: MLP hidden width (default {sym['hidden']})")
-    ap.add_argument(
-        "--power_iters",
-        type=int,
-        default=None,
-        help=f"subspace: power steps Q = orth(X Xᵀ Q) per sample at every rank (default: per rank, the schedule "
-        f"[max rank, oversample, power steps] {sub['schedule']})",
-    )
-    ap.add_argument(
-        "--oversample",
-        type=int,
-        default=None,
-        help="subspace: extra columns in Ω at every rank, the best rank k then taken by an m x m "
-        "eigendecomposition (default: per rank, the schedule; --power_iters alone: 0)",
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # set-up
 
 
-CONFIG_FLAGS = (
-    "batch_size",
-    "epochs",
-    "lr",
-    "lambda_B",
-    "lambda_ortho",
-    "weight_decay",
-    "patience",
-    "seed",
-    "grad_clip",
-    "max_samples",
-    "group_by",
-    "test_share",
-)  # stored in the config as given
-FIXED_ON_RESUME = {
-    "arch": "arch",
-    "rank": "rank",
-    "normalize": "normalization",
-    "cache_dir": "cache_dir",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "lambda_B": "lambda_B",
-    "lambda_ortho": "lambda_ortho",
-    "weight_decay": "weight_decay",
-    "seed": "seed",
-    "grad_clip": "grad_clip",
-    "max_samples": "max_samples",
-    "group_by": "group_by",
-    "test_share": "test_share",
-}  # flag -> config key
+def given_settings(args):
+    """({RunConfig field: value}, {arch option: value}) of the flags given on the command line. Every such flag's
+    parser default is None, so a flag counts as given whenever it is given, whatever its value."""
+    given = {f.name: getattr(args, name) for name, f in flag_fields() if getattr(args, name, None) is not None}
+    options = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
+    return given, options
 
 
-def resolve_config(args, world, log):
-    """-> (config, resume checkpoint or None). The config is stored resolved (arch defaults filled in): the run
-    folder says how it was made even if a default changes later. A resumed run takes the checkpoint's config; a
-    flag given with another value than the checkpoint's is refused (only --epochs and --patience may change)."""
-    out = Path(args.results_dir)
+def new_config(given, options, world):
+    """The config of a new run, stored resolved (arch defaults filled in): the run folder says how it was made even
+    if a default changes later. An option of another arch is refused, not dropped."""
+    config = RunConfig(**given)
+    wrong = [k for k in options if ARCH_FLAGS[k][0] != config.arch]
+    if wrong:
+        arch = ARCH_FLAGS[wrong[0]][0]
+        raise UserError(
+            f"--{wrong[0]} is an option of --arch {arch}, and this run's arch is {config.arch}: drop it, or give "
+            f"--arch {arch}"
+        )
+    defaults = dict(ARCH_DEFAULTS[config.arch])
+    if options and config.arch == "subspace":  # one setting for every rank instead of the per-rank schedule
+        defaults.pop("schedule")
+    return replace(
+        config, cache_dir=str(Path(config.cache_dir).resolve()), world_size=world, arch_options={**defaults, **options}
+    )
+
+
+def resolve_config(args, world):
+    """-> (config, resume checkpoint or None). A resumed run takes the checkpoint's config; a setting given on the
+    command line (whatever its value) that differs from the run's is refused, except --epochs and --patience."""
+    given, options = given_settings(args)
     if not args.resume:
-        given = {k: getattr(args, k) for k in ARCH_FLAGS[args.arch] if getattr(args, k) is not None}
-        options = dict(ARCH_DEFAULTS[args.arch])
-        if given and args.arch == "subspace":  # one setting for every rank instead of the per-rank schedule
-            options.pop("schedule")
-        config = {
-            "arch": args.arch,
-            "rank": args.rank,
-            "arch_options": {**options, **given},
-            "normalization": args.normalize,
-            "cache_dir": str(Path(args.cache_dir).resolve()),
-            "world_size": world,
-            **{k: getattr(args, k) for k in CONFIG_FLAGS},
-        }
-        return config, None
+        return new_config(given, options, world), None
+    out = Path(args.results_dir)
     if not (out / LAST).exists():
         raise UserError(f"--resume: {out / LAST} not found")
     ck = read_checkpoint(out / LAST)
-    config = ck["config"]
-    if config.get("compressed") or "optimizer" not in ck:
+    config = RunConfig.from_dict(ck["config"], f"{out / LAST}'s config")
+    if config.compressed or "optimizer" not in ck:
         raise UserError(f"--resume: {out / LAST} is not a training state (a compressed or model-only checkpoint)")
-    defaults, changed = get_args_parser(), []
-    for flag, key in FIXED_ON_RESUME.items():
-        value = str(Path(args.cache_dir).resolve()) if flag == "cache_dir" else getattr(args, flag)
-        if getattr(args, flag) != defaults.get_default(flag) and value != config.get(key):
-            changed.append(f"--{flag} {getattr(args, flag)} (the run has {config.get(key)})")
+    changed = []
+    for name, f in flag_fields():
+        if f.name in given and not f.metadata["resumable"]:
+            value = str(Path(given[f.name]).resolve()) if f.name == "cache_dir" else given[f.name]
+            if value != getattr(config, f.name):
+                changed.append(f"--{name} {given[f.name]} (the run has {getattr(config, f.name)})")
+    for k, v in options.items():
+        if config.arch_options.get(k) != v:
+            changed.append(f"--{k} {v} (the run has {config.arch_options.get(k, 'the per-rank schedule')})")
     if changed:
         raise UserError(
             f"--resume continues the run in {out} as it was made; these flags differ: "
             + "; ".join(changed)
             + ". Drop them, or start a new run (another --results_dir)"
         )
-    if (config["rank"], config["arch"]) != (args.rank, args.arch):
-        log(f"--resume: using the checkpoint's arch {config['arch']} and rank {config['rank']}")
-    config["epochs"], config["patience"] = args.epochs, args.patience  # a resumed run may be extended
-    return config, ck
+    return replace(config, **{k: given[k] for k in ("epochs", "patience") if k in given}), ck
 
 
-def add_shape(config, out):
-    """The cache's feature shape and grid into the config (the manifest is the one source of the shape), checked
-    against a resumed run's and against the rank."""
-    tokens, dim = cached_shape(config["cache_dir"])
-    if "tokens" in config and (config["tokens"], config["dim"]) != (tokens, dim):
+def add_shape(config, out, resumed):
+    """-> the config with the cache's feature shape and grid (the manifest is the one source of the shape),
+    checked against a resumed run's and against the rank."""
+    tokens, dim = cached_shape(config.cache_dir)
+    if resumed and config.shape != (tokens, dim):
         raise UserError(
-            f"--resume: {out / LAST} was trained on [{config['tokens']}, {config['dim']}] features; "
-            f"{config['cache_dir']} holds [{tokens}, {dim}]"
+            f"--resume: {out / LAST} was trained on [{config.tokens}, {config.dim}] features; "
+            f"{config.cache_dir} holds [{tokens}, {dim}]"
         )
-    config.update(tokens=tokens, dim=dim, grid=list(cache_grid(config["cache_dir"])))
-    check_rank(config["rank"], min(tokens, dim))
+    check_rank(config.rank, min(tokens, dim))
+    return replace(config, tokens=tokens, dim=dim, grid=tuple(cache_grid(config.cache_dir)))
 
 
 def load_data(config, split, args, rank_id, world):
@@ -237,27 +176,30 @@ def load_data(config, split, args, rank_id, world):
     preloaded data was read and checked in full, a lazily read train split gets header checks (its values are
     checked as each file is read), validation and test are read in full (they are small)."""
     preload = {"auto": "auto", "yes": True, "no": False}[args.preload]
-    cache, norm = config["cache_dir"], config["normalization"]
+    cache, norm = config.cache_dir, config.normalization
     train_ds = FeatureDataset(cache, split["train"], norm, preload)
     val_ds = FeatureDataset(cache, split["val"], norm, preload)
     train_ds.verify(full=False)
     val_ds.verify(full=True)
     FeatureDataset(cache, split["test"], norm, preload=False).verify(full=True)
     sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=world, rank=rank_id, shuffle=True, seed=config["seed"]
+        train_ds, num_replicas=world, rank=rank_id, shuffle=True, seed=config.seed
     )
-    train_loader = make_loader(train_ds, config["batch_size"], sampler=sampler, num_workers=args.num_workers)
+    train_loader = make_loader(train_ds, config.batch_size, sampler=sampler, num_workers=args.num_workers)
     val_loader = make_loader(val_ds, 64, num_workers=args.num_workers)
     return train_ds, val_ds, train_loader, val_loader, sampler
 
 
 def describe_data(log, config, split, train_ds, val_ds, device, world, preload):
     gib = len(train_ds) * train_ds.shape[0] * train_ds.shape[1] * 4 / 2**30
-    where = lambda ds: "in RAM" if ds.data is not None else "read lazily"  # noqa: E731
+
+    def where(ds):
+        return "in RAM" if ds.data is not None else "read lazily"
+
     log(
-        f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config['cache_dir']}"
-        f" ({config['normalization']}); arch {config['arch']} rank {config['rank']} on {device}"
-        f"{f' x {world} processes' if world > 1 else ''}{lossy_note(config['cache_dir'])}"
+        f"{len(train_ds)} train / {len(val_ds)} val / {len(split['test'])} test samples from {config.cache_dir}"
+        f" ({config.normalization}); arch {config.arch} rank {config.rank} on {device}"
+        f"{f' x {world} processes' if world > 1 else ''}{lossy_note(config.cache_dir)}"
     )
     log(f"features: train {gib:.2f} GiB as float32 {where(train_ds)}, validation {where(val_ds)} (--preload {preload})")
     log(
@@ -272,7 +214,7 @@ class State:
     """What an epoch changes and a checkpoint restores: optimiser, scheduler, history, best validation MSE."""
 
     def __init__(self, model, config):
-        self.opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=0.5, patience=3)
         self.history, self.start_epoch, self.best, self.bad_epochs = [], 1, math.inf, 0
 
@@ -295,13 +237,11 @@ class State:
         """best_model.pt (when improved), last.pt (with the optimiser), history.json and the loss curves."""
         extra = {"bad_epochs": self.bad_epochs, "rng_cpu": torch.get_rng_state()}
         if improved:
-            atomic_save(make_checkpoint(model, config, epoch, self.best, extra=extra), out / BEST)
-        atomic_save(make_checkpoint(model, config, epoch, self.best, self.opt, self.sched, extra), out / LAST)
+            atomic_save(make_checkpoint(model, config.to_dict(), epoch, self.best, extra=extra), out / BEST)
+        atomic_save(make_checkpoint(model, config.to_dict(), epoch, self.best, self.opt, self.sched, extra), out / LAST)
         atomic_save(self.history, out / HISTORY)
         plot_history(
-            self.history,
-            out / "loss_curves.png",
-            f"{config['arch']}, rank {config['rank']}, {config['normalization']} - {out}",
+            self.history, out / "loss_curves.png", f"{config.arch}, rank {config.rank}, {config.normalization} - {out}"
         )
 
 
@@ -328,7 +268,7 @@ def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, d
         with amp:
             Xhat, A, B = model(X)
             Xhat, A, B = Xhat.float(), A.float(), B.float()
-            terms = loss_terms(X, Xhat, A, B, config["lambda_B"], config["lambda_ortho"])
+            terms = loss_terms(X, Xhat, A, B, config.lambda_B, config.lambda_ortho)
             loss = raw_model.objective(X, A, B) if hasattr(raw_model, "objective") else terms["total"]
         terms["objective"] = loss.detach()  # what the optimiser minimises
         nonfinite = nonfinite or not torch.isfinite(loss)
@@ -336,7 +276,7 @@ def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, d
             return None
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
         opt.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(X)
@@ -375,7 +315,7 @@ def arch_terms(arch, rec):
 
 
 def epoch_line(epoch, config, rec, improved):
-    head = "start point" if epoch == 0 else arch_terms(config["arch"], rec)
+    head = "start point" if epoch == 0 else arch_terms(config.arch, rec)
     tail = "" if epoch == 0 else f" | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s{' *' if improved else ''}"
     return (
         f"epoch {epoch:3d} | {head} | val mse {rec['val_mse']:.5f} cos {rec['val_cosine']:.4f} energy "
@@ -395,14 +335,14 @@ def train(args, on_epoch=None, test_at_end=True):
     rank_id, world, local_rank = dist_env()
     log = print if rank_id == 0 else (lambda *a, **k: None)
     out = Path(args.results_dir)
-    config, ck = resolve_config(args, world, log)
-    add_shape(config, out)
+    config, ck = resolve_config(args, world)
+    config = add_shape(config, out, resumed=ck is not None)
     with ExitStack() as stack:
         if rank_id == 0:
             out.mkdir(parents=True, exist_ok=True)
             stack.enter_context(folder_lock(out, wait=0, what="training: " + " ".join(sys.argv)))
             check_fresh(out, args)
-            write_run_folder(out, config, resplit=args.resplit and not args.resume)
+            config = write_run_folder(out, config, resplit=args.resplit and not args.resume)
         if world > 1:
             dist.barrier()
         return fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end)
@@ -425,7 +365,9 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
     master = rank_id == 0
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     out = Path(args.results_dir)
-    torch.manual_seed(config["seed"]), random.seed(config["seed"]), np.random.seed(config["seed"])
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     split = read_split(out)
     train_ds, val_ds, train_loader, val_loader, sampler = load_data(config, split, args, rank_id, world)
     describe_data(log, config, split, train_ds, val_ds, device, world, args.preload)
@@ -436,7 +378,9 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         log(f"resumed from {out / LAST} at epoch {ck['epoch']} (best val MSE {state.best:.6g})")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     svd_val = svd_target(config, val_loader, device, log) if master else None
-    lr = lambda: state.opt.param_groups[0]["lr"]  # noqa: E731
+
+    def lr():
+        return state.opt.param_groups[0]["lr"]
 
     if ck is None:  # epoch 0: the starting point (for subspace, the principal directions) is a candidate
         rec = validate(raw_model, val_loader, device, 0, time.time(), lr(), {}, svd_val)
@@ -446,10 +390,10 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
             state.save(raw_model, config, 0, True, out)
         log(epoch_line(0, config, rec, True))
     stopped = "completed"
-    for epoch in range(state.start_epoch, config["epochs"] + 1):
+    for epoch in range(state.start_epoch, config.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        desc = f"epoch {epoch}/{config['epochs']}" if master else None
+        desc = f"epoch {epoch}/{config.epochs}" if master else None
         terms = train_one_epoch(model, raw_model, train_loader, state.opt, config, device, amp, world, desc)
         if terms is None:
             stopped = "non-finite loss"
@@ -462,8 +406,8 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         log(epoch_line(epoch, config, rec, improved))
         if on_epoch is not None:
             on_epoch(rec)
-        if state.bad_epochs >= config["patience"]:
-            stopped = f"early stop: no better validation MSE for {config['patience']} epochs"
+        if state.bad_epochs >= config.patience:
+            stopped = f"early stop: no better validation MSE for {config.patience} epochs"
             log(stopped)
             break
     if world > 1:
@@ -481,22 +425,17 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
 
 
 def write_run_folder(out, config, resplit):
-    """The run folder's split.json (made, or checked against this run's settings) and config.json. The config
-    records the split's fingerprint: a checkpoint is never scored on a split it was not trained with."""
+    """The run folder's split.json (made, or checked against this run's settings) and config.json -> the config
+    with the split's fingerprint: a checkpoint is never scored on a split it was not trained with."""
     remove_stale_tmp(out)
-    group_by = config.get("group_by", GROUP_AUTO)
     split = load_or_make_split(
-        out,
-        config["cache_dir"],
-        config["seed"],
-        config["max_samples"],
-        group_by,
-        resplit,
-        config.get("test_share", 0.1),
+        out, config.cache_dir, config.seed, config.max_samples, config.group_by, resplit, config.test_share
     )
-    if config.setdefault("split_sha", split_fingerprint(split)) != split_fingerprint(split):
+    if config.split_sha not in (None, split_fingerprint(split)):
         raise UserError(f"--resume: {out / SPLIT} is not the split this run was trained on")
-    atomic_save(config, out / CONFIG)
+    config = replace(config, split_sha=split_fingerprint(split))
+    atomic_save(config.to_dict(), out / CONFIG)
+    return config
 
 
 def make_model(config, ck, train_ds, device, world, local_rank):
@@ -515,7 +454,7 @@ def make_model(config, ck, train_ds, device, world, local_rank):
 
 def svd_target(config, val_loader, device, log):
     """The target: truncated SVD at the same rank on the validation samples."""
-    rank = config["rank"]
+    rank = config.rank
     per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, rank), val_loader, device, "svd val")
     svd_val = metrics.summarize(per)
     log(f"truncated SVD on validation: {metrics.format_summary(svd_val, ('mse', 'cosine', 'energy'))}")
@@ -543,24 +482,21 @@ def warn_if_no_progress(history, log):
 def test_report(ckpt_path, test_idx, device):
     """Best model vs truncated SVD at the same rank on the same test samples, same normalisation."""
     model, ck = load_checkpoint(ckpt_path, device)
-    cfg = ck["config"]
-    loader = make_loader(FeatureDataset(cfg["cache_dir"], test_idx, cfg["normalization"]), 64)
+    cfg = RunConfig.from_dict(ck["config"])
+    loader = make_loader(FeatureDataset(cfg.cache_dir, test_idx, cfg.normalization), 64)
     nn_per, _, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "test NN")
-    svd_per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, cfg["rank"]), loader, device, "test SVD")
+    svd_per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, cfg.rank), loader, device, "test SVD")
     nn_s, svd_s = metrics.summarize(nn_per), metrics.summarize(svd_per)
     keys = ("cosine", "energy", "mse", "rel_fro")
-    print(f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg['rank']}, {cfg['normalization']}):")
-    print(f"  {cfg['arch']:>10}: {metrics.format_summary(nn_s, keys)}")
+    print(f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg.rank}, {cfg.normalization}):")
+    print(f"  {cfg.arch:>10}: {metrics.format_summary(nn_s, keys)}")
     print(f"  {'SVD':>10}: {metrics.format_summary(svd_s, keys)}")
     return {"nn": nn_s, "svd": svd_s, "best_epoch": ck["epoch"]}
 
 
 def plot_history(history, path, title=""):
     """Loss, validation cosine and learning rate per epoch (epoch 0 = the starting point, validation only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     tr = [h for h in history if "train_recon" in h]
@@ -571,17 +507,21 @@ def plot_history(history, path, title=""):
         if any(h["train_objective"] != h["train_recon"] for h in tr):
             ax[0].plot([h["epoch"] for h in tr], [h["train_objective"] for h in tr], "--", label="train objective")
     ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
-    ax[0].set_yscale("log"), ax[0].set_title("loss"), ax[0].legend()
+    ax[0].set_yscale("log")
+    ax[0].set_title("loss")
+    ax[0].legend()
     ax[1].plot(ep, [h["val_cosine"] for h in history], "o-", color="C2", label="NN")
     if history and "svd_val_cosine" in history[0]:
         ax[1].axhline(history[0]["svd_val_cosine"], color="k", ls="--", label="truncated SVD")
-    ax[1].set_title("validation cosine"), ax[1].legend()
+    ax[1].set_title("validation cosine")
+    ax[1].legend()
     ax[2].plot(ep, [h["lr"] for h in history], "o-", color="C3")
     if all(h["lr"] > 0 for h in history):
         ax[2].set_yscale("log")
     ax[2].set_title("learning rate")
     for a in ax:
-        a.set_xlabel("epoch (0 = starting point)"), a.grid(alpha=0.3)
+        a.set_xlabel("epoch (0 = starting point)")
+        a.grid(alpha=0.3)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)

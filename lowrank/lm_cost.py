@@ -24,7 +24,10 @@ def prefill_flops(text_config, n, pruned=None):
     kernel does about half), a gated MLP of three matrices; then the logits of the last token only. pruned: (K, n')
     when only n' tokens remain after layer K (FastV; its ranking, one query row, is not counted)."""
     layers, d, dq, dkv, m, vocab = sizes(text_config)
-    per_layer = lambda n: 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d + 4 * n * n * dq + 6 * n * d * m  # noqa: E731
+
+    def per_layer(n):
+        return 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d + 4 * n * n * dq + 6 * n * d * m
+
     K, after = pruned or (layers, n)
     return K * per_layer(n) + (layers - K) * per_layer(after) + 2 * d * vocab
 

@@ -1,0 +1,1 @@
+"""The low-rank-image library: what the scripts at the repository root share (docs/architecture.md)."""
