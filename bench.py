@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, add_device, parse_ints, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, principal_basis
 from lowrank.feature_cache import cached_indices, lossy_note, read_manifest
 from lowrank.model import ARCH_DEFAULTS, Subspace, load_checkpoint
@@ -62,7 +62,7 @@ def get_args_parser():
     ap.add_argument(
         "--repeats", type=positive_int, default=3, help="timed calls per measurement (median, after a warm-up)"
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    add_device(ap)
     ap.add_argument(
         "--eval_cache",
         default=None,
@@ -86,7 +86,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     ranks = parse_ints(args.ranks, "--ranks")
-    dev = torch.device(args.device)
+    dev = pick_device(args.device)
     run = load_run(args.results_dir, device=dev)
     model, cfg, test_idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
     if args.ablation and cfg.arch != "subspace":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, positive_int, run_cli
+from lowrank.cli import HelpFormatter, add_device, add_dtype, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset
 from lowrank.demo_set import make_rows
 from lowrank.encoders import DEFAULT_IMAGE_SIZE, RANDOM_3B, RANDOM_TOWERS, Encoder, family_classes
@@ -89,8 +89,8 @@ def read_speed(cache_dir, n=200, repeats=3):
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    ap.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
+    add_device(ap)
+    add_dtype(ap)
     ap.add_argument("--image_size", default=DEFAULT_IMAGE_SIZE, help="448 or WxH")
     ap.add_argument("--batch_sizes", default="1,8", help="comma list")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed runs per batch size, best kept")
@@ -111,7 +111,7 @@ def main(argv=None):
         return tower_table(args.image_size)
     if args.read_cache:
         return [read_speed(c) for c in args.read_cache]
-    dev = torch.device(args.device)
+    dev = pick_device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     enc = Encoder(args.model, dev, args.dtype, image_size=args.image_size)

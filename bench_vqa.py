@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, UserError, parse_ints, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, add_device, add_dtype, parse_ints, pick_device, positive_int, run_cli
 from lowrank.demo_set import make_rows
 from lowrank.downstream import PROMPT, Asker
 from lowrank.encoders import TINY, default_dtype
@@ -34,8 +34,8 @@ def get_args_parser():
     ap.add_argument(
         "--model", default=TINY, help=f"a full model built in code ({', '.join(RANDOM_TEXT)}) or a checkpoint"
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
+    add_device(ap)
+    add_dtype(ap)
     ap.add_argument("--num", type=positive_int, default=32, help="samples answered at every batch size")
     ap.add_argument("--batch_sizes", default="1,8,32", help="comma list; the first is the reference")
     ap.add_argument("--transforms", default="original,svd:64,keep:norm:64", help="conditions (transform specs)")
@@ -46,7 +46,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    dev = torch.device(args.device)
+    dev = pick_device(args.device)
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     sizes = parse_ints(args.batch_sizes, "--batch_sizes")
     if not sizes or min(sizes) < 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics, reports
-from lowrank.cli import HelpFormatter, positive_int, run_cli
+from lowrank.cli import HelpFormatter, add_device, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import answer_box_masks, lossy_note
 from lowrank.plots import plot_energy_curve, pyplot
@@ -42,7 +42,7 @@ def get_args_parser():
         choices=metrics.METHODS,
         help="exact truncated SVD method (svd_baseline.py); all give the same numbers",
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    add_device(ap)
     return ap
 
 
@@ -53,6 +53,7 @@ def paired(nn, svd):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.device = str(pick_device(args.device))
     run = load_run(
         args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir, device=args.device
     )

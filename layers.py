@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowrank.cli import HelpFormatter, UserError, name_arg, parse_ints, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, add_device, name_arg, parse_ints, pick_device, positive_int, run_cli
 from lowrank.dataset import cache_encoder, rerun_tower
 from lowrank.encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
 from lowrank.feature_cache import cache_grid, load_manifest, normalize
@@ -43,7 +43,7 @@ def get_args_parser():
     ap.add_argument("--num_samples", type=positive_int, default=64, help="first N samples of the split")
     ap.add_argument("--ranks", default="16,64", help="ranks r of energy_r and cosine_r")
     ap.add_argument("--shared_rank", type=positive_int, default=64, help="r of the shared principal subspace")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the tower runs")
+    add_device(ap, "where the tower runs")
     ap.add_argument("--name", type=name_arg, default=None, help="output stem layers_<name> (default: the split)")
     return ap
 
@@ -59,7 +59,7 @@ def main(argv=None):
             f"{cache} holds the tower's {enc['layer']}: layers.py taps every layer of a merger-output cache"
         )
     ranks = parse_ints(args.ranks, "--ranks")
-    encoder = cache_encoder(cache, args.device)
+    encoder = cache_encoder(cache, pick_device(args.device))
     names = layer_names(encoder.tower)
     idx = first(split[args.split], args.num_samples)
     hw = cache_grid(cache)

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
-from lowrank.downstream import default_batch_size, fit_bases
+from lowrank.cli import HelpFormatter, UserError, add_device, add_dtype, pick_device, positive_int, run_cli
+from lowrank.downstream import check_conditions, default_batch_size, fit_bases
 from lowrank.encoders import DEFAULT_IMAGE_SIZE, default_dtype
-from lowrank.feature_cache import cache_grid, cache_image_size
-from lowrank.images import parse_image_size
+from lowrank.feature_cache import atomic_save, cache_grid, cache_image_size, load_manifest
+from lowrank.images import Source, parse_image_size
 from lowrank.lmms_model import INSTALL, LowRankQwen
 from lowrank.runs import load_run, read_run
 from lowrank.selection import LRCP_RANK
-from lowrank.transforms import parse_spec
+from lowrank.transforms import check_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TASK = "textvqa_local"
@@ -56,8 +56,8 @@ def get_args_parser():
         default=None,
         help="documents answered together (default 32 on CUDA, 8 on CPU; 1: one at a time)",
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
+    add_device(ap)
+    add_dtype(ap)
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
     ap.add_argument("--out_dir", default="lmms_results", help="where lmms_eval.json goes")
     return ap
@@ -71,18 +71,68 @@ def local_task(parquet_dir, folder):
 
 
 def run_setup(args):
-    """(size, token grid, normalisation, factoriser, bases) from --results_dir, or the defaults without one."""
+    """(specs, size, token grid, normalisation, factoriser, bases): every spec checked against the run's model and
+    the cache's features (or, without --results_dir, the image's token grid) before any model is loaded."""
     specs = [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
+    if not specs:
+        raise UserError("--transforms is empty: give at least one, e.g. original,svd:64")
     if not args.results_dir:
         w, h = parse_image_size(args.image_size)
         if any(s.kind == "nn" or s.rule == "lrcp" or (s.codec or "").startswith(("pca", "omega")) for s in specs):
             raise UserError("nn:r, keep:lrcp:k and pca/omega codecs need --results_dir (a training run)")
-        return specs, (w, h), (h // 28, w // 28), "layernorm", None, {}
+        hw = (h // 28, w // 28)
+        for s in specs:  # the feature dim is the model's; the token grid bounds every rank and k
+            check_spec(s, hw[0] * hw[1], hw[0] * hw[1], hw=hw)
+        return specs, (w, h), hw, "layernorm", None, {}
     cfg, split = read_run(args.results_dir)
-    model = load_run(args.results_dir).model if any(s.kind == "nn" for s in specs) else None
+    enc = load_manifest(cfg.cache_dir)["encoder"]
+    if enc.get("family") == "vit-onnx" or enc.get("layer", "merger") != "merger":
+        raise UserError(
+            f"{args.results_dir} was trained on {cfg.cache_dir} ({enc.get('model')}, {enc.get('layer', 'merger')}): "
+            f"the language model reads a Qwen vision tower's merger output"
+        )
+    has_nn = any(s.kind == "nn" for s in specs)
+    model = load_run(args.results_dir).model if has_nn else None
     bases = fit_bases(specs, LRCP_RANK, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization)
     size, hw = cache_image_size(cfg.cache_dir), cache_grid(cfg.cache_dir)
+    check_conditions(specs, cfg.arch, cfg.rank if has_nn else None, hw, enc["feature_dim"], bases)
     return specs, size, hw, cfg.normalization, model, bases
+
+
+def check_tasks(tasks, manager, parquet_dir):
+    """Every task known to lmms-eval, and a local parquet that holds rows, before the model is loaded."""
+    if not tasks:
+        raise UserError("give --tasks (lmms-eval task names) or --parquet_dir (a local TextVQA-schema parquet)")
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"--tasks {','.join(unknown)}: not an lmms-eval task here (see `lmms-eval --tasks list`)")
+    if parquet_dir:
+        try:
+            src = Source(parquet_dir)
+        except UserError as e:
+            raise UserError(f"--parquet_dir {parquet_dir}: no TextVQA-schema parquet rows there ({e})") from None
+        if src.kind != "textvqa" or not len(src):
+            raise UserError(f"--parquet_dir {parquet_dir}: no TextVQA-schema parquet rows there")
+
+
+def settings_of(args, tasks):
+    """What every transform's results depend on: a results file of other settings is never replaced."""
+    keys = ("model", "results_dir", "image_size", "limit", "max_new_tokens", "seed", "dtype", "parquet_dir")
+    return {"tasks": tasks, **{k: str(getattr(args, k)) for k in keys}}
+
+
+def open_results(path, settings):
+    """The transforms already finished by a run of these settings (resumed), or refused: another run's file."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not readable JSON; move it away or use another --out_dir") from None
+    theirs = old.get("settings") if isinstance(old, dict) else None
+    if theirs != settings:
+        raise UserError(f"{path} holds the results of a run with other settings ({theirs}); use another --out_dir")
+    return old.get("transforms", {})
 
 
 def main(argv=None):
@@ -95,14 +145,42 @@ def main(argv=None):
         raise UserError(f"lmms-eval's evaluator does not import ({e}): {INSTALL}") from None
     specs, size, hw, norm, nn_model, bases = run_setup(args)
     tasks = [t for t in (args.tasks or (LOCAL_TASK if args.parquet_dir else "")).split(",") if t]
-    if not tasks:
-        raise UserError("give --tasks (lmms-eval task names) or --parquet_dir (a local TextVQA-schema parquet)")
-    dev = torch.device(args.device)
-    lm = LowRankQwen(
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out_dir {out} is a file")
+    dev = pick_device(args.device)
+    dtype = getattr(torch, args.dtype or default_dtype(dev))
+    settings = settings_of(args, tasks)
+    report = open_results(out / "lmms_eval.json", settings)
+    with tempfile.TemporaryDirectory() as inc:
+        if args.parquet_dir:
+            local_task(args.parquet_dir, Path(inc))
+        manager = TaskManager(include_path=[inc] + ([args.include_path] if args.include_path else []))
+        check_tasks(tasks, manager, args.parquet_dir)
+        todo = [s for s in specs if str(s) not in report]
+        if report:
+            print(f"{len(report)} transforms already in {out / 'lmms_eval.json'}; {len(todo)} to run")
+        out.mkdir(parents=True, exist_ok=True)
+        lm = make_model(args, specs[0], dev, dtype, (size, hw, norm, nn_model, bases)) if todo else None
+        for spec in todo:
+            lm.spec = spec
+            res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit, log_samples=True)
+            print(f"== transform {spec}: lmms-eval's table ==\n{make_table(res)}")
+            answers = {t: [s["filtered_resps"][0] for s in res["samples"][t]] for t in res["samples"]}
+            report[str(spec)] = json.loads(json.dumps({"results": res["results"], "answers": answers}, default=str))
+            atomic_save({"settings": settings, "transforms": report}, out / "lmms_eval.json")  # each one kept
+    print_summary({str(s): report[str(s)] for s in specs}, tasks)
+    print(f"wrote {out / 'lmms_eval.json'}")
+    return {str(s): report[str(s)] for s in specs}
+
+
+def make_model(args, first_spec, dev, dtype, setup):
+    size, hw, norm, nn_model, bases = setup
+    return LowRankQwen(
         args.model,
-        str(specs[0]),
+        str(first_spec),
         dev,
-        getattr(torch, args.dtype or default_dtype(dev)),
+        dtype,
         size,
         hw,
         norm,
@@ -112,35 +190,16 @@ def main(argv=None):
         args.seed,
         args.batch_size or default_batch_size(dev),
     )
-    out, report = Path(args.out_dir), {}
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as inc:
-        if args.parquet_dir:
-            local_task(args.parquet_dir, Path(inc))
-        manager = TaskManager(include_path=[inc] + ([args.include_path] if args.include_path else []))
-        for spec in specs:
-            lm.spec = spec
-            res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit, log_samples=True)
-            print(f"== transform {spec}: lmms-eval's table ==\n{make_table(res)}")
-            answers = {t: [s["filtered_resps"][0] for s in res["samples"][t]] for t in res["samples"]}
-            report[str(spec)] = {"results": res["results"], "answers": answers}
+
+
+def print_summary(report, tasks):
     print(f"{'transform':<22}" + "".join(f"{t:>24}" for t in tasks))
     for name, r in report.items():
-        cells = [
-            next(
-                (
-                    f"{k.split(',')[0]} {v:.4f}"
-                    for k, v in r["results"][t].items()
-                    if isinstance(v, float) and "stderr" not in k
-                ),
-                "-",
-            )
-            for t in tasks
-        ]
+        cells = []
+        for t in tasks:
+            scores = [f"{k.split(',')[0]} {v:.4f}" for k, v in r["results"][t].items() if isinstance(v, float)]
+            cells.append(next((c for c in scores if "stderr" not in c), "-"))
         print(f"{name:<22}" + "".join(f"{c:>24}" for c in cells))
-    (out / "lmms_eval.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {out / 'lmms_eval.json'}")
-    return report
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, dist_env, nonneg_int, positive_int, run_cli
+from lowrank.cli import HelpFormatter, add_device, add_dtype, dist_env, nonneg_int, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, make_loader  # noqa: F401  (the seed's import path)
 from lowrank.encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY
 from lowrank.extraction import extract
@@ -53,13 +53,8 @@ def get_args_parser():
         "encoder's cell (28 px for Qwen2/2.5-VL, 32 px for Qwen3-VL); tokens = (H/cell) x (W/cell)",
     )
     ap.add_argument("--revision", default=None, help="hub revision of --model")
-    ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    ap.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default bfloat16 on CUDA, float32 on CPU",
-    )
+    add_device(ap)
+    add_dtype(ap, "the tower's dtype")
     ap.add_argument(
         "--layer",
         default="merger",

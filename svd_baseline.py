@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, check_rank, parse_ints, positive_int, run_cli
+from lowrank.cli import HelpFormatter, add_device, check_rank, parse_ints, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import NORMALIZATIONS, cached_indices, cached_shape, lossy_note
 from lowrank.plots import plot_energy_curve
@@ -40,12 +40,13 @@ def get_args_parser():
         "--method", default=metrics.DEFAULT_METHOD, choices=metrics.METHODS, help="exact truncated SVD method"
     )
     ap.add_argument("--batch_size", type=positive_int, default=32, help="samples per batch")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    add_device(ap)
     return ap
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.device = str(pick_device(args.device))
     idx = cached_indices(args.cache_dir) if args.split == "all" else read_split(args.results_dir)[args.split]
     idx = first(idx, args.num_samples)
     ranks = parse_ints(args.ranks, "--ranks") if args.ranks else [args.rank]

@@ -25,7 +25,18 @@ import torch
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, nonneg_int, parse_ints, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_device,
+    check_rank,
+    name_arg,
+    nonneg_int,
+    parse_ints,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, cached_image, principal_basis, tower_attention
 from lowrank.feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
 from lowrank.merging import MERGES, merge, pool_shape
@@ -59,7 +70,7 @@ def get_args_parser():
     ap.add_argument(
         "--random_draws", type=positive_int, default=5, help="random: draws with seeds --seed, --seed + 1, ..."
     )
-    ap.add_argument("--device", default="cpu", help="where the tower runs for visionzip's attention")
+    add_device(ap, "where the tower runs for visionzip's attention")
     ap.add_argument(
         "--lrcp_rank",
         type=positive_int,
@@ -111,7 +122,7 @@ def main(argv=None):
         f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
         f"principal directions of {len(split['train'])} training images"
     )
-    attention = tower_attention(cache, idx, args.device) if "visionzip" in rules else None
+    attention = tower_attention(cache, idx, pick_device(args.device)) if "visionzip" in rules else None
     seeds = [args.seed + d for d in range(args.random_draws)]
     rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention)
     print_rows(rows)

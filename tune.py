@@ -21,6 +21,7 @@ import optuna
 from lowrank.cli import (
     HelpFormatter,
     UserError,
+    add_device,
     check_rank,
     name_arg,
     nonneg_int,
@@ -113,7 +114,7 @@ def get_args_parser():
     ap.add_argument("--batch_sizes", default="4,8,16,32", help="batch sizes searched")
     ap.add_argument("--normalize", default=DEFAULTS.normalization, choices=NORMALIZATIONS, help="as in training")
     ap.add_argument("--seed", type=int, default=DEFAULTS.seed, help="split and sampler seed")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_device(ap)
     ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
     ap.add_argument("--group_by", default=DEFAULTS.group_by, help="split grouping, as train_real_data.py's")
     ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")

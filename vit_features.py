@@ -22,6 +22,7 @@ image_id is its photo, so training's split keeps every photo's crops in one of t
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
 from lowrank.demo_set import PHOTOS as DEMO_PHOTOS
 from lowrank.demo_set import photos as skimage_photos
 from lowrank.feature_cache import MANIFEST, atomic_save, feature_path
-from lowrank.vit import BLOCKS, MODEL_FILE, PACKAGE, PATCH, SIZE, ViT, layer_output
+from lowrank.vit import BLOCKS, MODEL_FILE, PACKAGE, PATCH, SIZE, WIDTH, ViT, layer_output
 
 SKIMAGE_PHOTOS = [p for p in DEMO_PHOTOS if p != "colorwheel"] + ["microaneurysms"]  # photographs only
 PHOTOS = SKIMAGE_PHOTOS + ["grace_hopper"]  # matplotlib's sample photo
@@ -71,6 +72,28 @@ def get_args_parser():
     return ap
 
 
+BUILD = "build.json"  # the build's settings, written first: an interrupted build resumes only with the same ones
+
+
+def open_build(out, build):
+    """A new folder, or an interrupted build of the same settings (resumed); anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file")
+    if out.exists() and any(out.iterdir()):
+        old = json.loads((out / BUILD).read_text()) if (out / BUILD).is_file() else None
+        if old != build:
+            raise UserError(
+                f"--out {out} exists and holds another build (or other files): choose a new folder; an interrupted "
+                f"build resumes with the same --layers, --photos, --crops and --seed"
+            )
+        if all((out / n / MANIFEST).exists() for n in build["layers"]):
+            raise UserError(f"--out {out} holds this build, finished: its caches are ready to use")
+        print(f"resuming the interrupted build in {out}")
+    for d in ["images"] + build["layers"]:
+        (out / d).mkdir(parents=True, exist_ok=True)
+    atomic_save(build, out / BUILD)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     layers = [n.strip() for n in args.layers.split(",") if n.strip()]
@@ -78,28 +101,35 @@ def main(argv=None):
     unknown = sorted(set(names) - set(PHOTOS))
     if unknown:
         raise UserError(f"--photos {','.join(unknown)}: not among the shipped photos ({', '.join(PHOTOS)})")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty: choose a new folder (a finished build is reused as is)")
     for n in layers:
         layer_output(n)  # a bad name is refused before anything is written
+    out = Path(args.out)
+    build = {"photos": names, "crops": args.crops, "seed": args.seed, "layers": layers}
+    open_build(out, build)
     vit = ViT(layers)
     rng = np.random.default_rng(args.seed)
     samples = [(name, im) for name, photo in photos(names) for im in crops(photo, args.crops, rng)]
-    (out / "images").mkdir(parents=True)
     caches = {n: out / n for n in layers}
-    for c in caches.values():
-        c.mkdir()
-    meta = {}
+    done = {i for i in range(len(samples)) if all(feature_path(c, i).exists() for c in caches.values())}
+    meta = {str(i): {"id": f"{i:05d}_{name}.png", "image_id": name} for i, (name, _) in enumerate(samples)}
     for start in tqdm(range(0, len(samples), args.batch_size), desc="vit", unit="batch"):
-        batch = samples[start : start + args.batch_size]
-        feats = {n: f[:, 1:].contiguous() for n, f in vit([im for _, im in batch]).items()}  # drop CLS
-        for j, (name, im) in enumerate(batch):
-            i = start + j
-            im.save(out / "images" / f"{i:05d}_{name}.png")  # sorted file names = sample indices
+        batch = [(i, name, im) for i, (name, im) in enumerate(samples) if start <= i < start + args.batch_size]
+        batch = [s for s in batch if s[0] not in done]
+        if not batch:
+            continue
+        feats = {n: f[:, 1:].contiguous() for n, f in vit([im for _, _, im in batch]).items()}  # drop CLS
+        for j, (i, name, im) in enumerate(batch):
+            im.save(out / "images" / meta[str(i)]["id"])  # sorted file names = sample indices
             for n in layers:
                 atomic_save(feats[n][j].clone(), feature_path(caches[n], i))
-            meta[str(i)] = {"id": f"{i:05d}_{name}.png", "image_id": name}
+    write_manifests(out, caches, meta, {k: build[k] for k in ("photos", "crops", "seed")})
+    print(
+        f"wrote {len(samples)} crops of {len(names)} photos, [{(SIZE // PATCH) ** 2}, {WIDTH}] tokens at "
+        f"{', '.join(layers)}, to {', '.join(map(str, caches.values()))}"
+    )
+
+
+def write_manifests(out, caches, meta, build):
     version = importlib.metadata.version(PACKAGE)
     for n, c in caches.items():
         encoder = {
@@ -110,16 +140,11 @@ def main(argv=None):
             "image_size": SIZE,
             "cell": PATCH,
             "grid": [SIZE // PATCH, SIZE // PATCH],
-            "feature_dim": int(feats[n].shape[-1]),
+            "feature_dim": WIDTH,
             "layer": n,
         }
-        source = {"kind": "folder", "path": str((out / "images").resolve()), "num_samples": len(samples)}
-        build = {"photos": names, "crops": args.crops, "seed": args.seed}
+        source = {"kind": "folder", "path": str((out / "images").resolve()), "num_samples": len(meta)}
         atomic_save({"encoder": encoder, "source": source, "build": build, "samples": meta, "failed": {}}, c / MANIFEST)
-    print(
-        f"wrote {len(samples)} crops of {len(names)} photos, [{(SIZE // PATCH) ** 2}, "
-        f"{feats[layers[0]].shape[-1]}] tokens at {', '.join(layers)}, to {', '.join(map(str, caches.values()))}"
-    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,17 @@ import torch
 from tqdm import tqdm
 
 from lowrank.answer_log import AnswerLog
-from lowrank.cli import HelpFormatter, UserError, dist_env, name_arg, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_device,
+    add_dtype,
+    dist_env,
+    name_arg,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.downstream import (
     PROMPT,
     QUESTION_TRANSFORMS,
@@ -115,8 +125,8 @@ def get_args_parser():
         default=None,
         help="samples answered together, per condition (default 32 on CUDA, 8 on CPU; 1: one at a time)",
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    ap.add_argument("--dtype", default=None, help="model dtype (default bf16 on CUDA, fp32 on CPU)")
+    add_device(ap)
+    add_dtype(ap)
     ap.add_argument("--seed", type=int, default=0, help="the random token rule")
     ap.add_argument("--name", type=name_arg, default=None, help="output stem vqa_<name> (default: the split)")
     ap.add_argument("--out_dir", default=None, help="where the outputs go (default: --results_dir)")
@@ -141,7 +151,7 @@ def main(argv=None):
         raise UserError(
             f"{cache} holds the tower's {enc['layer']}, not its output: the language model takes the merger's tokens"
         )
-    hw, dev = cache_grid(cache), torch.device(args.device)
+    hw, dev = cache_grid(cache), pick_device(args.device)
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     ckpt = Path(args.results_dir) / BEST
     nn_model, nn_rank, ckpt_sha = None, None, None

@@ -27,6 +27,7 @@ SCRIPTS = [
     "demo_data",
     "synth_features",
     "vit_features",
+    "vit_downstream",
 ]
 
 
@@ -49,6 +50,8 @@ def section(name):
             default = "required"
         if a.dest == "device":  # resolved on the machine that runs it
             default = "cuda if available, else cpu"
+        elif a.default is None and "(default: " in (a.help or ""):  # a 'not given' marker: the help states it
+            default = f"`{cell(a.help.rsplit('(default: ', 1)[1].rstrip(')'))}`"
         lines.append(f"| {flag} | {default} | {cell(a.help)} |")
     return "\n".join(lines)
 

@@ -103,6 +103,44 @@ positive_float = _number(float, 0.0, strict=True)  # --lr, --grad_clip
 nonneg_float = _number(float, 0.0, strict=False)  # loss weights, weight decay
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_arg(text):
+    """argparse type of --device: a device this machine has (cpu, cuda, cuda:1), refused at parse time."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the toolkit runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (use cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def add_device(ap, what="where it runs"):
+    """--device, one definition for every script: default cuda if the machine has one, else cpu (under torchrun
+    each process takes cuda:<its local rank>)."""
+    ap.add_argument(
+        "--device",
+        type=device_arg,
+        default=None,
+        help=f"{what}: cpu, cuda, cuda:1 (default: cuda if available, else cpu)",
+    )
+
+
+def add_dtype(ap, what="model dtype"):
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help=f"{what} (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def pick_device(name, local_rank=0):
+    """--device as given, else cuda:<local rank> when the machine has CUDA, else cpu."""
+    return torch.device(name or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+
+
 def check_rank(rank, limit, flag="--rank"):
     """A rank must lie in 1..min(T, D), the largest rank a [T, D] feature matrix can have."""
     if not isinstance(rank, int) or not 1 <= rank <= limit:

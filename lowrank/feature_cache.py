@@ -176,11 +176,15 @@ def read_feature(path, shape=None):
 
 
 def check_values(x, path):
-    """x, when finite, finite once squared and not all zero (no image gives that: a zeroed file has no content to
-    factorise); else BadFeature naming the file it came from."""
+    """x, when finite, finite once squared and not constant (no image gives that: all zeros, or any one value,
+    has no content to factorise, and layer norm turns it into zeros, whose cosine is undefined); else BadFeature
+    naming the file it came from."""
     lo, hi = (float(v) for v in torch.aminmax(x))
-    if lo == hi == 0:
-        raise BadFeature(f"{path}: all values are 0; re-extract it (delete the file and rerun qwenvl_dataloader.py)")
+    if lo == hi:
+        raise BadFeature(
+            f"{path}: all values are {lo:g}: a constant has no content to factorise; re-extract it (delete the file "
+            f"and rerun qwenvl_dataloader.py)"
+        )
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise BadFeature(
             f"{path}: contains NaN or Inf values; re-extract it (delete the file and rerun qwenvl_dataloader.py)"

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, check_rank, dist_env, nonneg_int
+from lowrank.cli import HelpFormatter, UserError, add_device, check_rank, dist_env, nonneg_int, pick_device
 from lowrank.config import ARCH_FLAGS, RunConfig, flag_fields
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import (
@@ -72,7 +72,7 @@ def get_args_parser():
         ap.add_argument(f"--{name}", type=type_, default=None, help=f"{arch} only: {help} (default: {default})")
     # how to run, not what the run is: free to differ on --resume
     ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
-    ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    add_device(ap)
     ap.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
     ap.add_argument(
@@ -363,7 +363,7 @@ def check_fresh(out, args):
 def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end):
     """Data, model, epoch 0, the epochs, the test report."""
     master = rank_id == 0
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, local_rank)
     out = Path(args.results_dir)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

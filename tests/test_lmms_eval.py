@@ -36,7 +36,8 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
     )
     got = {name: r["answers"]["textvqa_local"] for name, r in report.items()}
     assert got["svd:256"] == got["original"] and got["zeros"] != got["original"]
-    assert json.loads((tmp_path / "lmms_eval.json").read_text())["zeros"]["answers"] == report["zeros"]["answers"]
+    saved = json.loads((tmp_path / "lmms_eval.json").read_text())
+    assert saved["transforms"]["zeros"]["answers"] == report["zeros"]["answers"]
     # the original transform answers as the unmodified model does: generate() on lmms-eval's prompt and image
     model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
     for row, answer in zip(rows(tiny_cache, 3), got["original"]):
@@ -75,3 +76,15 @@ def test_lmms_evals_score_equals_ours_on_the_same_answers(tiny_cache, tmp_path, 
     theirs = report["original"]["results"]["textvqa_local"]["exact_match,none"]
     ours = sum(vqa_score.vqa_accuracy(a, d["answer"]) for a, d in zip(answers, docs)) / len(docs)
     assert theirs == pytest.approx(ours) and 0 < ours < 1
+
+
+def test_finished_transforms_are_kept_and_a_rerun_resumes(tiny_cache, tmp_path, capsys):
+    argv = ["--model", encoders.TINY, "--parquet_dir", str(tiny_cache / "data"), "--limit", "2", "--device", "cpu"]
+    argv += ["--out_dir", str(tmp_path)]
+    first = lmms_eval_lowrank.main(argv + ["--transforms", "original,zeros"])
+    assert set(json.loads((tmp_path / "lmms_eval.json").read_text())["transforms"]) == {"original", "zeros"}
+    capsys.readouterr()
+    again = lmms_eval_lowrank.main(argv + ["--transforms", "original,zeros,svd:256"])
+    out = capsys.readouterr().out
+    assert "2 transforms already in" in out and "== transform original" not in out and "== transform svd:256" in out
+    assert again["zeros"] == first["zeros"] and list(again) == ["original", "zeros", "svd:256"]

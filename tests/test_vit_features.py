@@ -4,6 +4,7 @@ layer-normed with the model's own weights, is the final_norm tap), the split kee
 as hard as Qwen2.5-VL-3B's features at rank 128, and train / bench / visualise / tokens / compress run on it."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -35,7 +36,7 @@ def test_caches_images_and_manifest(vit_cache):
     assert len(list((vit_cache / "images").glob("*.png"))) == 24
     # the image a sample was made from is found again (visualisation draws under it), as the ViT saw it
     assert cached_image(vit_cache / "block_3", 7).shape == (224, 224, 3)
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="holds another build"):
         vit_features.main(["--out", str(vit_cache), "--photos", "coffee"])
     with pytest.raises(UserError, match="block_0 .. block_11 or final_norm"):
         vit_features.main(["--out", str(vit_cache.parent / "x"), "--layers", "block_12"])
@@ -88,3 +89,20 @@ def test_every_script_runs_on_the_real_benchmark(vit_run, capsys):
     rows = compress.main(["study", "--results_dir", str(run), "--ranks", "16", "--codecs", "fp32,int8,pca_int8"])
     assert next(r for r in rows if r["codec"] == "fp32")["cosine"] == pytest.approx(1.0)
     assert np.isfinite([r["cosine"] for r in rows]).all()
+
+
+def test_an_interrupted_build_resumes(vit_cache, tmp_path):
+    """Killed midway (some files and every manifest missing): the same command finishes it with the same features;
+    a finished build is named, not rebuilt."""
+    out = tmp_path / "c"
+    shutil.copytree(vit_cache, out)
+    ref = feature_cache.read_feature(feature_cache.feature_path(out / "block_3", 9))
+    for layer in ("block_3", "block_11", "final_norm"):
+        (out / layer / "manifest.json").unlink()
+        feature_cache.feature_path(out / layer, 9).unlink()
+    argv = ["--out", str(out), "--layers", "block_3,block_11,final_norm", "--crops", "4", "--photos", PHOTOS]
+    vit_features.main(argv)
+    torch.testing.assert_close(feature_cache.read_feature(feature_cache.feature_path(out / "block_3", 9)), ref)
+    assert len(feature_cache.load_manifest(out / "final_norm")["samples"]) == 24
+    with pytest.raises(UserError, match="holds this build, finished"):
+        vit_features.main(argv)
