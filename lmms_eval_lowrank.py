@@ -73,14 +73,15 @@ def local_task(parquet_dir, folder):
 def run_setup(args):
     """(specs, size, token grid, normalisation, factoriser, bases): every spec checked against the run's model and
     the cache's features (or, without --results_dir, the image's token grid) before any model is loaded."""
-    specs = [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
-    if not specs:
+    texts = [t for t in args.transforms.split(",") if t.strip()]
+    if not texts:
         raise UserError("--transforms is empty: give at least one, e.g. original,svd:64")
     if not args.results_dir:
         w, h = parse_image_size(args.image_size)
+        hw = (h // 28, w // 28)
+        specs = [parse_spec(t, hw[0] * hw[1]) for t in texts]
         if any(s.kind == "nn" or s.rule == "lrcp" or (s.codec or "").startswith(("pca", "omega")) for s in specs):
             raise UserError("nn:r, keep:lrcp:k and pca/omega codecs need --results_dir (a training run)")
-        hw = (h // 28, w // 28)
         for s in specs:  # the feature dim is the model's; the token grid bounds every rank and k
             check_spec(s, hw[0] * hw[1], hw[0] * hw[1], hw=hw)
         return specs, (w, h), hw, "layernorm", None, {}
@@ -91,10 +92,11 @@ def run_setup(args):
             f"{args.results_dir} was trained on {cfg.cache_dir} ({enc.get('model')}, {enc.get('layer', 'merger')}): "
             f"the language model reads a Qwen vision tower's merger output"
         )
+    size, hw = cache_image_size(cfg.cache_dir), cache_grid(cfg.cache_dir)
+    specs = [parse_spec(t, hw[0] * hw[1]) for t in texts]
     has_nn = any(s.kind == "nn" for s in specs)
     model = load_run(args.results_dir).model if has_nn else None
     bases = fit_bases(specs, LRCP_RANK, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization)
-    size, hw = cache_image_size(cfg.cache_dir), cache_grid(cfg.cache_dir)
     check_conditions(specs, cfg.arch, cfg.rank if has_nn else None, hw, enc["feature_dim"], bases)
     return specs, size, hw, cfg.normalization, model, bases
 

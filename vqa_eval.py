@@ -45,6 +45,7 @@ from lowrank.cli import (
     add_dtype,
     dist_env,
     name_arg,
+    parse_ints,
     pick_device,
     positive_int,
     run_cli,
@@ -55,7 +56,6 @@ from lowrank.downstream import (
     Asker,
     check_conditions,
     check_prompt,
-    conditions,
     default_batch_size,
     fit_bases,
     score,
@@ -67,7 +67,7 @@ from lowrank.plots import pyplot
 from lowrank.reports import write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, RULES
-from lowrank.transforms import stored_bytes
+from lowrank.transforms import Spec, parse_spec, stored_bytes
 from lowrank.vlm import RANDOM_TEXT, load_vlm
 
 
@@ -97,7 +97,12 @@ def get_args_parser():
         "to its trained rank, if the run has a best_model.pt) or ''",
     )
     ap.add_argument("--rules", default="", help=f"token-selection conditions: comma list of {', '.join(RULES)}")
-    ap.add_argument("--keep", default="64", help="kept tokens k for each --rules entry (comma list)")
+    ap.add_argument(
+        "--keep",
+        default="64",
+        help="kept tokens k for each --rules entry (comma list); a number with a point is a share of the image's "
+        "tokens: 0.333,0.222,0.111 are the field's 33.3 / 22.2 / 11.1 %% budgets",
+    )
     ap.add_argument(
         "--lrcp_rank",
         type=positive_int,
@@ -158,7 +163,7 @@ def main(argv=None):
     if args.nn_ranks and (args.nn_ranks != "auto" or ckpt.exists()):
         run = load_run(args.results_dir, device="cpu")
         nn_model, nn_rank, ckpt_sha = run.model, run.config.rank, run.checkpoint_sha
-    conds = conditions(args, nn_rank, cfg.arch)
+    conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
     check_conditions(conds, cfg.arch, nn_rank, hw, enc["feature_dim"], bases)
     idx = first(split[args.split], args.limit)
@@ -211,6 +216,26 @@ def main(argv=None):
     done = log.read(talk=False) if world > 1 else done
     stored = {str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases) for c in conds}
     return report(idx, conds, done, samples, stem, settings, stored)
+
+
+def conditions(args, nn_rank, arch, tokens):
+    """The transforms this run's flags ask, in order (transforms.py specs): original, then --zeros, --svd_ranks,
+    --nn_ranks (auto: the svd ranks the run's factoriser serves), --rules x --keep, then --transforms; each once.
+    A k may be a share of the image's tokens (--keep 0.25, keep:norm:0.111)."""
+    specs = [Spec("original")] + ([Spec("zeros")] if args.zeros else [])
+    svd_ranks = parse_ints(args.svd_ranks, "--svd_ranks")
+    specs += [Spec("svd", r) for r in svd_ranks]
+    if nn_rank:
+        auto = [r for r in svd_ranks if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
+        specs += [Spec("nn", r) for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)]
+    rules = [r for r in args.rules.split(",") if r.strip()]
+    for rule in rules:
+        if rule not in RULES:
+            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES)}")
+    ks = [parse_spec(f"keep:norm:{k.strip()}", tokens).rank for k in args.keep.split(",") if k.strip()]
+    specs += [Spec("keep", k, rule=rule) for rule in rules for k in ks]
+    specs += [parse_spec(t, tokens) for t in args.transforms.split(",") if t.strip()]
+    return list(dict.fromkeys(specs))
 
 
 def run_settings(args, name, size, hw, dtype, norm, cache, ckpt, ckpt_sha):
@@ -327,7 +352,7 @@ def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, batch_s
 def report(idx, conds, done, samples, stem, settings, stored=None):
     """Per-condition accuracy and cost table (printed, JSON, CSV), the accuracy-vs-budget plot and the
     accuracy-vs-cost chart."""
-    per_sample, summary = score(idx, conds, done, samples, stored)
+    per_sample, summary = score(idx, conds, done, samples, stored, settings["protocol"]["vision_tokens"])
     print_table(summary)
     if settings["model"] in RANDOM_TEXT:
         print(
@@ -358,6 +383,7 @@ COLUMNS = (  # (header, width, format of one summary row)
     ("VQA acc", 8, lambda s: f"{s['vqa_acc']:>8.4f}"),
     ("vs original", 20, lambda s: f"{s['delta']:>+11.4f} ± {1.96 * s['delta_se']:<6.4f}"),
     ("consist", 8, lambda s: f"{s['consistency']:>8.3f}"),
+    ("R>W W>R (p)", 15, lambda s: f"{s['right_to_wrong']:>4} {s['wrong_to_right']:>3} ({s['flips_p']:.2f})"),
     ("tokens", 7, lambda s: f"{s['vision_tokens']:>7.0f}"),
     ("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:>8.2f}"),
     ("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:>8.2f}"),
@@ -375,7 +401,9 @@ def print_table(summary):
     print(
         "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
         "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consist: share "
-        "of answers equal to the original tokens' once normalised; tokens: vision tokens into the language model; "
+        "of answers equal to the original tokens' once normalised; R>W W>R (p): answers right with the original "
+        "tokens and wrong here, and the reverse (right: score >= 0.5), McNemar's exact p; tokens: vision tokens into "
+        "the language model; "
         "GFLOPs: its prefill (lm_cost.py); KV MiB: the prompt's KV cache; KiB/img: what reproduces the tokens; "
         f"trans ms: the transform; prefill ms and ms/token (one decoding step): per batch of up to "
         f"{max(s['batch_size'] for s in summary):.0f} (fastv: one sample), medians, device-synchronised"

@@ -6,19 +6,19 @@ over a run's answers.
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import torch
 
-from lowrank.cli import UserError, parse_ints
+from lowrank.cli import UserError
 from lowrank.dataset import principal_basis
 from lowrank.encoders import attention_received
 from lowrank.feature_codecs import family
 from lowrank.lm_cost import kv_bytes, prefill_flops
 from lowrank.metrics import timed
 from lowrank.runs import omega_basis
-from lowrank.selection import RULES
-from lowrank.transforms import Spec, Tower, check_spec, parse_spec
+from lowrank.transforms import Tower, check_spec
 from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
 from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
@@ -29,24 +29,6 @@ QUESTION_TRANSFORMS = {"capitalize": str.capitalize, "none": lambda q: q}
 
 # ----------------------------------------------------------------------------------------------------------------
 # conditions
-
-
-def conditions(args, nn_rank, arch):
-    """The transforms a run asks, in order (transforms.py specs): original, then --zeros, --svd_ranks, --nn_ranks,
-    --rules x --keep, then --transforms; each once."""
-    specs = [Spec("original")] + ([Spec("zeros")] if args.zeros else [])
-    svd_ranks = parse_ints(args.svd_ranks, "--svd_ranks")
-    specs += [Spec("svd", r) for r in svd_ranks]
-    if nn_rank:
-        auto = [r for r in svd_ranks if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
-        specs += [Spec("nn", r) for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)]
-    rules = [r for r in args.rules.split(",") if r.strip()]
-    for rule in rules:
-        if rule not in RULES:
-            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES)}")
-    specs += [Spec("keep", k, rule=rule) for rule in rules for k in parse_ints(args.keep, "--keep")]
-    specs += [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
-    return list(dict.fromkeys(specs))
 
 
 def check_prompt(prompt):
@@ -195,6 +177,34 @@ def consistency(agrees):
     return {"consistency": p, "consistency_se": se}
 
 
+RIGHT = 0.5  # an answer is right when its lmms-eval score (TextVQA's accuracy) is at least this
+
+
+def mcnemar_exact(b, c):
+    """McNemar's exact two-sided p-value for b discordant pairs one way and c the other: the binomial test of
+    min(b, c) successes in b + c trials at p = 1/2 (1 when there is no discordant pair)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def flips(acc, base):
+    """Answers that went right -> wrong and wrong -> right against the original tokens' (right: score >= RIGHT),
+    counted and as shares of the samples, with McNemar's exact p-value of the difference."""
+    r2w = sum(a < RIGHT <= o for a, o in zip(acc, base))
+    w2r = sum(o < RIGHT <= a for a, o in zip(acc, base))
+    n = max(len(acc), 1)
+    return {
+        "right_to_wrong": r2w,
+        "wrong_to_right": w2r,
+        "right_to_wrong_share": r2w / n,
+        "wrong_to_right_share": w2r / n,
+        "flips_p": mcnemar_exact(r2w, w2r),
+    }
+
+
 def bootstrap(acc, base, draws=1000, seed=0):
     """95 % percentile intervals of the accuracy and of its paired change against the original, over `draws`
     resamples of the samples (a fixed seed: the same answers give the same interval)."""
@@ -207,11 +217,12 @@ def bootstrap(acc, base, draws=1000, seed=0):
     return {"vqa_acc_ci95": ci(acc), "delta_ci95": ci(diff)}
 
 
-def score(idx, conds, done, samples, stored=None):
+def score(idx, conds, done, samples, stored=None, tokens=None):
     """Every answer scored against the references -> (one row per sample, one summary per condition). The change
     against the original tokens is paired (the same questions), with its standard error over the samples and a
     bootstrap interval; consistency is the agreement with the original tokens' answer. The cost columns summarise
-    the answers' records (Asker.ask); stored: {condition: bytes per image} (transforms.stored_bytes)."""
+    the answers' records (Asker.ask); stored: {condition: bytes per image} (transforms.stored_bytes); tokens: the
+    image's vision tokens, so a k is also recorded as a share of them."""
     names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
@@ -242,6 +253,7 @@ def score(idx, conds, done, samples, stored=None):
                 "condition": n,
                 "kind": spec.kind,
                 "value": spec.rank,  # the rank r, or the kept tokens k
+                "share": spec.rank / tokens if tokens and spec.kind in ("keep", "merge", "fastv") else None,
                 "rule": spec.rule,
                 "codec": spec.codec,
                 "layer": spec.layer,
@@ -254,6 +266,7 @@ def score(idx, conds, done, samples, stored=None):
                 "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
                 **consistency([r[n]["consistent"] for r in per_sample]),
                 **bootstrap([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
+                **flips([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
                 **cost([done[(i, n)] for i in idx]),
                 "bytes_per_image": (stored or {}).get(n),
             }

@@ -452,3 +452,19 @@ def test_stored_bytes_per_image():
     assert size("codec:int8") == T * D + 4 * T + 2 * T * 2  # one byte per number, a float32 scale per row
     payload = feature_codecs.encode("pca_int8", torch.randn(T, D), 32, torch.eye(D))
     assert size("codec:pca_int8:32") == feature_codecs.payload_bytes(payload) + 2 * T * 2
+
+
+def test_budgets_as_shares_of_the_tokens():
+    """--keep and keep/merge/fastv specs take the field's shares (33.3 / 22.2 / 11.1 % of Qwen's 256 tokens: 85, 57,
+    28 kept), recorded as k; a share outside (0, 1] is refused."""
+    args = vqa_eval.get_args_parser().parse_args(
+        ["--results_dir", "x", "--svd_ranks", "", "--rules", "norm", "--keep", "0.333,0.222,0.111,16"]
+        + ["--transforms", "merge:tome:0.25,fastv:2:0.5"]
+    )
+    got = [str(s) for s in vqa_eval.conditions(args, None, "subspace", 256)]
+    assert got == ["original", "keep:norm:85", "keep:norm:57", "keep:norm:28", "keep:norm:16", "merge:tome:64"] + [
+        "fastv:2:128"
+    ]
+    args.transforms = "keep:norm:1.5"
+    with pytest.raises(UserError, match="keep:norm:1.5"):
+        vqa_eval.conditions(args, None, "subspace", 256)

@@ -83,3 +83,18 @@ def test_leave_one_out_average_by_hand():
     assert vqa_score.vqa_accuracy("Gate 7", refs) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
     assert vqa_score.vqa_accuracy("exit", ["exit"] * 10) == 1.0
     assert vqa_score.top_answer_match("exit", refs) == 1.0 and vqa_score.top_answer_match("gate 7", refs) == 0.0
+
+
+def test_answer_flips_and_mcnemar_against_scipy():
+    """right -> wrong and wrong -> right counted by hand; McNemar's exact p equals scipy's two-sided binomial test."""
+    from scipy.stats import binomtest
+
+    from lowrank import downstream
+
+    acc = [1.0, 0.0, 0.3, 0.6, 1.0, 0.0]
+    base = [1.0, 1.0, 0.6, 0.0, 0.0, 0.0]  # r->w: samples 1, 2; w->r: samples 3, 4
+    f = downstream.flips(acc, base)
+    assert (f["right_to_wrong"], f["wrong_to_right"]) == (2, 2) and f["right_to_wrong_share"] == 2 / 6
+    for b, c in [(0, 0), (3, 0), (7, 2), (10, 11), (1, 25)]:
+        want = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
+        assert abs(downstream.mcnemar_exact(b, c) - want) < 1e-12, (b, c)
