@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, add_device, parse_ints, pick_device, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, add_device, out_file, parse_ranks, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, principal_basis
-from lowrank.feature_cache import cached_indices, lossy_note, read_manifest
+from lowrank.feature_cache import cached_indices, cached_shape, lossy_note, read_manifest
 from lowrank.model import ARCH_DEFAULTS, Subspace, load_checkpoint
 from lowrank.runs import BEST, load_run, read_split
 
@@ -83,12 +83,22 @@ def get_args_parser():
     return ap
 
 
+def symmetric_model(results_dir, dev):
+    """--symmetric_dir: a run of the symmetric network (the original's design), shown beside the subspace model."""
+    model, ck = load_checkpoint(Path(results_dir) / BEST, dev)
+    arch = ck["config"].get("arch")
+    if arch != "symmetric":
+        raise UserError(f"--symmetric_dir {results_dir} holds a {arch} run; give a run trained with --arch symmetric")
+    return model
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    ranks = parse_ints(args.ranks, "--ranks")
+    out = out_file(args.out or Path(args.results_dir) / "bench.json", "--out")
     dev = pick_device(args.device)
     run = load_run(args.results_dir, device=dev)
     model, cfg, test_idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
+    ranks = parse_ranks(args.ranks, min(cfg.shape))
     if args.ablation and cfg.arch != "subspace":
         raise UserError(f"--ablation varies a subspace model's start and steps; {args.results_dir} holds {cfg.arch}")
     nested = cfg.arch != "symmetric"  # a subspace model serves every rank up to its own; symmetric only its own
@@ -101,12 +111,17 @@ def main(argv=None):
         )
     if args.eval_cache:
         cache_dir, test_idx = args.eval_cache, cached_indices(args.eval_cache)[: args.max_eval]
+        if cached_shape(cache_dir) != cfg.shape:
+            raise UserError(
+                f"--eval_cache {cache_dir} holds {list(cached_shape(cache_dir))} features; the model was trained on "
+                f"{list(cfg.shape)}"
+            )
     X = torch.stack([x for x, _ in FeatureDataset(cache_dir, test_idx, cfg.normalization)]).to(dev)
     xb = X[: args.batch_size]
     if len(xb) < args.batch_size:  # time a full batch even on a small test split
         xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
     T, D = X.shape[1:]
-    sym = load_checkpoint(Path(args.symmetric_dir) / BEST, dev)[0] if args.symmetric_dir else None
+    sym = symmetric_model(args.symmetric_dir, dev) if args.symmetric_dir else None
     bench = Bench(X, model, sym, cfg.arch, ranks)
     features = read_manifest(cache_dir)["encoder"]["model"]
     print(
@@ -133,7 +148,6 @@ def main(argv=None):
         "an image's rank-r reconstruction from torch.linalg.svd's in float64"
     )
     ablation = bench.ablation(ranks, xb, args.repeats, args.results_dir, cfg) if args.ablation else None
-    out = Path(args.out or Path(args.results_dir) / "bench.json")
     out.write_text(
         json.dumps(
             {

@@ -13,11 +13,20 @@ One warm-up batch runs first at each batch size; then all --num samples under ev
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, UserError, add_device, add_dtype, parse_ints, pick_device, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_device,
+    add_dtype,
+    out_file,
+    parse_ints,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.demo_set import make_rows
 from lowrank.downstream import PROMPT, Asker
 from lowrank.encoders import TINY, default_dtype
@@ -51,11 +60,16 @@ def main(argv=None):
     sizes = parse_ints(args.batch_sizes, "--batch_sizes")
     if not sizes or min(sizes) < 1:
         raise UserError(f"--batch_sizes {args.batch_sizes}: give positive batch sizes, e.g. 1,8,32")
-    conds = [parse_spec(t) for t in args.transforms.split(",") if t.strip()]
-    model, proc = load_vlm(args.model, dev, dtype, (448, 448))
+    conds = [parse_spec(t, 256) for t in args.transforms.split(",") if t.strip()]
+    if not conds:
+        raise UserError("--transforms is empty: give at least one, e.g. original,svd:64")
+    json_path = out_file(args.json, "--json") if args.json else None
     for spec in conds:
         if spec.kind == "nn" or spec.rule == "lrcp" or spec.codec and spec.codec.startswith(("pca", "omega")):
             raise UserError(f"transform {spec}: needs a training run; bench_vqa.py takes the ones that do not")
+        check_spec(spec, 256, 256)  # 448² images: 256 tokens; the feature dim is checked once the model is built
+    model, proc = load_vlm(args.model, dev, dtype, (448, 448))
+    for spec in conds:
         check_spec(spec, 256, model.config.vision_config.out_hidden_size)
     max_svd = max((s.rank for s in conds if s.kind == "svd"), default=0)
 
@@ -99,8 +113,8 @@ def main(argv=None):
         r["speedup"] = r["answers_per_s"] / results[0]["answers_per_s"]
         same = "yes" if r["equal_to_first"] else f"no ({r['differing']} of {n_answers} differ)"
         print(f"{r['batch_size']:>6}{r['answers_per_s']:>11.2f}{r['speedup']:>9.2f}{r['seconds']:>9.1f}  {same}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "device": str(dev), "rows": results}, indent=1))
+    if json_path:
+        json_path.write_text(json.dumps({"model": args.model, "device": str(dev), "rows": results}, indent=1))
     return results
 
 

@@ -25,7 +25,7 @@ import torch.nn.utils.prune as prune
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, parse_ints, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, out_folder, parse_ranks, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, principal_basis
 from lowrank.feature_cache import (
     MANIFEST,
@@ -72,7 +72,7 @@ def study(args):
     n_cache = len(cached_indices(cache))
     idx = first(split[args.split], args.num_samples)
     X = torch.stack([x for x, _ in FeatureDataset(cache, idx, norm)])
-    ranks = parse_ints(args.ranks, "--ranks")
+    ranks = parse_ranks(args.ranks, min(T, D))
     pca = principal_basis(cache, split["train"], norm).float()
     omega = omega_basis(args.results_dir)
     settings = codec_settings(args.codecs.split(","), ranks, T, D, 0 if omega is None else omega.shape[1])
@@ -246,7 +246,7 @@ def write_cache(args):
     )
     if family(codec) == "omega" and basis is None:
         raise UserError(f"--codec {codec} needs a subspace model in {args.results_dir}")
-    out = Path(args.out)
+    out = out_folder(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     out.mkdir(parents=True)

@@ -6,9 +6,8 @@ how). No network needed.
 """
 
 import argparse
-from pathlib import Path
 
-from lowrank.cli import HelpFormatter, UserError, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, out_folder, positive_int, run_cli
 from lowrank.demo_set import PHOTOS, make_rows, write_parquet
 
 
@@ -34,7 +33,7 @@ def main(argv=None):
     bad = set(names or []) - set(PHOTOS)
     if bad:
         raise UserError(f"--photos: unknown {sorted(bad)}; choose from {PHOTOS}")
-    out = Path(args.out)
+    out = out_folder(args.out, "--out")
     if out.exists() and any(out.rglob("*.parquet")):
         print(f"{out} already holds parquet shards; leaving it as it is")
         return

@@ -26,7 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowrank.cli import HelpFormatter, UserError, add_device, name_arg, parse_ints, pick_device, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_device,
+    check_rank,
+    name_arg,
+    parse_ints,
+    parse_ranks,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import cache_encoder, rerun_tower
 from lowrank.encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
 from lowrank.feature_cache import cache_grid, load_manifest, normalize
@@ -63,8 +74,9 @@ def main(argv=None):
     names = layer_names(encoder.tower)
     idx = first(split[args.split], args.num_samples)
     hw = cache_grid(cache)
-    if not ranks or min(ranks) < 1:
-        raise UserError(f"--ranks {args.ranks}: give positive ranks, e.g. 16,64")
+    limit = min(hw[0] * hw[1] * 4, max(encoder.tower.config.hidden_size, enc["feature_dim"]))
+    ranks = parse_ranks(args.ranks, limit)
+    check_rank(args.shared_rank, limit, "--shared_rank")
     print(
         f"{len(idx)} {args.split} images of {cache} through {enc['model']}'s tower ({len(names)} layers: "
         f"{names[0]} .. {names[-1]}; {norm} per token)"

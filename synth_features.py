@@ -24,12 +24,11 @@ This is a generator fitted to two published/measured numbers, not real features:
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lowrank.cli import HelpFormatter, UserError, nonneg_float, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, nonneg_float, out_folder, positive_int, run_cli
 from lowrank.feature_cache import MANIFEST, atomic_save, feature_path
 
 
@@ -76,7 +75,7 @@ def main(argv=None):
     side = round(args.tokens**0.5)
     if side * side != args.tokens:
         raise UserError(f"--tokens {args.tokens}: a square grid is needed (e.g. 256 = 16 x 16)")
-    out = Path(args.out)
+    out = out_folder(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     out.mkdir(parents=True)

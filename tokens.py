@@ -141,6 +141,8 @@ def main(argv=None):
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
     write_csv(f"{stem}.csv", per_sample)
     paths = plot(rows, ks, rules, stem)
+    if args.draw_idx >= len(idx):
+        print(f"note: --draw_idx {args.draw_idx} is past the {len(idx)} {args.split} images: no drawing")
     if 0 <= args.draw_idx < len(idx):
         paths.append(
             draw_kept(

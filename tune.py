@@ -121,6 +121,26 @@ def get_args_parser():
     return ap
 
 
+def open_study(args, out):
+    """The study, created or resumed; a storage that cannot be read (a damaged journal) is named in one line."""
+    try:
+        storage = storage_from(args.storage, out)
+        return optuna.create_study(
+            study_name=args.study_name,
+            storage=storage,
+            direction="minimize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=args.seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        )
+    except Exception as e:  # optuna reports a damaged journal or database in many ways
+        where = args.storage or Path(out) / "optuna_journal.log"
+        raise UserError(
+            f"the study storage {where} cannot be read ({type(e).__name__}: {str(e)[:200]}); move it away to start "
+            f"a new study, or give another --storage"
+        ) from None
+
+
 def make_objective(args, out, study_dir):
     """Optuna's objective: one training per trial in <study_dir>/trial_<n>, on the folder's split; the best
     validation MSE, reported after every epoch so the pruner can stop a poor trial."""
@@ -189,14 +209,7 @@ def main(argv=None):
     load_or_make_split(
         out, args.cache_dir, args.seed, args.max_samples, args.group_by, args.resplit
     )  # one split for every trial
-    study = optuna.create_study(
-        study_name=args.study_name,
-        storage=storage_from(args.storage, out),
-        direction="minimize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=args.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    )
+    study = open_study(args, out)
 
     objective = make_objective(args, out, study_dir)
     done = len(

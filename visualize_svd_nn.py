@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, nonneg_int, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, nonneg_int, out_folder, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, cached_image
 from lowrank.feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
 from lowrank.metrics import scale_bbox
@@ -350,7 +350,7 @@ def main(argv=None):
     if image is not None and meta.get("bbox") and meta.get("image_size"):
         bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
 
-    out = Path(args.out or Path(args.results_dir) / "vis")
+    out = out_folder(args.out or Path(args.results_dir) / "vis", "--out")
     out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(f"{tag}_rank{r}", checkpoint=args.checkpoint)  # the tag names the split
     paths = []

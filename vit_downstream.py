@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, name_arg, positive_int, run_cli
+from lowrank.cli import HelpFormatter, UserError, name_arg, out_folder, positive_int, run_cli
 from lowrank.downstream import fit_bases
 from lowrank.feature_cache import feature_path, load_manifest, read_feature
 from lowrank.images import Source
@@ -223,7 +223,7 @@ def main(argv=None):
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization)
     for s in conds:
         check_spec(s, T, D, cfg.rank if has_nn else None, cfg.arch != "symmetric", bases, cfg.grid, attention=False)
-    out_dir = Path(args.out_dir or args.results_dir)
+    out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vit_downstream_{args.name or args.split}"
     print(

@@ -45,6 +45,7 @@ from lowrank.cli import (
     add_dtype,
     dist_env,
     name_arg,
+    out_folder,
     parse_ints,
     pick_device,
     positive_int,
@@ -68,7 +69,7 @@ from lowrank.reports import write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, RULES
 from lowrank.transforms import Spec, parse_spec, stored_bytes
-from lowrank.vlm import RANDOM_TEXT, load_vlm
+from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, load_vlm
 
 
 def get_args_parser():
@@ -176,7 +177,7 @@ def main(argv=None):
         )
     source = Source(args.dataset_dir or manifest["source"]["path"])
 
-    out_dir = Path(args.out_dir or args.results_dir)
+    out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vqa_{args.name or args.split}"
     size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
@@ -196,6 +197,7 @@ def main(argv=None):
     if todo:
         images = source_images(source, sorted({i for i, _ in todo}), samples, cache)
         model, proc = load_vlm(name, dev, dtype, size, args.revision)
+        check_max_new_tokens(model, args.max_new_tokens, hw[0] * hw[1])
         asker = Asker(
             model,
             proc,

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,35 @@ def parse_ints(spec, flag="a list"):
         return [int(v) for v in str(spec).split(",") if v.strip()]
     except ValueError:
         raise UserError(f"{flag} {spec}: expected a comma list of integers, e.g. 16,32,64") from None
+
+
+def parse_ranks(spec, limit, flag="--ranks"):
+    """A comma list of ranks, none empty, each in 1..limit -> [int]; else one UserError naming the flag."""
+    ranks = parse_ints(spec, flag)
+    if not ranks:
+        raise UserError(f"{flag} is empty: give at least one rank, e.g. 16,64")
+    for r in ranks:
+        check_rank(r, limit, flag)
+    return ranks
+
+
+def out_file(path, flag):
+    """An output file's path, checked before any work: not a folder, its folder writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; give a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {p}: its folder is not writable")
+    return p
+
+
+def out_folder(path, flag):
+    """An output folder, checked before any work: not an existing file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; give a folder")
+    return p
 
 
 def _number(kind, lowest, strict):

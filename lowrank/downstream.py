@@ -32,7 +32,9 @@ QUESTION_TRANSFORMS = {"capitalize": str.capitalize, "none": lambda q: q}
 
 
 def check_prompt(prompt):
-    """--prompt may name only {question}."""
+    """--prompt must name {question}, and only it."""
+    if "{question}" not in prompt:
+        raise UserError(f"--prompt {prompt!r}: name {{question}} where the question goes")
     try:
         prompt.format(question="")
     except (KeyError, IndexError, ValueError) as e:

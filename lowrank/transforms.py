@@ -76,6 +76,8 @@ def parse_spec(text, tokens=None):
         if kind == "fastv" and len(args) == 2:
             return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
+            if len(args) == 2 and (args[0] in FLOATS or args[0] in BITS):
+                raise UserError(f"transform {text!r}: the {args[0]} codec stores every number and takes no rank")
             return Spec(kind, int(args[1]) if len(args) == 2 else None, codec=args[0])
     except ValueError:
         pass

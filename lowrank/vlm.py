@@ -312,3 +312,14 @@ def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens,
     prompt = prompt_embeds(model, ids, positions, V, kept, image_token_id)
     out = greedy(model, [prompt], max_new_tokens, eos_ids)[0][0]
     return decode_answer(proc, out), out
+
+
+def check_max_new_tokens(model, n, prompt_tokens=0):
+    """--max_new_tokens within the language model's context (its max_position_embeddings), before decoding."""
+    cfg = getattr(model.config, "text_config", model.config)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and n + prompt_tokens > limit:
+        raise UserError(
+            f"--max_new_tokens {n}: with the prompt's {prompt_tokens} tokens it passes the model's context of "
+            f"{limit} positions"
+        )

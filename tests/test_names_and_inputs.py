@@ -208,3 +208,48 @@ def test_lmms_eval_inputs_are_checked_before_the_model_loads(tiny_cache, trained
     with pytest.raises(UserError, match="holds the results of a run with other settings"):
         lmms_eval_lowrank.main(base + data + ["--transforms", "original"])
     assert json.loads((out / "lmms_eval.json").read_text())["settings"] == {"model": "another"}  # not replaced
+
+
+def test_every_flag_is_checked_before_the_work(trained, vit_cache, tmp_path, capsys):
+    import bench
+    import bench_vqa
+    import compress
+    import layers
+    import tokens
+    import tune
+
+    run = ["--results_dir", str(trained)]
+    cases = [
+        (lambda: bench.main(run + ["--ranks", ""]), "--ranks is empty"),
+        (lambda: bench.main(run + ["--out", str(tmp_path)]), "--out .* is a folder"),
+        (lambda: bench.main(run + ["--ranks", "16", "--symmetric_dir", str(trained)]), "holds a subspace run"),
+        (
+            lambda: bench.main(run + ["--ranks", "16", "--eval_cache", str(vit_cache / "block_3")]),
+            r"holds \[256, 384\] features",
+        ),
+        (lambda: bench_vqa.main(["--transforms", "", "--device", "cpu"]), "--transforms is empty"),
+        (lambda: bench_vqa.main(["--transforms", "codec:int8:16", "--device", "cpu"]), "takes no rank"),
+        (lambda: compress.main(["study"] + run + ["--ranks=-4"]), "a rank must be between 1"),
+        (lambda: compress.main(["study"] + run + ["--ranks", "0"]), "a rank must be between 1"),
+        (lambda: compress.main(["study"] + run + ["--ranks", "99999"]), "a rank must be between 1"),
+        (lambda: layers.main(run + ["--ranks", "99999", "--device", "cpu"]), "a rank must be between 1"),
+        (lambda: layers.main(run + ["--shared_rank", "99999", "--device", "cpu"]), "--shared_rank 99999"),
+        (lambda: vqa_eval.main(run + ["--prompt", "Answer briefly."]), r"name \{question\}"),
+        (lambda: vqa_eval.main(run + ["--out_dir", str(trained / "config.json")]), "is a file; give a folder"),
+        (
+            lambda: vqa_eval.main(
+                run + ["--max_new_tokens", "100000", "--limit", "1", "--device", "cpu", "--out_dir", str(tmp_path)]
+            ),
+            "passes the model's context of 32768",
+        ),
+    ]
+    for call, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            call()
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "optuna_journal.log").write_text("garbage\n{not json\n")
+    with pytest.raises(UserError, match="optuna_journal.log cannot be read"):
+        tune.main(["--cache_dir", str(json.loads((trained / "config.json").read_text())["cache_dir"])]
+                  + ["--results_dir", str(tmp_path / "j"), "--n_trials", "1", "--rank", "8"])  # fmt: skip
+    tokens.main(run + ["--ks", "16", "--rules", "norm", "--draw_idx", "999", "--lrcp_rank", "8"])
+    assert "--draw_idx 999 is past the" in capsys.readouterr().out
