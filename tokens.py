@@ -44,7 +44,8 @@ from lowrank.metrics import scale_bbox
 from lowrank.plots import pyplot
 from lowrank.reports import write_csv
 from lowrank.runs import first, read_run
-from lowrank.selection import LRCP_RANK, RULES, box_hits, reconstruct_from, select
+from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES, box_hits, reconstruct_from, relevance, select
+from lowrank.vlm import question_embedder
 
 
 def get_args_parser():
@@ -97,9 +98,9 @@ def main(argv=None):
     for k in ks:
         check_rank(k, min(T, D), "--ks")
     check_rank(args.draw_k, min(T, D), "--draw_k")
-    bad = set(rules) - set(RULES + MERGES)
+    bad = set(rules) - set(RULES + QUESTION_RULES + MERGES)
     if bad:
-        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES + MERGES)}")
+        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES + QUESTION_RULES + MERGES)}")
     if "pool" in rules:
         for k in ks + [args.draw_k]:
             try:
@@ -122,9 +123,9 @@ def main(argv=None):
         f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
         f"principal directions of {len(split['train'])} training images"
     )
-    attention = tower_attention(cache, idx, pick_device(args.device)) if "visionzip" in rules else None
+    context = sample_context(cache, idx, rules, args)
     seeds = [args.seed + d for d in range(args.random_draws)]
-    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention)
+    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context)
     print_rows(rows)
     stem = out / f"tokens_{args.name or args.split}"
     meta = {
@@ -146,16 +147,7 @@ def main(argv=None):
     if 0 <= args.draw_idx < len(idx):
         paths.append(
             draw_kept(
-                X_all[args.draw_idx],
-                idx[args.draw_idx],
-                cache,
-                rules,
-                args.draw_k,
-                hw,
-                basis,
-                args.seed,
-                stem,
-                attention,
+                X_all[args.draw_idx], idx[args.draw_idx], cache, rules, args.draw_k, hw, basis, args.seed, stem, context
             )
         )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
@@ -175,17 +167,42 @@ def budgets(spec, T):
     return list(dict.fromkeys(max(1, round(f * T)) for f in shares))
 
 
-def reduce(rule, X, k, hw, basis, gen, attention=None):
+def reduce(rule, X, k, hw, basis, gen, context=None):
     """(the rows every token is rebuilt from [k, D], their token positions [k]): the kept tokens of a selection
-    rule, or the merged tokens of a merging rule at their representatives."""
+    rule, or the merged tokens of a merging rule at their representatives. context: what some rules need of the
+    sample, {'attention': [T] (visionzip), 'relevance': [T] (cdpruner, mmr)}."""
+    context = context or {}
     if rule in MERGES:
-        W, reps = merge(rule, X, k, hw, attention)
+        W, reps = merge(rule, X, k, hw, context.get("attention"))
         return W @ X.double(), reps
-    kept = select(rule, X, k, hw, basis, gen)
+    kept = select(rule, X, k, hw=hw, basis=basis, generator=gen, relevance=context.get("relevance"))
     return X[kept], kept
 
 
-def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention=None):
+def sample_context(cache, idx, rules, args):
+    """{sample: {'attention': ..., 'relevance': ...}} for the rules that need them: the tower's attention
+    (visionzip, the tower run again) and each token's relevance to the sample's question (cdpruner, mmr: the
+    question's token embeddings from the cache's model, its embedding table alone)."""
+    context = {i: {} for i in idx}
+    if "visionzip" in rules:
+        for i, att in tower_attention(cache, idx, pick_device(args.device)).items():
+            context[i]["attention"] = att
+    if set(rules) & set(QUESTION_RULES):
+        m = load_manifest(cache)
+        missing = [i for i in idx if not m["samples"].get(str(i), {}).get("question")]
+        if missing:
+            raise UserError(
+                f"--rules {','.join(sorted(set(rules) & set(QUESTION_RULES)))} weigh each token's relevance to the "
+                f"question, and {len(missing)} samples of {cache} have none (e.g. sample {missing[0]})"
+            )
+        embed = question_embedder(m["encoder"]["model"], m["encoder"].get("revision"))
+        raw = FeatureDataset(cache, idx, "none")  # the model's scale: the space of its embedding table
+        for x, i in raw:
+            context[i]["relevance"] = relevance(x, embed(m["samples"][str(i)]["question"]))
+    return context
+
+
+def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context=None):
     """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample, rule, k and
     draw). random is drawn once per seed; its row is the mean over the draws, with their spread."""
     rows, per_sample = [], []
@@ -198,7 +215,7 @@ def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, attention=None):
                 recs, secs = [], 0.0
                 for j, (i, X) in enumerate(zip(idx, X_all)):
                     t0 = time.perf_counter()
-                    S, kept = reduce(rule, X, k, hw, basis, gen, attention[i] if attention else None)
+                    S, kept = reduce(rule, X, k, hw, basis, gen, (context or {}).get(i))
                     secs += time.perf_counter() - t0
                     m = metrics.metrics(X[None], reconstruct_from(X, S)[None])
                     rec, prec = box_hits(kept, masks[i]) if masks[i] is not None else (None, None)
@@ -328,7 +345,7 @@ def plot(rows, ks, rules, stem):
     return paths
 
 
-def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, attention=None):
+def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, context=None):
     """The kept (or representative) tokens of each rule over the image, with the answer box."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
@@ -341,8 +358,7 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, attention=None):
     cols = math.ceil(len(rules) / 2)
     fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained")
     for a, rule in zip(ax.flat, rules):
-        att = attention[sid] if attention else None
-        kept = reduce(rule, X, k, hw, basis, torch.Generator().manual_seed(seed), att)[1]
+        kept = reduce(rule, X, k, hw, basis, torch.Generator().manual_seed(seed), (context or {}).get(sid))[1]
         m = np.zeros(H * W)
         m[kept.numpy()] = 1
         if image is not None:

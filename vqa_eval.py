@@ -67,7 +67,7 @@ from lowrank.images import Source, fingerprint, load_image, parse_image_size
 from lowrank.plots import pyplot
 from lowrank.reports import write_csv
 from lowrank.runs import BEST, first, load_run, read_run
-from lowrank.selection import LRCP_RANK, RULES
+from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
 from lowrank.transforms import Spec, parse_spec, stored_bytes
 from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, load_vlm
 
@@ -97,7 +97,12 @@ def get_args_parser():
         help="factoriser conditions: comma list, 'auto' (the --svd_ranks up "
         "to its trained rank, if the run has a best_model.pt) or ''",
     )
-    ap.add_argument("--rules", default="", help=f"token-selection conditions: comma list of {', '.join(RULES)}")
+    ap.add_argument(
+        "--rules",
+        default="",
+        help=f"token-selection conditions: comma list of {', '.join(RULES + QUESTION_RULES)} (the last two weigh each "
+        f"token's relevance to the question)",
+    )
     ap.add_argument(
         "--keep",
         default="64",
@@ -232,8 +237,8 @@ def conditions(args, nn_rank, arch, tokens):
         specs += [Spec("nn", r) for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)]
     rules = [r for r in args.rules.split(",") if r.strip()]
     for rule in rules:
-        if rule not in RULES:
-            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES)}")
+        if rule not in RULES + QUESTION_RULES:
+            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES + QUESTION_RULES)}")
     ks = [parse_spec(f"keep:norm:{k.strip()}", tokens).rank for k in args.keep.split(",") if k.strip()]
     specs += [Spec("keep", k, rule=rule) for rule in rules for k in ks]
     specs += [parse_spec(t, tokens) for t in args.transforms.split(",") if t.strip()]

@@ -18,6 +18,7 @@ from lowrank.feature_codecs import family
 from lowrank.lm_cost import kv_bytes, prefill_flops
 from lowrank.metrics import timed
 from lowrank.runs import omega_basis
+from lowrank.selection import QUESTION_RULES, relevance
 from lowrank.transforms import Tower, check_spec
 from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
 from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
@@ -98,9 +99,10 @@ class Asker:
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
         self.text_config = getattr(model.config, "text_config", model.config)
 
-    def encode(self, image, question, attention=False):
+    def encode(self, image, question, attention=False, question_aware=False):
         """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower ms); attention: also
-        the attention each token receives in the tower (for visionzip; its recomputation counts in the tower ms)."""
+        the attention each token receives in the tower (for visionzip; its recomputation counts in the tower ms);
+        question_aware: each token's relevance to the question's token embeddings (cdpruner, mmr)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(question)}]}]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.proc(text=[text], images=[image], return_tensors="pt")
@@ -115,6 +117,10 @@ class Asker:
                 V, att = getattr(V, "pooler_output", V), None
         positions = mrope_positions(ids.cpu(), self.img_id, self.hw)
         tower = Tower(V.float(), self.norm, self.hw, self.nn_model, self.bases, self.max_svd, att)
+        if question_aware:  # the question alone, as the tokenizer splits it, in the model's own embedding table
+            q_ids = self.proc.tokenizer(question, add_special_tokens=False)["input_ids"]
+            Q = self.model.get_input_embeddings().weight[torch.tensor(q_ids, device=self.dev)]
+            tower.relevance = relevance(V.float(), Q.float())
         return ids, positions, tower, secs * 1e3
 
     def ask(self, items):
@@ -125,7 +131,8 @@ class Asker:
         (sample, condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed
         run answers as an uninterrupted one."""
         attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
-        encoded = [(sample, *self.encode(image, q, attention), specs) for sample, image, q, specs in items]
+        aware = any(s.rule in QUESTION_RULES for *_, specs in items for s in specs)
+        encoded = [(sample, *self.encode(image, q, attention, aware), specs) for sample, image, q, specs in items]
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
             group = [e for e in encoded if spec in e[-1]]
             if spec.kind == "fastv" and spec.layer >= self.text_config.num_hidden_layers:

@@ -16,6 +16,13 @@ kept tokens.
     grid        a uniform spatial grid of k cells over the H×W token grid
     random      k tokens drawn uniformly (seeded)
 
+Question-aware rules (they need each token's relevance to the question, `relevance`):
+    cdpruner    CDPruner (arXiv 2506.10967): the greedy MAP of a determinantal point process whose kernel couples the
+                tokens' cosine similarity with their relevance, L = diag(q) S diag(q), q = exp(θ · relevance)
+                (the quality x diversity form of Chen et al. 2018, whose fast greedy MAP it uses)
+    mmr         IDPruner's maximal marginal relevance (arXiv 2602.13315): each time the token maximising
+                λ · relevance − (1 − λ) · its largest cosine similarity to the tokens kept so far
+
 Merging rules (pooling, ToMe, VisionZip) are in merging.py.
 """
 
@@ -26,6 +33,9 @@ import torch
 
 LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
 RULES = ("leverage", "lrcp", "pivoted_qr", "divprune", "dart", "norm", "grid", "random")
+QUESTION_RULES = ("cdpruner", "mmr")  # need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
+CDP_THETA = 1.0  # CDPruner: how strongly relevance scales a token's quality
+MMR_LAMBDA = 0.5  # IDPruner: relevance against redundancy
 DART_PIVOTS = 4  # DART's pivot image tokens
 
 
@@ -101,8 +111,60 @@ def grid_tokens(hw, k):
     return torch.tensor(sorted({pts[i] for i in keep}))
 
 
-def select(rule, X, k, hw=None, basis=None, generator=None):
-    """Indices [k] of the tokens rule keeps for one image X [T, D]."""
+def relevance(X, Q):
+    """Each token's relevance to a question: the mean cosine between the token x_t [D] and the question's token
+    embeddings Q [q, D] (the language model's own input embeddings: Qwen's merger maps the tower's output into that
+    space, so no second text encoder is needed), min-max scaled to [0, 1] over the image's tokens."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    Qn = torch.nn.functional.normalize(Q.double().to(X.device), dim=1)
+    r = (Xn @ Qn.T).mean(1)
+    return (r - r.min()) / (r.max() - r.min()).clamp_min(1e-12)
+
+
+def dpp_greedy_map(L, k):
+    """The fast greedy MAP of a DPP with kernel L [T, T] (Chen, Zhang and Zhou, NeurIPS 2018): each step adds the
+    item that most increases log det L_S, by an incremental Cholesky factorisation (O(T k²)). Once L_S is
+    numerically singular (more items than the kernel's rank) the rest follow by their gain, largest first."""
+    T = len(L)
+    c, d2 = torch.zeros(k, T, dtype=L.dtype), L.diagonal().clone()
+    kept = [int(d2.argmax())]
+    while len(kept) < k:
+        m, j = len(kept) - 1, kept[-1]
+        e = (L[j] - c[:m, j] @ c[:m]) / d2[j].clamp_min(1e-300).sqrt()
+        c[m], d2 = e, d2 - e * e
+        d2[kept] = -float("inf")
+        kept.append(int(d2.argmax()))
+    return torch.tensor(kept)
+
+
+def cdpruner(X, k, rel, theta=CDP_THETA):
+    """CDPruner: the DPP's greedy MAP with L = diag(q) S diag(q), S the tokens' cosine similarity (a Gram matrix,
+    so L is positive semi-definite), q = exp(theta · relevance)."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    q = torch.exp(theta * rel.double().to(X.device))
+    return dpp_greedy_map(q[:, None] * (Xn @ Xn.T) * q[None, :], k)
+
+
+def mmr(X, k, rel, lam=MMR_LAMBDA):
+    """IDPruner's maximal marginal relevance: greedily argmax λ · rel_t − (1 − λ) · max over kept s of cos(x_t, x_s)
+    (no redundancy term for the first)."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    sim, rel = Xn @ Xn.T, rel.double().to(X.device)
+    redundancy, kept = torch.zeros(len(X), dtype=torch.float64, device=X.device), []
+    for _ in range(k):
+        score = lam * rel - (1 - lam) * redundancy
+        score[kept] = -float("inf")
+        kept.append(int(score.argmax()))
+        redundancy = sim[kept[-1]] if len(kept) == 1 else torch.maximum(redundancy, sim[kept[-1]])
+    return torch.tensor(kept)
+
+
+def select(rule, X, k, *, hw=None, basis=None, generator=None, relevance=None):
+    """Indices [k] of the tokens rule keeps for one image X [T, D]; relevance [T] for the question-aware rules."""
+    if rule in QUESTION_RULES:
+        if relevance is None:
+            raise ValueError(f"{rule} needs each token's relevance to the question")
+        return cdpruner(X, k, relevance) if rule == "cdpruner" else mmr(X, k, relevance)
     if rule == "leverage":  # U_k from the eigenvectors of the T x T Gram matrix (float64)
         Xd = X.double()
         U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
@@ -123,7 +185,7 @@ def select(rule, X, k, hw=None, basis=None, generator=None):
         return grid_tokens(hw, k)
     if rule == "random":
         return torch.randperm(len(X), generator=generator)[:k]
-    raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
+    raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES + QUESTION_RULES)})")
 
 
 def reconstruct_from(X, kept, rtol=1e-10):

@@ -29,7 +29,9 @@ from lowrank.feature_cache import denormalize, normalize
 from lowrank.feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
 from lowrank.merging import MERGES, merge, pool_shape
 from lowrank.metrics import truncated_svd
-from lowrank.selection import RULES, select
+from lowrank.selection import QUESTION_RULES, RULES, select
+
+KEEP_RULES = RULES + QUESTION_RULES
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def parse_spec(text, tokens=None):
             return Spec(kind)
         if kind in ("svd", "nn") and len(args) == 1:
             return Spec(kind, int(args[0]))
-        if kind in ("keep", "merge") and len(args) == 2 and args[0] in (RULES if kind == "keep" else MERGES):
+        if kind in ("keep", "merge") and len(args) == 2 and args[0] in (KEEP_RULES if kind == "keep" else MERGES):
             return Spec(kind, token_count(args[1], tokens), rule=args[0])
         if kind == "fastv" and len(args) == 2:
             return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
@@ -83,7 +85,7 @@ def parse_spec(text, tokens=None):
         pass
     raise UserError(
         f"transform {text!r}: expected original, zeros, svd:<r>, nn:<r>, keep:<rule>:<k> (rules: "
-        f"{', '.join(RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k> or codec:<name>[:<r>] "
+        f"{', '.join(KEEP_RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k> or codec:<name>[:<r>] "
         f"(codecs: {', '.join(CODECS)})"
     )
 
@@ -144,6 +146,7 @@ class Tower:
         """attention [T]: what each token receives in the tower (encoders.attention_received), for visionzip."""
         self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
         self.attention = attention
+        self.relevance = None  # [T]: each token's relevance to the question (selection.relevance), when asked
         self.Xn = normalize(X, norm)
         self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
 
@@ -173,7 +176,19 @@ class Tower:
         """keep and merge -> (k tokens in the model's scale, kept or representative indices, merge weights W [k, T]
         or None)."""
         if spec.kind == "keep":
-            kept = select(spec.rule, self.Xn, spec.rank, self.hw, self.bases.get("lrcp"), generator).sort().values
+            kept = (
+                select(
+                    spec.rule,
+                    self.Xn,
+                    spec.rank,
+                    hw=self.hw,
+                    basis=self.bases.get("lrcp"),
+                    generator=generator,
+                    relevance=self.relevance,
+                )
+                .sort()
+                .values
+            )
             return self.X[kept.to(self.X.device)], kept, None
         W, reps = merge(spec.rule, self.Xn, spec.rank, self.hw, self.attention)
         return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps, W

@@ -5,7 +5,9 @@ its M-RoPE positions computed here, greedy decoding from embeddings, and an answ
 """
 
 import inspect
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -323,3 +325,48 @@ def check_max_new_tokens(model, n, prompt_tokens=0):
             f"--max_new_tokens {n}: with the prompt's {prompt_tokens} tokens it passes the model's context of "
             f"{limit} positions"
         )
+
+
+def question_embedder(name, revision=None):
+    """question -> its token embeddings [q, D] from the language model's own input-embedding table (what the
+    question-aware token rules compare the vision tokens with), loading only that table: the tiny model is built
+    in code; a checkpoint's tokenizer and its embed_tokens tensor are read, nothing else."""
+    if name in RANDOM_TEXT:
+        if name != "tiny-random":
+            raise UserError(f"{name}: a real-size model with random weights; its embeddings rank nothing")
+        tok = tiny_tokenizer()
+        table = random_vlm(name, tok, "cpu").get_input_embeddings().weight.detach()
+    else:
+        table, tok = checkpoint_embeddings(name, revision)
+
+    def embed(question):
+        ids = tok(question, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"the question {question!r} has no tokens")
+        return table[torch.tensor(ids)].float()
+
+    return embed
+
+
+def checkpoint_embeddings(name, revision=None):
+    """(the embed_tokens weight [V, D], the tokenizer) of a Qwen-VL checkpoint, read from its safetensors alone."""
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    def file(f):
+        local = Path(name) / f
+        return local if local.exists() else Path(hf_hub_download(name, f, revision=revision))
+
+    try:
+        index = json.loads(file("model.safetensors.index.json").read_text())["weight_map"]
+    except Exception:
+        index = None
+    shard = "model.safetensors"
+    if index is not None:
+        key = next(k for k in index if k.endswith("embed_tokens.weight"))
+        shard = index[key]
+    with safe_open(str(file(shard)), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        table = f.get_tensor(key)
+    return table, AutoTokenizer.from_pretrained(name, revision=revision)

@@ -155,3 +155,48 @@ def test_budgets_as_counts_or_shares():
     assert tokens.budgets("0.0625,0.25", 1024) == [64, 256]  # the same budgets on a 32 x 32 patch grid
     with pytest.raises(UserError, match="share of the tokens must lie in"):
         tokens.budgets("0.5,1.5", 256)
+
+
+def naive_greedy_det(L, k):
+    """Greedy DPP MAP by determinants (NumPy): each step the item whose addition gives the largest det L_S."""
+    kept = []
+    for _ in range(k):
+        dets = [-np.inf if t in kept else np.linalg.det(L[np.ix_(kept + [t], kept + [t])]) for t in range(len(L))]
+        kept.append(int(np.argmax(dets)))
+    return kept
+
+
+def test_question_aware_rules_against_independent_computations():
+    """CDPruner's fast greedy MAP equals greedy by determinants on the same kernel built in NumPy; IDPruner's MMR
+    equals a NumPy loop; relevance is the min-max scaled mean cosine to the question's embeddings."""
+    g = torch.Generator().manual_seed(5)
+    X, Q = torch.randn(40, 24, generator=g), torch.randn(3, 24, generator=g)
+    x, q = X.double().numpy(), Q.double().numpy()
+    xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    r = (xn @ qn.T).mean(1)
+    r = (r - r.min()) / (r.max() - r.min())
+    rel = selection.relevance(X, Q)
+    np.testing.assert_allclose(rel.numpy(), r, atol=1e-12)
+    assert rel.min() == 0 and rel.max() == 1
+    L = np.exp(r)[:, None] * (xn @ xn.T) * np.exp(r)[None, :]
+    assert selection.select("cdpruner", X, 10, relevance=rel).tolist() == naive_greedy_det(L, 10)
+    assert selection.dpp_greedy_map(torch.from_numpy(L), 10).tolist() == naive_greedy_det(L, 10)
+    kept, red = [], np.zeros(40)
+    for _ in range(12):
+        s = 0.5 * r - 0.5 * red
+        s[kept] = -np.inf
+        kept.append(int(np.argmax(s)))
+        red = np.maximum(red, (xn @ xn.T)[kept[-1]]) if len(kept) > 1 else (xn @ xn.T)[kept[-1]]
+    assert selection.select("mmr", X, 12, relevance=rel).tolist() == kept
+    with pytest.raises(ValueError, match="relevance to the question"):
+        selection.select("mmr", X, 4)
+
+
+def test_question_aware_rules_in_tokens_py(trained, capsys):
+    """On a cache with questions, relevance comes from the tiny model's embedding table alone."""
+    rows = tokens.main(
+        ["--results_dir", str(trained), "--ks", "16,64", "--rules", "cdpruner,mmr,norm", "--draw_k", "16"]
+    )
+    got = {(r["rule"], r["k"]): r["cosine"] for r in rows}
+    assert set(got) == {(rule, k) for rule in ("cdpruner", "mmr", "norm") for k in (16, 64)}
+    assert all(0 < c <= 1 for c in got.values()) and got[("cdpruner", 64)] > got[("cdpruner", 16)]

@@ -468,3 +468,20 @@ def test_budgets_as_shares_of_the_tokens():
     args.transforms = "keep:norm:1.5"
     with pytest.raises(UserError, match="keep:norm:1.5"):
         vqa_eval.conditions(args, None, "subspace", 256)
+
+
+def test_question_aware_rules_answer(trained, tmp_path, tiny_vlm):
+    """keep:cdpruner and keep:mmr run in vqa_eval with the question's embeddings from the model's own table; the
+    kept tokens depend on the question."""
+    summary = run(
+        trained, tmp_path, "--svd_ranks", "", "--nn_ranks", "", "--transforms", "keep:cdpruner:32,keep:mmr:0.125"
+    )
+    rows = {s["condition"]: s for s in summary}
+    assert rows["keep:cdpruner:32"]["vision_tokens"] == 32 and rows["keep:mmr:32"]["share"] == 0.125
+    model, proc = tiny_vlm
+    asker = downstream.Asker(model, proc, torch.float32, "layernorm", (16, 16), None, {}, 0, 0, str, 4)
+    from PIL import Image
+
+    image = Image.new("RGB", (448, 448), (120, 40, 200))
+    towers = [asker.encode(image, q, question_aware=True)[2] for q in ("what colour is the sign", "who is it")]
+    assert not torch.equal(towers[0].relevance, towers[1].relevance)
