@@ -308,7 +308,9 @@ def plot(rows, levels, path, meta):
         for i, (name, rs) in enumerate(sorted(series.items())):
             rs = sorted(rs, key=lambda r: r[key])
             style = "-o" if name.split(":")[0] in ("svd", "nn") else ("--s" if name.startswith("merge") else ":^")
-            ax.plot([r[key] for r in rs], [r["saliency_r"] for r in rs], style, ms=4, label=name, color=f"C{i % 10}")
+            ax.plot(
+                [r[key] for r in rs], [r["saliency_r"] for r in rs], style, ms=4, label=name, color=plt.cm.tab20(i % 20)
+            )
         ax.plot([rows[0][key]], [rows[0]["saliency_r"]], "k*", ms=12, label="original")
         if "saliency_r" in levels:
             ax.axhline(levels["saliency_r"], color="grey", ls=":", lw=1, label="chance (other photos)")
