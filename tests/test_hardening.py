@@ -359,7 +359,7 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
     assert not (tmp_path / "t").exists()
     import bench
 
-    with pytest.raises(UserError, match=f"--ranks {rank}: the model .* serves ranks 1..16"):
+    with pytest.raises(UserError, match=f"--ranks {rank}: (the model .* serves ranks 1..16|a rank must be between 1)"):
         bench.main(["--results_dir", str(trained), "--ranks", rank, "--device", "cpu"])
     with pytest.raises(ValueError, match="ranks 1..8"):
         model.Subspace(rank=8).factors(torch.randn(1, 256, 2048), rank=int(rank))
