@@ -18,7 +18,7 @@ from lowrank import metrics, reports
 from lowrank.cli import HelpFormatter, add_device, pick_device, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import answer_box_masks, lossy_note
-from lowrank.plots import plot_energy_curve, pyplot
+from lowrank.plots import plot_energy_curve, pyplot, save
 from lowrank.runs import first, load_run, output_stem
 
 
@@ -160,9 +160,7 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.set_ylabel("samples")
     ax.legend()
     ax.set_title(f"Per-sample cosine, NN ({arch}) vs truncated SVD, rank {r} (n={len(nn['cosine'])})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(paths[0])
-    plt.close(fig)
+    save(fig, paths[0])
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
     ax.scatter(svd["cosine"], nn["cosine"], s=10)
@@ -173,9 +171,7 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.set_ylabel(f"NN ({arch}) cosine")
     ax.set_title(f"per sample, rank {r}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    plt.close(fig)
+    save(fig, paths[1])
 
     plot_energy_curve(
         energy,
@@ -203,9 +199,7 @@ def plot_box(nn, svd, r, arch, stem):
     ax.set_title(f"Error inside vs outside the answer box, rank {r}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 

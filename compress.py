@@ -40,7 +40,7 @@ from lowrank.feature_cache import (
 )
 from lowrank.feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
 from lowrank.model import Subspace, load_checkpoint, make_checkpoint, quantized_state
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.quantize import dequantize_rows, quantize_rows
 from lowrank.reports import write_csv
 from lowrank.runs import first, omega_basis, read_run
@@ -223,9 +223,7 @@ def plot_rd(rows, path, title):
     ax.set_title(f"Rate-distortion: {title}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from lowrank.dataset import cache_encoder, rerun_tower
 from lowrank.encoders import RANDOM_TOWERS, layer_grid, layer_names, tower_layers
 from lowrank.feature_cache import cache_grid, load_manifest, normalize
 from lowrank.metrics import spectrum_stats
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.reports import write_csv
 from lowrank.runs import first, read_run
 
@@ -153,9 +153,7 @@ def plot(rows, ranks, shared_rank, full, path, title):
     a.set_ylabel("share of energy")
     b.set_ylabel("dimensions")
     fig.suptitle(f"Low-rank structure along the tower: {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from lowrank.dataset import FeatureDataset, cached_image, principal_basis, tower
 from lowrank.feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
 from lowrank.merging import MERGES, merge, pool_shape
 from lowrank.metrics import scale_bbox
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.reports import write_csv
 from lowrank.runs import first, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES, box_hits, reconstruct_from, relevance, select
@@ -311,9 +311,7 @@ def plot(rows, ks, rules, stem):
     ax.set_title("Token selection vs truncated SVD")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0])
-    plt.close(fig)
+    save(fig, paths[0])
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=150)
     if rows[0]["box_recall"] is not None:
         ax.plot(
@@ -339,9 +337,7 @@ def plot(rows, ks, rules, stem):
     ax.grid(alpha=0.3)
     if rows[0]["box_recall"] is not None:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    plt.close(fig)
+    save(fig, paths[1])
     return paths
 
 
@@ -382,8 +378,7 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, context=None):
         a.axis("off")
     fig.suptitle(f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)", fontsize=10)
     path = Path(f"{stem}_kept.png")
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 

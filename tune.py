@@ -32,7 +32,7 @@ from lowrank.cli import (
 )
 from lowrank.config import RunConfig
 from lowrank.feature_cache import NORMALIZATIONS, cached_shape
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.runs import load_or_make_split
 from lowrank.training import get_args_parser as training_parser
 from lowrank.training import train
@@ -257,9 +257,7 @@ def plots(study, out, min_trials_for_importance=5):
         ax.legend(),
         ax.grid(alpha=0.3),
     )
-    fig.tight_layout()
-    fig.savefig(out / "optimization_history.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "optimization_history.png", dpi=120)
     fig = None
     if len(done) >= min_trials_for_importance:
         import warnings
@@ -284,7 +282,7 @@ def plots(study, out, min_trials_for_importance=5):
         ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
         ax.axis("off")
         print(why)
-    fig.savefig(out / "param_importances.png", dpi=120)
+    save(fig, out / "param_importances.png", dpi=120)
     plt.close("all")
 
 

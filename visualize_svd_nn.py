@@ -19,7 +19,7 @@ from lowrank.cli import HelpFormatter, UserError, nonneg_int, out_folder, positi
 from lowrank.dataset import FeatureDataset, cached_image
 from lowrank.feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
 from lowrank.metrics import scale_bbox
-from lowrank.plots import pyplot
+from lowrank.plots import save
 from lowrank.runs import load_run, output_stem, read_split
 
 
@@ -330,8 +330,6 @@ def pick_sample(args, idx, cache_dir):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    plt = pyplot()
-
     run = load_run(args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir)
     model, cfg, idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
     sid, where, tag = pick_sample(args, idx, cache_dir)
@@ -360,8 +358,7 @@ def main(argv=None):
         ("spectrum", fig_spectrum(d, r, head)),
     ]:
         p = out / f"{stem}_{name}.{args.format}"
-        fig.savefig(p, dpi=args.dpi, bbox_inches="tight")
-        plt.close(fig)
+        save(fig, p, dpi=args.dpi, bbox_inches="tight")
         paths.append(p)
     html_channels = sorted(set(range(min(args.html_channels, X.shape[1]))) | set(channels))
     p = out / f"{stem}_interactive.html"

@@ -64,7 +64,7 @@ from lowrank.downstream import (
 from lowrank.encoders import DEFAULT_IMAGE_SIZE, default_dtype
 from lowrank.feature_cache import cache_grid, read_manifest
 from lowrank.images import Source, fingerprint, load_image, parse_image_size
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.reports import write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
@@ -455,9 +455,8 @@ def plot(summary, path, settings):
     ax.set_ylabel("VQA accuracy")
     ax.set_title(f"VQA accuracy by vision-token budget, {settings['model']}, n={summary[0]['n']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.set_dpi(120)
+    save(fig, path)
 
 
 FAMILIES = {
@@ -501,9 +500,8 @@ def plot_cost(summary, path, settings):
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"VQA accuracy against cost, {settings['model']}, n={summary[0]['n']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.set_dpi(120)
+    save(fig, path)
 
 
 if __name__ == "__main__":

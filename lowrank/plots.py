@@ -16,11 +16,17 @@ def pyplot():
     return plt
 
 
-def save(fig, path):
-    """Lay out, write and close a figure."""
-    fig.tight_layout()
-    fig.savefig(path)
-    pyplot().close(fig)
+def save(fig, path, **savefig_kw):
+    """Lay out, write and close a figure. A failed write (a full disk) names the figure's path: matplotlib's own
+    error does not."""
+    if fig.get_layout_engine() is None:  # a figure made with a layout engine (constrained) keeps it
+        fig.tight_layout()
+    try:
+        fig.savefig(path, **savefig_kw)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        pyplot().close(fig)
 
 
 def plot_energy_curve(energy, path, ranks=(), points=(), title="Energy captured by truncated SVD"):

@@ -40,7 +40,7 @@ from lowrank.model import (
     make_checkpoint,
     read_checkpoint,
 )
-from lowrank.plots import pyplot
+from lowrank.plots import pyplot, save
 from lowrank.runs import (
     BEST,
     CONFIG,
@@ -525,6 +525,4 @@ def plot_history(history, path, title=""):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
