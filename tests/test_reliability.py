@@ -37,6 +37,13 @@ def train(cache, out, *extra):
     return train_real_data.main(["--cache_dir", str(cache), "--results_dir", str(out), *SMALL, *extra])
 
 
+def ctrl_c_as_a_terminal_sends_it():
+    """The child starts with SIGINT at its default, as in a terminal, so Python turns it into KeyboardInterrupt: a
+    suite started in the background of a shell without job control inherits SIGINT ignored, and the Ctrl-C below
+    would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def script(name, *args, **kw):
     return subprocess.Popen(
         [sys.executable, str(ROOT / name), *map(str, args)],
@@ -44,6 +51,7 @@ def script(name, *args, **kw):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_as_a_terminal_sends_it,
         **kw,
     )
 
