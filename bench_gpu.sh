@@ -11,8 +11,8 @@
 #   6. bench_vqa.py: answers per second at batch 1, 8 and 32 with the same full model (target: >= 8x at 32)
 # then prints one table. Usage: ./bench_gpu.sh [work_dir]   (default bench_gpu_work; the cache is reused if present)
 # A dry run of the plumbing on CPU (what the tests do):
-#   DEVICE=cpu NUM=12 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random EXTRACT_BATCHES=2,4 VQA_BATCHES=1,2 \
-#       ./bench_gpu.sh /tmp/bench_gpu_dry
+#   DEVICE=cpu NUM=12 DEMO_NUM=8 RANKS=16 BATCH=4 VQA_LIMIT=2 EXTRACT_MODEL=tiny-random EXTRACT_BATCHES=2,4 VQA_BATCHES=1,2 \
+#       NEW_TOKENS=2 ./bench_gpu.sh /tmp/bench_gpu_dry
 set -euo pipefail
 cd "$(dirname "$0")"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
@@ -30,15 +30,16 @@ $PY bench.py --results_dir "$W/results" --device "$DEVICE" --batch_size "${BATCH
 $PY bench_extract.py --model "${EXTRACT_MODEL:-random-3b}" --device "$DEVICE" --batch_sizes "${EXTRACT_BATCHES:-8,32}" \
     --json "$W/extract.json" 2>&1 | tee "$W/extract.log"
 M=${EXTRACT_MODEL:-random-3b}
-[[ -d "$W/demo" ]] || $PY demo_data.py --out "$W/demo" --num 40 --shards 1
+[[ -d "$W/demo" ]] || $PY demo_data.py --out "$W/demo" --num "${DEMO_NUM:-40}" --shards 1
 $PY qwenvl_dataloader.py --dataset_dir "$W/demo" --model "$M" --cache_dir "$W/cache_vqa" --device "$DEVICE" \
     2>&1 | tail -3
 $PY train_real_data.py --cache_dir "$W/cache_vqa" --arch subspace --rank 64 --epochs 1 --device "$DEVICE" \
     --results_dir "$W/results_vqa" --resplit 2>&1 | tail -3
 $PY vqa_eval.py --results_dir "$W/results_vqa" --model "$M" --device "$DEVICE" --split train --limit "${VQA_LIMIT:-8}" \
-    --svd_ranks 64 --nn_ranks 64 --rules leverage --keep 64 --zeros --restart --batch_size 32 2>&1 | tee "$W/vqa.log"
+    --svd_ranks 64 --nn_ranks 64 --rules leverage --keep 64 --zeros --restart --batch_size 32 \
+    --max_new_tokens "${NEW_TOKENS:-16}" 2>&1 | tee "$W/vqa.log"
 $PY bench_vqa.py --model "$M" --device "$DEVICE" --batch_sizes "${VQA_BATCHES:-1,8,32}" --num "${VQA_BENCH_NUM:-64}" \
-    --json "$W/vqa_bench.json" 2>&1 | tee "$W/vqa_bench.log"
+    --max_new_tokens "${NEW_TOKENS:-8}" --json "$W/vqa_bench.json" 2>&1 | tee "$W/vqa_bench.log"
 $PY - "$W" <<'PYEOF'
 import json, sys, torch
 W = sys.argv[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_script
 from PIL import Image
 
 import compare_svd_nn
@@ -28,15 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def cli(script, *args, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=300,
-    )
+cli = run_script
 
 
 def one_line_error(r):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 
 import vqa_eval
 from lowrank import answer_log, cli, feature_cache, model, reports, runs
@@ -20,10 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def script(*args, **kw):
-    return subprocess.run(
-        [sys.executable, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT, **kw
-    )
+script = run_script
 
 
 def one_line(r):

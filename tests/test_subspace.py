@@ -171,6 +171,8 @@ def test_bench_gpu_sh_dry_run_on_cpu(tmp_path):
         EXTRACT_BATCHES="2,4",
         VQA_BATCHES="1,2",
         VQA_BENCH_NUM="2",
+        DEMO_NUM="8",
+        NEW_TOKENS="2",
         PYTHON=sys.executable,
     )
     r = subprocess.run(
