@@ -1,11 +1,12 @@
 """
-Feature-extraction throughput: images per second of preprocessing and of the vision tower, at several batch sizes;
-and, with --towers, the size of every supported vision tower.
+Feature-extraction throughput: images per second of preprocessing and of the vision tower, at
+several batch sizes; and, with --towers, the size of every supported vision tower.
 
-    python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size, random weights)
-    python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896 --batch_sizes 1,8
-    python bench_extract.py --towers        (parameters, bf16 weight memory, tokens x dim of each published tower)
-    python bench_extract.py --read_cache feature_cache_real      (cache read ms/image against cat)
+    python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size,
+    random weights) python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896
+    --batch_sizes 1,8 python bench_extract.py --towers        (parameters, bf16 weight memory,
+    tokens x dim of each published tower) python bench_extract.py --read_cache feature_cache_real
+    (cache read ms/image against cat)
 """
 
 import argparse
@@ -24,7 +25,8 @@ from lowrank.images import load_image, parse_image_size
 
 
 def tower_table(image_size):
-    """Each real-size tower built from its published config (random weights, on the meta device: no memory)."""
+    """Each real-size tower built from its published config (random weights, on the meta device: no
+    memory)."""
     w, h = parse_image_size(image_size)
     print(
         f"{'tower (published config)':<24}{'family':<12}{'params':>10}{'bf16 weights':>14}{'cell':>6}"
@@ -61,8 +63,8 @@ def tower_table(image_size):
 
 
 def read_speed(cache_dir, n=200, repeats=3):
-    """ms per image to read a cache lazily through FeatureDataset (load, checks, normalisation) against `cat` of the
-    same files (both warm in the page cache; best of `repeats`)."""
+    """ms per image to read a cache lazily through FeatureDataset (load, checks, normalisation)
+    against `cat` of the same files (both warm in the page cache; best of `repeats`)."""
     import subprocess
 
     idx = cached_indices(cache_dir)[:n]
@@ -88,14 +90,20 @@ def read_speed(cache_dir, n=200, repeats=3):
 
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", default=RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir")
+    ap.add_argument(
+        "--model", default=RANDOM_3B, help="tiny-random*, random-*, a hub id or a checkpoint dir"
+    )
     add_device(ap)
     add_dtype(ap)
     ap.add_argument("--image_size", default=DEFAULT_IMAGE_SIZE, help="448 or WxH")
     ap.add_argument("--batch_sizes", default="1,8", help="comma list")
-    ap.add_argument("--repeats", type=positive_int, default=3, help="timed runs per batch size, best kept")
+    ap.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed runs per batch size, best kept"
+    )
     ap.add_argument("--json", default=None, help="also write the speed rows to this JSON file")
-    ap.add_argument("--towers", action="store_true", help="print the size of every supported tower and exit")
+    ap.add_argument(
+        "--towers", action="store_true", help="print the size of every supported tower and exit"
+    )
     ap.add_argument(
         "--read_cache",
         default=None,
@@ -134,7 +142,10 @@ def main(argv=None):
                 t = time.perf_counter()
                 inputs = enc.processor(images=ims, return_tensors="pt")
                 t_pre.append(time.perf_counter() - t)
-                pv, grid = inputs["pixel_values"].to(dev, enc.dtype), inputs["image_grid_thw"].to(dev)
+                pv, grid = (
+                    inputs["pixel_values"].to(dev, enc.dtype),
+                    inputs["image_grid_thw"].to(dev),
+                )
                 sync()
                 t = time.perf_counter()
                 enc.tower(pv, grid_thw=grid)
@@ -142,7 +153,14 @@ def main(argv=None):
                 t_fwd.append(time.perf_counter() - t)
         pre, fwd = min(t_pre), min(t_fwd)
         print(f"{b:>6}{b / pre:>18.1f}{b / fwd:>14.2f}{b / (pre + fwd):>12.2f}")
-        out.append({"batch": b, "preprocess_img_s": b / pre, "tower_img_s": b / fwd, "both_img_s": b / (pre + fwd)})
+        out.append(
+            {
+                "batch": b,
+                "preprocess_img_s": b / pre,
+                "tower_img_s": b / fwd,
+                "both_img_s": b / (pre + fwd),
+            }
+        )
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     if peak is not None:
         print(f"peak GPU memory {peak:.2f} GiB")

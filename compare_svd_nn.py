@@ -1,11 +1,13 @@
 """
-Compare a trained factoriser with truncated SVD at the same rank, on the same samples and normalisation.
+Compare a trained factoriser with truncated SVD at the same rank, on the same samples and
+normalisation.
 
     python compare_svd_nn.py --rank 128 --results_dir results
 
-Writes compare_rank<r>.json, compare_rank<r>.csv, compare_rank<r>_cosine_hist.png, compare_rank<r>_scatter.png
-and compare_rank<r>_energy.png into the results directory (with _<split> and _<checkpoint> appended to the stem for
-another split than test or another checkpoint than best_model.pt).
+Writes compare_rank<r>.json, compare_rank<r>.csv, compare_rank<r>_cosine_hist.png,
+compare_rank<r>_scatter.png and compare_rank<r>_energy.png into the results directory (with _<split>
+and _<checkpoint> appended to the stem for another split than test or another checkpoint than
+best_model.pt).
 """
 
 import argparse
@@ -27,15 +29,35 @@ def get_args_parser():
         description="Truncated SVD vs the trained factoriser, paired on the same samples.",
         formatter_class=HelpFormatter,
     )
-    ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
-    ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
-    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of split.json")
     ap.add_argument(
-        "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
+        "--rank",
+        type=int,
+        default=None,
+        help="must match the checkpoint's rank (default: its rank)",
+    )
+    ap.add_argument(
+        "--results_dir", default="results", help="a training run's folder (checkpoint, split.json)"
+    )
+    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
+    ap.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which samples of split.json",
+    )
+    ap.add_argument(
+        "--num_samples",
+        type=positive_int,
+        default=None,
+        help="first N samples of the split (default: all)",
     )
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
-    ap.add_argument("--batch_size", type=positive_int, default=64, help="samples per batch (evaluation and timing)")
+    ap.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=64,
+        help="samples per batch (evaluation and timing)",
+    )
     ap.add_argument(
         "--svd_method",
         default=metrics.DEFAULT_METHOD,
@@ -47,7 +69,8 @@ def get_args_parser():
 
 
 def paired(nn, svd):
-    """Per-sample NN - SVD differences, summarised (box metrics over the samples that have a box)."""
+    """Per-sample NN - SVD differences, summarised (box metrics over the samples that have a
+    box)."""
     return metrics.summarize({k: [a - b for a, b in zip(nn[k], svd[k])] for k in nn})
 
 
@@ -55,7 +78,12 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     args.device = str(pick_device(args.device))
     run = load_run(
-        args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir, device=args.device
+        args.results_dir,
+        args.checkpoint,
+        args.split,
+        rank=args.rank,
+        cache_dir=args.cache_dir,
+        device=args.device,
     )
     model, ck, cfg, cache_dir = run.model, run.checkpoint, run.config, run.cache_dir
     idx = first(run.indices, args.num_samples)
@@ -74,14 +102,7 @@ def main(argv=None):
     n, n_box = len(ids), sum(m is not None for m in masks.values())
     S_nn, S_svd, D = metrics.summarize(nn), metrics.summarize(svd), paired(nn, svd)
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
-    # speed as bench.py measures it: one full batch, a warm-up, the median of 3 timed calls
-    xb = next(iter(loader))[0].to(args.device)
-    xb = xb.repeat((args.batch_size + len(xb) - 1) // len(xb), 1, 1)[: args.batch_size]
-    ms = {
-        "svd": metrics.time_ms(lambda x: metrics.svd_reconstruct(x, r, args.svd_method), xb),
-        "nn": metrics.time_ms(lambda x: model(x)[0], xb),
-    }
-
+    ms = speed(model, next(iter(loader))[0].to(args.device), r, args)
     print(
         f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg.arch} (epoch {ck['epoch']}), "
         f"device {args.device}, batch {args.batch_size}{lossy_note(cache_dir)}"
@@ -120,18 +141,32 @@ def main(argv=None):
     }
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     write_csv(out / f"{stem}.csv", ids, svd, nn)
-    paths = plot(nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg.arch, out / stem)
+    paths = plot(
+        nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg.arch, out / stem
+    )
     if n_box:
         paths.append(plot_box(nn, svd, r, cfg.arch, out / stem))
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
     return summary
 
 
+def speed(model, X, r, args):
+    """{'svd', 'nn': ms per sample}, as bench.py measures them: one full batch, a warm-up, the median
+    of 3 timed calls."""
+    xb = metrics.timing_batch(X, args.batch_size)
+    return {
+        "svd": metrics.time_ms(lambda x: metrics.svd_reconstruct(x, r, args.svd_method), xb),
+        "nn": metrics.time_ms(lambda x: model(x)[0], xb),
+    }
+
+
 def print_table(S_svd, S_nn, D, n_box, n):
     print(f"{'metric':<17}{'SVD':>22}{'NN':>22}{'NN - SVD (paired)':>24}")
     for k in metrics.METRICS + metrics.BOX_METRICS:
         if k == metrics.BOX_METRICS[0]:
-            print(f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):")
+            print(
+                f"inside vs outside the answer box ({n_box} samples with a box, {n - n_box} without: skipped):"
+            )
 
         def f(s):
             return f"{s[k]['mean']:.5f} ± {s[k]['std']:.5f}"
@@ -150,7 +185,11 @@ def write_csv(path, ids, svd, nn):
 def plot(nn, svd, energy, S_nn, r, arch, stem):
     plt = pyplot()
 
-    paths = [Path(f"{stem}_cosine_hist.png"), Path(f"{stem}_scatter.png"), Path(f"{stem}_energy.png")]
+    paths = [
+        Path(f"{stem}_cosine_hist.png"),
+        Path(f"{stem}_scatter.png"),
+        Path(f"{stem}_energy.png"),
+    ]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
     lo = min(min(nn["cosine"]), min(svd["cosine"]))
     bins = torch.linspace(lo, 1, 40).tolist()
@@ -159,7 +198,10 @@ def plot(nn, svd, energy, S_nn, r, arch, stem):
     ax.set_xlabel(f"flattened cosine, rank {r}")
     ax.set_ylabel("samples")
     ax.legend()
-    ax.set_title(f"Per-sample cosine, NN ({arch}) vs truncated SVD, rank {r} (n={len(nn['cosine'])})", fontsize=9)
+    ax.set_title(
+        f"Per-sample cosine, NN ({arch}) vs truncated SVD, rank {r} (n={len(nn['cosine'])})",
+        fontsize=9,
+    )
     save(fig, paths[0])
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
@@ -191,7 +233,9 @@ def plot_box(nn, svd, r, arch, stem):
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=150)
     for name, d, c in (("truncated SVD", svd, "C0"), (f"NN ({arch})", nn, "C1")):
         pts = [(o, i) for o, i in zip(d["rel_token_out"], d["rel_token_in"]) if o == o and i == i]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=c, label=f"{name} (n={len(pts)})")
+        ax.scatter(
+            [p[0] for p in pts], [p[1] for p in pts], s=12, color=c, label=f"{name} (n={len(pts)})"
+        )
     lim = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot(lim, lim, "k--", lw=0.8, label="in = out")
     ax.set_xlabel("rel_token outside the answer box")

@@ -1,17 +1,20 @@
 """
-How many bytes per image keep the features, and which method gets there? Feature codecs measured at a size, a
-compressed cache that every script reads transparently, and the factoriser itself quantised and pruned.
+How many bytes per image keep the features, and which method gets there? Feature codecs measured at
+a size, a compressed cache that every script reads transparently, and the factoriser itself
+quantised and pruned.
 
-    python compress.py study --results_dir results                     # rate-distortion on the test split
-    python compress.py cache --results_dir results --codec pca_int8 --rank 256 --out feature_cache_pca256
-    python compress.py model --results_dir results                     # int8 and pruned factorisers
+    python compress.py study --results_dir results                     # rate-distortion on the test
+    split python compress.py cache --results_dir results --codec pca_int8 --rank 256 --out
+    feature_cache_pca256 python compress.py model --results_dir results                     # int8
+    and pruned factorisers
 
-Every codec works on the features as training sees them (the run's normalisation); bytes per image are exact: codes
-plus their scales. A shared basis (PCA of the training split's tokens, or the subspace model's Ω orthonormalised)
-is stored once per data set; its bytes are reported apart and amortised over the cache's images.
-Codecs (feature_codecs.py; the setting is the rank r where there is one): fp32, fp16, bf16 (floats); int8, int4
-(per-token absmax); svd_fp16, svd_int8 (per-image SVD factors); pca_fp16/int8/int4 (coefficients on the training
-split's principal directions); omega_fp16/int8/int4 (the same on a subspace model's Ω, orthonormalised).
+Every codec works on the features as training sees them (the run's normalisation); bytes per image
+are exact: codes plus their scales. A shared basis (PCA of the training split's tokens, or the
+subspace model's Ω orthonormalised) is stored once per data set; its bytes are reported apart and
+amortised over the cache's images. Codecs (feature_codecs.py; the setting is the rank r where there
+is one): fp32, fp16, bf16 (floats); int8, int4 (per-token absmax); svd_fp16, svd_int8 (per-image SVD
+factors); pca_fp16/int8/int4 (coefficients on the training split's principal directions);
+omega_fp16/int8/int4 (the same on a subspace model's Ω, orthonormalised).
 """
 
 import argparse
@@ -25,7 +28,16 @@ import torch.nn.utils.prune as prune
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, check_rank, name_arg, out_folder, parse_ranks, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    check_rank,
+    name_arg,
+    out_folder,
+    parse_ranks,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, principal_basis
 from lowrank.feature_cache import (
     MANIFEST,
@@ -38,19 +50,29 @@ from lowrank.feature_cache import (
     read_manifest,
     tensor_sha,
 )
-from lowrank.feature_codecs import BASIS, CODECS, SHARED_BASIS, codec_settings, decode, encode, family, payload_bytes
+from lowrank.feature_codecs import (
+    BASIS,
+    CODECS,
+    SHARED_BASIS,
+    codec_settings,
+    decode,
+    encode,
+    family,
+    payload_bytes,
+)
 from lowrank.model import Subspace, load_checkpoint, make_checkpoint, quantized_state
 from lowrank.plots import pyplot, save
 from lowrank.quantize import dequantize_rows, quantize_rows
 from lowrank.reports import write_csv
 from lowrank.runs import first, omega_basis, read_run
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # shared bases and the run's data
 
 
 def source_run(results_dir, cache_dir=None):
-    """(config, split, cache) of the run whose features are compressed: never an already compressed cache."""
+    """(config, split, cache) of the run whose features are compressed: never an already compressed
+    cache."""
     cfg, split = read_run(results_dir)
     cache = cache_dir or cfg.cache_dir
     codec = read_manifest(cache).get("codec")
@@ -61,7 +83,7 @@ def source_run(results_dir, cache_dir=None):
     return cfg, split, cache
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. rate-distortion study
 
 
@@ -75,11 +97,17 @@ def study(args):
     ranks = parse_ranks(args.ranks, min(T, D))
     pca = principal_basis(cache, split["train"], norm).float()
     omega = omega_basis(args.results_dir)
-    settings = codec_settings(args.codecs.split(","), ranks, T, D, 0 if omega is None else omega.shape[1])
+    settings = codec_settings(
+        args.codecs.split(","), ranks, T, D, 0 if omega is None else omega.shape[1]
+    )
     print(
         f"{len(idx)} {args.split} images [{T}, {D}] from {cache} ({norm}); PCA basis from {len(split['train'])} "
         f"training images; "
-        + (f"Ω from {args.results_dir}" if omega is not None else "no subspace model: no omega codecs")
+        + (
+            f"Ω from {args.results_dir}"
+            if omega is not None
+            else "no subspace model: no omega codecs"
+        )
     )
     rows = measure_codecs(X, settings, pca, omega, n_cache)
     front = pareto(rows)
@@ -147,7 +175,9 @@ def print_study(rows, best):
             f"{r['bytes_per_image_amortised'] - r['bytes_per_image']:>12.0f}{r['ratio_to_fp32']:>8.1f}"
             f"{r['cosine']:>9.5f}{r['energy']:>9.5f}{r['rel_fro']:>9.5f}  {'*' if r['pareto'] else ''}"
         )
-    print("smallest setting of each codec (bytes/image, shared basis amortised) reaching a cosine of:")
+    print(
+        "smallest setting of each codec (bytes/image, shared basis amortised) reaching a cosine of:"
+    )
     for codec, hits in best.items():
         print(
             f"  {codec:<12}"
@@ -172,7 +202,8 @@ def pareto(rows):
         if not any(
             o["bytes_per_image_amortised"] <= r["bytes_per_image_amortised"]
             and o["cosine"] >= r["cosine"]
-            and (o["bytes_per_image_amortised"], o["cosine"]) != (r["bytes_per_image_amortised"], r["cosine"])
+            and (o["bytes_per_image_amortised"], o["cosine"])
+            != (r["bytes_per_image_amortised"], r["cosine"])
             for o in rows
         )
     }
@@ -181,7 +212,9 @@ def pareto(rows):
 def smallest(rows, targets):
     out = {}
     for codec in dict.fromkeys(r["codec"] for r in rows):
-        mine = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"])
+        mine = sorted(
+            (r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"]
+        )
         out[codec] = {t: next((r for r in mine if r["cosine"] >= t), None) for t in targets}
     return out
 
@@ -191,7 +224,9 @@ def plot_rd(rows, path, title):
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=150)
     for c, codec in enumerate(dict.fromkeys(r["codec"] for r in rows)):
-        mine = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"])
+        mine = sorted(
+            (r for r in rows if r["codec"] == codec), key=lambda r: r["bytes_per_image_amortised"]
+        )
         ax.plot(
             [r["bytes_per_image_amortised"] for r in mine],
             [r["cosine"] for r in mine],
@@ -203,7 +238,11 @@ def plot_rd(rows, path, title):
         )  # omega starts at PCA: dashed, so both show
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes_per_image_amortised"])
     ax.plot(
-        [r["bytes_per_image_amortised"] for r in front], [r["cosine"] for r in front], "k--", lw=1, label="Pareto front"
+        [r["bytes_per_image_amortised"] for r in front],
+        [r["cosine"] for r in front],
+        "k--",
+        lw=1,
+        label="Pareto front",
     )
     ax.scatter(
         [r["bytes_per_image_amortised"] for r in front],
@@ -216,17 +255,15 @@ def plot_rd(rows, path, title):
         ax.axhline(t, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per image (a shared basis amortised over the cache)")
-    (
-        ax.set_ylabel("cosine to the original features"),
-        ax.set_ylim(max(0.9, min(r["cosine"] for r in rows) - 0.005), 1.0005),
-    )
+    ax.set_ylabel("cosine to the original features")
+    ax.set_ylim(max(0.9, min(r["cosine"] for r in rows) - 0.005), 1.0005)
     ax.set_title(f"Rate-distortion: {title}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     save(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. a compressed cache
 
 
@@ -260,7 +297,8 @@ def write_cache(args):
         p = encode(codec, X, r, basis)
         atomic_save(p, feature_path(out, i))
         total += feature_path(out, i).stat().st_size
-        Xh = check_values(decode(codec, p, basis), feature_path(out, i))  # NaN/Inf codes are refused, not averaged
+        # NaN/Inf codes are refused, not averaged
+        Xh = check_values(decode(codec, p, basis), feature_path(out, i))
         cos.append(metrics.metrics(X[None], Xh[None])["cosine"].item())
     cs = metrics.summarize({"cosine": cos})["cosine"]
     m = {
@@ -293,28 +331,34 @@ def write_cache(args):
     return m
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. the factoriser compressed: int8 weights and magnitude pruning
 
 
 def quantize_model(model):
-    """int8: the symmetric MLP's Linear layers through torch's dynamic quantisation; subspace's Ω as int8 with one
-    float32 scale per column (dequantised on load: the same Ω every later script sees)."""
+    """int8: the symmetric MLP's Linear layers through torch's dynamic quantisation; subspace's Ω as
+    int8 with one float32 scale per column (dequantised on load: the same Ω every later script
+    sees)."""
     if isinstance(model, Subspace):
         q = quantize_rows(model.omega.detach().T.contiguous(), 8)  # per column of Ω
         m = copy.deepcopy(model)
         with torch.no_grad():
             m.omega.copy_(dequantize_rows(q).T)
         return m, {"omega_int8": q}
-    with warnings.catch_warnings():  # torch 2.x: eager-mode quantisation is announced as moving to torchao
+    # torch 2.x: eager-mode quantisation is announced as moving to torchao
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), None
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+        ), None
 
 
 def prune_model(model, amount):
     """Global L1 magnitude pruning of every weight matrix (Ω for subspace), then made permanent."""
     m = copy.deepcopy(model)
-    params = [(mod, "weight") for mod in m.modules() if isinstance(mod, torch.nn.Linear)] or [(m, "omega")]
+    params = [(mod, "weight") for mod in m.modules() if isinstance(mod, torch.nn.Linear)] or [
+        (m, "omega")
+    ]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
     for mod, name in params:
         prune.remove(mod, name)
@@ -327,7 +371,7 @@ def model_table(args):
     model, ck = load_checkpoint(Path(args.results_dir) / "best_model.pt")
     idx = split["test"][: args.num_samples] if args.num_samples else split["test"]
     X = torch.stack([x for x, _ in FeatureDataset(cache, idx, cfg.normalization)])
-    xb = X.repeat((64 + len(X) - 1) // len(X), 1, 1)[:64]
+    xb = metrics.timing_batch(X, 64)
     out = Path(args.results_dir)
     variants = [("float32", model, None, None)]
     qm, extra = quantize_model(model)
@@ -346,15 +390,28 @@ def model_table(args):
     for name, m, extra, zeros in variants:
         m.eval()
         with torch.no_grad():
-            cos = metrics.metrics(X, torch.cat([m(x)[0].float() for x in X.split(64)]))["cosine"].mean().item()
+            cos = (
+                metrics.metrics(X, torch.cat([m(x)[0].float() for x in X.split(64)]))["cosine"]
+                .mean()
+                .item()
+            )
         ms = metrics.time_ms(lambda x: m(x)[0], xb)
-        fname = out / ("best_model.pt" if name == "float32" else f"model_{name.replace(' ', '_').replace('%', '')}.pt")
+        fname = out / (
+            "best_model.pt"
+            if name == "float32"
+            else f"model_{name.replace(' ', '_').replace('%', '')}.pt"
+        )
         if name != "float32":
             sd_model = m if extra is None or cfg.arch != "subspace" else model
             ckd = make_checkpoint(
-                sd_model, dict(ck["config"], compressed=name), ck["epoch"], ck["best_val_mse"], extra=extra
+                sd_model,
+                dict(ck["config"], compressed=name),
+                ck["epoch"],
+                ck["best_val_mse"],
+                extra=extra,
             )
-            if name == "int8" and cfg.arch != "subspace":  # quantised Linear layers: keep the int8 weights only
+            # quantised Linear layers: keep the int8 weights only
+            if name == "int8" and cfg.arch != "subspace":
                 ckd["model"] = {k: v for k, v in quantized_state(m).items()}
             if name == "int8" and cfg.arch == "subspace":
                 ckd["model"] = {k: v for k, v in model.state_dict().items() if k != "omega"}
@@ -378,7 +435,9 @@ def model_table(args):
             f"{base[0] / ms:>10.2f}{cos:>9.5f}{cos - base[1]:>+10.5f}"
         )
     (out / "compressed_models.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'compressed_models.json'} and the checkpoints; compare/visualise load them with --checkpoint")
+    print(
+        f"wrote {out / 'compressed_models.json'} and the checkpoints; compare/visualise load them with --checkpoint"
+    )
     return rows
 
 
@@ -389,15 +448,33 @@ def get_args_parser():
         choices=["study", "cache", "model"],
         help="study: rate-distortion of every codec; cache: write a compressed cache; model: compress the factoriser",
     )
-    ap.add_argument("--results_dir", default="results", help="a training run: split, normalisation, (subspace) Ω")
+    ap.add_argument(
+        "--results_dir",
+        default="results",
+        help="a training run: split, normalisation, (subspace) Ω",
+    )
     ap.add_argument("--cache_dir", default=None, help="default: the run's cache")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="study: images measured")
-    ap.add_argument("--num_samples", type=positive_int, default=None, help="study / model: the first N of the split")
+    ap.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="study: images measured"
+    )
+    ap.add_argument(
+        "--num_samples",
+        type=positive_int,
+        default=None,
+        help="study / model: the first N of the split",
+    )
     ap.add_argument("--codecs", default=",".join(CODECS), help="study: codecs measured")
     ap.add_argument("--ranks", default="16,32,64,128,256", help="study: ranks of the rank codecs")
-    ap.add_argument("--name", type=name_arg, default=None, help="study: output stem rd_<name> (default: the split)")
+    ap.add_argument(
+        "--name",
+        type=name_arg,
+        default=None,
+        help="study: output stem rd_<name> (default: the split)",
+    )
     ap.add_argument("--codec", default="pca_int8", help="cache: the codec")
-    ap.add_argument("--rank", type=int, default=256, help="cache: its rank, for svd/pca/omega codecs")
+    ap.add_argument(
+        "--rank", type=int, default=256, help="cache: its rank, for svd/pca/omega codecs"
+    )
     ap.add_argument("--out", default=None, help="cache: the new cache's folder")
     return ap
 

@@ -1,6 +1,6 @@
 """
-Build a small data set in the TextVQA grounding schema from real photos that scikit-image ships (demo_set.py says
-how). No network needed.
+Build a small data set in the TextVQA grounding schema from real photos that scikit-image ships
+(demo_set.py says how). No network needed.
 
     python demo_data.py --out demo_data --num 300
 """
@@ -22,7 +22,9 @@ def get_args_parser():
     ap.add_argument("--shards", type=positive_int, default=3, help="number of parquet shards")
     ap.add_argument("--seed", type=int, default=0, help="crops, words and colours")
     ap.add_argument(
-        "--photos", default=None, help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})"
+        "--photos",
+        default=None,
+        help=f"comma list of scikit-image photos (default all: {','.join(PHOTOS)})",
     )
     return ap
 

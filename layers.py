@@ -1,22 +1,25 @@
 """
-Where along the vision tower does the representation become low-rank? Runs the cache's tower once per image with
-hooks on the patch embedding, every block and the merger (and Qwen3-VL's deepstack mergers), and reports per layer
-over a split:
+Where along the vision tower does the representation become low-rank? Runs the cache's tower once
+per image with hooks on the patch embedding, every block and the merger (and Qwen3-VL's deepstack
+mergers), and reports per layer over a split:
 
     energy_r / cosine_r    what the rank-r truncated SVD keeps of the layer's tokens (--ranks)
-    effective_rank         exp of the entropy of the normalised singular values (Roy & Vetterli 2007)
+    effective_rank         exp of the entropy of the normalised singular values (Roy & Vetterli
+                           2007)
     stable_rank            ‖X‖²_F / σ₁²
     participation_ratio    (Σσ²)² / Σσ⁴
-    shared_r               the share of all images' energy in one top-r principal subspace of the layer, fitted on
-                           these images (how much one basis serves them all; --shared_rank)
+    shared_r               the share of all images' energy in one top-r principal subspace of the
+                           layer, fitted on these images (how much one basis serves them all;
+                           --shared_rank)
 
     python layers.py --results_dir results --split test --num_samples 64 --device cuda
 
-Tokens are those of the layer in raster order (Qwen2.5-VL's window order undone): one per 14-px patch in the patch
-embedding and the blocks (1,024 at 448²), one per 28-px cell after the merger (256). Statistics are taken per image
-(the run's normalisation applied to each token first) and averaged; only a D x D Gram matrix per layer is kept.
-Writes layers_<name>.json / .csv and layers_<name>.png (the statistics against depth, full-attention blocks marked).
-A layer as a feature cache: qwenvl_dataloader.py --layer block_<i>.
+Tokens are those of the layer in raster order (Qwen2.5-VL's window order undone): one per 14-px
+patch in the patch embedding and the blocks (1,024 at 448²), one per 28-px cell after the merger
+(256). Statistics are taken per image (the run's normalisation applied to each token first) and
+averaged; only a D x D Gram matrix per layer is kept. Writes layers_<name>.json / .csv and
+layers_<name>.png (the statistics against depth, full-attention blocks marked). A layer as a feature
+cache: qwenvl_dataloader.py --layer block_<i>.
 """
 
 import argparse
@@ -49,13 +52,25 @@ from lowrank.runs import first, read_run
 
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--results_dir", default="results", help="a training run: its split and cache (no model needed)")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples")
-    ap.add_argument("--num_samples", type=positive_int, default=64, help="first N samples of the split")
+    ap.add_argument(
+        "--results_dir",
+        default="results",
+        help="a training run: its split and cache (no model needed)",
+    )
+    ap.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which samples"
+    )
+    ap.add_argument(
+        "--num_samples", type=positive_int, default=64, help="first N samples of the split"
+    )
     ap.add_argument("--ranks", default="16,64", help="ranks r of energy_r and cosine_r")
-    ap.add_argument("--shared_rank", type=positive_int, default=64, help="r of the shared principal subspace")
+    ap.add_argument(
+        "--shared_rank", type=positive_int, default=64, help="r of the shared principal subspace"
+    )
     add_device(ap, "where the tower runs")
-    ap.add_argument("--name", type=name_arg, default=None, help="output stem layers_<name> (default: the split)")
+    ap.add_argument(
+        "--name", type=name_arg, default=None, help="output stem layers_<name> (default: the split)"
+    )
     return ap
 
 
@@ -65,7 +80,8 @@ def main(argv=None):
     cache, norm = cfg.cache_dir, cfg.normalization
     manifest = load_manifest(cache)
     enc = manifest["encoder"]
-    if enc.get("layer", "merger") != "merger":  # (a synthetic cache has no tower: cache_encoder says so)
+    # (a synthetic cache has no tower: cache_encoder says so)
+    if enc.get("layer", "merger") != "merger":
         raise UserError(
             f"{cache} holds the tower's {enc['layer']}: layers.py taps every layer of a merger-output cache"
         )
@@ -87,11 +103,19 @@ def main(argv=None):
             X = normalize(X[0].double(), norm)
             per_image[n].append(spectrum_stats(torch.linalg.svdvals(X), ranks))
             grams[n] = grams.get(n, 0) + X.T @ X
-    rows = [summarise(encoder.tower, n, per_image[n], grams[n], args.shared_rank, hw) for n in names]
+    rows = [
+        summarise(encoder.tower, n, per_image[n], grams[n], args.shared_rank, hw) for n in names
+    ]
     print_rows(rows, ranks, args.shared_rank)
     stem = Path(args.results_dir) / f"layers_{args.name or args.split}"
     full = list(getattr(encoder.tower, "fullatt_block_indexes", None) or [])
-    meta = {"cache_dir": str(cache), "model": enc["model"], "n": len(idx), "split": args.split, "normalization": norm}
+    meta = {
+        "cache_dir": str(cache),
+        "model": enc["model"],
+        "n": len(idx),
+        "split": args.split,
+        "normalization": norm,
+    }
     meta.update(ranks=ranks, shared_rank=args.shared_rank, full_attention_blocks=full, rows=rows)
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
     write_csv(f"{stem}.csv", rows)
@@ -104,10 +128,17 @@ def main(argv=None):
 
 
 def summarise(tower, name, stats, gram, shared_rank, hw):
-    """A layer's row: the mean (and spread) of every per-image statistic, and the shared subspace's energy."""
+    """A layer's row: the mean (and spread) of every per-image statistic, and the shared subspace's
+    energy."""
     eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
     rows, cols, cell = layer_grid(tower, name, hw)
-    row = {"layer": name, "tokens": rows * cols, "grid": f"{rows}x{cols}", "cell_px": cell, "dim": gram.shape[0]}
+    row = {
+        "layer": name,
+        "tokens": rows * cols,
+        "grid": f"{rows}x{cols}",
+        "cell_px": cell,
+        "dim": gram.shape[0],
+    }
     for k in stats[0]:
         v = [s[k] for s in stats]
         row[k], row[f"{k}_std"] = float(np.mean(v)), float(np.std(v))
@@ -118,10 +149,14 @@ def summarise(tower, name, stats, gram, shared_rank, hw):
 def print_rows(rows, ranks, shared_rank):
     cols = [f"energy_{r}" for r in ranks] + ["effective_rank", "stable_rank", "participation_ratio"]
     cols.append(f"shared_{shared_rank}")
-    print(f"{'layer':<14}{'tokens':>7}{'cell':>5}{'dim':>6}" + "".join(f"{c.replace('_ratio', ''):>20}" for c in cols))
+    print(
+        f"{'layer':<14}{'tokens':>7}{'cell':>5}{'dim':>6}"
+        + "".join(f"{c.replace('_ratio', ''):>20}" for c in cols)
+    )
     for r in rows:
         print(
-            f"{r['layer']:<14}{r['tokens']:>7}{r['cell_px']:>5}{r['dim']:>6}" + "".join(f"{r[c]:>20.4f}" for c in cols)
+            f"{r['layer']:<14}{r['tokens']:>7}{r['cell_px']:>5}{r['dim']:>6}"
+            + "".join(f"{r[c]:>20.4f}" for c in cols)
         )
     print(
         "energy_r: the rank-r truncated SVD's share of each image's energy (mean over images); effective rank: exp of "
@@ -136,8 +171,15 @@ def plot(rows, ranks, shared_rank, full, path, title):
     x = np.arange(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=130)
     for r in ranks:
-        a.plot(x, [row[f"energy_{r}"] for row in rows], "o-", label=f"rank-{r} SVD energy (per image)")
-    a.plot(x, [row[f"shared_{shared_rank}"] for row in rows], "k--", label=f"one shared rank-{shared_rank} basis")
+        a.plot(
+            x, [row[f"energy_{r}"] for row in rows], "o-", label=f"rank-{r} SVD energy (per image)"
+        )
+    a.plot(
+        x,
+        [row[f"shared_{shared_rank}"] for row in rows],
+        "k--",
+        label=f"one shared rank-{shared_rank} basis",
+    )
     b.plot(x, [row["effective_rank"] for row in rows], "o-", label="effective rank")
     b.plot(x, [row["participation_ratio"] for row in rows], "s-", label="participation ratio")
     b.plot(x, [row["stable_rank"] for row in rows], "^-", label="stable rank")
@@ -146,7 +188,9 @@ def plot(rows, ranks, shared_rank, full, path, title):
         for i, row in enumerate(rows):
             if row["layer"].startswith("block_") and int(row["layer"].split("_")[1]) in full:
                 ax.axvline(i, color="grey", ls=":", lw=1)
-        ax.set_xticks(x, [row["layer"].replace("block_", "") for row in rows], rotation=90, fontsize=7)
+        ax.set_xticks(
+            x, [row["layer"].replace("block_", "") for row in rows], rotation=90, fontsize=7
+        )
         ax.set_xlabel("layer (blocks by number; dotted: full-attention blocks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -1,14 +1,15 @@
 """
-The extraction script and the data loader. Run it to extract a cache of Qwen vision-token features (one
-features_<i>.pt of [T, D] per image, e.g. [256, 2048] for Qwen2.5-VL-3B at 448x448, plus manifest.json, the one
-record of T, D and the token grid); `from qwenvl_dataloader import FeatureDataset` still works (it lives in
-lowrank/dataset.py).
+The extraction script and the data loader. Run it to extract a cache of Qwen vision-token features
+(one features_<i>.pt of [T, D] per image, e.g. [256, 2048] for Qwen2.5-VL-3B at 448x448, plus
+manifest.json, the one record of T, D and the token grid); `from qwenvl_dataloader import
+FeatureDataset` still works (it lives in lowrank/dataset.py).
 
     python qwenvl_dataloader.py --dataset_dir data/textvqa --model Qwen/Qwen2.5-VL-3B-Instruct
-    python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir feature_cache_real
+    python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir
+    feature_cache_real
 
-Under torchrun each process takes the indices rank::world_size and merges its samples into the one manifest under
-the cache's lock, as separate extraction processes do.
+Under torchrun each process takes the indices rank::world_size and merges its samples into the one
+manifest under the cache's lock, as separate extraction processes do.
 """
 
 import argparse
@@ -16,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from lowrank.cli import HelpFormatter, add_device, add_dtype, dist_env, nonneg_int, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    add_device,
+    add_dtype,
+    dist_env,
+    nonneg_int,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, make_loader  # noqa: F401  (the seed's import path)
 from lowrank.encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY
 from lowrank.extraction import extract
@@ -62,7 +71,9 @@ def get_args_parser():
         "(one token per patch, raster order; the last block is the merger's input), deepstack_<i> (Qwen3-VL); "
         "layers.py reports every one",
     )
-    ap.add_argument("--extract_batch_size", type=positive_int, default=8, help="images per forward call")
+    ap.add_argument(
+        "--extract_batch_size", type=positive_int, default=8, help="images per forward call"
+    )
     ap.add_argument("--start", type=nonneg_int, default=0, help="first sample index")
     ap.add_argument("--limit", type=positive_int, default=None, help="at most this many samples")
     ap.add_argument(
@@ -85,7 +96,7 @@ def main(argv=None):
         args.cache_dir,
         args.model,
         device,
-        args.dtype,
+        dtype=args.dtype,
         batch_size=args.extract_batch_size,
         start=args.start,
         limit=args.limit,
@@ -115,7 +126,9 @@ def main(argv=None):
             f"{rate}; cache: {args.cache_dir}"
         )
         if s["failed"]:
-            print(f"failures and their reasons are listed under 'failed' in {Path(args.cache_dir) / MANIFEST}")
+            print(
+                f"failures and their reasons are listed under 'failed' in {Path(args.cache_dir) / MANIFEST}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """
-The truncated-SVD baseline (the Eckart-Young optimum) of a feature cache: its metrics at one rank, or the captured
-energy over a sweep of ranks. The SVD and the metrics themselves live in metrics.py.
+The truncated-SVD baseline (the Eckart-Young optimum) of a feature cache: its metrics at one rank,
+or the captured energy over a sweep of ranks. The SVD and the metrics themselves live in metrics.py.
 
     python svd_baseline.py --cache_dir feature_cache_real --rank 128
-    python svd_baseline.py --cache_dir feature_cache_real --ranks 16,32,64,128,256 --results_dir results
+    python svd_baseline.py --cache_dir feature_cache_real --ranks 16,32,64,128,256 --results_dir
+    results
 """
 
 import argparse
@@ -13,7 +14,15 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, add_device, check_rank, parse_ints, pick_device, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    add_device,
+    check_rank,
+    parse_ints,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import NORMALIZATIONS, cached_indices, cached_shape, lossy_note
 from lowrank.plots import plot_energy_curve
@@ -22,22 +31,38 @@ from lowrank.runs import first, read_split
 
 def get_args_parser():
     ap = argparse.ArgumentParser(
-        description="Truncated-SVD baseline metrics for a feature cache.", formatter_class=HelpFormatter
+        description="Truncated-SVD baseline metrics for a feature cache.",
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--cache_dir", default="feature_cache_real", help="the feature cache")
-    ap.add_argument("--rank", type=int, default=128, help="rank of the truncation (without --ranks)")
-    ap.add_argument("--ranks", default=None, help="comma list for a rank sweep, e.g. 16,32,64,128,256")
+    ap.add_argument(
+        "--rank", type=int, default=128, help="rank of the truncation (without --ranks)"
+    )
+    ap.add_argument(
+        "--ranks", default=None, help="comma list for a rank sweep, e.g. 16,32,64,128,256"
+    )
     ap.add_argument(
         "--split",
         default="all",
         choices=["all", "train", "val", "test"],
         help="samples to use; a split needs split.json in --results_dir (written by training)",
     )
-    ap.add_argument("--results_dir", default="results", help="where split.json is read and the sweep plot written")
-    ap.add_argument("--num_samples", type=positive_int, default=None, help="first N samples (default: all)")
-    ap.add_argument("--normalize", default="layernorm", choices=NORMALIZATIONS, help="as in training")
     ap.add_argument(
-        "--method", default=metrics.DEFAULT_METHOD, choices=metrics.METHODS, help="exact truncated SVD method"
+        "--results_dir",
+        default="results",
+        help="where split.json is read and the sweep plot written",
+    )
+    ap.add_argument(
+        "--num_samples", type=positive_int, default=None, help="first N samples (default: all)"
+    )
+    ap.add_argument(
+        "--normalize", default="layernorm", choices=NORMALIZATIONS, help="as in training"
+    )
+    ap.add_argument(
+        "--method",
+        default=metrics.DEFAULT_METHOD,
+        choices=metrics.METHODS,
+        help="exact truncated SVD method",
     )
     ap.add_argument("--batch_size", type=positive_int, default=32, help="samples per batch")
     add_device(ap)
@@ -47,7 +72,11 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     args.device = str(pick_device(args.device))
-    idx = cached_indices(args.cache_dir) if args.split == "all" else read_split(args.results_dir)[args.split]
+    idx = (
+        cached_indices(args.cache_dir)
+        if args.split == "all"
+        else read_split(args.results_dir)[args.split]
+    )
     idx = first(idx, args.num_samples)
     ranks = parse_ints(args.ranks, "--ranks") if args.ranks else [args.rank]
     for r in ranks:
@@ -72,7 +101,8 @@ def main(argv=None):
 
 
 def rank_sweep(args, loader, ranks, n):
-    """Captured energy and cosine of truncated SVD at each rank -> svd_rank_sweep.json, svd_energy_vs_rank.png."""
+    """Captured energy and cosine of truncated SVD at each rank -> svd_rank_sweep.json,
+    svd_energy_vs_rank.png."""
     S = torch.cat([metrics.singular_values(X.to(args.device)).cpu() for X, _ in loader])
     energy = metrics.captured_energy(S)  # [N, min(T, D)]
     print(f"{'rank':>5} {'energy':>16} {'cosine':>16}")

@@ -1,6 +1,7 @@
 """
-Data-loader test (the original's test_real_qwenvl.py): real image bytes in a TextVQA-schema parquet, the real
-Qwen2.5-VL classes and processor with the tiny offline encoder. Runs under pytest and as `python test_real_qwenvl.py`.
+Data-loader test (the original's test_real_qwenvl.py): real image bytes in a TextVQA-schema parquet,
+the real Qwen2.5-VL classes and processor with the tiny offline encoder. Runs under pytest and as
+`python test_real_qwenvl.py`.
 """
 
 import io
@@ -97,7 +98,11 @@ def test_manifest(cache):
         if i == CORRUPT:
             continue
         e = m["samples"][str(i)]
-        assert e["id"] == r["dataset_id"] and e["question"] == r["question"] and e["answers"] == r["answer"]
+        assert (
+            e["id"] == r["dataset_id"]
+            and e["question"] == r["question"]
+            and e["answers"] == r["answer"]
+        )
         assert e.get("bbox") == r["bbox"]
         assert e["image_size"] == list(Image.open(io.BytesIO(r["image"]["bytes"])).size)
     assert m["samples"]["6"]["image_size"] == [1000, 300]
@@ -107,13 +112,16 @@ def test_failure_record(cache):
     _, cache_dir, _, _ = cache
     m = json.loads((cache_dir / "manifest.json").read_text())
     assert list(m["failed"]) == [str(CORRUPT)]
-    assert "Error" in m["failed"][str(CORRUPT)]  # exception type and message, e.g. UnidentifiedImageError / OSError
+    # exception type and message, e.g. UnidentifiedImageError / OSError
+    assert "Error" in m["failed"][str(CORRUPT)]
 
 
 def test_rerun_extracts_nothing(cache, encoder):
     src, cache_dir, rows, _ = cache
     before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("features_*.pt")}
-    s = qwenvl_dataloader.extract(src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False)
+    s = qwenvl_dataloader.extract(
+        src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False
+    )
     assert (s["extracted"], s["skipped"], s["failed"]) == (0, len(rows) - 1, 1)
     assert before == {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("features_*.pt")}
 
@@ -135,7 +143,9 @@ def test_resume_after_interrupt(tmp_path, encoder):
 
     dying.info = encoder.info
     with pytest.raises(Interrupt):
-        qwenvl_dataloader.extract(src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=dying, progress=False)
+        qwenvl_dataloader.extract(
+            src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=dying, progress=False
+        )
     written = sorted(int(p.stem.split("_")[1]) for p in cache_dir.glob("features_*.pt"))
     assert written == [0, 1, 2, 3]
     assert not list(cache_dir.glob(".*tmp"))  # no partial file left
@@ -146,7 +156,9 @@ def test_resume_after_interrupt(tmp_path, encoder):
     p3 = feature_cache.feature_path(cache_dir, 3)
     p3.write_bytes(p3.read_bytes()[:1000])
     stamp = feature_cache.feature_path(cache_dir, 0).stat().st_mtime_ns
-    s = qwenvl_dataloader.extract(src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False)
+    s = qwenvl_dataloader.extract(
+        src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False
+    )
     assert (s["extracted"], s["skipped"], s["failed"]) == (len(rows) - 1 - 3, 3, 1)
     assert feature_cache.feature_path(cache_dir, 0).stat().st_mtime_ns == stamp
     assert feature_cache.read_feature(p3).shape == (256, 2048)
@@ -155,7 +167,9 @@ def test_resume_after_interrupt(tmp_path, encoder):
 def test_refuses_mismatched_cache(cache):
     src, cache_dir, _, _ = cache
     with pytest.raises(UserError, match="another encoder.*dtype"):
-        qwenvl_dataloader.extract(src, cache_dir, encoders.TINY, "cpu", dtype="bfloat16", progress=False)
+        qwenvl_dataloader.extract(
+            src, cache_dir, encoders.TINY, "cpu", dtype="bfloat16", progress=False
+        )
 
 
 def test_batch_equals_single(encoder):
@@ -180,7 +194,8 @@ def test_preprocessing_gives_256_tokens(name, encoder):
 def test_preprocessing_matches_qwen_vl_utils():
     try:
         from qwen_vl_utils import fetch_image
-    except Exception as e:  # it imports torchvision, which does not import beside the CPU torch build
+    # it imports torchvision, which does not import beside the CPU torch build
+    except Exception as e:
         pytest.skip(f"qwen_vl_utils not importable here: {type(e).__name__}")
     for name, data, _ in odd_images()[:5]:
         im = Image.open(io.BytesIO(data))
@@ -189,12 +204,15 @@ def test_preprocessing_matches_qwen_vl_utils():
 
 
 def test_token_layout(encoder):
-    """Token t covers the 28x28 cell at row t // 16, column t % 16: change one cell, see which token moves most."""
+    """Token t covers the 28x28 cell at row t // 16, column t % 16: change one cell, see which token
+    moves most."""
     base = images.load_image(demo_set.encode(dict(demo_set.photos())["astronaut"]))
     x0 = encoder([base])[0]
     for r, c in [(0, 0), (0, 15), (3, 7), (10, 2), (15, 15)]:
         a = np.array(base).copy()
-        a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = 255 - a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
+        a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = (
+            255 - a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
+        )
         x1 = encoder([Image.fromarray(a)])[0]
         change = (x1 - x0).norm(dim=1)
         assert int(change.argmax()) == r * 16 + c, (r, c)
@@ -207,7 +225,9 @@ def test_dataset_and_normalisation(cache):
     x, i = ds[0]
     assert x.dtype == torch.float32 and x.shape == (256, 2048)
     raw = torch.load(feature_cache.feature_path(cache_dir, i), weights_only=True).double()
-    ref = (raw - raw.mean(1, keepdim=True)) / torch.sqrt(raw.var(1, unbiased=False, keepdim=True) + 1e-5)
+    ref = (raw - raw.mean(1, keepdim=True)) / torch.sqrt(
+        raw.var(1, unbiased=False, keepdim=True) + 1e-5
+    )
     torch.testing.assert_close(x.double(), ref, rtol=1e-5, atol=1e-5)
     lazy = qwenvl_dataloader.FeatureDataset(cache_dir, preload=False)
     assert torch.equal(lazy[3][0], ds[3][0])
@@ -217,7 +237,9 @@ def test_dataset_and_normalisation(cache):
 
 def test_nan_feature_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text(
-        json.dumps({"encoder": {"grid": [16, 16], "feature_dim": 2048}, "samples": {"0": {"id": "x"}}})
+        json.dumps(
+            {"encoder": {"grid": [16, 16], "feature_dim": 2048}, "samples": {"0": {"id": "x"}}}
+        )
     )
     x = torch.randn(256, 2048)
     x[5, 7] = float("nan")
@@ -243,13 +265,18 @@ def test_split_is_seeded_disjoint_and_saved(cache, tmp_path):
     assert sorted(s1["train"] + s1["val"] + s1["test"]) == idx
     s = runs.load_or_make_split(tmp_path, cache_dir, seed=0)
     assert json.loads((tmp_path / "split.json").read_text())["test"] == s["test"]
-    assert runs.load_or_make_split(tmp_path, cache_dir, seed=0)["test"] == s["test"]  # the saved one is reused
-    with pytest.raises(UserError, match="seed 0.*seed 999.*--resplit"):  # never silently, when settings differ
+    # the saved one is reused
+    assert runs.load_or_make_split(tmp_path, cache_dir, seed=0)["test"] == s["test"]
+    # never silently, when settings differ
+    with pytest.raises(UserError, match="seed 0.*seed 999.*--resplit"):
         runs.load_or_make_split(tmp_path, cache_dir, seed=999)
     with pytest.raises(UserError, match="max_samples None.*max_samples 5"):
         runs.load_or_make_split(tmp_path, cache_dir, seed=0, max_samples=5)
     s2 = runs.load_or_make_split(tmp_path, cache_dir, seed=999, resplit=True)
-    assert s2["seed"] == 999 and json.loads((tmp_path / "split.json").read_text())["test"] == s2["test"]
+    assert (
+        s2["seed"] == 999
+        and json.loads((tmp_path / "split.json").read_text())["test"] == s2["test"]
+    )
 
 
 def test_folder_and_jsonl_sources(tmp_path, encoder):
@@ -257,10 +284,14 @@ def test_folder_and_jsonl_sources(tmp_path, encoder):
     for k, (name, im) in enumerate(ph):
         (tmp_path / "imgs" / f"d{k}").mkdir(parents=True)
         im.save(tmp_path / "imgs" / f"d{k}" / f"{name}.png")
-    s = qwenvl_dataloader.extract(tmp_path / "imgs", tmp_path / "c1", encoder=encoder, progress=False)
+    s = qwenvl_dataloader.extract(
+        tmp_path / "imgs", tmp_path / "c1", encoder=encoder, progress=False
+    )
     assert s["extracted"] == 3
     m = feature_cache.load_manifest(tmp_path / "c1")
-    assert [m["samples"][str(k)]["id"] for k in range(3)] == [f"d{k}/{n}.png" for k, (n, _) in enumerate(ph)]
+    assert [m["samples"][str(k)]["id"] for k in range(3)] == [
+        f"d{k}/{n}.png" for k, (n, _) in enumerate(ph)
+    ]
     lines = [
         json.dumps({"image": f"imgs/d{k}/{n}.png", "question": "q?", "bbox": [1, 2, 3, 4]})
         for k, (n, _) in enumerate(ph)
@@ -277,8 +308,8 @@ def test_folder_and_jsonl_sources(tmp_path, encoder):
 
 
 def write_original_layout_checkpoint(d, drop=None):
-    """A checkpoint laid out as Qwen/Qwen2.5-VL-3B-Instruct is (tower under visual.*, text under model.*),
-    holding the tiny tower's weights."""
+    """A checkpoint laid out as Qwen/Qwen2.5-VL-3B-Instruct is (tower under visual.*, text under
+    model.*), holding the tiny tower's weights."""
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig
 
@@ -323,7 +354,10 @@ def test_unloadable_model_says_what_to_do(tmp_path):
 
 def test_cli_help_and_run(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(HERE / "qwenvl_dataloader.py"), "--help"], capture_output=True, text=True, check=True
+        [sys.executable, str(HERE / "qwenvl_dataloader.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "--dataset_dir" in out and "--extract_batch_size" in out and "tiny-random" in out
     src, rows = build_parquet(tmp_path / "p", n_demo=2)

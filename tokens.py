@@ -1,23 +1,26 @@
 """
-Which tokens carry the image? Token-selection rules compared on the features themselves: keep k of an image's T
-tokens, rebuild every token from the kept ones (its projection onto their span, X̂ = X·pinv(X_S)·X_S), and compare
-with rank-k truncated SVD, which no choice of k tokens can beat (X̂ has rank <= k); and with the answer boxes.
+Which tokens carry the image? Token-selection rules compared on the features themselves: keep k of
+an image's T tokens, rebuild every token from the kept ones (its projection onto their span, X̂ =
+X·pinv(X_S)·X_S), and compare with rank-k truncated SVD, which no choice of k tokens can beat (X̂
+has rank <= k); and with the answer boxes.
 
     python tokens.py --results_dir results --ks 16,32,64,128
 
-Selection rules (selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, divprune, dart, norm, grid, random
-(drawn --random_draws times: mean ± spread over the draws). Merging rules (merging.py): pool, tome, visionzip:
-k merged tokens, every token rebuilt from their span; box recall counts their representative tokens. visionzip needs
-the tower's attention: the cache's tower runs again on each image (--device), so it is left out of the default rules
-for a cache without one (synthetic features).
-Writes tokens_<name>.json / .csv, tokens_<name>_cosine.png (cosine vs k per rule, with SVD), tokens_<name>_box.png
-(answer-box recall vs k) and tokens_<name>_kept.png (the kept tokens over one image, with its box).
+Selection rules (selection.py): leverage, lrcp (--lrcp_rank), pivoted_qr, divprune, dart, norm,
+grid, random (drawn --random_draws times: mean ± spread over the draws). Merging rules (merging.py):
+pool, tome, visionzip: k merged tokens, every token rebuilt from their span; box recall counts their
+representative tokens. visionzip needs the tower's attention: the cache's tower runs again on each
+image (--device), so it is left out of the default rules for a cache without one (synthetic
+features). Writes tokens_<name>.json / .csv, tokens_<name>_cosine.png (cosine vs k per rule, with
+SVD), tokens_<name>_box.png (answer-box recall vs k) and tokens_<name>_kept.png (the kept tokens
+over one image, with its box).
 """
 
 import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +41,27 @@ from lowrank.cli import (
     run_cli,
 )
 from lowrank.dataset import FeatureDataset, cached_image, principal_basis, tower_attention
-from lowrank.feature_cache import answer_box_masks, cache_grid, cache_image_size, cached_shape, load_manifest
+from lowrank.feature_cache import (
+    answer_box_masks,
+    cache_grid,
+    cache_image_size,
+    cached_shape,
+    load_manifest,
+)
 from lowrank.merging import MERGES, merge, pool_shape
 from lowrank.metrics import scale_bbox
 from lowrank.plots import pyplot, save
 from lowrank.reports import write_csv
 from lowrank.runs import first, read_run
-from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES, box_hits, reconstruct_from, relevance, select
+from lowrank.selection import (
+    LRCP_RANK,
+    QUESTION_RULES,
+    RULES,
+    box_hits,
+    reconstruct_from,
+    relevance,
+    select,
+)
 from lowrank.vlm import question_embedder
 
 
@@ -56,9 +73,14 @@ def get_args_parser():
         help="a training run's folder: its split.json and config (cache, normalisation) are used; no model is needed",
     )
     ap.add_argument("--cache_dir", default=None, help="default: the cache of the training run")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="samples to evaluate")
     ap.add_argument(
-        "--num_samples", type=positive_int, default=None, help="first N samples of the split (default: all)"
+        "--split", default="test", choices=["train", "val", "test"], help="samples to evaluate"
+    )
+    ap.add_argument(
+        "--num_samples",
+        type=positive_int,
+        default=None,
+        help="first N samples of the split (default: all)",
     )
     ap.add_argument(
         "--ks",
@@ -66,10 +88,15 @@ def get_args_parser():
         help="kept tokens: counts (16,32) or shares of the cache's T tokens (0.0625,0.125: one budget on any grid)",
     )
     ap.add_argument(
-        "--rules", default=",".join(RULES + MERGES), help="comma list of selection and merging rules (see above)"
+        "--rules",
+        default=",".join(RULES + MERGES),
+        help="comma list of selection and merging rules (see above)",
     )
     ap.add_argument(
-        "--random_draws", type=positive_int, default=5, help="random: draws with seeds --seed, --seed + 1, ..."
+        "--random_draws",
+        type=positive_int,
+        default=5,
+        help="random: draws with seeds --seed, --seed + 1, ...",
     )
     add_device(ap, "where the tower runs for visionzip's attention")
     ap.add_argument(
@@ -79,9 +106,14 @@ def get_args_parser():
         help="lrcp: rank of the training split's principal subspace",
     )
     ap.add_argument("--seed", type=int, default=0, help="random rule")
-    ap.add_argument("--name", type=name_arg, default=None, help="output stem tokens_<name> (default: the split)")
     ap.add_argument(
-        "--draw_idx", type=nonneg_int, default=0, help="position in the split of the image drawn with its kept tokens"
+        "--name", type=name_arg, default=None, help="output stem tokens_<name> (default: the split)"
+    )
+    ap.add_argument(
+        "--draw_idx",
+        type=nonneg_int,
+        default=0,
+        help="position in the split of the image drawn with its kept tokens",
     )
     ap.add_argument("--draw_k", type=positive_int, default=32, help="k of that drawing")
     return ap
@@ -94,23 +126,8 @@ def main(argv=None):
     cache, norm = args.cache_dir or cfg.cache_dir, cfg.normalization
     T, D = cached_shape(cache)
     hw = cache_grid(cache)
-    ks, rules = budgets(args.ks, T), args.rules.split(",")
-    for k in ks:
-        check_rank(k, min(T, D), "--ks")
-    check_rank(args.draw_k, min(T, D), "--draw_k")
-    bad = set(rules) - set(RULES + QUESTION_RULES + MERGES)
-    if bad:
-        raise UserError(f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES + QUESTION_RULES + MERGES)}")
-    if "pool" in rules:
-        for k in ks + [args.draw_k]:
-            try:
-                pool_shape(hw, k)
-            except ValueError as e:
-                raise UserError(f"--ks / --draw_k {k}: {e}") from None
-    m = load_manifest(cache)
-    towerless = m["source"].get("kind") == "synthetic" or m["encoder"].get("layer", "merger") != "merger"
-    if towerless and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
-        rules.remove("visionzip")  # the default asks for every rule; visionzip needs the tower's output tokens
+    ks = budgets(args.ks, T)
+    rules = checked_rules(args, ks, cache, hw, min(T, D))
     idx = first(split[args.split], args.num_samples)
     X_all = [x for x, _ in FeatureDataset(cache, idx, norm)]
     masks = answer_box_masks(cache, idx)
@@ -123,9 +140,9 @@ def main(argv=None):
         f"{sum(m is not None for m in masks.values())} with an answer box; lrcp basis: top {args.lrcp_rank} "
         f"principal directions of {len(split['train'])} training images"
     )
-    context = sample_context(cache, idx, rules, args)
+    inputs = RuleInputs(hw, basis, sample_context(cache, idx, rules, args))
     seeds = [args.seed + d for d in range(args.random_draws)]
-    rows, per_sample = measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context)
+    rows, per_sample = measure(X_all, idx, masks, ks, rules, inputs, seeds)
     print_rows(rows)
     stem = out / f"tokens_{args.name or args.split}"
     meta = {
@@ -143,46 +160,94 @@ def main(argv=None):
     write_csv(f"{stem}.csv", per_sample)
     paths = plot(rows, ks, rules, stem)
     if args.draw_idx >= len(idx):
-        print(f"note: --draw_idx {args.draw_idx} is past the {len(idx)} {args.split} images: no drawing")
+        print(
+            f"note: --draw_idx {args.draw_idx} is past the {len(idx)} {args.split} images: no drawing"
+        )
     if 0 <= args.draw_idx < len(idx):
+        i = args.draw_idx
         paths.append(
             draw_kept(
-                X_all[args.draw_idx], idx[args.draw_idx], cache, rules, args.draw_k, hw, basis, args.seed, stem, context
+                X_all[i], idx[i], cache, rules, inputs, k=args.draw_k, seed=args.seed, stem=stem
             )
         )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
     return rows
 
 
+def checked_rules(args, ks, cache, hw, max_rank):
+    """--rules as a list, every k within the tokens and pool's grid; visionzip left out of the
+    default list on a cache without the tower's output tokens."""
+    rules = args.rules.split(",")
+    for k in ks:
+        check_rank(k, max_rank, "--ks")
+    check_rank(args.draw_k, max_rank, "--draw_k")
+    bad = set(rules) - set(RULES + QUESTION_RULES + MERGES)
+    if bad:
+        raise UserError(
+            f"--rules: unknown {sorted(bad)}; choose from {', '.join(RULES + QUESTION_RULES + MERGES)}"
+        )
+    if "pool" in rules:
+        for k in ks + [args.draw_k]:
+            try:
+                pool_shape(hw, k)
+            except ValueError as e:
+                raise UserError(f"--ks / --draw_k {k}: {e}") from None
+    m = load_manifest(cache)
+    towerless = (
+        m["source"].get("kind") == "synthetic" or m["encoder"].get("layer", "merger") != "merger"
+    )
+    if towerless and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
+        # the default asks for every rule; visionzip needs the tower's output tokens
+        rules.remove("visionzip")
+    return rules
+
+
 def budgets(spec, T):
-    """--ks: integers are token counts; numbers with a decimal point are shares of T (rounded, at least 1)."""
+    """--ks: integers are token counts; numbers with a decimal point are shares of T (rounded, at
+    least 1)."""
     if "." not in spec:
         return parse_ints(spec, "--ks")
     try:
         shares = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--ks {spec}: expected counts (16,32) or shares of the tokens (0.0625,0.125)") from None
+        raise UserError(
+            f"--ks {spec}: expected counts (16,32) or shares of the tokens (0.0625,0.125)"
+        ) from None
     if any(not 0 < f <= 1 for f in shares):
         raise UserError(f"--ks {spec}: a share of the tokens must lie in (0, 1]")
     return list(dict.fromkeys(max(1, round(f * T)) for f in shares))
 
 
-def reduce(rule, X, k, hw, basis, gen, context=None):
-    """(the rows every token is rebuilt from [k, D], their token positions [k]): the kept tokens of a selection
-    rule, or the merged tokens of a merging rule at their representatives. context: what some rules need of the
-    sample, {'attention': [T] (visionzip), 'relevance': [T] (cdpruner, mmr)}."""
-    context = context or {}
+@dataclass(frozen=True)
+class RuleInputs:
+    """What the rules need beyond the tokens: the merged grid, lrcp's basis, and per sample what
+    some rules read, {sample: {'attention': [T] (visionzip), 'relevance': [T] (cdpruner, mmr)}}."""
+
+    hw: tuple
+    basis: object = None
+    context: dict = field(default_factory=dict)
+
+
+def reduce(rule, X, k, inputs, sample, gen):
+    """(the rows every token is rebuilt from [k, D], their token positions [k]): the kept tokens of
+    a selection rule, or the merged tokens of a merging rule at their representatives. context: what
+    some rules need of the sample, {'attention': [T] (visionzip), 'relevance': [T] (cdpruner,
+    mmr)}."""
+    context, hw = inputs.context.get(sample, {}), inputs.hw
     if rule in MERGES:
         W, reps = merge(rule, X, k, hw, context.get("attention"))
         return W @ X.double(), reps
-    kept = select(rule, X, k, hw=hw, basis=basis, generator=gen, relevance=context.get("relevance"))
+    kept = select(
+        rule, X, k, hw=hw, basis=inputs.basis, generator=gen, relevance=context.get("relevance")
+    )
     return X[kept], kept
 
 
 def sample_context(cache, idx, rules, args):
-    """{sample: {'attention': ..., 'relevance': ...}} for the rules that need them: the tower's attention
-    (visionzip, the tower run again) and each token's relevance to the sample's question (cdpruner, mmr: the
-    question's token embeddings from the cache's model, its embedding table alone)."""
+    """{sample: {'attention': ..., 'relevance': ...}} for the rules that need them: the tower's
+    attention (visionzip, the tower run again) and each token's relevance to the sample's question
+    (cdpruner, mmr: the question's token embeddings from the cache's model, its embedding table
+    alone)."""
     context = {i: {} for i in idx}
     if "visionzip" in rules:
         for i, att in tower_attention(cache, idx, pick_device(args.device)).items():
@@ -196,18 +261,22 @@ def sample_context(cache, idx, rules, args):
                 f"question, and {len(missing)} samples of {cache} have none (e.g. sample {missing[0]})"
             )
         embed = question_embedder(m["encoder"]["model"], m["encoder"].get("revision"))
-        raw = FeatureDataset(cache, idx, "none")  # the model's scale: the space of its embedding table
+        # the model's scale: the space of its embedding table
+        raw = FeatureDataset(cache, idx, "none")
         for x, i in raw:
             context[i]["relevance"] = relevance(x, embed(m["samples"][str(i)]["question"]))
     return context
 
 
-def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context=None):
-    """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample, rule, k and
-    draw). random is drawn once per seed; its row is the mean over the draws, with their spread."""
+def measure(X_all, idx, masks, ks, rules, inputs, seeds):
+    """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample,
+    rule, k and draw). random is drawn once per seed; its row is the mean over the draws, with their
+    spread."""
     rows, per_sample = [], []
     for k in ks:
-        svd_m = metrics.metrics(torch.stack(X_all), torch.cat([metrics.svd_reconstruct(x[None], k) for x in X_all]))
+        svd_m = metrics.metrics(
+            torch.stack(X_all), torch.cat([metrics.svd_reconstruct(x[None], k) for x in X_all])
+        )
         for rule in tqdm(rules, desc=f"k={k}", leave=False):
             draws = []
             for seed in seeds if rule == "random" else seeds[:1]:
@@ -215,7 +284,7 @@ def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context=None):
                 recs, secs = [], 0.0
                 for j, (i, X) in enumerate(zip(idx, X_all)):
                     t0 = time.perf_counter()
-                    S, kept = reduce(rule, X, k, hw, basis, gen, (context or {}).get(i))
+                    S, kept = reduce(rule, X, k, inputs, i, gen)
                     secs += time.perf_counter() - t0
                     m = metrics.metrics(X[None], reconstruct_from(X, S)[None])
                     rec, prec = box_hits(kept, masks[i]) if masks[i] is not None else (None, None)
@@ -230,7 +299,9 @@ def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context=None):
                             "svd_cosine": svd_m["cosine"][j].item(),
                             "box_recall": rec,
                             "box_precision": prec,
-                            "box_area_share": int(masks[i].sum()) / len(X) if masks[i] is not None else None,
+                            "box_area_share": int(masks[i].sum()) / len(X)
+                            if masks[i] is not None
+                            else None,
                         }
                     )
                 per_sample += recs
@@ -240,8 +311,8 @@ def measure(X_all, idx, masks, ks, rules, hw, basis, seeds, context=None):
 
 
 def summarise(rule, k, draws, T):
-    """One row per rule and k: means over the samples (and over random's draws, with the spread of the draws'
-    means)."""
+    """One row per rule and k: means over the samples (and over random's draws, with the spread of
+    the draws' means)."""
 
     def col(recs, key):
         return [r[key] for r in recs if r[key] is not None]
@@ -249,7 +320,9 @@ def summarise(rule, k, draws, T):
     def mean(v):
         return float(np.mean(v)) if v else None
 
-    per_draw = {key: [mean(col(recs, key)) for recs, _ in draws] for key in ("cosine", "box_recall")}
+    per_draw = {
+        key: [mean(col(recs, key)) for recs, _ in draws] for key in ("cosine", "box_recall")
+    }
     recs = [r for rs, _ in draws for r in rs]
     row = {
         "rule": rule,
@@ -264,7 +337,9 @@ def summarise(rule, k, draws, T):
         "box_n": len(col(draws[0][0], "box_recall")),
         "box_recall": mean(col(recs, "box_recall")),
         "box_recall_draw_spread": (
-            float(np.std(per_draw["box_recall"])) if len(draws) > 1 and None not in per_draw["box_recall"] else None
+            float(np.std(per_draw["box_recall"]))
+            if len(draws) > 1 and None not in per_draw["box_recall"]
+            else None
         ),
         "box_precision": mean(col(recs, "box_precision")),
         "random_expected_recall": k / T if col(recs, "box_recall") else None,
@@ -302,7 +377,10 @@ def plot(rows, ks, rules, stem):
     ax.plot(ks, svd, "k-", lw=2, label="rank-k truncated SVD (the optimum)")
     for rule in rules:
         ax.plot(
-            ks, [next(r["cosine"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks], "o-", label=rule
+            ks,
+            [next(r["cosine"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks],
+            "o-",
+            label=rule,
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -323,13 +401,22 @@ def plot(rows, ks, rules, stem):
         for rule in rules:
             ax.plot(
                 ks,
-                [next(r["box_recall"] for r in rows if r["k"] == k and r["rule"] == rule) for k in ks],
+                [
+                    next(r["box_recall"] for r in rows if r["k"] == k and r["rule"] == rule)
+                    for k in ks
+                ],
                 "o-",
                 label=rule,
             )
         ax.set_title(f"Answer-box recall (n={rows[0]['box_n']} samples with a box)")
     else:
-        ax.text(0.5, 0.5, "no sample of this split has an answer box", ha="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no sample of this split has an answer box",
+            ha="center",
+            transform=ax.transAxes,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("tokens kept k")
@@ -341,7 +428,7 @@ def plot(rows, ks, rules, stem):
     return paths
 
 
-def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, context=None):
+def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
     """The kept (or representative) tokens of each rule over the image, with the answer box."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
@@ -350,11 +437,13 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, context=None):
     manifest = load_manifest(cache)
     meta = manifest["samples"].get(str(sid), {})
     image = cached_image(cache, sid)
-    H, W = hw
+    H, W = inputs.hw
     cols = math.ceil(len(rules) / 2)
-    fig, ax = plt.subplots(2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained")
+    fig, ax = plt.subplots(
+        2, cols, figsize=(3.6 * cols, 8.0), dpi=130, squeeze=False, layout="constrained"
+    )
     for a, rule in zip(ax.flat, rules):
-        kept = reduce(rule, X, k, hw, basis, torch.Generator().manual_seed(seed), (context or {}).get(sid))[1]
+        kept = reduce(rule, X, k, inputs, sid, torch.Generator().manual_seed(seed))[1]
         m = np.zeros(H * W)
         m[kept.numpy()] = 1
         if image is not None:
@@ -376,7 +465,10 @@ def draw_kept(X, sid, cache, rules, k, hw, basis, seed, stem, context=None):
         a.set_yticks([])
     for a in ax.flat[len(rules) :]:
         a.axis("off")
-    fig.suptitle(f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)", fontsize=10)
+    fig.suptitle(
+        f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)",
+        fontsize=10,
+    )
     path = Path(f"{stem}_kept.png")
     save(fig, path)
     return path

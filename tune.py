@@ -1,14 +1,15 @@
 """
-Hyperparameter search with Optuna over train_real_data.py: lr, lambda_B, lambda_ortho, weight_decay, batch_size,
-arch (and rank with --tune_rank), pruning on the per-epoch validation MSE. Resumable: the study lives in --storage.
+Hyperparameter search with Optuna over train_real_data.py: lr, lambda_B, lambda_ortho, weight_decay,
+batch_size, arch (and rank with --tune_rank), pruning on the per-epoch validation MSE. Resumable:
+the study lives in --storage.
 
     python tune.py --cache_dir feature_cache_real --n_trials 50 --epochs 10
     python tune.py ... --storage postgresql://user:pw@host/db     (several machines share one study)
 
 Writes into --results_dir: split.json (shared by every trial of every study) and the journal; into
---results_dir/<study_name>/: trial_<n>/ (each trial's run), best_params.json, optimization_history.png,
-param_importances.png. Several studies share one folder without touching each other's trials. Prints the train.sh
-command of the best trial.
+--results_dir/<study_name>/: trial_<n>/ (each trial's run), best_params.json,
+optimization_history.png, param_importances.png. Several studies share one folder without touching
+each other's trials. Prints the train.sh command of the best trial.
 """
 
 import argparse
@@ -80,10 +81,13 @@ def train_argv(p, args, trial_dir):
 
 def get_args_parser():
     ap = argparse.ArgumentParser(
-        description="Optuna search over the training hyperparameters.", formatter_class=HelpFormatter
+        description="Optuna search over the training hyperparameters.",
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="the feature cache")
-    ap.add_argument("--results_dir", default="results_tune", help="study folder: trials, journal, plots")
+    ap.add_argument(
+        "--results_dir", default="results_tune", help="study folder: trials, journal, plots"
+    )
     ap.add_argument(
         "--study_name",
         type=name_arg,
@@ -102,27 +106,43 @@ def get_args_parser():
         default=20,
         help="total trials in the study (resumed studies count those already finished)",
     )
-    ap.add_argument("--timeout", type=positive_float, default=None, help="seconds for this invocation")
+    ap.add_argument(
+        "--timeout", type=positive_float, default=None, help="seconds for this invocation"
+    )
     ap.add_argument("--epochs", type=nonneg_int, default=10, help="epochs per trial")
     ap.add_argument(
-        "--patience", type=positive_int, default=DEFAULTS.patience, help="early-stopping patience per trial"
+        "--patience",
+        type=positive_int,
+        default=DEFAULTS.patience,
+        help="early-stopping patience per trial",
     )
     ap.add_argument("--archs", default="symmetric,subspace", help="archs to search over")
-    ap.add_argument("--rank", type=int, default=DEFAULTS.rank, help="rank of every trial (without --tune_rank)")
+    ap.add_argument(
+        "--rank", type=int, default=DEFAULTS.rank, help="rank of every trial (without --tune_rank)"
+    )
     ap.add_argument("--tune_rank", action="store_true", help="also search the rank over --ranks")
     ap.add_argument("--ranks", default="32,64,128", help="ranks searched with --tune_rank")
     ap.add_argument("--batch_sizes", default="4,8,16,32", help="batch sizes searched")
-    ap.add_argument("--normalize", default=DEFAULTS.normalization, choices=NORMALIZATIONS, help="as in training")
+    ap.add_argument(
+        "--normalize", default=DEFAULTS.normalization, choices=NORMALIZATIONS, help="as in training"
+    )
     ap.add_argument("--seed", type=int, default=DEFAULTS.seed, help="split and sampler seed")
     add_device(ap)
-    ap.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N cached samples")
-    ap.add_argument("--group_by", default=DEFAULTS.group_by, help="split grouping, as train_real_data.py's")
-    ap.add_argument("--resplit", action="store_true", help="replace a split.json made from other settings")
+    ap.add_argument(
+        "--max_samples", type=positive_int, default=None, help="use only the first N cached samples"
+    )
+    ap.add_argument(
+        "--group_by", default=DEFAULTS.group_by, help="split grouping, as train_real_data.py's"
+    )
+    ap.add_argument(
+        "--resplit", action="store_true", help="replace a split.json made from other settings"
+    )
     return ap
 
 
 def open_study(args, out):
-    """The study, created or resumed; a storage that cannot be read (a damaged journal) is named in one line."""
+    """The study, created or resumed; a storage that cannot be read (a damaged journal) is named in
+    one line."""
     try:
         storage = storage_from(args.storage, out)
         return optuna.create_study(
@@ -142,8 +162,8 @@ def open_study(args, out):
 
 
 def make_objective(args, out, study_dir):
-    """Optuna's objective: one training per trial in <study_dir>/trial_<n>, on the folder's split; the best
-    validation MSE, reported after every epoch so the pruner can stop a poor trial."""
+    """Optuna's objective: one training per trial in <study_dir>/trial_<n>, on the folder's split;
+    the best validation MSE, reported after every epoch so the pruner can stop a poor trial."""
 
     def objective(trial):
         p = {
@@ -151,14 +171,19 @@ def make_objective(args, out, study_dir):
             "lambda_B": trial.suggest_float("lambda_B", 1e-6, 1e-2, log=True),
             "lambda_ortho": trial.suggest_float("lambda_ortho", 1e-5, 1e-1, log=True),
             "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
-            "batch_size": trial.suggest_categorical("batch_size", parse_ints(args.batch_sizes, "--batch_sizes")),
+            "batch_size": trial.suggest_categorical(
+                "batch_size", parse_ints(args.batch_sizes, "--batch_sizes")
+            ),
             "arch": trial.suggest_categorical("arch", args.archs.split(",")),
             "rank": (
-                trial.suggest_categorical("rank", parse_ints(args.ranks, "--ranks")) if args.tune_rank else args.rank
+                trial.suggest_categorical("rank", parse_ints(args.ranks, "--ranks"))
+                if args.tune_rank
+                else args.rank
             ),
         }
         trial_dir = study_dir / f"trial_{trial.number}"
-        if trial_dir.exists():  # this study's trial that died midway (numbers are unique in a study) starts again
+        # this study's trial that died midway (numbers are unique in a study) starts again
+        if trial_dir.exists():
             shutil.rmtree(trial_dir)
         trial_dir.mkdir(parents=True)
         shutil.copy(out / "split.json", trial_dir / "split.json")
@@ -168,9 +193,15 @@ def make_objective(args, out, study_dir):
             best[0] = min(best[0], rec["val_mse"])
             trial.report(rec["val_mse"], rec["epoch"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {rec['epoch']} (val MSE {rec['val_mse']:.5g})")
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {rec['epoch']} (val MSE {rec['val_mse']:.5g})"
+                )
 
-        train(TRAINING.parse_args(train_argv(p, args, trial_dir)), on_epoch=on_epoch, test_at_end=False)
+        train(
+            TRAINING.parse_args(train_argv(p, args, trial_dir)),
+            on_epoch=on_epoch,
+            test_at_end=False,
+        )
         return best[0]
 
     return objective
@@ -213,7 +244,11 @@ def main(argv=None):
 
     objective = make_objective(args, out, study_dir)
     done = len(
-        [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        [
+            t
+            for t in study.trials
+            if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ]
     )
     todo = max(0, args.n_trials - done)
     print(f"study '{args.study_name}': {done} trials done, running {todo} more")
@@ -237,26 +272,27 @@ def main(argv=None):
 
 
 def plots(study, out, min_trials_for_importance=5):
-    """optimization_history.png: each complete trial's validation MSE (log axis) and the best so far;
-    param_importances.png: Optuna's fANOVA importances, or, with fewer than 5 complete trials, a note saying why none
-    are drawn (importances from so few trials are noise)."""
+    """optimization_history.png: each complete trial's validation MSE (log axis) and the best so
+    far; param_importances.png: Optuna's fANOVA importances, or, with fewer than 5 complete trials,
+    a note saying why none are drawn (importances from so few trials are noise)."""
     plt = pyplot()
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     fig, ax = plt.subplots(figsize=(8, 5))
     n, v = [t.number for t in done], [t.value for t in done]
     ax.plot(n, v, "o", label="trial (complete)")
-    ax.step(n, [min(v[: k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far")
+    ax.step(
+        n, [min(v[: k + 1]) for k in range(len(v))], where="post", color="C3", label="best so far"
+    )
     ax.set_yscale("log")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation MSE (best epoch)")
-    (
-        ax.set_title(
-            f"Optuna study '{study.study_name}': {len(done)} complete, {len(study.trials) - len(done)} pruned or failed"
-        ),
-        ax.legend(),
-        ax.grid(alpha=0.3),
+    failed = len(study.trials) - len(done)
+    ax.set_title(
+        f"Optuna study '{study.study_name}': {len(done)} complete, {failed} pruned or failed"
     )
+    ax.legend()
+    ax.grid(alpha=0.3)
     save(fig, out / "optimization_history.png", dpi=120)
     fig = None
     if len(done) >= min_trials_for_importance:

@@ -1,7 +1,7 @@
 """
-Where in the image does the low-rank error lie? H×W channel maps (16×16 for Qwen2.5-VL at 448²; the cache's token
-grid in general), per-token error maps (also over the image with the data set's bbox), the sample's spectrum, and an
-interactive HTML view.
+Where in the image does the low-rank error lie? H×W channel maps (16×16 for Qwen2.5-VL at 448²; the
+cache's token grid in general), per-token error maps (also over the image with the data set's bbox),
+the sample's spectrum, and an interactive HTML view.
 
     python visualize_svd_nn.py --image_idx 0 --rank 128 --results_dir results
 """
@@ -17,10 +17,18 @@ import torch
 from lowrank import metrics
 from lowrank.cli import HelpFormatter, UserError, nonneg_int, out_folder, positive_int, run_cli
 from lowrank.dataset import FeatureDataset, cached_image
-from lowrank.feature_cache import cache_grid, cache_image_size, cached_indices, load_manifest, lossy_note
+from lowrank.feature_cache import (
+    cache_grid,
+    cache_image_size,
+    cached_indices,
+    load_manifest,
+    lossy_note,
+)
 from lowrank.metrics import scale_bbox
 from lowrank.plots import save
 from lowrank.runs import load_run, output_stem, read_split
+
+TEMPLATE = Path(__file__).resolve().parent / "lowrank" / "token_view.html"
 
 
 def parse_channels(spec, dim):
@@ -36,17 +44,26 @@ def parse_channels(spec, dim):
 
 
 def compute(X, model, rank, hw, svd_method=metrics.DEFAULT_METHOD):
-    """Everything drawn, for one normalised sample X [T, D] on an H×W token grid hw: reconstructions, per-token
-    errors, spectrum."""
+    """Everything drawn, for one normalised sample X [T, D] on an H×W token grid hw:
+    reconstructions, per-token errors, spectrum."""
     with torch.no_grad():
         nn = model(X[None])[0][0].float()
     svd = metrics.svd_reconstruct(X[None], rank, svd_method)[0]
     S = metrics.singular_values(X[None])[0]
-    d = {"X": X, "svd": svd, "nn": nn, "S": S, "energy": metrics.captured_energy(S), "hw": tuple(hw)}
+    d = {
+        "X": X,
+        "svd": svd,
+        "nn": nn,
+        "S": S,
+        "energy": metrics.captured_energy(S),
+        "hw": tuple(hw),
+    }
     for name in ("svd", "nn"):
         tok = metrics.token_metrics(X[None], d[name][None])
         d[f"{name}_err"], d[f"{name}_cos"] = tok["err"][0].float(), tok["cos"][0].float()
-        d[f"{name}_metrics"] = {k: v.item() for k, v in metrics.metrics(X[None], d[name][None]).items()}
+        d[f"{name}_metrics"] = {
+            k: v.item() for k, v in metrics.metrics(X[None], d[name][None]).items()
+        }
     return d
 
 
@@ -64,12 +81,17 @@ def title_metrics(d, arch):
 
 
 def fig_channels(d, channels, head, arch, image=None):
-    """Rows: original, SVD, NN (one colour scale per channel, shared), |error| of SVD and NN (shared per channel)."""
+    """Rows: original, SVD, NN (one colour scale per channel, shared), |error| of SVD and NN (shared
+    per channel)."""
     import matplotlib.pyplot as plt
 
     rows = [("original", "X"), ("SVD", "svd"), (f"NN ({arch})", "nn")]
     fig, ax = plt.subplots(
-        5, len(channels), figsize=(2.3 * len(channels) + 1.5, 11), squeeze=False, layout="constrained"
+        5,
+        len(channels),
+        figsize=(2.3 * len(channels) + 1.5, 11),
+        squeeze=False,
+        layout="constrained",
     )
     for j, c in enumerate(channels):
         maps = [grid(d[k][:, c], d["hw"]) for _, k in rows]
@@ -78,10 +100,19 @@ def fig_channels(d, channels, head, arch, image=None):
         emax = max(e.max() for e in errs) or 1.0
         for i, m in enumerate(maps):
             im = ax[i, j].imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
-        fig.colorbar(im, ax=ax[:3, j], shrink=0.7, location="bottom", pad=0.01, label=f"channel {c} value")
+        fig.colorbar(
+            im, ax=ax[:3, j], shrink=0.7, location="bottom", pad=0.01, label=f"channel {c} value"
+        )
         for i, e in enumerate(errs):
             im = ax[3 + i, j].imshow(e, cmap="magma", vmin=0, vmax=emax)
-        fig.colorbar(im, ax=ax[3:, j], shrink=0.7, location="bottom", pad=0.01, label=f"|error| in channel {c}")
+        fig.colorbar(
+            im,
+            ax=ax[3:, j],
+            shrink=0.7,
+            location="bottom",
+            pad=0.01,
+            label=f"|error| in channel {c}",
+        )
         ax[0, j].set_title(f"channel {c}")
     for i, label in enumerate([r[0] for r in rows] + ["|X - SVD|", "|X - NN|"]):
         ax[i, 0].set_ylabel(label)
@@ -117,7 +148,8 @@ def fig_errors(d, head, arch, image=None, bbox=None):
         ax[i, 1].set_title(f"{label}: token cosine")
         if image is not None:
             ax[i, 2].imshow(image)
-            H, W = image.shape[:2]  # each token covers an (H / rows) x (W / columns) cell of the resized image
+            # each token covers an (H / rows) x (W / columns) cell of the resized image
+            H, W = image.shape[:2]
             im = ax[i, 2].imshow(
                 grid(d[f"{name}_err"], hw),
                 cmap="magma",
@@ -131,7 +163,15 @@ def fig_errors(d, head, arch, image=None, bbox=None):
             ax[i, 2].set_title(f"{label}: error over the image")
             if bbox is not None:
                 ax[i, 2].add_patch(
-                    Rectangle(bbox[:2], bbox[2], bbox[3], fill=False, ec="cyan", lw=2, label="data set bbox")
+                    Rectangle(
+                        bbox[:2],
+                        bbox[2],
+                        bbox[3],
+                        fill=False,
+                        ec="cyan",
+                        lw=2,
+                        label="data set bbox",
+                    )
                 )
                 ax[i, 2].legend(loc="lower right", fontsize=8)
     for a in ax.flat:
@@ -165,16 +205,20 @@ def fig_spectrum(d, rank, head):
 
 
 def html_views(d, channels):
-    """What the HTML page draws, computed here (and tested against an independent recomputation): per view a
-    [channel][token] array (or one [token] array for the token views) and the colour scale [lo, hi] it is drawn on.
-    original / SVD / NN of a channel share one scale; |X - SVD| and |X - NN| of a channel share one; the two token
-    error maps share one; the two token cosine maps share one."""
-    X, svd, nn = (np.asarray(d[k][:, channels], dtype=np.float64).T for k in ("X", "svd", "nn"))  # [C, T]
+    """What the HTML page draws, computed here (and tested against an independent recomputation):
+    per view a [channel][token] array (or one [token] array for the token views) and the colour
+    scale [lo, hi] it is drawn on. original / SVD / NN of a channel share one scale; |X - SVD| and
+    |X - NN| of a channel share one; the two token error maps share one; the two token cosine maps
+    share one."""
+    # [C, T]
+    X, svd, nn = (np.asarray(d[k][:, channels], dtype=np.float64).T for k in ("X", "svd", "nn"))
     esvd, enn = np.abs(X - svd), np.abs(X - nn)
     lo = np.minimum(np.minimum(X.min(1), svd.min(1)), nn.min(1))
     hi = np.maximum(np.maximum(X.max(1), svd.max(1)), nn.max(1))
     emax = np.maximum(esvd.max(1), enn.max(1))
-    tok = {k: np.asarray(d[k], dtype=np.float64) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")}
+    tok = {
+        k: np.asarray(d[k], dtype=np.float64) for k in ("svd_err", "nn_err", "svd_cos", "nn_cos")
+    }
     terr = [0.0, float(max(tok["svd_err"].max(), tok["nn_err"].max()))]
     tcos = [float(min(tok["svd_cos"].min(), tok["nn_cos"].min())), 1.0]
 
@@ -196,8 +240,9 @@ def html_views(d, channels):
 
 
 def write_html(d, channels, path, head, arch, image=None, bbox=None):
-    """One self-contained HTML file: the H×W token grid over the resized image (opacity slider), a view and channel
-    selector, a colour bar with ticks, the hovered token outlined and its values shown."""
+    """One self-contained HTML file: the H×W token grid over the resized image (opacity slider), a
+    view and channel selector, a colour bar with ticks, the hovered token outlined and its values
+    shown."""
     import base64
     import io
 
@@ -208,7 +253,10 @@ def write_html(d, channels, path, head, arch, image=None, bbox=None):
         return np.round(np.asarray(a, dtype=np.float64), 5).tolist()
 
     views = html_views(d, channels)
-    lut = {c: [[int(255 * v) for v in colormaps[c](i / 255)[:3]] for i in range(256)] for c in ("viridis", "magma")}
+    lut = {
+        c: [[int(255 * v) for v in colormaps[c](i / 255)[:3]] for i in range(256)]
+        for c in ("viridis", "magma")
+    }
     rows, cols = d["hw"]
     cell = max(24, round(640 / max(rows, cols)))  # display px per token
     img = ""
@@ -228,64 +276,55 @@ def write_html(d, channels, path, head, arch, image=None, bbox=None):
         "cell": cell,
         "lut": lut,
         "bbox": box,
-        "views": {k: {"label": lab, "values": r5(v), "scale": sc, "cmap": cm} for k, (lab, v, sc, cm) in views.items()},
+        "views": {
+            k: {"label": lab, "values": r5(v), "scale": sc, "cmap": cm}
+            for k, (lab, v, sc, cm) in views.items()
+        },
     }
     options = "".join(f'<option value="{k}">{html.escape(v[0])}</option>' for k, v in views.items())
     W, H = cols * cell, rows * cell
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(head)}</title><style>
-body{{font-family:sans-serif;margin:16px;color:#222}} #wrap{{position:relative;width:{W}px;height:{H}px;margin-top:10px}}
-#img,#g{{position:absolute;left:0;top:0;width:{W}px;height:{H}px}}
-#g{{display:grid;grid-template-columns:repeat({cols},{cell}px);grid-auto-rows:{cell}px}}
-#g div{{box-sizing:border-box}} #g div:hover,#g div.hot{{outline:3px solid #fff;outline-offset:-3px;z-index:2}}
-#box{{position:absolute;border:2px solid cyan;pointer-events:none;z-index:3}}
-#bar{{width:{W}px;height:14px;margin-top:8px}} #ticks{{position:relative;width:{W}px;height:16px;font-size:11px}}
-#ticks span{{position:absolute;transform:translateX(-50%)}}
-#info{{white-space:pre;font-family:monospace;margin-top:14px;min-height:7em}}
-</style></head><body><h3>{html.escape(head)}</h3>
-<label>view <select id="view">{options}</select></label>
-<label>channel <select id="ch"></select></label>
-<label>token opacity <input id="op" type="range" min="0" max="1" step="0.05" value="0.75"></label>
-<div id="scale"></div>
-<div id="wrap">{f'<img id="img" src="{img}" alt="image">' if img else ""}<div id="g"></div><div id="box" hidden></div></div>
-<canvas id="bar" width="{W}" height="14"></canvas><div id="ticks"></div>
-<div id="info">hover a token</div>
-<script>
-const D={json.dumps(data)};
-const g=document.getElementById('g'),V=document.getElementById('view'),C=document.getElementById('ch'),O=document.getElementById('op');
-D.channels.forEach((c,i)=>{{const o=document.createElement('option');o.value=i;o.textContent=c;C.appendChild(o);}});
-for(let t=0;t<D.rows*D.cols;t++){{const e=document.createElement('div');e.dataset.t=t;g.appendChild(e);}}
-if(D.bbox){{const b=document.getElementById('box');b.hidden=false;
- [b.style.left,b.style.top,b.style.width,b.style.height]=D.bbox.map(v=>v+'px');}}
-function cur(){{const v=D.views[V.value],i=+C.value,per=Array.isArray(v.values[0]);
- return {{v:v,vals:per?v.values[i]:v.values,sc:per?v.scale[i]:v.scale}};}}
-function rgb(cmap,x){{const c=D.lut[cmap][Math.max(0,Math.min(255,Math.round(255*x)))];return `rgb(${{c[0]}},${{c[1]}},${{c[2]}})`;}}
-function draw(){{const {{v,vals,sc}}=cur(),[lo,hi]=sc;
- [...g.children].forEach((e,t)=>{{e.style.background=rgb(v.cmap,hi>lo?(vals[t]-lo)/(hi-lo):0);e.style.opacity=O.value;}});
- document.getElementById('scale').textContent=`${{v.label}}: colour scale ${{lo.toFixed(4)}} .. ${{hi.toFixed(4)}}`;
- const bar=document.getElementById('bar').getContext('2d');
- for(let x=0;x<{W};x++){{bar.fillStyle=rgb(v.cmap,x/({W}-1));bar.fillRect(x,0,1,14);}}
- document.getElementById('ticks').innerHTML=[0,0.25,0.5,0.75,1].map(f=>`<span style="left:${{f*100}}%">${{(lo+f*(hi-lo)).toPrecision(3)}}</span>`).join('');}}
-g.addEventListener('mouseover',ev=>{{const t=ev.target.dataset.t;if(t===undefined)return;const i=+C.value,x=D.views;
- document.getElementById('info').textContent=`token ${{t}} (row ${{Math.floor(t/D.cols)}}, col ${{t%D.cols}}), channel ${{D.channels[i]}}
-original ${{x.X.values[i][t]}}   SVD ${{x.svd.values[i][t]}}   NN ${{x.nn.values[i][t]}}
-SVD: token error ${{x.svd_err.values[t]}}, token cosine ${{x.svd_cos.values[t]}}
-NN (${{D.arch}}): token error ${{x.nn_err.values[t]}}, token cosine ${{x.nn_cos.values[t]}}`;}});
-V.onchange=C.onchange=O.oninput=draw;draw();
-</script></body></html>"""
+    page = TEMPLATE.read_text()
+    fields = {
+        "TITLE": html.escape(head),
+        "W": str(W),
+        "H": str(H),
+        "COLS": str(cols),
+        "CELL": str(cell),
+        "OPTIONS": options,
+        "IMAGE": f'<img id="img" src="{img}" alt="image">' if img else "",
+        "DATA": json.dumps(data),
+    }
+    for name, value in fields.items():
+        page = page.replace(f"__{name}__", value)
     Path(path).write_text(page)
 
 
 def get_args_parser():
     ap = argparse.ArgumentParser(
-        description="Spatial layout of SVD and NN reconstructions and their errors.", formatter_class=HelpFormatter
+        description="Spatial layout of SVD and NN reconstructions and their errors.",
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--image_idx", type=nonneg_int, default=0, help="position in the chosen split")
-    ap.add_argument("--sample_id", type=int, default=None, help="a cache index instead of --image_idx")
-    ap.add_argument("--rank", type=int, default=None, help="must match the checkpoint's rank (default: its rank)")
-    ap.add_argument("--results_dir", default="results", help="a training run's folder (checkpoint, split.json)")
+    ap.add_argument(
+        "--sample_id", type=int, default=None, help="a cache index instead of --image_idx"
+    )
+    ap.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="must match the checkpoint's rank (default: its rank)",
+    )
+    ap.add_argument(
+        "--results_dir", default="results", help="a training run's folder (checkpoint, split.json)"
+    )
     ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split --image_idx counts in")
+    ap.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="the split --image_idx counts in",
+    )
     ap.add_argument("--channels", default="0-7", help="e.g. 0-7 or 0,5,100-103")
     ap.add_argument(
         "--html_channels",
@@ -300,7 +339,8 @@ def get_args_parser():
 
 
 def pick_sample(args, idx, cache_dir):
-    """The sample drawn -> (its cache index, where it sits in the run's split, the file name tag)."""
+    """The sample drawn -> (its cache index, where it sits in the run's split, the file name
+    tag)."""
     if args.sample_id is not None:
         available = cached_indices(cache_dir)
         if args.sample_id not in set(available):
@@ -316,21 +356,28 @@ def pick_sample(args, idx, cache_dir):
             ": SEEN IN TRAINING, not a held-out result)" if part == "train" else ")"
         )
         if part == "train":
-            print(f"note: sample {sid} is in the training split; its errors are not a held-out result")
+            print(
+                f"note: sample {sid} is in the training split; its errors are not a held-out result"
+            )
     else:
         if not 0 <= args.image_idx < len(idx):
             raise UserError(
                 f"--image_idx {args.image_idx} out of range: the {args.split} split has {len(idx)} "
                 f"samples (0..{len(idx) - 1})"
             )
-        sid, where = idx[args.image_idx], f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}"
+        sid, where = (
+            idx[args.image_idx],
+            f"{args.split}[{args.image_idx}] = sample {idx[args.image_idx]}",
+        )
         tag = f"{args.split}{args.image_idx}_sample{sid}"
     return sid, where, tag
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    run = load_run(args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir)
+    run = load_run(
+        args.results_dir, args.checkpoint, args.split, rank=args.rank, cache_dir=args.cache_dir
+    )
     model, cfg, idx, cache_dir = run.model, run.config, run.indices, run.cache_dir
     sid, where, tag = pick_sample(args, idx, cache_dir)
     hw, size = cache_grid(cache_dir), cache_image_size(cache_dir)  # from the manifest
@@ -340,8 +387,13 @@ def main(argv=None):
     d = compute(X, model, r, hw)
     manifest = load_manifest(cache_dir)
     meta = manifest["samples"].get(str(sid), {})
-    head = f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg.normalization}{lossy_note(cache_dir)}" + (
-        f"\nQ: {meta['question']}  A: {meta['answers'][0]}" if meta.get("question") and meta.get("answers") else ""
+    head = (
+        f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg.normalization}{lossy_note(cache_dir)}"
+        + (
+            f"\nQ: {meta['question']}  A: {meta['answers'][0]}"
+            if meta.get("question") and meta.get("answers")
+            else ""
+        )
     )
 
     image, bbox = cached_image(cache_dir, sid), None

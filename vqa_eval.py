@@ -1,33 +1,39 @@
 """
-Does the model still answer? TextVQA accuracy of the full Qwen2.5-VL when its vision tokens are replaced by a
-low-rank reconstruction (truncated SVD or a trained factoriser at rank r), by zeros, or when only k tokens chosen by
-a tokens.py rule are kept.
+Does the model still answer? TextVQA accuracy of the full Qwen2.5-VL when its vision tokens are
+replaced by a low-rank reconstruction (truncated SVD or a trained factoriser at rank r), by zeros,
+or when only k tokens chosen by a tokens.py rule are kept.
 
-    python vqa_eval.py --results_dir results_subspace --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda \\
-        --svd_ranks 16,32,64,128 --nn_ranks 16,32,64,128 --rules leverage,norm,random --keep 32,64 --zeros --limit 500
-    python vqa_eval.py --results_dir results_demo --model tiny-random --limit 8      (offline: tiny random model)
+    python vqa_eval.py --results_dir results_subspace --model Qwen/Qwen2.5-VL-3B-Instruct --device
+    cuda \\
+        --svd_ranks 16,32,64,128 --nn_ranks 16,32,64,128 --rules leverage,norm,random --keep 32,64
+        --zeros --limit 500
+    python vqa_eval.py --results_dir results_demo --model tiny-random --limit 8      (offline: tiny
+    random model)
 
-Per sample of the run's split (--split, --limit): the image is resized exactly as for extraction, the question
-(with --prompt) goes through the model's own chat template and processor, the vision tower runs once, and every
-condition answers greedily (--max_new_tokens) from the same prompt, with its vision tokens put where the tower's
-output enters the language model (inputs_embeds). Reconstructions are made in the space the factoriser was trained
-in (the run's --normalize, layernorm by default) and mapped back to the model's scale with each token's own mean and
-standard deviation (2 numbers per token, kept exactly). Kept tokens keep their own M-RoPE positions (time, row,
-column of the full grid); the dropped ones are removed from the sequence, and the text after the image keeps the
-positions it has with all tokens. 'tiny-random' builds a tiny full Qwen2.5-VL in code (fixed seed; its vision tower
-is the tiny-random encoder's) with a byte-level tokenizer and a Qwen-style chat template: its accuracies mean
-nothing, it proves the mechanics.
+Per sample of the run's split (--split, --limit): the image is resized exactly as for extraction,
+the question (with --prompt) goes through the model's own chat template and processor, the vision
+tower runs once, and every condition answers greedily (--max_new_tokens) from the same prompt, with
+its vision tokens put where the tower's output enters the language model (inputs_embeds).
+Reconstructions are made in the space the factoriser was trained in (the run's --normalize,
+layernorm by default) and mapped back to the model's scale with each token's own mean and standard
+deviation (2 numbers per token, kept exactly). Kept tokens keep their own M-RoPE positions (time,
+row, column of the full grid); the dropped ones are removed from the sequence, and the text after
+the image keeps the positions it has with all tokens. 'tiny-random' builds a tiny full Qwen2.5-VL in
+code (fixed seed; its vision tower is the tiny-random encoder's) with a byte-level tokenizer and a
+Qwen-style chat template: its accuracies mean nothing, it proves the mechanics.
 
-Scores (vqa_score.py): TextVQA's score exactly as lmms-eval 0.7.x computes it (the EvalAI answer processor, then
-min(#other references / 3, 1) over the leave-one-out subsets), and the top-answer match. The default protocol is
-lmms-eval's for qwen2_5_vl (question.capitalize(), then the line above). Beside accuracy and consistency, each
-condition's cost: vision tokens into the language model, prefill FLOPs and KV-cache bytes (lm_cost.py), bytes per
-image, the transform's ms, prefill ms and ms per decoding step. --batch_size samples answer together (left-padded,
-each with its own positions and stop); `torchrun --nproc_per_node=N vqa_eval.py ...` shards the samples by rank.
+Scores (vqa_score.py): TextVQA's score exactly as lmms-eval 0.7.x computes it (the EvalAI answer
+processor, then min(#other references / 3, 1) over the leave-one-out subsets), and the top-answer
+match. The default protocol is lmms-eval's for qwen2_5_vl (question.capitalize(), then the line
+above). Beside accuracy and consistency, each condition's cost: vision tokens into the language
+model, prefill FLOPs and KV-cache bytes (lm_cost.py), bytes per image, the transform's ms, prefill
+ms and ms per decoding step. --batch_size samples answer together (left-padded, each with its own
+positions and stop); `torchrun --nproc_per_node=N vqa_eval.py ...` shards the samples by rank.
 
-Writes <out>/vqa_<name>.jsonl (one line per answer; a rerun resumes from it; vqa_<name>.rank<r>.jsonl per process
-under torchrun), vqa_<name>.json / .csv (per condition and per sample), vqa_<name>_summary.csv (per condition),
-vqa_<name>.png (accuracy against rank / kept tokens) and vqa_<name>_cost.png (accuracy against each cost).
+Writes <out>/vqa_<name>.jsonl (one line per answer; a rerun resumes from it;
+vqa_<name>.rank<r>.jsonl per process under torchrun), vqa_<name>.json / .csv (per condition and per
+sample), vqa_<name>_summary.csv (per condition), vqa_<name>.png (accuracy against rank / kept
+tokens) and vqa_<name>_cost.png (accuracy against each cost).
 """
 
 import argparse
@@ -55,6 +61,8 @@ from lowrank.downstream import (
     PROMPT,
     QUESTION_TRANSFORMS,
     Asker,
+    Decoding,
+    TokenSetup,
     check_conditions,
     check_prompt,
     default_batch_size,
@@ -74,6 +82,13 @@ from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, load_vlm
 
 def get_args_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_sample_flags(ap.add_argument_group("the run, the model and the samples"))
+    add_condition_flags(ap.add_argument_group("the conditions"))
+    add_answer_flags(ap.add_argument_group("answering and outputs"))
+    return ap
+
+
+def add_sample_flags(ap):
     ap.add_argument(
         "--results_dir",
         default="results",
@@ -87,10 +102,26 @@ def get_args_parser():
         "cost); default: the cache's encoder",
     )
     ap.add_argument("--revision", default=None, help="hub revision of --model")
-    ap.add_argument("--dataset_dir", default=None, help="the images (default: the source recorded in the cache)")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which samples of the run")
-    ap.add_argument("--limit", type=positive_int, default=None, help="first N samples of the split (default: all)")
-    ap.add_argument("--svd_ranks", default="16,32,64,128", help="truncated-SVD conditions (comma list; '' for none)")
+    ap.add_argument(
+        "--dataset_dir", default=None, help="the images (default: the source recorded in the cache)"
+    )
+    ap.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which samples of the run"
+    )
+    ap.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="first N samples of the split (default: all)",
+    )
+
+
+def add_condition_flags(ap):
+    ap.add_argument(
+        "--svd_ranks",
+        default="16,32,64,128",
+        help="truncated-SVD conditions (comma list; '' for none)",
+    )
     ap.add_argument(
         "--nn_ranks",
         default="auto",
@@ -115,21 +146,31 @@ def get_args_parser():
         default=LRCP_RANK,
         help="lrcp: rank of the training split's principal subspace",
     )
-    ap.add_argument("--zeros", action="store_true", help="add the control with every vision token set to zero")
+    ap.add_argument(
+        "--zeros", action="store_true", help="add the control with every vision token set to zero"
+    )
     ap.add_argument(
         "--transforms",
         default="",
         help="more conditions as transform specs (comma list): original, zeros, svd:<r>, nn:<r>, "
         "keep:<rule>:<k>, codec:<name>[:<r>], e.g. codec:pca_int8:64,keep:norm:32",
     )
-    ap.add_argument("--prompt", default=PROMPT, help="the user turn after the image; {question} is replaced")
+    ap.add_argument("--seed", type=int, default=0, help="the random token rule")
+
+
+def add_answer_flags(ap):
+    ap.add_argument(
+        "--prompt", default=PROMPT, help="the user turn after the image; {question} is replaced"
+    )
     ap.add_argument(
         "--question_transform",
         default="capitalize",
         choices=list(QUESTION_TRANSFORMS),
         help="applied to the question first: capitalize (str.capitalize, lmms-eval's TextVQA protocol) or none",
     )
-    ap.add_argument("--max_new_tokens", type=positive_int, default=16, help="greedy decoding length limit")
+    ap.add_argument(
+        "--max_new_tokens", type=positive_int, default=16, help="greedy decoding length limit"
+    )
     ap.add_argument(
         "--batch_size",
         type=positive_int,
@@ -138,11 +179,13 @@ def get_args_parser():
     )
     add_device(ap)
     add_dtype(ap)
-    ap.add_argument("--seed", type=int, default=0, help="the random token rule")
-    ap.add_argument("--name", type=name_arg, default=None, help="output stem vqa_<name> (default: the split)")
+    ap.add_argument(
+        "--name", type=name_arg, default=None, help="output stem vqa_<name> (default: the split)"
+    )
     ap.add_argument("--out_dir", default=None, help="where the outputs go (default: --results_dir)")
-    ap.add_argument("--restart", action="store_true", help="discard the answers of an earlier run of this name")
-    return ap
+    ap.add_argument(
+        "--restart", action="store_true", help="discard the answers of an earlier run of this name"
+    )
 
 
 def main(argv=None):
@@ -152,7 +195,69 @@ def main(argv=None):
     cache, norm = cfg.cache_dir, cfg.normalization
     manifest = read_manifest(cache)
     enc, samples = manifest["encoder"], manifest["samples"]
-    name = args.model or enc["model"]
+    name = answering_model(args.model, cache, enc)
+    hw, dev = cache_grid(cache), pick_device(args.device)
+    dtype = getattr(torch, args.dtype or default_dtype(dev))
+    run = factoriser_run(args)
+    nn_rank = run.config.rank if run else None
+    conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
+    bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
+    check_conditions(conds, cfg.arch, nn_rank, hw, enc["feature_dim"], bases)
+    idx = first(split[args.split], args.limit)
+    check_questions(idx, samples, cache)
+    out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"vqa_{args.name or args.split}"
+    size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
+    settings = run_settings(args, name, size, hw, dtype, norm, cache, run)
+    rank, world, _ = dist_env()
+    log = AnswerLog(out_dir, stem.name, settings)
+    done, own = open_logs(log, args.restart, rank, world)
+    mine = idx[rank::world]  # the samples this process answers (all of them without torchrun)
+    todo = [(i, [s for s in conds if (i, str(s)) not in done]) for i in mine]
+    todo = [(i, specs) for i, specs in todo if specs]
+    batch = args.batch_size or default_batch_size(dev)
+    if rank == 0:
+        n_todo = sum(len(specs) for _, specs in todo)
+        print(
+            f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}"
+            f"{f', {world} processes' if world > 1 else ''}); {len(conds)} conditions: {', '.join(map(str, conds))}; "
+            f"{len(done)} answers already in {stem}.jsonl, {n_todo} to ask, batches of {batch}"
+        )
+    if todo:
+        source = Source(args.dataset_dir or manifest["source"]["path"])
+        images = source_images(source, [i for i, _ in todo], samples, cache)
+        model, proc = load_vlm(name, dev, dtype, size, args.revision)
+        check_max_new_tokens(model, args.max_new_tokens, hw[0] * hw[1])
+        max_svd = max((s.rank for s in conds if s.kind == "svd"), default=0)
+        setup = TokenSetup(norm, hw, run.model if run else None, bases, max_svd)
+        asker = Asker(model, proc, dtype, setup, decoding(args))
+
+        def load(i):
+            try:
+                return load_image(images[i], size), samples[str(i)]["question"]
+            except Exception as e:
+                raise UserError(
+                    f"sample {i} ({samples[str(i)].get('id')}): unreadable image ({type(e).__name__}: {e}); "
+                    f"the {len(done)} answers so far are kept in {own}"
+                ) from None
+
+        ask_all(asker, todo, load, done, own, h=log.h, batch_size=batch, progress=rank == 0)
+    barrier(world)
+    if rank != 0:
+        return None
+    done = log.read(talk=False) if world > 1 else done
+    stored = {
+        str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases)
+        for c in conds
+    }
+    return report(idx, conds, done, samples, stem, settings, stored)
+
+
+def answering_model(model, cache, enc):
+    """The full model that answers: --model, or the cache's encoder; it must be the model whose
+    merger output the cache holds."""
+    name = model or enc["model"]
     if name != enc["model"]:
         raise UserError(
             f"--model {name}: the cache {cache} holds features of {enc['model']}; the factoriser and "
@@ -162,17 +267,17 @@ def main(argv=None):
         raise UserError(
             f"{cache} holds the tower's {enc['layer']}, not its output: the language model takes the merger's tokens"
         )
-    hw, dev = cache_grid(cache), pick_device(args.device)
-    dtype = getattr(torch, args.dtype or default_dtype(dev))
-    ckpt = Path(args.results_dir) / BEST
-    nn_model, nn_rank, ckpt_sha = None, None, None
-    if args.nn_ranks and (args.nn_ranks != "auto" or ckpt.exists()):
-        run = load_run(args.results_dir, device="cpu")
-        nn_model, nn_rank, ckpt_sha = run.model, run.config.rank, run.checkpoint_sha
-    conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
-    bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
-    check_conditions(conds, cfg.arch, nn_rank, hw, enc["feature_dim"], bases)
-    idx = first(split[args.split], args.limit)
+    return name
+
+
+def factoriser_run(args):
+    """The run's factoriser (runs.Run) when an nn condition may be asked, else None."""
+    if args.nn_ranks and (args.nn_ranks != "auto" or (Path(args.results_dir) / BEST).exists()):
+        return load_run(args.results_dir, device="cpu")
+    return None
+
+
+def check_questions(idx, samples, cache):
     missing = [i for i in idx if not samples.get(str(i), {}).get("question")]
     if missing:
         raise UserError(
@@ -180,72 +285,45 @@ def main(argv=None):
             f"{missing[0]}): VQA needs a data set with questions and answers (TextVQA parquet or a "
             f"JSONL with 'question' and 'answers')"
         )
-    source = Source(args.dataset_dir or manifest["source"]["path"])
 
-    out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"vqa_{args.name or args.split}"
-    size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
-    settings = run_settings(args, name, size, hw, dtype, norm, cache, ckpt if nn_model is not None else None, ckpt_sha)
-    rank, world, _ = dist_env()
-    log = AnswerLog(out_dir, stem.name, settings)
-    done, own = open_logs(log, args.restart, rank, world)
-    mine = idx[rank::world]  # the samples this process answers (all of them without torchrun)
-    todo = [(i, s) for i in mine for s in conds if (i, str(s)) not in done]
-    batch = args.batch_size or default_batch_size(dev)
-    if rank == 0:
-        print(
-            f"{len(idx)} {args.split} samples from {cache} ({norm}), model {name} ({settings['dtype']} on {dev}"
-            f"{f', {world} processes' if world > 1 else ''}); {len(conds)} conditions: {', '.join(map(str, conds))}; "
-            f"{len(done)} answers already in {stem}.jsonl, {len(todo)} to ask, batches of {batch}"
-        )
-    if todo:
-        images = source_images(source, sorted({i for i, _ in todo}), samples, cache)
-        model, proc = load_vlm(name, dev, dtype, size, args.revision)
-        check_max_new_tokens(model, args.max_new_tokens, hw[0] * hw[1])
-        asker = Asker(
-            model,
-            proc,
-            dtype,
-            norm,
-            hw,
-            nn_model,
-            bases,
-            max((s.rank for s in conds if s.kind == "svd"), default=0),
-            args.seed,
-            lambda q: args.prompt.format(question=QUESTION_TRANSFORMS[args.question_transform](q)),
-            args.max_new_tokens,
-        )
-        ask_all(asker, mine, conds, done, samples, images, size, own, log.h, batch, rank == 0)
-    barrier(world)
-    if rank != 0:
-        return None
-    done = log.read(talk=False) if world > 1 else done
-    stored = {str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases) for c in conds}
-    return report(idx, conds, done, samples, stem, settings, stored)
+
+def decoding(args):
+    """--prompt with --question_transform applied to the question, greedy to --max_new_tokens."""
+    transform = QUESTION_TRANSFORMS[args.question_transform]
+    return Decoding(
+        lambda q: args.prompt.format(question=transform(q)), args.max_new_tokens, args.seed
+    )
 
 
 def conditions(args, nn_rank, arch, tokens):
-    """The transforms this run's flags ask, in order (transforms.py specs): original, then --zeros, --svd_ranks,
-    --nn_ranks (auto: the svd ranks the run's factoriser serves), --rules x --keep, then --transforms; each once.
-    A k may be a share of the image's tokens (--keep 0.25, keep:norm:0.111)."""
+    """The transforms this run's flags ask, in order (transforms.py specs): original, then --zeros,
+    --svd_ranks, --nn_ranks (auto: the svd ranks the run's factoriser serves), --rules x --keep,
+    then --transforms; each once. A k may be a share of the image's tokens (--keep 0.25,
+    keep:norm:0.111)."""
     specs = [Spec("original")] + ([Spec("zeros")] if args.zeros else [])
     svd_ranks = parse_ints(args.svd_ranks, "--svd_ranks")
     specs += [Spec("svd", r) for r in svd_ranks]
     if nn_rank:
         auto = [r for r in svd_ranks if (r == nn_rank if arch == "symmetric" else r <= nn_rank)]
-        specs += [Spec("nn", r) for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)]
+        specs += [
+            Spec("nn", r)
+            for r in (parse_ints(args.nn_ranks, "--nn_ranks") if args.nn_ranks != "auto" else auto)
+        ]
     rules = [r for r in args.rules.split(",") if r.strip()]
     for rule in rules:
         if rule not in RULES + QUESTION_RULES:
-            raise UserError(f"--rules: unknown '{rule}'; choose from {', '.join(RULES + QUESTION_RULES)}")
-    ks = [parse_spec(f"keep:norm:{k.strip()}", tokens).rank for k in args.keep.split(",") if k.strip()]
+            raise UserError(
+                f"--rules: unknown '{rule}'; choose from {', '.join(RULES + QUESTION_RULES)}"
+            )
+    ks = [
+        parse_spec(f"keep:norm:{k.strip()}", tokens).rank for k in args.keep.split(",") if k.strip()
+    ]
     specs += [Spec("keep", k, rule=rule) for rule in rules for k in ks]
     specs += [parse_spec(t, tokens) for t in args.transforms.split(",") if t.strip()]
     return list(dict.fromkeys(specs))
 
 
-def run_settings(args, name, size, hw, dtype, norm, cache, ckpt, ckpt_sha):
+def run_settings(args, name, size, hw, dtype, norm, cache, run):
     """Everything an answer depends on; a log of other settings is refused."""
     return {
         "model": name,
@@ -255,8 +333,8 @@ def run_settings(args, name, size, hw, dtype, norm, cache, ckpt, ckpt_sha):
         "dtype": str(dtype).replace("torch.", ""),
         "normalization": norm,
         "cache": str(cache),
-        "checkpoint": str(ckpt) if ckpt is not None else None,
-        "checkpoint_sha": ckpt_sha,  # retrained: other answers
+        "checkpoint": str(Path(args.results_dir) / BEST) if run else None,
+        "checkpoint_sha": run.checkpoint_sha if run else None,  # retrained: other answers
         "lrcp_rank": args.lrcp_rank,
         "seed": args.seed,
         "log_version": 2,  # records with their cost
@@ -264,8 +342,8 @@ def run_settings(args, name, size, hw, dtype, norm, cache, ckpt, ckpt_sha):
 
 
 def protocol(args, name, size, hw):
-    """Everything that makes one answer protocol differ from another; a run's log and JSON record it, and a rerun
-    with another is refused."""
+    """Everything that makes one answer protocol differ from another; a run's log and JSON record
+    it, and a rerun with another is refused."""
     return {
         "prompt": args.prompt,
         "question_transform": args.question_transform,
@@ -292,8 +370,9 @@ def versions():
 
 
 def open_logs(log, restart, rank, world):
-    """-> (every answer already in the run's logs, the log this process appends to). Under torchrun every process
-    reads all the logs before any appends to its own; --restart discards this run's logs first."""
+    """-> (every answer already in the run's logs, the log this process appends to). Under torchrun
+    every process reads all the logs before any appends to its own; --restart discards this run's
+    logs first."""
     if restart and rank == 0:
         log.remove()
     barrier(world)
@@ -312,7 +391,8 @@ def barrier(world):
 
 
 def source_images(source, indices, samples, cache):
-    """{index: image bytes or path}; each must be the image the cache's features (and question) came from."""
+    """{index: image bytes or path}; each must be the image the cache's features (and question) came
+    from."""
     images = dict(source.iter_images(indices))
     for i in indices:
         fp = samples[str(i)].get("fingerprint")
@@ -329,24 +409,14 @@ def source_images(source, indices, samples, cache):
     return images
 
 
-def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, batch_size, progress=True):
-    """Ask every condition not yet answered, batch_size samples at a time. Each answer is appended to the log when
-    its condition's batch is done, so a rerun resumes and a batch killed halfway leaves none of its answers."""
-    todo = [(i, [s for s in conds if (i, str(s)) not in done]) for i in idx]
-    todo = [(i, specs) for i, specs in todo if specs]
+def ask_all(asker, todo, load, done, log_path, *, h, batch_size, progress=True):
+    """Ask every condition not yet answered, batch_size samples at a time. Each answer is appended
+    to the log when its condition's batch is done, so a rerun resumes and a batch killed halfway
+    leaves none of its answers."""
     bar = tqdm(total=sum(len(specs) for _, specs in todo), desc="vqa", disable=not progress)
     with log_path.open("a") as log:
         for b in range(0, len(todo), batch_size):
-            items = []
-            for i, specs in todo[b : b + batch_size]:
-                try:
-                    image = load_image(images[i], size)
-                except Exception as e:
-                    raise UserError(
-                        f"sample {i} ({samples[str(i)].get('id')}): unreadable image ({type(e).__name__}: {e}); "
-                        f"the {len(done)} answers so far are kept in {log_path}"
-                    ) from None
-                items.append((i, image, samples[str(i)]["question"], specs))
+            items = [(i, *load(i), specs) for i, specs in todo[b : b + batch_size]]
             for rec in asker.ask(items):
                 rec = {"h": h, **rec}
                 log.write(json.dumps(rec) + "\n")
@@ -357,9 +427,11 @@ def ask_all(asker, idx, conds, done, samples, images, size, log_path, h, batch_s
 
 
 def report(idx, conds, done, samples, stem, settings, stored=None):
-    """Per-condition accuracy and cost table (printed, JSON, CSV), the accuracy-vs-budget plot and the
-    accuracy-vs-cost chart."""
-    per_sample, summary = score(idx, conds, done, samples, stored, settings["protocol"]["vision_tokens"])
+    """Per-condition accuracy and cost table (printed, JSON, CSV), the accuracy-vs-budget plot and
+    the accuracy-vs-cost chart."""
+    per_sample, summary = score(
+        idx, conds, done, samples, stored, settings["protocol"]["vision_tokens"]
+    )
     print_table(summary)
     if settings["model"] in RANDOM_TEXT:
         print(
@@ -368,10 +440,15 @@ def report(idx, conds, done, samples, stem, settings, stored=None):
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     Path(f"{stem}.json").write_text(
-        json.dumps({"settings": settings, "summary": summary, "peak_gpu_gib": peak, "samples": per_sample}, indent=1)
+        json.dumps(
+            {"settings": settings, "summary": summary, "peak_gpu_gib": peak, "samples": per_sample},
+            indent=1,
+        )
     )
     names = [str(s) for s in conds]
-    header = ["sample", "id", "question", "answers"] + [f"{n}: {k}" for n in names for k in ("answer", "vqa_acc")]
+    header = ["sample", "id", "question", "answers"] + [
+        f"{n}: {k}" for n in names for k in ("answer", "vqa_acc")
+    ]
     rows = [
         [r["sample"], r["id"], r["question"], " | ".join(r["answers"])]
         + [x for n in names for x in (r[n]["answer"], f"{r[n]['vqa_acc']:.4f}")]
@@ -390,14 +467,28 @@ COLUMNS = (  # (header, width, format of one summary row)
     ("VQA acc", 8, lambda s: f"{s['vqa_acc']:>8.4f}"),
     ("vs original", 20, lambda s: f"{s['delta']:>+11.4f} ± {1.96 * s['delta_se']:<6.4f}"),
     ("consist", 8, lambda s: f"{s['consistency']:>8.3f}"),
-    ("R>W W>R (p)", 15, lambda s: f"{s['right_to_wrong']:>4} {s['wrong_to_right']:>3} ({s['flips_p']:.2f})"),
+    (
+        "R>W W>R (p)",
+        15,
+        lambda s: f"{s['right_to_wrong']:>4} {s['wrong_to_right']:>3} ({s['flips_p']:.2f})",
+    ),
     ("tokens", 7, lambda s: f"{s['vision_tokens']:>7.0f}"),
     ("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:>8.2f}"),
     ("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:>8.2f}"),
-    ("KiB/img", 9, lambda s: f"{s['bytes_per_image'] / 1024:>9.1f}" if s["bytes_per_image"] is not None else " " * 9),
+    (
+        "KiB/img",
+        9,
+        lambda s: (
+            f"{s['bytes_per_image'] / 1024:>9.1f}" if s["bytes_per_image"] is not None else " " * 9
+        ),
+    ),
     ("trans ms", 9, lambda s: f"{s['transform_ms']:>9.2f}"),
     ("prefill ms", 11, lambda s: f"{s['prefill_ms']:>11.1f}"),
-    ("ms/token", 9, lambda s: f"{s['decode_ms_per_token']:>9.2f}" if s["decode_ms_per_token"] else " " * 9),
+    (
+        "ms/token",
+        9,
+        lambda s: f"{s['decode_ms_per_token']:>9.2f}" if s["decode_ms_per_token"] else " " * 9,
+    ),
 )
 
 
@@ -436,8 +527,16 @@ def plot(summary, path, settings):
         groups.setdefault(label, []).append((s["value"], s["vqa_acc"]))
     for label, pts in groups.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if " k tokens" in label else "o-", label=label)
-    for s, style in ((summary[0], "k-"), (next((s for s in summary if s["kind"] == "zeros"), None), "k:")):
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            "s--" if " k tokens" in label else "o-",
+            label=label,
+        )
+    for s, style in (
+        (summary[0], "k-"),
+        (next((s for s in summary if s["kind"] == "zeros"), None), "k:"),
+    ):
         if s is not None:
             ax.axhline(
                 s["vqa_acc"],
@@ -470,8 +569,9 @@ FAMILIES = {
 
 
 def plot_cost(summary, path, settings):
-    """Accuracy against three costs (vision tokens, prefill FLOPs, bytes per image), every condition on each,
-    one series per transform family (svd, nn, each rule, each codec), the original tokens a reference line."""
+    """Accuracy against three costs (vision tokens, prefill FLOPs, bytes per image), every condition
+    on each, one series per transform family (svd, nn, each rule, each codec), the original tokens a
+    reference line."""
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
@@ -482,11 +582,19 @@ def plot_cost(summary, path, settings):
         name = s["rule"] or s["codec"] or (f"K={s['layer']}" if s["kind"] == "fastv" else s["kind"])
         series.setdefault((FAMILIES.get(s["kind"], s["kind"]), name), []).append(s)
     marks = {"reconstruction": "o-", "selection": "s--", "compression": "^:", "merging": "D-."}
-    axes_of = (("vision_tokens", "vision tokens into the language model"), ("prefill_flops", "prefill FLOPs"))
+    axes_of = (
+        ("vision_tokens", "vision tokens into the language model"),
+        ("prefill_flops", "prefill FLOPs"),
+    )
     for ax, (key, label) in zip(axes, axes_of + (("bytes_per_image", "bytes per image"),)):
         for (fam, name), rows in series.items():
             rows = sorted((r for r in rows if r[key]), key=lambda r: r[key])
-            ax.plot([r[key] for r in rows], [r["vqa_acc"] for r in rows], marks.get(fam, "x-"), label=f"{fam}: {name}")
+            ax.plot(
+                [r[key] for r in rows],
+                [r["vqa_acc"] for r in rows],
+                marks.get(fam, "x-"),
+                label=f"{fam}: {name}",
+            )
         base = summary[0]
         ax.axhline(base["vqa_acc"], color="k", lw=1, label="original tokens")
         ax.plot([base[key]], [base["vqa_acc"]], "k*", ms=10)

@@ -1,4 +1,5 @@
-"""Writes docs/flags.md from every script's get_args_parser(): the flag reference is never typed by hand.
+"""Writes docs/flags.md from every script's get_args_parser(): the flag reference is never typed by
+hand.
 
 python docs/gen_flags.py            (make docs)
 """
@@ -38,19 +39,29 @@ def cell(text):
 def section(name):
     parser = importlib.import_module(name).get_args_parser()
     first = (parser.description or "").strip().splitlines()[0] if parser.description else ""
-    lines = [f"## `{name}.py`", "", cell(first), "", "| flag | default | meaning |", "|---|---|---|"]
+    lines = [
+        f"## `{name}.py`",
+        "",
+        cell(first),
+        "",
+        "| flag | default | meaning |",
+        "|---|---|---|",
+    ]
     for a in parser._actions:
         if isinstance(a, argparse._HelpAction):
             continue
         flag = ", ".join(f"`{f}`" for f in a.option_strings) or f"`{a.dest}` (positional)"
         if a.choices:
             flag += " {" + ", ".join(map(str, a.choices)) + "}"
-        default = "" if a.default in (None, argparse.SUPPRESS) or a.required else f"`{cell(a.default)}`"
+        default = (
+            "" if a.default in (None, argparse.SUPPRESS) or a.required else f"`{cell(a.default)}`"
+        )
         if a.required:
             default = "required"
         if a.dest == "device":  # resolved on the machine that runs it
             default = "cuda if available, else cpu"
-        elif a.default is None and "(default: " in (a.help or ""):  # a 'not given' marker: the help states it
+        # a 'not given' marker: the help states it
+        elif a.default is None and "(default: " in (a.help or ""):
             default = f"`{cell(a.help.rsplit('(default: ', 1)[1].rstrip(')'))}`"
         lines.append(f"| {flag} | {default} | {cell(a.help)} |")
     return "\n".join(lines)

@@ -1,1 +1,2 @@
-"""The low-rank-image library: what the scripts at the repository root share (docs/architecture.md)."""
+"""The low-rank-image library: what the scripts at the repository root share
+(docs/architecture.md)."""

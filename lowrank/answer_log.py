@@ -1,9 +1,10 @@
 """
-The answer log of a downstream run (vqa_eval.py): <out_dir>/<stem>.jsonl, and one log per process under torchrun
-(<stem>.rank<r>.jsonl). Whole JSON lines, appended; the first line holds the run's settings, every line their hash,
-so answers of other settings are never taken as this run's. Each log has one writer (its process), so a torn last
-line from a killed write is cut off before appending (the feature cache's sample log, shared by many writers, is
-closed with a newline instead: cutting there could drop another writer's line).
+The answer log of a downstream run (vqa_eval.py): <out_dir>/<stem>.jsonl, and one log per process
+under torchrun (<stem>.rank<r>.jsonl). Whole JSON lines, appended; the first line holds the run's
+settings, every line their hash, so answers of other settings are never taken as this run's. Each
+log has one writer (its process), so a torn last line from a killed write is cut off before
+appending (the feature cache's sample log, shared by many writers, is closed with a newline instead:
+cutting there could drop another writer's line).
 """
 
 import hashlib
@@ -19,8 +20,8 @@ def settings_hash(settings):
 
 
 class AnswerLog:
-    """The logs of one run, named by its stem (e.g. vqa_test): found by exact names, never by a pattern built from
-    user text."""
+    """The logs of one run, named by its stem (e.g. vqa_test): found by exact names, never by a
+    pattern built from user text."""
 
     def __init__(self, out_dir, stem, settings):
         self.dir, self.stem, self.settings = Path(out_dir), stem, settings
@@ -28,17 +29,24 @@ class AnswerLog:
 
     def path(self, rank=None):
         """The log a process appends to: <stem>.jsonl, or <stem>.rank<r>.jsonl under torchrun."""
-        return self.dir / (f"{self.stem}.jsonl" if rank is None else f"{self.stem}.rank{rank}.jsonl")
+        return self.dir / (
+            f"{self.stem}.jsonl" if rank is None else f"{self.stem}.rank{rank}.jsonl"
+        )
 
     def paths(self):
         """Every log of this run that exists: the single-process log, then the per-process ones."""
         own = re.compile(re.escape(self.stem) + r"\.rank\d+\.jsonl")
-        ranks = sorted(p for p in self.dir.iterdir() if own.fullmatch(p.name)) if self.dir.is_dir() else []
+        ranks = (
+            sorted(p for p in self.dir.iterdir() if own.fullmatch(p.name))
+            if self.dir.is_dir()
+            else []
+        )
         return ([self.path()] if self.path().exists() else []) + ranks
 
     def read(self, talk=True):
-        """{(sample, condition): record} of every answer in the run's logs. A log of other settings, or lines of
-        another run glued on, are refused. A torn last line (a killed write) is not an answer: it is asked again."""
+        """{(sample, condition): record} of every answer in the run's logs. A log of other settings,
+        or lines of another run glued on, are refused. A torn last line (a killed write) is not an
+        answer: it is asked again."""
         done = {}
         for path in self.paths():
             text = path.read_text()
@@ -53,7 +61,9 @@ class AnswerLog:
                 try:
                     recs.append(json.loads(line))
                 except ValueError:
-                    raise UserError(f"{path}:{n} is not a JSON line; use another --name, or --restart") from None
+                    raise UserError(
+                        f"{path}:{n} is not a JSON line; use another --name, or --restart"
+                    ) from None
             if recs and recs[0].get("settings") != self.settings:
                 raise UserError(
                     f"{path} holds answers made with other settings ({recs[0].get('settings')}); "
@@ -69,7 +79,8 @@ class AnswerLog:
         return done
 
     def start(self, path):
-        """Make path ready for appending: a torn last line cut off, the settings line written to a new log."""
+        """Make path ready for appending: a torn last line cut off, the settings line written to a
+        new log."""
         text = path.read_text() if path.exists() else ""
         if text and not text.endswith("\n"):
             path.write_text(text[: text.rfind("\n") + 1])

@@ -1,7 +1,7 @@
 """
-What every script shares on the command line: the error a user can fix (one `error:` line, no traceback), the help
-formatter, the checks of flags that several scripts take, and the launch environment (torchrun). Imports nothing
-of the project.
+What every script shares on the command line: the error a user can fix (one `error:` line, no
+traceback), the help formatter, the checks of flags that several scripts take, and the launch
+environment (torchrun). Imports nothing of the project.
 """
 
 import argparse
@@ -17,21 +17,24 @@ import torch
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad input, a missing file). An ordinary exception, so a notebook, a sweep or
-    lmms-eval can catch it; a script's run_cli prints it as one line 'error: ...', exit status 1, no traceback
-    (LOWRANK_DEBUG=1 prints the traceback too)."""
+    """A mistake the user can fix (bad input, a missing file). An ordinary exception, so a notebook,
+    a sweep or lmms-eval can catch it; a script's run_cli prints it as one line 'error: ...', exit
+    status 1, no traceback (LOWRANK_DEBUG=1 prints the traceback too)."""
 
 
 class BadFeature(ValueError):
-    """A cached feature file that is unreadable, mis-shaped or non-finite; the message names the file."""
+    """A cached feature file that is unreadable, mis-shaped or non-finite; the message names the
+    file."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every script: the description as written, and each flag's default (as its help states it, where
-    the parser's default is a 'not given' marker)."""
+    """--help of every script: the description as written, and each flag's default (as its help
+    states it, where the parser's default is a 'not given' marker)."""
 
     def _get_help_string(self, action):
-        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+        return (
+            action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+        )
 
 
 DISK_ERRORS = {
@@ -44,8 +47,9 @@ DISK_ERRORS = {
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(): user errors, bad cache files, Ctrl-C and a full or read-only disk end as one 'error:'
-    line, no traceback (exit 1; 130 for Ctrl-C). Every write is atomic, so nothing half-written is left behind."""
+    """Run a script's main(): user errors, bad cache files, Ctrl-C and a full or read-only disk end
+    as one 'error:' line, no traceback (exit 1; 130 for Ctrl-C). Every write is atomic, so nothing
+    half-written is left behind."""
     try:
         return main(argv)
     except (UserError, BadFeature, KeyboardInterrupt, OSError) as e:
@@ -59,8 +63,9 @@ def run_cli(main, argv=None):
                 "with --resume)",
                 file=sys.stderr,
             )
-            # every finally block has run by now; leave without interpreter shutdown, where a daemon thread still
-            # writing (tqdm's monitor) can abort the process with SIGABRT instead of exit status 130
+            # every finally block has run by now; leave without interpreter shutdown, where a daemon
+            # thread still writing (tqdm's monitor) can abort the process with SIGABRT instead of
+            # exit status 130
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
@@ -77,11 +82,14 @@ def parse_ints(spec, flag="a list"):
     try:
         return [int(v) for v in str(spec).split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{flag} {spec}: expected a comma list of integers, e.g. 16,32,64") from None
+        raise UserError(
+            f"{flag} {spec}: expected a comma list of integers, e.g. 16,32,64"
+        ) from None
 
 
 def parse_ranks(spec, limit, flag="--ranks"):
-    """A comma list of ranks, none empty, each in 1..limit -> [int]; else one UserError naming the flag."""
+    """A comma list of ranks, none empty, each in 1..limit -> [int]; else one UserError naming the
+    flag."""
     ranks = parse_ints(spec, flag)
     if not ranks:
         raise UserError(f"{flag} is empty: give at least one rank, e.g. 16,64")
@@ -116,7 +124,9 @@ def _number(kind, lowest, strict):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not math.isfinite(v) or v < lowest or (strict and v == lowest):
             raise argparse.ArgumentTypeError(
                 f"{text}: must be a finite number {'above' if strict else 'at least'} {lowest}"
@@ -127,7 +137,8 @@ def _number(kind, lowest, strict):
     return check
 
 
-positive_int = _number(int, 0, strict=True)  # sizes and counts: 0 would mean an empty batch, an empty run
+# sizes and counts: 0 would mean an empty batch, an empty run
+positive_int = _number(int, 0, strict=True)
 nonneg_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)  # --lr, --grad_clip
 nonneg_float = _number(float, 0.0, strict=False)  # loss weights, weight decay
@@ -137,7 +148,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def device_arg(text):
-    """argparse type of --device: a device this machine has (cpu, cuda, cuda:1), refused at parse time."""
+    """argparse type of --device: a device this machine has (cpu, cuda, cuda:1), refused at parse
+    time."""
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
@@ -147,13 +159,15 @@ def device_arg(text):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (use cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {torch.cuda.device_count()} CUDA devices"
+        )
     return text
 
 
 def add_device(ap, what="where it runs"):
-    """--device, one definition for every script: default cuda if the machine has one, else cpu (under torchrun
-    each process takes cuda:<its local rank>)."""
+    """--device, one definition for every script: default cuda if the machine has one, else cpu
+    (under torchrun each process takes cuda:<its local rank>)."""
     ap.add_argument(
         "--device",
         type=device_arg,
@@ -163,7 +177,12 @@ def add_device(ap, what="where it runs"):
 
 
 def add_dtype(ap, what="model dtype"):
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help=f"{what} (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help=f"{what} (default: bfloat16 on CUDA, float32 on CPU)",
+    )
 
 
 def pick_device(name, local_rank=0):
@@ -183,9 +202,9 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 
 
 def run_name(name, flag="--name"):
-    """A run's name is a name: letters, digits and _ . + - (at most 100), starting with a letter or digit, no path
-    separator, no '..', no pattern characters, and not ending in .rank<N> (a torchrun process's log). Output files
-    are built by appending to it, never by replacing a suffix."""
+    """A run's name is a name: letters, digits and _ . + - (at most 100), starting with a letter or
+    digit, no path separator, no '..', no pattern characters, and not ending in .rank<N> (a torchrun
+    process's log). Output files are built by appending to it, never by replacing a suffix."""
     if name is None:
         return None
     if not NAME.fullmatch(name) or ".." in name or re.search(r"\.rank\d+$", name):
@@ -197,7 +216,8 @@ def run_name(name, flag="--name"):
 
 
 def name_arg(text):
-    """An argparse type for a run's name (--name, --study_name): refused at parse time, before any work."""
+    """An argparse type for a run's name (--name, --study_name): refused at parse time, before any
+    work."""
     try:
         return run_name(text, "")
     except UserError as e:
@@ -205,8 +225,8 @@ def name_arg(text):
 
 
 def dist_env():
-    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group (nccl on CUDA,
-    else gloo) when world_size > 1. Without torchrun: (0, 1, 0)."""
+    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group
+    (nccl on CUDA, else gloo) when world_size > 1. Without torchrun: (0, 1, 0)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, 0

@@ -1,22 +1,26 @@
 """
-A training run's configuration as one typed record, RunConfig: the flags that make a run, with their defaults and
-help in one place (training's parser is built from these fields, so a new training flag is one field here), and
-what training records beside them (the cache's shape, the split's fingerprint). Stored in config.json and every
-checkpoint as a plain dict of plain types; read back with RunConfig.from_dict, which fills what older runs did not
-record with the values they were made with.
+A training run's configuration as one typed record, RunConfig: the flags that make a run, with their
+defaults and help in one place (training's parser is built from these fields, so a new training flag
+is one field here), and what training records beside them (the cache's shape, the split's
+fingerprint). Stored in config.json and every checkpoint as a plain dict of plain types; read back
+with RunConfig.from_dict, which fills what older runs did not record with the values they were made
+with.
 """
 
 from dataclasses import asdict, dataclass, field, fields
 
 from lowrank.cli import UserError, nonneg_float, nonneg_int, positive_float, positive_int
 
-LEGACY_SHAPE = (256, 2048)  # runs from before the shape was recorded were trained on Qwen2.5-VL-3B features at 448²
+# runs from before the shape was recorded were trained on Qwen2.5-VL-3B features at 448²
+LEGACY_SHAPE = (256, 2048)
 
 
 def flag(default, help, type=None, name=None, resumable=False):
-    """A RunConfig field that is also a training flag: --<name or field name>, its type and help. resumable: may
-    take another value on --resume (the others must equal the run's)."""
-    return field(default=default, metadata=dict(help=help, type=type, flag=name, resumable=resumable))
+    """A RunConfig field that is also a training flag: --<name or field name>, its type and help.
+    resumable: may take another value on --resume (the others must equal the run's)."""
+    return field(
+        default=default, metadata=dict(help=help, type=type, flag=name, resumable=resumable)
+    )
 
 
 # per-arch options: flag -> (arch, help, type); stored in RunConfig.arch_options once resolved
@@ -39,20 +43,29 @@ ARCH_FLAGS = {
 @dataclass(frozen=True)
 class RunConfig:
     batch_size: int = flag(8, "training batch size (per process under torchrun)", positive_int)
-    epochs: int = flag(20, "training epochs (epoch 0 = the starting point)", nonneg_int, resumable=True)
+    epochs: int = flag(
+        20, "training epochs (epoch 0 = the starting point)", nonneg_int, resumable=True
+    )
     lr: float = flag(0.001, "AdamW learning rate", nonneg_float)
     rank: int = flag(128, "rank r of the factorisation, 1..min(tokens, dim)", int)
     lambda_B: float = flag(0.0001, "weight of mean(B²)", nonneg_float)
     lambda_ortho: float = flag(0.001, "weight of ‖BBᵀ - I‖²_F / r²", nonneg_float)
     weight_decay: float = flag(0.00001, "AdamW weight decay", nonneg_float)
     patience: int = flag(
-        10, "early stop after this many epochs without a better validation MSE", positive_int, resumable=True
+        10,
+        "early stop after this many epochs without a better validation MSE",
+        positive_int,
+        resumable=True,
     )
     seed: int = flag(42, "split, initialisation and shuffling", int)
-    arch: str = flag("symmetric", "symmetric: the original's MLP network; subspace: learned subspace iteration")
+    arch: str = flag(
+        "symmetric", "symmetric: the original's MLP network; subspace: learned subspace iteration"
+    )
     cache_dir: str = flag("feature_cache_real", "the feature cache (qwenvl_dataloader.py)")
     normalization: str = flag(
-        "layernorm", "layer norm over the feature dims (no affine), or none; stored in the checkpoint", name="normalize"
+        "layernorm",
+        "layer norm over the feature dims (no affine), or none; stored in the checkpoint",
+        name="normalize",
     )
     max_samples: int | None = flag(None, "use only the first N cached samples", positive_int)
     group_by: str = flag(
@@ -68,14 +81,17 @@ class RunConfig:
     )
     grad_clip: float = flag(1.0, "gradient-norm clipping", positive_float)
     # recorded by training beside the flags
-    arch_options: dict = field(default_factory=dict)  # the arch's options, resolved (ARCH_FLAGS, model.ARCH_DEFAULTS)
+    # the arch's options, resolved (ARCH_FLAGS, model.ARCH_DEFAULTS)
+    arch_options: dict = field(default_factory=dict)
     world_size: int = 1
     tokens: int = LEGACY_SHAPE[0]  # the cache's feature shape [tokens, dim] and token grid
     dim: int = LEGACY_SHAPE[1]
     grid: tuple | None = None
-    split_sha: str | None = None  # the split's fingerprint: a checkpoint is scored on the split it was trained on
+    # the split's fingerprint: a checkpoint is scored on the split it was trained on
+    split_sha: str | None = None
     compressed: str | None = None  # compress.py's int8 / pruned checkpoints
-    extra: dict = field(default_factory=dict)  # keys of a config written by another version, kept as they were
+    # keys of a config written by another version, kept as they were
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d, source="the config"):
@@ -101,4 +117,6 @@ class RunConfig:
 
 def flag_fields():
     """The RunConfig fields that are training flags: [(flag name, field)]."""
-    return [(f.metadata.get("flag") or f.name, f) for f in fields(RunConfig) if "help" in f.metadata]
+    return [
+        (f.metadata.get("flag") or f.name, f) for f in fields(RunConfig) if "help" in f.metadata
+    ]

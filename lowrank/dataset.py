@@ -1,6 +1,7 @@
 """
-The cached features as training and every report read them: FeatureDataset (normalised float32 [T, D], decoded
-from a compressed cache), loaders, the principal basis of a split, and a cache's tower run again on its images.
+The cached features as training and every report read them: FeatureDataset (normalised float32 [T,
+D], decoded from a compressed cache), loaders, the principal basis of a split, and a cache's tower
+run again on its images.
 """
 
 import os
@@ -31,12 +32,14 @@ from lowrank.metrics import principal_directions
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Cached features as float32 [T, D] (the manifest's shape), normalised. preload: True, False or 'auto' (into
-    memory when the set takes under a quarter of the machine's RAM). Item: (features, cache index)."""
+    """Cached features as float32 [T, D] (the manifest's shape), normalised. preload: True, False or
+    'auto' (into memory when the set takes under a quarter of the machine's RAM). Item: (features,
+    cache index)."""
 
     def __init__(self, cache_dir, indices=None, normalization="layernorm", preload="auto"):
         self.cache_dir, self.normalization = Path(cache_dir), normalization
-        manifest = load_manifest(cache_dir)  # read once: the shape, the codec and the listing all come from it
+        # read once: the shape, the codec and the listing all come from it
+        manifest = load_manifest(cache_dir)
         self.indices = list(cached_indices(cache_dir, manifest) if indices is None else indices)
         self.shape = cached_shape(cache_dir, manifest)
         self.codec = manifest.get("codec")  # a compressed cache (compress.py): decoded on load
@@ -57,25 +60,32 @@ class FeatureDataset(torch.utils.data.Dataset):
             try:
                 x = decode(self.codec["name"], torch.load(path, weights_only=True), self.basis)
             except Exception as e:
-                raise BadFeature(f"{path}: unreadable compressed feature file ({type(e).__name__}: {e})") from None
+                raise BadFeature(
+                    f"{path}: unreadable compressed feature file ({type(e).__name__}: {e})"
+                ) from None
             if tuple(x.shape) != tuple(self.shape):
-                raise BadFeature(f"{path}: decodes to {list(x.shape)}, the cache's features are {list(self.shape)}")
+                raise BadFeature(
+                    f"{path}: decodes to {list(x.shape)}, the cache's features are {list(self.shape)}"
+                )
             return normalize(check_values(x, path), self.normalization)
         x = read_feature(path, self.shape).float()  # checked: finite, and finite once squared
         y = normalize(x, self.normalization)
-        return y if y.data_ptr() != x.data_ptr() else y.clone()  # never hand out the memory-mapped file
+        # never hand out the memory-mapped file
+        return y if y.data_ptr() != x.data_ptr() else y.clone()
 
     def verify(self, full=False):
-        """Check every file before any work: full=False reads only the headers (memory-mapped: shape, dtype),
-        full=True reads and normalises each file. Preloaded data was fully checked when it was loaded.
-        Raises BadFeature naming the first bad file."""
+        """Check every file before any work: full=False reads only the headers (memory-mapped:
+        shape, dtype), full=True reads and normalises each file. Preloaded data was fully checked
+        when it was loaded. Raises BadFeature naming the first bad file."""
         if self.data is not None:
             return
         for k in range(len(self.indices)):
             if self.codec:  # small files: decode each
                 self._load(k)
                 continue
-            self._load(k) if full else check_feature_header(feature_path(self.cache_dir, self.indices[k]), self.shape)
+            self._load(k) if full else check_feature_header(
+                feature_path(self.cache_dir, self.indices[k]), self.shape
+            )
 
     def __len__(self):
         return len(self.indices)
@@ -86,9 +96,9 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 def cached_image(cache_dir, sid):
-    """The image a cached sample was extracted from, resized as the encoder saw it (a uint8 array), or None with a
-    printed reason: the source moved, or holds other bytes for this sample now (its fingerprint differs), so what
-    it holds would be drawn under features it did not make."""
+    """The image a cached sample was extracted from, resized as the encoder saw it (a uint8 array),
+    or None with a printed reason: the source moved, or holds other bytes for this sample now (its
+    fingerprint differs), so what it holds would be drawn under features it did not make."""
     manifest = load_manifest(cache_dir)
     meta = manifest["samples"].get(str(sid), {})
     try:
@@ -106,60 +116,80 @@ def cached_image(cache_dir, sid):
 
 
 def cache_encoder(cache_dir, device="cpu"):
-    """The Encoder that made a cache of real images (same model, revision, dtype, size and layer)."""
+    """The Encoder that made a cache of real images (same model, revision, dtype, size and
+    layer)."""
     manifest = load_manifest(cache_dir)
     enc = manifest["encoder"]
     if manifest["source"].get("kind") == "synthetic" or enc.get("family") == "synthetic":
         raise UserError(f"{cache_dir} holds synthetic features: there is no vision tower to run")
     if enc.get("family") == "vit-onnx":
-        raise UserError(f"{cache_dir} holds a plain ViT's tokens (vit_features.py): there is no Qwen tower to run")
+        raise UserError(
+            f"{cache_dir} holds a plain ViT's tokens (vit_features.py): there is no Qwen tower to run"
+        )
     size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
     size = "x".join(map(str, size)) if isinstance(size, list) else size
-    return Encoder(enc["model"], device, enc.get("dtype"), enc.get("revision"), size, enc.get("layer"))
+    return Encoder(
+        enc["model"], device, enc.get("dtype"), enc.get("revision"), size, enc.get("layer")
+    )
 
 
 def rerun_tower(encoder, cache_dir, idx, run, desc="tower", progress=True):
-    """Yield (sample, what run(tower, pixel_values, grid_thw) gives beside the tower's output) for each sample, the
-    tower run again on its image; the output must be the cached features (else the image or the model is another
-    one than the cache's, and whatever run measured would belong to other tokens)."""
+    """Yield (sample, what run(tower, pixel_values, grid_thw) gives beside the tower's output) for
+    each sample, the tower run again on its image; the output must be the cached features (else the
+    image or the model is another one than the cache's, and whatever run measured would belong to
+    other tokens)."""
     for i in tqdm(idx, desc=desc, disable=not progress):
         image = cached_image(cache_dir, i)
         if image is None:
-            raise UserError(f"sample {i}: its image is not reachable, and the tower has to run on it again")
+            raise UserError(
+                f"sample {i}: its image is not reachable, and the tower has to run on it again"
+            )
         inputs = encoder.processor(images=[Image.fromarray(image)], return_tensors="pt")
         pixels = inputs["pixel_values"].to(encoder.device, encoder.dtype)
         out, extra = run(encoder.tower, pixels, inputs["image_grid_thw"].to(encoder.device))
         X = read_feature(feature_path(cache_dir, i)).float()
         if (out.float().cpu() - X).norm() > 1e-2 * X.norm():
-            raise UserError(f"sample {i}: the tower's output is not the cached features (another image or model)")
+            raise UserError(
+                f"sample {i}: the tower's output is not the cached features (another image or model)"
+            )
         yield i, extra
 
 
 def tower_attention(cache_dir, idx, device="cpu", progress=True):
-    """{sample: [T]} the attention each token receives in the cache's vision tower (encoders.attention_received)."""
+    """{sample: [T]} the attention each token receives in the cache's vision tower
+    (encoders.attention_received)."""
     encoder = cache_encoder(cache_dir, device)
     if encoder.layer != "merger":
-        raise UserError(f"{cache_dir} holds the tower's {encoder.layer}: visionzip ranks the merger's output tokens")
+        raise UserError(
+            f"{cache_dir} holds the tower's {encoder.layer}: visionzip ranks the merger's output tokens"
+        )
     runs = rerun_tower(encoder, cache_dir, idx, attention_received, "tower attention", progress)
     return {i: att[0].cpu() for i, att in runs}
 
 
 def load_basis(cache_dir, codec, dim):
-    """The shared basis [D, r] of a compressed cache whose codec has one (pca_*, omega_*), checked against the
-    fingerprint the manifest recorded: a missing, truncated or swapped basis.pt is named, never decoded."""
+    """The shared basis [D, r] of a compressed cache whose codec has one (pca_*, omega_*), checked
+    against the fingerprint the manifest recorded: a missing, truncated or swapped basis.pt is
+    named, never decoded."""
     if family(codec["name"]) not in SHARED_BASIS:
         return None
     path = Path(cache_dir) / BASIS
     if not path.exists():
-        raise BadFeature(f"{path} is missing: the {codec['name']} cache cannot be decoded without it")
+        raise BadFeature(
+            f"{path} is missing: the {codec['name']} cache cannot be decoded without it"
+        )
     try:
         basis = torch.load(path, weights_only=True)
     except Exception as e:
         raise BadFeature(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or basis.shape[0] != dim:
-        raise BadFeature(f"{path}: expected a [{dim}, r] basis, got {list(getattr(basis, 'shape', []))}")
+        raise BadFeature(
+            f"{path}: expected a [{dim}, r] basis, got {list(getattr(basis, 'shape', []))}"
+        )
     if codec.get("basis_sha") and tensor_sha(basis) != codec["basis_sha"]:
-        raise BadFeature(f"{path} is not the basis this cache was written with (its fingerprint differs)")
+        raise BadFeature(
+            f"{path} is not the basis this cache was written with (its fingerprint differs)"
+        )
     return check_values(basis, path)
 
 
@@ -178,7 +208,8 @@ def make_loader(dataset, batch_size, shuffle=False, num_workers=0, sampler=None,
 
 
 def principal_basis(cache_dir, indices, normalization):
-    """Orthonormal [D, D] float64, columns descending: the principal directions (uncentred) of the tokens of the
-    given samples, read lazily. The lrcp token rule and the PCA codecs fit it on a run's training split."""
+    """Orthonormal [D, D] float64, columns descending: the principal directions (uncentred) of the
+    tokens of the given samples, read lazily. The lrcp token rule and the PCA codecs fit it on a
+    run's training split."""
     loader = make_loader(FeatureDataset(cache_dir, indices, normalization, preload=False), 32)
     return principal_directions(X for X, _ in loader)

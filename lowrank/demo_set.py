@@ -1,8 +1,9 @@
 """
-Build a small data set in the TextVQA grounding schema (image {bytes, path}, question, answer[10], dataset_id,
-bbox [x, y, w, h] in original pixels) from real photos that scikit-image ships: random crops, flips and scales of
-each photo with a word rendered on a sign, the sign's box as bbox, and the photo's name as image_id (training
-splits by it, so no test image is a crop of a training photo). No network needed.
+Build a small data set in the TextVQA grounding schema (image {bytes, path}, question, answer[10],
+dataset_id, bbox [x, y, w, h] in original pixels) from real photos that scikit-image ships: random
+crops, flips and scales of each photo with a word rendered on a sign, the sign's box as bbox, and
+the photo's name as image_id (training splits by it, so no test image is a crop of a training
+photo). No network needed.
 
 demo_data.py writes it to disk; the tests build their data sets from it too.
 """
@@ -70,7 +71,8 @@ def photos(names=None):
 
 
 def render_sample(photo, word, rng):
-    """A crop of photo at a random size and aspect, maybe flipped, with word on a sign; returns image, bbox."""
+    """A crop of photo at a random size and aspect, maybe flipped, with word on a sign; returns
+    image, bbox."""
     W, H = photo.size
     w = int(rng.integers(min(W, 160), W + 1))
     h = int(np.clip(w * rng.uniform(0.5, 1.6), min(H, 120), H))

@@ -1,12 +1,14 @@
 """
-Downstream scoring and conditions: the VQA accuracy of an answer, the conditions a run asks (original, zeros,
-truncated SVD, the factoriser, kept tokens) and the vision tokens each condition gives the model, and the report
-over a run's answers.
+Downstream scoring and conditions: the VQA accuracy of an answer, the conditions a run asks
+(original, zeros, truncated SVD, the factoriser, kept tokens) and the vision tokens each condition
+gives the model, and the report over a run's answers.
 """
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,12 +25,12 @@ from lowrank.transforms import Tower, check_spec
 from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
 from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
-# lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the question with
-# str.capitalize() applied (first letter upper, the rest lower) and this line after it
+# lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the
+# question with str.capitalize() applied (first letter upper, the rest lower) and this line after it
 PROMPT = "{question}\nAnswer the question using a single word or phrase."
 QUESTION_TRANSFORMS = {"capitalize": str.capitalize, "none": lambda q: q}
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # conditions
 
 
@@ -46,9 +48,11 @@ def check_prompt(prompt):
 
 
 def fit_bases(conds, lrcp_rank, results_dir, cache, train_idx, norm):
-    """The bases the asked transforms need: lrcp's (--lrcp_rank principal directions of the training split), the
-    PCA codecs' (all of them), the omega codecs' (the subspace model's Ω)."""
-    needs = {s.rule for s in conds if s.kind == "keep"} | {family(s.codec) for s in conds if s.kind == "codec"}
+    """The bases the asked transforms need: lrcp's (--lrcp_rank principal directions of the training
+    split), the PCA codecs' (all of them), the omega codecs' (the subspace model's Ω)."""
+    needs = {s.rule for s in conds if s.kind == "keep"} | {
+        family(s.codec) for s in conds if s.kind == "codec"
+    }
     bases = {}
     if needs & {"lrcp", "pca"}:
         P = principal_basis(cache, train_idx, norm)
@@ -60,14 +64,17 @@ def fit_bases(conds, lrcp_rank, results_dir, cache, train_idx, norm):
 
 
 def check_conditions(conds, arch, nn_rank, hw, dim, bases):
-    """Every transform's rank or k within what the run's model and the cache's features allow, before any work."""
+    """Every transform's rank or k within what the run's model and the cache's features allow,
+    before any work."""
     for spec in conds:
-        check_spec(spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases, hw=hw)
+        check_spec(
+            spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases, hw=hw
+        )
 
 
 def eos_ids(model, tokenizer):
-    """Every id that ends an answer: the model config's, the tokenizer's, and all of the generation config's (Qwen's
-    lists two)."""
+    """Every id that ends an answer: the model config's, the tokenizer's, and all of the generation
+    config's (Qwen's lists two)."""
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = {getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id}
     return (ids | set(gen if isinstance(gen, (list, tuple)) else [gen])) - {None}
@@ -79,71 +86,128 @@ def default_batch_size(device):
 
 
 def draw_seed(seed, sample, condition):
-    """A seed for one (run seed, sample, condition): random draws never depend on what was asked before."""
-    return int.from_bytes(hashlib.sha256(json.dumps([seed, sample, condition]).encode()).digest()[:8], "little")
+    """A seed for one (run seed, sample, condition): random draws never depend on what was asked
+    before."""
+    return int.from_bytes(
+        hashlib.sha256(json.dumps([seed, sample, condition]).encode()).digest()[:8], "little"
+    )
+
+
+@dataclass(frozen=True)
+class TokenSetup:
+    """What every image's transforms.Tower shares: the cache's normalisation and merged grid, the
+    run's factoriser, the bases of the rules and codecs that need one ({'lrcp' | 'pca' | 'omega':
+    [D, r]}), and the largest SVD rank asked (one SVD an image, sliced for the smaller ranks)."""
+
+    norm: str
+    hw: tuple
+    nn_model: object = None
+    bases: dict = field(default_factory=dict)
+    max_svd: int = 0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a question becomes an answer: prompt maps the question to the user turn's text after
+    the image; seed feeds the random rule's draws (draw_seed)."""
+
+    prompt: Callable
+    max_new_tokens: int = 16
+    seed: int = 0
 
 
 class Asker:
-    """Asks the model questions about images under each transform, a batch of samples at a time: the vision tower
-    runs once per sample, the SVD at the largest rank is taken once and truncated for the smaller ones
-    (transforms.Tower), and each condition answers the whole batch in one greedy decoding."""
+    """Asks the model questions about images under each transform, a batch of samples at a time: the
+    vision tower runs once per sample, the SVD at the largest rank is taken once and truncated for
+    the smaller ones (transforms.Tower), and each condition answers the whole batch in one greedy
+    decoding."""
 
-    def __init__(self, model, proc, dtype, norm, hw, nn_model, bases, max_svd, seed, prompt, max_new_tokens):
-        """bases: {'lrcp' | 'pca' | 'omega': [D, r]} for the rules and codecs that need one; prompt: question -> the
-        user turn's text after the image."""
-        self.model, self.proc, self.dtype, self.norm, self.hw = model, proc, dtype, norm, hw
+    def __init__(self, model, proc, dtype, setup, decoding):
+        self.model, self.proc, self.dtype, self.decoding = model, proc, dtype, decoding
         self.dev = next(model.parameters()).device
-        self.nn_model = nn_model.to(self.dev) if nn_model is not None else None
-        self.bases, self.max_svd, self.prompt, self.max_new_tokens = bases, max_svd, prompt, max_new_tokens
-        self.seed = seed
+        if setup.nn_model is not None:
+            setup = replace(setup, nn_model=setup.nn_model.to(self.dev))
+        self.setup = setup
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
         self.text_config = getattr(model.config, "text_config", model.config)
 
     def encode(self, image, question, attention=False, question_aware=False):
-        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower ms); attention: also
-        the attention each token receives in the tower (for visionzip; its recomputation counts in the tower ms);
-        question_aware: each token's relevance to the question's token embeddings (cdpruner, mmr)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(question)}]}]
+        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower
+        ms); attention: also the attention each token receives in the tower (for visionzip; its
+        recomputation counts in the tower ms); question_aware: each token's relevance to the
+        question's token embeddings (cdpruner, mmr)."""
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": self.decoding.prompt(question)},
+                ],
+            }
+        ]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
         with torch.no_grad():
-            pixels, grid = inputs["pixel_values"].to(self.dev, self.dtype), inputs["image_grid_thw"].to(self.dev)
+            pixels, grid = (
+                inputs["pixel_values"].to(self.dev, self.dtype),
+                inputs["image_grid_thw"].to(self.dev),
+            )
             if attention:
-                (V, att), secs = timed(attention_received, self.model.model.visual, pixels, grid, device=self.dev)
+                (V, att), secs = timed(
+                    attention_received, self.model.model.visual, pixels, grid, device=self.dev
+                )
                 att = att[0]
             else:
-                V, secs = timed(lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev)
+                V, secs = timed(
+                    lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev
+                )
                 V, att = getattr(V, "pooler_output", V), None
-        positions = mrope_positions(ids.cpu(), self.img_id, self.hw)
-        tower = Tower(V.float(), self.norm, self.hw, self.nn_model, self.bases, self.max_svd, att)
-        if question_aware:  # the question alone, as the tokenizer splits it, in the model's own embedding table
+        setup = self.setup
+        positions = mrope_positions(ids.cpu(), self.img_id, setup.hw)
+        tower = Tower(
+            V.float(),
+            setup.norm,
+            setup.hw,
+            nn_model=setup.nn_model,
+            bases=setup.bases,
+            max_svd=setup.max_svd,
+            attention=att,
+        )
+        # the question alone, as the tokenizer splits it, in the model's own embedding table
+        if question_aware:
             q_ids = self.proc.tokenizer(question, add_special_tokens=False)["input_ids"]
             Q = self.model.get_input_embeddings().weight[torch.tensor(q_ids, device=self.dev)]
             tower.relevance = relevance(V.float(), Q.float())
         return ids, positions, tower, secs * 1e3
 
     def ask(self, items):
-        """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a condition at a
-        time (one batch: every item that asks it; fastv one item at a time): the answer, its token ids and the cost
-        (vision and prompt tokens, prefill FLOPs and KV-cache bytes from the config, the transform's ms, the
-        batch's prefill ms and median ms per decoding step, peak CUDA memory). Every answer is a function of
-        (sample, condition, seed) alone: the random rule draws from a generator seeded by all three, so a resumed
-        run answers as an uninterrupted one."""
+        """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a
+        condition at a time (one batch: every item that asks it; fastv one item at a time): the
+        answer, its token ids and the cost (vision and prompt tokens, prefill FLOPs and KV-cache
+        bytes from the config, the transform's ms, the batch's prefill ms and median ms per decoding
+        step, peak CUDA memory). Every answer is a function of (sample, condition, seed) alone: the
+        random rule draws from a generator seeded by all three, so a resumed run answers as an
+        uninterrupted one."""
         attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
         aware = any(s.rule in QUESTION_RULES for *_, specs in items for s in specs)
-        encoded = [(sample, *self.encode(image, q, attention, aware), specs) for sample, image, q, specs in items]
+        encoded = [
+            (sample, *self.encode(image, q, attention, aware), specs)
+            for sample, image, q, specs in items
+        ]
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
             group = [e for e in encoded if spec in e[-1]]
             if spec.kind == "fastv" and spec.layer >= self.text_config.num_hidden_layers:
-                raise UserError(f"transform {spec}: the model has {self.text_config.num_hidden_layers} layers")
+                raise UserError(
+                    f"transform {spec}: the model has {self.text_config.num_hidden_layers} layers"
+                )
             for batch in [[e] for e in group] if spec.kind == "fastv" else [group]:
                 yield from self.answer_batch(spec, batch)
 
     def answer_batch(self, spec, group):
         prompts, made = [], []
         for sample, ids, positions, tower, _, _ in group:
-            gen = torch.Generator().manual_seed(draw_seed(self.seed, sample, str(spec)))
+            gen = torch.Generator().manual_seed(draw_seed(self.decoding.seed, sample, str(spec)))
             with torch.no_grad():
                 (Vc, kept), secs = timed(tower.apply, spec, gen, device=self.dev)
             prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
@@ -154,9 +218,11 @@ class Asker:
         cuda = self.dev.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
-        outs, times = greedy(self.model, prompts, self.max_new_tokens, self.eos, fastv)
+        outs, times = greedy(self.model, prompts, self.decoding.max_new_tokens, self.eos, fastv)
         peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
-        for (sample, *_, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(group, prompts, outs, made):
+        for (sample, *_, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(
+            group, prompts, outs, made
+        ):
             n = len(e)
             pruned = (spec.layer, n - len(fastv[2]) + spec.rank) if fastv else None
             yield {
@@ -179,8 +245,8 @@ class Asker:
 
 
 def consistency(agrees):
-    """The share of answers that equal the original tokens' answer once normalised (benchmarks' consistency), with
-    its standard error over the samples."""
+    """The share of answers that equal the original tokens' answer once normalised (benchmarks'
+    consistency), with its standard error over the samples."""
     n, p = len(agrees), sum(agrees) / len(agrees)
     se = (sum((float(a) - p) ** 2 for a in agrees) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
     return {"consistency": p, "consistency_se": se}
@@ -190,8 +256,9 @@ RIGHT = 0.5  # an answer is right when its lmms-eval score (TextVQA's accuracy) 
 
 
 def mcnemar_exact(b, c):
-    """McNemar's exact two-sided p-value for b discordant pairs one way and c the other: the binomial test of
-    min(b, c) successes in b + c trials at p = 1/2 (1 when there is no discordant pair)."""
+    """McNemar's exact two-sided p-value for b discordant pairs one way and c the other: the
+    binomial test of min(b, c) successes in b + c trials at p = 1/2 (1 when there is no discordant
+    pair)."""
     n = b + c
     if n == 0:
         return 1.0
@@ -200,8 +267,9 @@ def mcnemar_exact(b, c):
 
 
 def flips(acc, base):
-    """Answers that went right -> wrong and wrong -> right against the original tokens' (right: score >= RIGHT),
-    counted and as shares of the samples, with McNemar's exact p-value of the difference."""
+    """Answers that went right -> wrong and wrong -> right against the original tokens' (right:
+    score >= RIGHT), counted and as shares of the samples, with McNemar's exact p-value of the
+    difference."""
     r2w = sum(a < RIGHT <= o for a, o in zip(acc, base))
     w2r = sum(o < RIGHT <= a for a, o in zip(acc, base))
     n = max(len(acc), 1)
@@ -215,9 +283,12 @@ def flips(acc, base):
 
 
 def bootstrap(acc, base, draws=1000, seed=0):
-    """95 % percentile intervals of the accuracy and of its paired change against the original, over `draws`
-    resamples of the samples (a fixed seed: the same answers give the same interval)."""
-    acc, diff = np.asarray(acc, dtype=float), np.asarray(acc, dtype=float) - np.asarray(base, dtype=float)
+    """95 % percentile intervals of the accuracy and of its paired change against the original, over
+    `draws` resamples of the samples (a fixed seed: the same answers give the same interval)."""
+    acc, diff = (
+        np.asarray(acc, dtype=float),
+        np.asarray(acc, dtype=float) - np.asarray(base, dtype=float),
+    )
     pick = np.random.default_rng(seed).integers(0, len(acc), (draws, len(acc)))
 
     def ci(v):
@@ -227,16 +298,22 @@ def bootstrap(acc, base, draws=1000, seed=0):
 
 
 def score(idx, conds, done, samples, stored=None, tokens=None):
-    """Every answer scored against the references -> (one row per sample, one summary per condition). The change
-    against the original tokens is paired (the same questions), with its standard error over the samples and a
-    bootstrap interval; consistency is the agreement with the original tokens' answer. The cost columns summarise
-    the answers' records (Asker.ask); stored: {condition: bytes per image} (transforms.stored_bytes); tokens: the
-    image's vision tokens, so a k is also recorded as a share of them."""
+    """Every answer scored against the references -> (one row per sample, one summary per
+    condition). The change against the original tokens is paired (the same questions), with its
+    standard error over the samples and a bootstrap interval; consistency is the agreement with the
+    original tokens' answer. The cost columns summarise the answers' records (Asker.ask); stored:
+    {condition: bytes per image} (transforms.stored_bytes); tokens: the image's vision tokens, so a
+    k is also recorded as a share of them."""
     names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
         refs = samples[str(i)].get("answers") or []
-        row = {"sample": i, "id": samples[str(i)].get("id"), "question": samples[str(i)]["question"], "answers": refs}
+        row = {
+            "sample": i,
+            "id": samples[str(i)].get("id"),
+            "question": samples[str(i)]["question"],
+            "answers": refs,
+        }
         for n in names:
             a = done[(i, n)]["answer"]
             row[n] = {
@@ -244,12 +321,16 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
                 "vqa_acc": vqa_accuracy(a, refs),
                 "top_answer": top_answer_match(a, refs),
                 "changed": a != done[(i, "original")]["answer"],
-                "consistent": normalize_answer(a) == normalize_answer(done[(i, "original")]["answer"]),
+                "consistent": normalize_answer(a)
+                == normalize_answer(done[(i, "original")]["answer"]),
             }
         per_sample.append(row)
-    scored = [r for r in per_sample if r["answers"]]  # a sample without reference answers has no accuracy
+    # a sample without reference answers has no accuracy
+    scored = [r for r in per_sample if r["answers"]]
     if not scored:
-        raise UserError(f"none of the {len(per_sample)} samples has reference answers: nothing to score")
+        raise UserError(
+            f"none of the {len(per_sample)} samples has reference answers: nothing to score"
+        )
     summary, N = [], len(scored)
     base = sum(r["original"]["vqa_acc"] for r in scored) / N
     for spec in conds:
@@ -262,7 +343,9 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
                 "condition": n,
                 "kind": spec.kind,
                 "value": spec.rank,  # the rank r, or the kept tokens k
-                "share": spec.rank / tokens if tokens and spec.kind in ("keep", "merge", "fastv") else None,
+                "share": spec.rank / tokens
+                if tokens and spec.kind in ("keep", "merge", "fastv")
+                else None,
                 "rule": spec.rule,
                 "codec": spec.codec,
                 "layer": spec.layer,
@@ -274,8 +357,12 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
                 "top_answer": sum(r[n]["top_answer"] for r in scored) / N,
                 "changed": sum(r[n]["changed"] for r in per_sample) / len(per_sample),
                 **consistency([r[n]["consistent"] for r in per_sample]),
-                **bootstrap([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
-                **flips([r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]),
+                **bootstrap(
+                    [r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]
+                ),
+                **flips(
+                    [r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]
+                ),
                 **cost([done[(i, n)] for i in idx]),
                 "bytes_per_image": (stored or {}).get(n),
             }
@@ -284,9 +371,9 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
 
 
 def cost(recs):
-    """A condition's cost over its answers' records: medians of the token counts and times, means of the FLOPs
-    and bytes; ms_per_sample is the condition's own time per answer (its transform, plus its batch's decoding
-    shared by the batch)."""
+    """A condition's cost over its answers' records: medians of the token counts and times, means of
+    the FLOPs and bytes; ms_per_sample is the condition's own time per answer (its transform, plus
+    its batch's decoding shared by the batch)."""
 
     def med(v):
         return float(np.median(v)) if v else None

@@ -1,7 +1,8 @@
 """
-Qwen vision encoders: the families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) by their checkpoint's model_type, towers built
-in code with random weights (tiny ones for offline runs, real-size ones for cost figures), each family's image
-processor at a fixed size, and Encoder: PIL images -> [N, T, D] vision tokens, what the language model sees.
+Qwen vision encoders: the families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) by their checkpoint's
+model_type, towers built in code with random weights (tiny ones for offline runs, real-size ones for
+cost figures), each family's image processor at a fixed size, and Encoder: PIL images -> [N, T, D]
+vision tokens, what the language model sees.
 """
 
 import importlib
@@ -15,13 +16,20 @@ import torch
 from lowrank.cli import UserError
 from lowrank.images import parse_image_size
 
-DEFAULT_IMAGE_SIZE = "448"  # --image_size: one side (square) or WxH; a multiple of the encoder's cell (28 or 32 px)
+# --image_size: one side (square) or WxH; a multiple of the encoder's cell (28 or 32 px)
+DEFAULT_IMAGE_SIZE = "448"
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
-# Vision towers by the checkpoint's model_type: (transformers module, vision config class, vision model class, the
-# config attribute that is the output (merger) dim). The tower's output is what the language model sees.
+# Vision towers by the checkpoint's model_type: (transformers module, vision config class, vision
+# model class, the config attribute that is the output (merger) dim). The tower's output is what the
+# language model sees.
 FAMILIES = {
-    "qwen2_vl": ("qwen2_vl", "Qwen2VLVisionConfig", "Qwen2VisionTransformerPretrainedModel", "hidden_size"),
+    "qwen2_vl": (
+        "qwen2_vl",
+        "Qwen2VLVisionConfig",
+        "Qwen2VisionTransformerPretrainedModel",
+        "hidden_size",
+    ),
     "qwen2_5_vl": (
         "qwen2_5_vl",
         "Qwen2_5_VLVisionConfig",
@@ -29,14 +37,21 @@ FAMILIES = {
         "out_hidden_size",
     ),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", "out_hidden_size"),
-    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeVisionConfig", "Qwen3VLMoeVisionModel", "out_hidden_size"),
+    "qwen3_vl_moe": (
+        "qwen3_vl_moe",
+        "Qwen3VLMoeVisionConfig",
+        "Qwen3VLMoeVisionModel",
+        "out_hidden_size",
+    ),
 }
-# Image normalisation of each family's own processor (preprocessor_config.json); used when a checkpoint has none.
+# Image normalisation of each family's own processor (preprocessor_config.json); used when a
+# checkpoint has none.
 FAMILY_MEAN_STD = {"qwen3_vl": ([0.5] * 3, [0.5] * 3), "qwen3_vl_moe": ([0.5] * 3, [0.5] * 3)}
 
-# Towers built in code with random weights (fixed seed), selected by name, never a fallback. tiny-*: small and
-# fast, one per family with different output dims, so every family's path runs offline. random-*: the published
-# vision configs at real size, for speed, parameter and memory figures only (bench_extract.py).
+# Towers built in code with random weights (fixed seed), selected by name, never a fallback. tiny-*:
+# small and fast, one per family with different output dims, so every family's path runs offline.
+# random-*: the published vision configs at real size, for speed, parameter and memory figures only
+# (bench_extract.py).
 TINY = "tiny-random"
 TINY_SEED = 0
 # a table: one tower a line reads better than the formatter's one argument a line
@@ -44,19 +59,22 @@ TINY_SEED = 0
 _Q25 = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu")
 _Q25_TOWER = dict(_Q25, depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                   fullatt_block_indexes=[7, 15, 23, 31])
-_Q2_TOWER = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
-                 temporal_patch_size=2, hidden_act="quick_gelu")
-_Q3_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
-_Q3_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
+_Q2_TOWER = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14,
+                 spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
+_Q3_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                 deepstack_visual_indexes=[5, 11, 17])
+_Q3_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                 deepstack_visual_indexes=[8, 16, 24])
 RANDOM_TOWERS = {
-    TINY: ("qwen2_5_vl", dict(_Q25, depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=2048,
-                              fullatt_block_indexes=[1])),
+    TINY: ("qwen2_5_vl", dict(_Q25, depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                              out_hidden_size=2048, fullatt_block_indexes=[1])),
     "tiny-random-qwen2-vl": ("qwen2_vl", dict(_Q2_TOWER, depth=2, embed_dim=64, mlp_ratio=2, num_heads=2,
                                               hidden_size=1536)),
     "tiny-random-qwen3-vl": ("qwen3_vl", dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                               out_hidden_size=1024, deepstack_visual_indexes=[0],
                                               num_position_embeddings=144)),
-    "random-3b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=2048)),          # Qwen2.5-VL-3B's tower
+    # Qwen2.5-VL-3B's tower
+    "random-3b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=2048)),
     "random-qwen2.5-vl-7b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=3584)),
     "random-qwen2.5-vl-32b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=5120)),
     "random-qwen2.5-vl-72b": ("qwen2_5_vl", dict(_Q25_TOWER, out_hidden_size=8192)),
@@ -76,9 +94,12 @@ def default_dtype(device):
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
-def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE, layer=None):
-    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid and dim). layer:
-    where along the tower the features are taken (layer_names; 'merger', the tower's output, by default)."""
+def encoder_key(
+    model, revision=None, dtype=None, device="cpu", image_size=DEFAULT_IMAGE_SIZE, layer=None
+):
+    """What identifies a cache's encoder, known before loading it (Encoder.info adds family, grid
+    and dim). layer: where along the tower the features are taken (layer_names; 'merger', the
+    tower's output, by default)."""
     w, h = parse_image_size(image_size)
     return {
         "model": str(model),
@@ -91,7 +112,9 @@ def encoder_key(model, revision=None, dtype=None, device="cpu", image_size=DEFAU
 
 def family_classes(family):
     if family not in FAMILIES:
-        raise UserError(f"model type '{family}' is not a supported vision-language family ({', '.join(FAMILIES)})")
+        raise UserError(
+            f"model type '{family}' is not a supported vision-language family ({', '.join(FAMILIES)})"
+        )
     mod, cfg_cls, model_cls, out_attr = FAMILIES[family]
     try:
         cfg_mod = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
@@ -106,22 +129,26 @@ def family_classes(family):
 
 
 def hub_reachable(timeout=2.0):
-    """False when the hub cannot be reached: HF_HUB_OFFLINE is set, or a TCP connection to the hub (HF_ENDPOINT's
-    host if set) fails within timeout seconds. Checked once, before transformers would spend its retries."""
+    """False when the hub cannot be reached: HF_HUB_OFFLINE is set, or a TCP connection to the hub
+    (HF_ENDPOINT's host if set) fails within timeout seconds. Checked once, before transformers
+    would spend its retries."""
     from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
         return True
     except OSError:
         return False
 
 
 def checkpoint_family(model, revision=None):
-    """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl, qwen2_5_vl, qwen3_vl..."""
+    """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl,
+    qwen2_5_vl, qwen3_vl..."""
     from transformers import AutoConfig
 
     advice = (
@@ -132,8 +159,11 @@ def checkpoint_family(model, revision=None):
     )
     offline = not Path(model).is_dir() and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(model, revision=revision, local_files_only=offline).model_type
-    except (OSError, ValueError) as e:  # not found / no network; 4.x: HFValidationError for a bad path
+        return AutoConfig.from_pretrained(
+            model, revision=revision, local_files_only=offline
+        ).model_type
+    # not found / no network; 4.x: HFValidationError for a bad path
+    except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if offline:
             raise UserError(
@@ -144,9 +174,9 @@ def checkpoint_family(model, revision=None):
 
 
 def random_tower(name):
-    """One of RANDOM_TOWERS, built in code with random weights from TINY_SEED: the same weights every time (vqa_eval.py
-    puts the tiny one inside a full tiny Qwen2.5-VL, so its answers use the very features a tiny-random cache holds).
-    -> (tower, family)"""
+    """One of RANDOM_TOWERS, built in code with random weights from TINY_SEED: the same weights
+    every time (vqa_eval.py puts the tiny one inside a full tiny Qwen2.5-VL, so its answers use the
+    very features a tiny-random cache holds). -> (tower, family)"""
     family, cfg_kw = RANDOM_TOWERS[name]
     cfg_cls, model_cls, _ = family_classes(family)
     torch.manual_seed(TINY_SEED)
@@ -154,13 +184,20 @@ def random_tower(name):
 
 
 def image_processor(vision_config, family, size, model=None, revision=None):
-    """The family's image processor, fixed to exactly size = (W, H) pixels in (min_pixels = max_pixels = W·H, after
-    the toolkit's own resize to W x H): (H/cell)·(W/cell) tokens, cell = patch x merge. A checkpoint's own
-    preprocessor settings (mean/std) are used where it has them."""
-    try:  # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL one
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
+    """The family's image processor, fixed to exactly size = (W, H) pixels in (min_pixels =
+    max_pixels = W·H, after the toolkit's own resize to W x H): (H/cell)·(W/cell) tokens, cell =
+    patch x merge. A checkpoint's own preprocessor settings (mean/std) are used where it has
+    them."""
+    # transformers 5.x: the slow processor is the *Pil class; 4.x: Qwen2VLImageProcessor is the PIL
+    # one
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as Proc,
+        )
     except ImportError:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+            Qwen2VLImageProcessor as Proc,
+        )
     cfg = vision_config
     cell = cfg.patch_size * cfg.spatial_merge_size
     w, h = size
@@ -187,12 +224,19 @@ def image_processor(vision_config, family, size, model=None, revision=None):
 
 
 class Encoder:
-    """A Qwen vision tower + its processor. __call__(list of PIL RGB images of image_size) -> [N, T, D] features,
-    T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size * spatial_merge_size (28 px for Qwen2-VL
-    and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's output dim (what the language model sees)."""
+    """A Qwen vision tower + its processor. __call__(list of PIL RGB images of image_size) -> [N, T,
+    D] features, T = (H / cell) * (W / cell) tokens in raster order, cell = patch_size *
+    spatial_merge_size (28 px for Qwen2-VL and Qwen2.5-VL, 32 px for Qwen3-VL), D = the merger's
+    output dim (what the language model sees)."""
 
     def __init__(
-        self, model=DEFAULT_MODEL, device="cpu", dtype=None, revision=None, image_size=DEFAULT_IMAGE_SIZE, layer=None
+        self,
+        model=DEFAULT_MODEL,
+        device="cpu",
+        dtype=None,
+        revision=None,
+        image_size=DEFAULT_IMAGE_SIZE,
+        layer=None,
     ):
         self.device = torch.device(device)
         key = encoder_key(model, revision, dtype, device, image_size, layer)
@@ -222,7 +266,9 @@ class Encoder:
         cfg = self.tower.config
         self.processor = image_processor(cfg, family, self.size, model, revision)
         if self.layer not in layer_names(self.tower):
-            raise UserError(f"--layer {self.layer}: {model}'s tower has {', '.join(layer_names(self.tower))}")
+            raise UserError(
+                f"--layer {self.layer}: {model}'s tower has {', '.join(layer_names(self.tower))}"
+            )
         w, h = self.size
         merged = cfg.patch_size * cfg.spatial_merge_size
         rows, cols, cell = layer_grid(self.tower, self.layer, (h // merged, w // merged))
@@ -245,9 +291,12 @@ class Encoder:
         inputs = self.processor(images=images, return_tensors="pt")
         pv = inputs["pixel_values"].to(self.device, self.dtype)
         if self.layer != "merger":
-            return tower_layers(self.tower, pv, inputs["image_grid_thw"].to(self.device), [self.layer])[1][self.layer]
+            return tower_layers(
+                self.tower, pv, inputs["image_grid_thw"].to(self.device), [self.layer]
+            )[1][self.layer]
         out = self.tower(pv, grid_thw=inputs["image_grid_thw"].to(self.device))
-        out = getattr(out, "pooler_output", out)  # 5.x returns an output object, 4.x the merged tokens
+        # 5.x returns an output object, 4.x the merged tokens
+        out = getattr(out, "pooler_output", out)
         if isinstance(out, tuple):  # 4.x Qwen3-VL: (merged tokens, deepstack features)
             out = out[0]
         return out.reshape(len(images), self.grid[0] * self.grid[1], self.dim)
@@ -255,24 +304,30 @@ class Encoder:
 
 @torch.no_grad()
 def attention_received(tower, pixel_values, grid_thw, check=False):
-    """(the tower's output [N·T, D], attention [N, T]): for each image, the attention each merged token receives in
-    the tower's last full-attention block, averaged over heads and queries and summed over the token's patches
-    (VisionZip's dominance), in raster order like the output. sdpa returns no weights, so softmax(q kᵀ / √d) is
-    recomputed from that block's own q and k (rotary applied) for the images at hand. check: also return
-    {'recomputed', 'actual'} (that attention applied to v and the output projection, and the block's own attention
-    output) and the un-permutation 'order'."""
-    full = getattr(tower, "fullatt_block_indexes", None) or [len(tower.blocks) - 1]  # Qwen2-VL: every block is full
+    """(the tower's output [N·T, D], attention [N, T]): for each image, the attention each merged
+    token receives in the tower's last full-attention block, averaged over heads and queries and
+    summed over the token's patches (VisionZip's dominance), in raster order like the output. sdpa
+    returns no weights, so softmax(q kᵀ / √d) is recomputed from that block's own q and k (rotary
+    applied) for the images at hand. check: also return {'recomputed', 'actual'} (that attention
+    applied to v and the output projection, and the block's own attention output) and the
+    un-permutation 'order'."""
+    # Qwen2-VL: every block is full
+    full = getattr(tower, "fullatt_block_indexes", None) or [len(tower.blocks) - 1]
     attn = tower.blocks[full[-1]].attn
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     seen = {}
 
     def grab(module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        q, k, v = module.qkv(h).reshape(len(h), 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k, v = (
+            module.qkv(h).reshape(len(h), 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        )
         q, k = rotary(q, k, *kwargs["position_embeddings"])
         bounds, recv, mixed = kwargs["cu_seqlens"].tolist(), [], []
         for s, e in zip(bounds[:-1], bounds[1:]):
-            w = torch.softmax(torch.einsum("nhd,mhd->hnm", q[s:e].float(), k[s:e].float()) * module.scaling, -1)
+            w = torch.softmax(
+                torch.einsum("nhd,mhd->hnm", q[s:e].float(), k[s:e].float()) * module.scaling, -1
+            )
             recv.append(w.mean((0, 1)))
             if check:
                 mixed.append(torch.einsum("hnm,mhd->nhd", w, v[s:e].float()).reshape(e - s, -1))
@@ -288,19 +343,29 @@ def attention_received(tower, pixel_values, grid_thw, check=False):
     if check:
         hooks.append(attn.register_forward_hook(grab_output, with_kwargs=True))
     out = run_hooked(tower, pixel_values, grid_thw, hooks)
-    per_token = seen["patches"].reshape(-1, tower.spatial_merge_size**2).sum(1)  # window order, as the merger
+    # window order, as the merger
+    per_token = seen["patches"].reshape(-1, tower.spatial_merge_size**2).sum(1)
     order = raster_order(seen["merged"], out)
     att = per_token[order].reshape(len(grid_thw), -1)
     if check:
-        return out, att, {"recomputed": seen["recomputed"], "actual": seen["actual"], "order": order}
+        return (
+            out,
+            att,
+            {"recomputed": seen["recomputed"], "actual": seen["actual"], "order": order},
+        )
     return out, att
 
 
 def raster_order(window_ordered, raster):
-    """The permutation p with raster == window_ordered[p] (the tower un-permutes its window order after the merger),
-    read off the rows themselves: a random projection tells them apart."""
-    r = torch.randn(window_ordered.shape[1], 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    a, b = (window_ordered.double() @ r.to(raster.device))[:, 0], (raster.double() @ r.to(raster.device))[:, 0]
+    """The permutation p with raster == window_ordered[p] (the tower un-permutes its window order
+    after the merger), read off the rows themselves: a random projection tells them apart."""
+    r = torch.randn(
+        window_ordered.shape[1], 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    a, b = (
+        (window_ordered.double() @ r.to(raster.device))[:, 0],
+        (raster.double() @ r.to(raster.device))[:, 0],
+    )
     p = torch.empty_like(a, dtype=torch.long)
     p[b.argsort()] = a.argsort()
     if not torch.equal(window_ordered[p], raster):
@@ -309,8 +374,9 @@ def raster_order(window_ordered, raster):
 
 
 def layer_names(tower):
-    """The places along the tower a layer study taps, in depth order: the patch embedding, every block, the merger
-    (its input is the last block's output) and, for Qwen3-VL, the deepstack mergers (deepstack_<i>, after block i)."""
+    """The places along the tower a layer study taps, in depth order: the patch embedding, every
+    block, the merger (its input is the last block's output) and, for Qwen3-VL, the deepstack
+    mergers (deepstack_<i>, after block i)."""
     names = ["patch_embed"] + [f"block_{i}" for i in range(len(tower.blocks))] + ["merger"]
     taps = getattr(tower.config, "deepstack_visual_indexes", None) or []
     return names + [f"deepstack_{i}" for i in taps]
@@ -327,7 +393,8 @@ def layer_module(tower, name):
 
 
 def is_patch_layer(name):
-    """Patch embedding and blocks hold one token per patch (14 px for Qwen2/2.5-VL); the mergers one per 2x2 cell."""
+    """Patch embedding and blocks hold one token per patch (14 px for Qwen2/2.5-VL); the mergers one
+    per 2x2 cell."""
     return name == "patch_embed" or name.startswith("block_")
 
 
@@ -341,13 +408,17 @@ def layer_grid(tower, name, grid_hw):
 
 @torch.no_grad()
 def tower_layers(tower, pixel_values, grid_thw, names=None):
-    """(the tower's output [N·T, D], {name: [N, T_layer, D_layer]}) for the layers asked (default all of
-    layer_names), every one in raster order. Qwen2.5-VL's blocks run on window-permuted merge units; the
-    permutation is read off the merger's output against the tower's (raster_order), applied to each block's units,
-    and then each unit's 2x2 patches are put back in their rows and columns (the processor groups them)."""
+    """(the tower's output [N·T, D], {name: [N, T_layer, D_layer]}) for the layers asked (default
+    all of layer_names), every one in raster order. Qwen2.5-VL's blocks run on window-permuted merge
+    units; the permutation is read off the merger's output against the tower's (raster_order),
+    applied to each block's units, and then each unit's 2x2 patches are put back in their rows and
+    columns (the processor groups them)."""
     names = names or layer_names(tower)
     seen = {}
-    hooks = [layer_module(tower, n).register_forward_hook(lambda m, a, out, n=n: seen.update({n: out})) for n in names]
+    hooks = [
+        layer_module(tower, n).register_forward_hook(lambda m, a, out, n=n: seen.update({n: out}))
+        for n in names
+    ]
     if "merger" not in names:
         hooks.append(tower.merger.register_forward_hook(lambda m, a, out: seen.update(merger=out)))
     out = run_hooked(tower, pixel_values, grid_thw, hooks)
@@ -365,21 +436,26 @@ def tower_layers(tower, pixel_values, grid_thw, names=None):
 
 
 def per_image(h, grid_thw, merge, patches):
-    """[N, T, D] in raster order from the processor's order (merge units in raster order, each unit's patches in
-    raster order inside it); merged tokens are in raster order already."""
+    """[N, T, D] in raster order from the processor's order (merge units in raster order, each
+    unit's patches in raster order inside it); merged tokens are in raster order already."""
     out, start = [], 0
     for t, gh, gw in grid_thw.tolist():
         n = t * gh * gw // (1 if patches else merge * merge)
         x = h[start : start + n]
         start += n
         if patches:
-            x = x.reshape(t, gh // merge, gw // merge, merge, merge, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, -1)
+            x = (
+                x.reshape(t, gh // merge, gw // merge, merge, merge, -1)
+                .permute(0, 1, 3, 2, 4, 5)
+                .reshape(n, -1)
+            )
         out.append(x)
     return torch.stack(out)
 
 
 def run_hooked(tower, pixel_values, grid_thw, hooks):
-    """The tower's merged output [N·T, D] (any transformers version's return type), its hooks removed after."""
+    """The tower's merged output [N·T, D] (any transformers version's return type), its hooks
+    removed after."""
     try:
         out = tower(pixel_values, grid_thw=grid_thw)
     finally:

@@ -1,7 +1,8 @@
 """
-Extraction: one features_<i>.pt of [T, D] per image (e.g. [256, 2048] for Qwen2.5-VL-3B at 448x448) written into a
-cache atomically, with manifest.json (the one record of T, D and the token grid) and the sample log. Under torchrun
-each process takes the indices rank::world_size and merges its samples into the one manifest under the cache's lock.
+Extraction: one features_<i>.pt of [T, D] per image (e.g. [256, 2048] for Qwen2.5-VL-3B at 448x448)
+written into a cache atomically, with manifest.json (the one record of T, D and the token grid) and
+the sample log. Under torchrun each process takes the indices rank::world_size and merges its
+samples into the one manifest under the cache's lock.
 """
 
 import time
@@ -34,14 +35,17 @@ from lowrank.images import Source, fingerprint, open_rgb
 
 
 def open_cache(cache_dir, src, key, rebuild_manifest):
-    """Every identity check of an existing cache that can be made before the encoder is loaded -> (its manifest,
-    whether to rebuild it from the sample log: asked for, or the manifest is damaged)."""
+    """Every identity check of an existing cache that can be made before the encoder is loaded ->
+    (its manifest, whether to rebuild it from the sample log: asked for, or the manifest is
+    damaged)."""
     if not cache_dir.exists():
         return {}, rebuild_manifest
     try:
         manifest = read_manifest(cache_dir)
     except DamagedManifest:
-        print(f"note: {cache_dir / MANIFEST} is damaged: rebuilding it from the sample log ({SAMPLE_LOG})")
+        print(
+            f"note: {cache_dir / MANIFEST} is damaged: rebuilding it from the sample log ({SAMPLE_LOG})"
+        )
         return {}, True
     if not manifest and not rebuild_manifest and any(cache_dir.glob("features_*.pt")):
         raise UserError(
@@ -51,14 +55,17 @@ def open_cache(cache_dir, src, key, rebuild_manifest):
         )
     check_compatible(manifest, key, src, cache_dir)
     if manifest.get("codec"):
-        raise UserError(f"'{cache_dir}' is a compressed cache (compress.py); extract into another --cache_dir")
+        raise UserError(
+            f"'{cache_dir}' is a compressed cache (compress.py); extract into another --cache_dir"
+        )
     return manifest, rebuild_manifest
 
 
 def still_valid(cache_dir, src, listed, mine, shape):
-    """The indices of mine whose cached file is listed, valid, and made from the image bytes the source still holds.
-    A listed sample made from other bytes means another data set: refused. A listed sample whose image is gone
-    from the source keeps its features (they are its image's) and is reported as missing."""
+    """The indices of mine whose cached file is listed, valid, and made from the image bytes the
+    source still holds. A listed sample made from other bytes means another data set: refused. A
+    listed sample whose image is gone from the source keeps its features (they are its image's) and
+    is reported as missing."""
     check = [i for i in mine if str(i) in listed and feature_path(cache_dir, i).exists()]
     current, changed, missing = {}, [], []
     for i, data in src.iter_images(check):
@@ -95,11 +102,17 @@ def still_valid(cache_dir, src, listed, mine, shape):
 
 
 class CacheWriter:
-    """Writes batches of features into the cache: each file atomically, a sample-log line per sample at once, the
-    manifest at most every 10 s (a killed run loses nothing: the sample log has it) and at close."""
+    """Writes batches of features into the cache: each file atomically, a sample-log line per sample
+    at once, the manifest at most every 10 s (a killed run loses nothing: the sample log has it) and
+    at close."""
 
     def __init__(self, cache_dir, enc, source_info, samples):
-        self.cache_dir, self.enc, self.source_info, self.samples = cache_dir, enc, source_info, samples
+        self.cache_dir, self.enc, self.source_info, self.samples = (
+            cache_dir,
+            enc,
+            source_info,
+            samples,
+        )
         self.done, self.failed, self.last_write = {}, {}, time.time()
 
     def write(self, batch, bar):
@@ -123,11 +136,38 @@ class CacheWriter:
         merge_into_manifest(self.cache_dir, self.enc.info, self.source_info, self.done, self.failed)
 
 
+def write_all(src, todo, writer, batch_size, desc, progress):
+    """Read, fingerprint and resize the todo samples' images and write their features a batch at a
+    time; an unreadable image is recorded as failed. -> how many were extracted."""
+    extracted, batch = 0, []
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
+    try:
+        for i, data in src.iter_images(todo):
+            try:
+                fp = fingerprint(data)
+                im = open_rgb(data)
+                writer.samples[i].update(image_size=list(im.size), fingerprint=fp)
+                batch.append((i, im.resize(info_size(writer.enc.info), Image.BICUBIC)))
+            except Exception as e:
+                writer.failed[i] = f"{type(e).__name__}: {e}"
+                bar.write(f"sample {i} ({src.meta[i]['id']}) failed: {writer.failed[i]}")
+                bar.update(1)
+            if len(batch) == batch_size:
+                extracted += writer.write(batch, bar)
+                batch = []
+        extracted += writer.write(batch, bar)
+    finally:  # Ctrl-C or an error: what was extracted is listed before leaving
+        bar.close()
+        writer.close()
+    return extracted
+
+
 def extract(
     dataset_dir,
     cache_dir="feature_cache_real",
     model=DEFAULT_MODEL,
     device=None,
+    *,
     dtype=None,
     batch_size=8,
     start=0,
@@ -141,16 +181,25 @@ def extract(
     image_size=DEFAULT_IMAGE_SIZE,
     layer=None,
 ):
-    """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a summary dict.
-    Any number of processes may run on one cache_dir (the manifest is merged under a lock); a sample already
-    cached is skipped only if its image bytes still hash to the fingerprint recorded for it."""
+    """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a
+    summary dict. Any number of processes may run on one cache_dir (the manifest is merged under a
+    lock); a sample already cached is skipped only if its image bytes still hash to the fingerprint
+    recorded for it."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache_dir = Path(cache_dir)
     src = Source(dataset_dir)
-    source_info = {"kind": src.kind, "path": str(Path(dataset_dir).resolve()), "num_samples": len(src)}
+    source_info = {
+        "kind": src.kind,
+        "path": str(Path(dataset_dir).resolve()),
+        "num_samples": len(src),
+    }
     for what, n in src.notes.items():  # the metadata schema's coercions (images.Source.clean)
         print(f"note: {n} samples: {what}")
-    key = encoder.info if encoder is not None else encoder_key(model, revision, dtype, device, image_size, layer)
+    key = (
+        encoder.info
+        if encoder is not None
+        else encoder_key(model, revision, dtype, device, image_size, layer)
+    )
     manifest, rebuild_manifest = open_cache(cache_dir, source_info, key, rebuild_manifest)
     enc = encoder or Encoder(model, device, dtype, revision, image_size, layer)
     check_compatible(manifest, enc.info, source_info, cache_dir)
@@ -168,28 +217,9 @@ def extract(
     valid = still_valid(cache_dir, src, listed, mine, shape)
     todo = [i for i in mine if i not in valid]
     writer = CacheWriter(cache_dir, enc, source_info, {i: dict(src.meta[i]) for i in todo})
-    t0, extracted, batch = time.time(), 0, []
-    bar = tqdm(
-        total=len(todo), desc=f"extract{'' if world_size == 1 else f' rank {rank}'}", unit="img", disable=not progress
-    )
-    try:
-        for i, data in src.iter_images(todo):
-            try:
-                fp = fingerprint(data)
-                im = open_rgb(data)
-                writer.samples[i].update(image_size=list(im.size), fingerprint=fp)
-                batch.append((i, im.resize(info_size(enc.info), Image.BICUBIC)))
-            except Exception as e:
-                writer.failed[i] = f"{type(e).__name__}: {e}"
-                bar.write(f"sample {i} ({src.meta[i]['id']}) failed: {writer.failed[i]}")
-                bar.update(1)
-            if len(batch) == batch_size:
-                extracted += writer.write(batch, bar)
-                batch = []
-        extracted += writer.write(batch, bar)
-    finally:  # Ctrl-C or an error: what was extracted is listed before leaving
-        bar.close()
-        writer.close()
+    t0 = time.time()
+    desc = f"extract{'' if world_size == 1 else f' rank {rank}'}"
+    extracted = write_all(src, todo, writer, batch_size, desc, progress)
     dt = time.time() - t0
     return {
         "extracted": extracted,

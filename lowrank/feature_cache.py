@@ -1,8 +1,8 @@
 """
-The on-disk feature cache: one features_<i>.pt [T, D] per sample (i = the row in the source), manifest.json (the
-encoder, the source, every sample's metadata and failures: the one record of T, D and the token grid) and the
-append-only sample log; atomic writes, the cache lock, the checks of every file read back, and the normalisation
-every script applies to what it reads.
+The on-disk feature cache: one features_<i>.pt [T, D] per sample (i = the row in the source),
+manifest.json (the encoder, the source, every sample's metadata and failures: the one record of T, D
+and the token grid) and the append-only sample log; atomic writes, the cache lock, the checks of
+every file read back, and the normalisation every script applies to what it reads.
 """
 
 import errno
@@ -25,7 +25,8 @@ from lowrank.cli import BadFeature, UserError
 from lowrank.metrics import box_mask
 
 MANIFEST = "manifest.json"
-SAMPLE_LOG = "samples.jsonl"  # append-only, one line per extracted sample: survives kill -9 and manifest rebuilds
+# append-only, one line per extracted sample: survives kill -9 and manifest rebuilds
+SAMPLE_LOG = "samples.jsonl"
 LOCK = ".lock"
 HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 
@@ -42,9 +43,9 @@ def feature_path(cache_dir, i):
 
 
 def atomic_save(obj, path):
-    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written file. A failed write
-    (a full disk, a read-only folder) removes its temp file and raises OSError naming the path; the file that was
-    there before is intact."""
+    """Write to .<name>.<host>-<pid>.tmp, then rename: a killed run never leaves a half-written
+    file. A failed write (a full disk, a read-only folder) removes its temp file and raises OSError
+    naming the path; the file that was there before is intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
     try:
@@ -58,7 +59,9 @@ def atomic_save(obj, path):
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        code = getattr(e, "errno", None) or (errno.ENOSPC if shutil.disk_usage(path.parent).free < 2**20 else None)
+        code = getattr(e, "errno", None) or (
+            errno.ENOSPC if shutil.disk_usage(path.parent).free < 2**20 else None
+        )
         if code is None:
             raise
         raise OSError(code, os.strerror(code), str(path)) from None
@@ -75,8 +78,8 @@ def pid_alive(pid):
 
 
 def remove_stale_tmp(folder, pattern=".*.tmp"):
-    """Delete temp files left by killed processes of this host; those of live processes (another extraction or
-    training on the same folder) and of other hosts are left alone."""
+    """Delete temp files left by killed processes of this host; those of live processes (another
+    extraction or training on the same folder) and of other hosts are left alone."""
     for tmp in Path(folder).glob(pattern):
         owner = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
         host, _, pid = owner.rpartition("-")
@@ -95,9 +98,9 @@ def lock_holder(folder):
 
 @contextmanager
 def folder_lock(folder, wait=None, what=""):
-    """Exclusive flock on <folder>/.lock, the holder's PID and `what` written into it. wait: seconds to wait for
-    another holder (None: no limit); one still there after that is named in a UserError. The kernel drops the lock
-    when its process dies, so a killed holder never blocks anyone."""
+    """Exclusive flock on <folder>/.lock, the holder's PID and `what` written into it. wait: seconds
+    to wait for another holder (None: no limit); one still there after that is named in a UserError.
+    The kernel drops the lock when its process dies, so a killed holder never blocks anyone."""
     fd = os.open(Path(folder) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         deadline, told = None if wait is None else time.monotonic() + wait, False
@@ -123,8 +126,8 @@ def folder_lock(folder, wait=None, what=""):
 
 
 def check_not_held(folder):
-    """A reader of a run folder: refused in one line while a training holds the folder's lock (its checkpoints may
-    be replaced while they are read). Only looks; never holds the lock."""
+    """A reader of a run folder: refused in one line while a training holds the folder's lock (its
+    checkpoints may be replaced while they are read). Only looks; never holds the lock."""
     path = Path(folder) / LOCK
     if not path.exists():
         return
@@ -142,10 +145,12 @@ def check_not_held(folder):
 
 
 def cache_lock(cache_dir):
-    """The cache's lock, held while the manifest is read, merged and written: any number of processes may extract
-    into one cache. A holder that keeps it past LOWRANK_LOCK_TIMEOUT seconds (default 300; a hung process) is named
-    and this process stops."""
-    return folder_lock(cache_dir, float(os.environ.get("LOWRANK_LOCK_TIMEOUT", 300)), "writing the manifest")
+    """The cache's lock, held while the manifest is read, merged and written: any number of
+    processes may extract into one cache. A holder that keeps it past LOWRANK_LOCK_TIMEOUT seconds
+    (default 300; a hung process) is named and this process stops."""
+    return folder_lock(
+        cache_dir, float(os.environ.get("LOWRANK_LOCK_TIMEOUT", 300)), "writing the manifest"
+    )
 
 
 def _check_shape(x, path, shape):
@@ -163,10 +168,10 @@ def _check_shape(x, path, shape):
 
 
 def read_feature(path, shape=None):
-    """Load one cached tensor (memory-mapped: no copy until it is converted or normalised); raises BadFeature naming
-    the file if it is unreadable, not of shape (T, D) (when given), non-finite, or so large that squaring it
-    overflows float32 (the layer norm's variance and the loss square it: a finite 3e38 would). One pass over the
-    data (aminmax) does all the value checks."""
+    """Load one cached tensor (memory-mapped: no copy until it is converted or normalised); raises
+    BadFeature naming the file if it is unreadable, not of shape (T, D) (when given), non-finite, or
+    so large that squaring it overflows float32 (the layer norm's variance and the loss square it: a
+    finite 3e38 would). One pass over the data (aminmax) does all the value checks."""
     try:
         x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -176,9 +181,9 @@ def read_feature(path, shape=None):
 
 
 def check_values(x, path):
-    """x, when finite, finite once squared and not constant (no image gives that: all zeros, or any one value,
-    has no content to factorise, and layer norm turns it into zeros, whose cosine is undefined); else BadFeature
-    naming the file it came from."""
+    """x, when finite, finite once squared and not constant (no image gives that: all zeros, or any
+    one value, has no content to factorise, and layer norm turns it into zeros, whose cosine is
+    undefined); else BadFeature naming the file it came from."""
     lo, hi = (float(v) for v in torch.aminmax(x))
     if lo == hi:
         raise BadFeature(
@@ -199,7 +204,8 @@ def check_values(x, path):
 
 
 def tensor_sha(x):
-    """A short hash of a tensor's shape, dtype and values (not of its file: torch.save's bytes depend on the name)."""
+    """A short hash of a tensor's shape, dtype and values (not of its file: torch.save's bytes
+    depend on the name)."""
     x = x.detach().cpu().contiguous()
     return hashlib.sha256(
         str((tuple(x.shape), str(x.dtype))).encode() + x.view(torch.uint8).numpy().tobytes()
@@ -207,7 +213,8 @@ def tensor_sha(x):
 
 
 def check_feature_header(path, shape=None):
-    """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the right shape."""
+    """Cheap check of one cached file without reading its data (memory-mapped): a tensor of the
+    right shape."""
     try:
         x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -220,8 +227,9 @@ class DamagedManifest(UserError):
 
 
 def read_manifest(cache_dir):
-    """The manifest as a dict ({} when there is none); a damaged one is a DamagedManifest naming the way back: the
-    sample log holds every extracted sample, and --rebuild_manifest rebuilds the manifest from it."""
+    """The manifest as a dict ({} when there is none); a damaged one is a DamagedManifest naming the
+    way back: the sample log holds every extracted sample, and --rebuild_manifest rebuilds the
+    manifest from it."""
     p = Path(cache_dir) / MANIFEST
     if not p.exists():
         return {}
@@ -240,17 +248,20 @@ def read_manifest(cache_dir):
 def load_manifest(cache_dir):
     if not Path(cache_dir).is_dir():
         raise UserError(
-            f"feature cache directory '{cache_dir}' does not exist. Build it with: " + extract_command(cache_dir)
+            f"feature cache directory '{cache_dir}' does not exist. Build it with: "
+            + extract_command(cache_dir)
         )
     if not (Path(cache_dir) / MANIFEST).exists():
         raise UserError(
-            f"'{cache_dir}' is not a feature cache ({MANIFEST} missing). Build it with: " + extract_command(cache_dir)
+            f"'{cache_dir}' is not a feature cache ({MANIFEST} missing). Build it with: "
+            + extract_command(cache_dir)
         )
     return read_manifest(cache_dir)
 
 
 def read_sample_log(cache_dir):
-    """{index: record} from samples.jsonl (later lines win; a torn last line from a kill is ignored)."""
+    """{index: record} from samples.jsonl (later lines win; a torn last line from a kill is
+    ignored)."""
     p, out = Path(cache_dir) / SAMPLE_LOG, {}
     if p.exists():
         for line in p.read_text().splitlines():
@@ -263,15 +274,20 @@ def read_sample_log(cache_dir):
 
 
 def append_lines(path, records):
-    """Append records as JSON lines with one write() under O_APPEND: concurrent writers never interleave within a
-    line. A torn last line (a killed writer) is closed first, so the new lines never glue onto it."""
+    """Append records as JSON lines with one write() under O_APPEND: concurrent writers never
+    interleave within a line. A torn last line (a killed writer) is closed first, so the new lines
+    never glue onto it."""
     if not records:
         return
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        os.write(fd, ("\n" if torn else "").encode() + "".join(json.dumps(r) + "\n" for r in records).encode())
+        os.write(
+            fd,
+            ("\n" if torn else "").encode()
+            + "".join(json.dumps(r) + "\n" for r in records).encode(),
+        )
     finally:
         os.close(fd)
 
@@ -286,7 +302,8 @@ def key_string(info):
 
 def check_compatible(manifest, encoder_info, source_info, cache_dir):
     old = manifest.get("encoder", {})
-    old = {"layer": "merger", **old} if old else old  # caches from before --layer hold the tower's output
+    # caches from before --layer hold the tower's output
+    old = {"layer": "merger", **old} if old else old
     diff = {k: (old.get(k), v) for k, v in encoder_info.items() if k in old and old.get(k) != v}
     if diff:
         raise UserError(
@@ -304,15 +321,21 @@ def check_compatible(manifest, encoder_info, source_info, cache_dir):
 
 
 def merge_into_manifest(cache_dir, info, source_info, done=(), failed=None, log=None):
-    """Under the cache lock: read manifest.json as it is now, add this process's done samples {i: meta} and
-    failures {i: reason} (and records of the sample log whose features exist), write it back atomically."""
+    """Under the cache lock: read manifest.json as it is now, add this process's done samples {i:
+    meta} and failures {i: reason} (and records of the sample log whose features exist), write it
+    back atomically."""
     with cache_lock(cache_dir):
         m = read_manifest(cache_dir)
         m["encoder"], m["source"] = info, source_info
         samples = {int(k): v for k, v in m.get("samples", {}).items()}
         fails = {int(k): v for k, v in m.get("failed", {}).items()}
-        for i, rec in (log or {}).items():  # recovery: samples written by a killed run, or --rebuild_manifest
-            if i not in samples and rec.get("encoder") == key_string(info) and feature_path(cache_dir, i).exists():
+        # recovery: samples written by a killed run, or --rebuild_manifest
+        for i, rec in (log or {}).items():
+            if (
+                i not in samples
+                and rec.get("encoder") == key_string(info)
+                and feature_path(cache_dir, i).exists()
+            ):
                 samples[i] = {k: v for k, v in rec.items() if k not in ("i", "encoder")}
                 fails.pop(i, None)
         for i, meta in dict(done).items():
@@ -331,7 +354,8 @@ NORMALIZATIONS = ("layernorm", "none")
 
 
 def normalize(x, mode="layernorm"):
-    """The one normalisation used everywhere: layer norm over the D feature dims, no affine (eps 1e-5)."""
+    """The one normalisation used everywhere: layer norm over the D feature dims, no affine (eps
+    1e-5)."""
     if mode == "layernorm":
         return F.layer_norm(x, x.shape[-1:])
     if mode == "none":
@@ -340,9 +364,12 @@ def normalize(x, mode="layernorm"):
 
 
 def denormalize(xn, x, mode="layernorm"):
-    """normalize's inverse for features xn made from x: each token's own mean and standard deviation restored."""
+    """normalize's inverse for features xn made from x: each token's own mean and standard deviation
+    restored."""
     if mode == "layernorm":
-        return xn * (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + x.mean(-1, keepdim=True)
+        return xn * (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() + x.mean(
+            -1, keepdim=True
+        )
     return normalize(xn, mode)
 
 
@@ -351,12 +378,16 @@ def cached_indices(cache_dir, manifest=None):
     m = manifest or load_manifest(cache_dir)
     idx = sorted(int(i) for i in m.get("samples", {}) if feature_path(cache_dir, int(i)).exists())
     if not idx:
-        raise UserError(f"the feature cache '{cache_dir}' is empty. Build it with: " + extract_command(cache_dir))
+        raise UserError(
+            f"the feature cache '{cache_dir}' is empty. Build it with: "
+            + extract_command(cache_dir)
+        )
     return idx
 
 
 def cache_grid(cache_dir, manifest=None):
-    """(rows H, columns W) of a cache's token grid, from its manifest: token t sits at row t // W, column t % W."""
+    """(rows H, columns W) of a cache's token grid, from its manifest: token t sits at row t // W,
+    column t % W."""
     enc = (manifest or load_manifest(cache_dir)).get("encoder", {})
     if "grid" not in enc or "feature_dim" not in enc:
         raise UserError(
@@ -366,7 +397,8 @@ def cache_grid(cache_dir, manifest=None):
 
 
 def cached_shape(cache_dir, manifest=None):
-    """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature shape."""
+    """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature
+    shape."""
     manifest = manifest or load_manifest(cache_dir)
     h, w = cache_grid(cache_dir, manifest)
     return h * w, manifest["encoder"]["feature_dim"]  # cache_grid checked it is there
@@ -384,8 +416,9 @@ def info_size(info):
 
 
 def answer_box_masks(cache_dir, indices):
-    """{index: bool [T] mask of the tokens overlapping the sample's answer box, or None (no bbox, no original image
-    size, or a box outside the image)}; the box is scaled from the original image to the cache's image size."""
+    """{index: bool [T] mask of the tokens overlapping the sample's answer box, or None (no bbox, no
+    original image size, or a box outside the image)}; the box is scaled from the original image to
+    the cache's image size."""
     samples, grid, size = (
         load_manifest(cache_dir).get("samples", {}),
         cache_grid(cache_dir),
@@ -400,8 +433,8 @@ def answer_box_masks(cache_dir, indices):
 
 
 def lossy_note(cache_dir):
-    """'' for a cache of encoder features; for a compressed cache (compress.py) a note every report prints: the codec
-    and its measured cosine to the source features."""
+    """'' for a cache of encoder features; for a compressed cache (compress.py) a note every report
+    prints: the codec and its measured cosine to the source features."""
     c = read_manifest(cache_dir).get("codec")
     if not c:
         return ""

@@ -1,12 +1,16 @@
 """
-Feature codecs: encode(codec, X [T, D] float32, rank, basis) -> payload (a dict of tensors), decode(codec, payload,
-basis) -> X̂. A compressed cache (compress.py cache) stores payloads; FeatureDataset decodes them on load.
+Feature codecs: encode(codec, X [T, D] float32, rank, basis) -> payload (a dict of tensors),
+decode(codec, payload, basis) -> X̂. A compressed cache (compress.py cache) stores payloads;
+FeatureDataset decodes them on load.
 
     fp32, fp16, bf16          the features as floats
     int8, int4                per-token absmax quantisation (one float32 scale per token)
-    svd_fp16, svd_int8        per-image truncated SVD factors A = U_rΣ_r [T, r], B = V_rᵀ [r, D] (int8: absmax per row)
-    pca_fp16/int8/int4        coefficients X·P [T, r] on the training split's top-r principal directions P [D, r]
-    omega_fp16/int8/int4      the same on the trained subspace model's Ω, orthonormalised (a subspace run only)
+    svd_fp16, svd_int8        per-image truncated SVD factors A = U_rΣ_r [T, r], B = V_rᵀ [r, D]
+                              (int8: absmax per row)
+    pca_fp16/int8/int4        coefficients X·P [T, r] on the training split's top-r principal
+                              directions P [D, r]
+    omega_fp16/int8/int4      the same on the trained subspace model's Ω, orthonormalised (a
+                              subspace run only)
 """
 
 import torch
@@ -28,7 +32,8 @@ BASIS = "basis.pt"  # a compressed cache's shared basis, beside its manifest
 
 
 def payload_bytes(p):
-    """Bytes of a payload's numbers (codes and scales; the shape record is bookkeeping, not counted)."""
+    """Bytes of a payload's numbers (codes and scales; the shape record is bookkeeping, not
+    counted)."""
     return sum(v.numel() * v.element_size() for k, v in flat_items(p) if not k.endswith("shape"))
 
 
@@ -79,7 +84,8 @@ def decode(codec, p, basis=None):
 
 
 def codec_settings(codecs, ranks, T, D, omega_rank):
-    """(codec, rank) pairs to measure: rank codecs at each rank up to min(T, D) (omega: up to Ω's columns)."""
+    """(codec, rank) pairs to measure: rank codecs at each rank up to min(T, D) (omega: up to Ω's
+    columns)."""
     out = []
     for c in codecs:
         if family(c) == "omega" and not omega_rank:
@@ -92,4 +98,4 @@ def codec_settings(codecs, ranks, T, D, omega_rank):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
-Image sources (TextVQA parquet shards, a folder of images, a JSONL list), decoding as Qwen's own preprocessing does,
-and the content fingerprint that ties a cached feature to its image bytes.
+Image sources (TextVQA parquet shards, a folder of images, a JSONL list), decoding as Qwen's own
+preprocessing does, and the content fingerprint that ties a cached feature to its image bytes.
 """
 
 import hashlib
@@ -23,7 +23,9 @@ def parse_image_size(spec):
         w, _, h = str(spec).lower().partition("x")
         size = (int(w), int(h or w))
     except ValueError:
-        raise UserError(f"--image_size {spec}: expected a number of pixels (448) or WxH (448x896)") from None
+        raise UserError(
+            f"--image_size {spec}: expected a number of pixels (448) or WxH (448x896)"
+        ) from None
     if min(size) <= 0:
         raise UserError(f"--image_size {spec}: sides must be positive")
     return size
@@ -31,7 +33,8 @@ def parse_image_size(spec):
 
 class Source:
     """A list of images with stable indices. kind: 'textvqa' (parquet shards), 'folder' or 'jsonl'.
-    meta[i] holds what the source knows of sample i (id, question, answers, bbox); image(i) returns bytes or a path."""
+    meta[i] holds what the source knows of sample i (id, question, answers, bbox); image(i) returns
+    bytes or a path."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -46,7 +49,9 @@ class Source:
             self._read_parquet()
         elif self.path.is_dir():
             self.kind = "folder"
-            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            files = sorted(
+                p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+            )
             self.meta = [{"id": str(p.relative_to(self.path)), "path": str(p)} for p in files]
         else:
             raise UserError(
@@ -80,7 +85,9 @@ class Source:
             if not img.is_absolute():
                 img = self.path.parent / img
             m = {"id": str(rec.get("id", len(self.meta))), "path": str(img)}
-            self.meta.append(self.clean(m, rec.get("question"), rec.get("answers"), rec.get("bbox")))
+            self.meta.append(
+                self.clean(m, rec.get("question"), rec.get("answers"), rec.get("bbox"))
+            )
 
     def _read_parquet(self):
         import pyarrow.parquet as pq
@@ -97,33 +104,52 @@ class Source:
                         f"dataset_id, bbox; this file has {names or 'no columns'})"
                     )
                 t = pf.read(
-                    columns=[c for c in ("question", "answer", "dataset_id", "bbox", "image_id") if c in names]
+                    columns=[
+                        c
+                        for c in ("question", "answer", "dataset_id", "bbox", "image_id")
+                        if c in names
+                    ]
                 ).to_pylist()
             except (OSError, ValueError) as e:  # pyarrow: not a parquet file, truncated, ...
-                raise UserError(f"{shard}: unreadable parquet file ({type(e).__name__}: {e})") from None
+                raise UserError(
+                    f"{shard}: unreadable parquet file ({type(e).__name__}: {e})"
+                ) from None
             for r, row in enumerate(t):
-                m = {"id": str(row.get("dataset_id", len(self.meta))), "shard": shard.name, "row": r}
+                m = {
+                    "id": str(row.get("dataset_id", len(self.meta))),
+                    "shard": shard.name,
+                    "row": r,
+                }
                 if row.get("image_id") is not None:  # TextVQA's image id; the demo's source photo
                     m["image_id"] = str(row["image_id"])
-                self.meta.append(self.clean(m, row.get("question"), row.get("answer"), row.get("bbox")))
+                self.meta.append(
+                    self.clean(m, row.get("question"), row.get("answer"), row.get("bbox"))
+                )
                 self._where.append((s, r))
 
     def clean(self, m, question, answers, bbox):
-        """One schema for what a source says of a sample. question: a string (anything else is refused, naming the
-        sample); answers: a list of strings (one string is one answer; numbers become strings; none or empty: no
-        answers); bbox: [x, y, w, h], four finite numbers with w, h > 0, else no box. Each coercion and each dropped
-        box is counted in self.notes, which extraction reports."""
+        """One schema for what a source says of a sample. question: a string (anything else is
+        refused, naming the sample); answers: a list of strings (one string is one answer; numbers
+        become strings; none or empty: no answers); bbox: [x, y, w, h], four finite numbers with w,
+        h > 0, else no box. Each coercion and each dropped box is counted in self.notes, which
+        extraction reports."""
         where = f"{self.path}: sample {len(self.meta)} (id {m['id']})"
         if question is not None:
             if not isinstance(question, str):
-                raise UserError(f"{where}: the question must be a string, got {type(question).__name__}")
+                raise UserError(
+                    f"{where}: the question must be a string, got {type(question).__name__}"
+                )
             m["question"] = question
         if isinstance(answers, str):
             answers = [answers]
             self.notes["answers given as one string, kept as one answer"] += 1
         if answers is not None:
-            if not isinstance(answers, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in answers):
-                raise UserError(f"{where}: answers must be a list of strings, got {str(answers)[:80]}")
+            if not isinstance(answers, (list, tuple)) or not all(
+                isinstance(a, (str, int, float)) for a in answers
+            ):
+                raise UserError(
+                    f"{where}: answers must be a list of strings, got {str(answers)[:80]}"
+                )
             if answers:
                 m["answers"] = [str(a) for a in answers]
         if bbox is not None:
@@ -135,7 +161,8 @@ class Source:
         return m
 
     def iter_images(self, indices):
-        """Yield (index, bytes or path) for the given indices in order, reading parquet shards sequentially."""
+        """Yield (index, bytes or path) for the given indices in order, reading parquet shards
+        sequentially."""
         indices = sorted(indices)
         if self.kind != "textvqa":
             for i in indices:
@@ -169,8 +196,8 @@ class Source:
 
 
 def struct_image(img, shard):
-    """A parquet image struct {bytes, path} -> its bytes, else its path (a relative one is relative to the shard's
-    folder, as the data set was written), else None."""
+    """A parquet image struct {bytes, path} -> its bytes, else its path (a relative one is relative
+    to the shard's folder, as the data set was written), else None."""
     img = img or {}
     if img.get("bytes"):
         return img["bytes"]
@@ -191,9 +218,10 @@ def bbox_or_none(bbox):
 
 
 def open_rgb(data):
-    """Bytes, path or PIL image -> PIL RGB image at its own size, exactly as qwen_vl_utils.fetch_image converts it
-    (its to_rgb): RGBA pasted on white by its alpha, every other mode (L, LA, P, CMYK, I;16, F, ...) through PIL's
-    convert("RGB"), which drops LA's and P's transparency and clips 16-bit and float values to 0..255."""
+    """Bytes, path or PIL image -> PIL RGB image at its own size, exactly as
+    qwen_vl_utils.fetch_image converts it (its to_rgb): RGBA pasted on white by its alpha, every
+    other mode (L, LA, P, CMYK, I;16, F, ...) through PIL's convert("RGB"), which drops LA's and P's
+    transparency and clips 16-bit and float values to 0..255."""
     if data is None:
         raise ValueError("no image data")
     im = (
@@ -210,12 +238,14 @@ def open_rgb(data):
 
 
 def load_image(data, size=(448, 448)):
-    """Bytes or path -> PIL RGB image of exactly size (W, H), as fetch_image(resized_width=W, resized_height=H)."""
+    """Bytes or path -> PIL RGB image of exactly size (W, H), as fetch_image(resized_width=W,
+    resized_height=H)."""
     return open_rgb(data).resize(tuple(size), Image.BICUBIC)
 
 
 def fingerprint(data):
-    """Content hash of one sample's input image (its bytes, or the file's bytes): the cache's per-sample identity."""
+    """Content hash of one sample's input image (its bytes, or the file's bytes): the cache's
+    per-sample identity."""
     if data is None:
         return None
     if not isinstance(data, (bytes, bytearray)):

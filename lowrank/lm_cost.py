@@ -1,11 +1,13 @@
 """
-What one prompt costs the language model, from its config alone: the prefill FLOPs and the KV-cache bytes of a
-prompt of n tokens (text + vision). docs/scripts.md#cost writes the formula out and checks it on the tiny model.
+What one prompt costs the language model, from its config alone: the prefill FLOPs and the KV-cache
+bytes of a prompt of n tokens (text + vision). docs/scripts.md#cost writes the formula out and
+checks it on the tiny model.
 """
 
 
 def sizes(text_config):
-    """(layers, hidden d, query width, key/value width, MLP width, vocabulary) of a decoder config."""
+    """(layers, hidden d, query width, key/value width, MLP width, vocabulary) of a decoder
+    config."""
     c = text_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return (
@@ -19,10 +21,11 @@ def sizes(text_config):
 
 
 def prefill_flops(text_config, n, pruned=None):
-    """FLOPs (2 per multiply-add) of one prefill over n tokens: per layer the q, k, v and o projections, the
-    attention scores and their weighted sum over all n x n pairs (the field's convention, as FastV counts; a causal
-    kernel does about half), a gated MLP of three matrices; then the logits of the last token only. pruned: (K, n')
-    when only n' tokens remain after layer K (FastV; its ranking, one query row, is not counted)."""
+    """FLOPs (2 per multiply-add) of one prefill over n tokens: per layer the q, k, v and o
+    projections, the attention scores and their weighted sum over all n x n pairs (the field's
+    convention, as FastV counts; a causal kernel does about half), a gated MLP of three matrices;
+    then the logits of the last token only. pruned: (K, n') when only n' tokens remain after layer K
+    (FastV; its ranking, one query row, is not counted)."""
     layers, d, dq, dkv, m, vocab = sizes(text_config)
 
     def per_layer(n):
@@ -33,7 +36,8 @@ def prefill_flops(text_config, n, pruned=None):
 
 
 def kv_bytes(text_config, n, element_bytes, pruned=None):
-    """Bytes of the keys and values that n prompt tokens leave in the cache (pruned: as in prefill_flops)."""
+    """Bytes of the keys and values that n prompt tokens leave in the cache (pruned: as in
+    prefill_flops)."""
     layers, _, _, dkv, _, _ = sizes(text_config)
     K, after = pruned or (layers, n)
     return 2 * dkv * (K * n + (layers - K) * after) * element_bytes

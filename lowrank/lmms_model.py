@@ -1,18 +1,21 @@
 """
-The toolkit's Qwen2.5-VL as an lmms-eval model: lmms-eval's tasks give the prompt, the generation settings and the
-scoring; the model answers with one vision-token transform (transforms.py) applied where the tower's output enters
-the language model. lmms-eval is optional: without it this module imports, and LowRankQwen says how to install it.
+The toolkit's Qwen2.5-VL as an lmms-eval model: lmms-eval's tasks give the prompt, the generation
+settings and the scoring; the model answers with one vision-token transform (transforms.py) applied
+where the tower's output enters the language model. lmms-eval is optional: without it this module
+imports, and LowRankQwen says how to install it.
 
-lmms-eval's own Qwen2.5-VL wrapper is not wrapped: its module imports decord and qwen-vl-utils, which need
-torchvision, and torchvision does not import beside the CPU torch build this toolkit is tested with. The model
-interface (`lmms_eval.api.model.lmms`: generate_until) is implemented here instead, on the same chat template,
-processor and greedy decoding as vqa_eval.py.
+lmms-eval's own Qwen2.5-VL wrapper is not wrapped: its module imports decord and qwen-vl-utils,
+which need torchvision, and torchvision does not import beside the CPU torch build this toolkit is
+tested with. The model interface (`lmms_eval.api.model.lmms`: generate_until) is implemented here
+instead, on the same chat template, processor and greedy decoding as vqa_eval.py.
 """
+
+from dataclasses import replace
 
 import torch
 
 from lowrank.cli import UserError
-from lowrank.downstream import Asker
+from lowrank.downstream import Asker, Decoding, TokenSetup
 from lowrank.images import load_image
 from lowrank.transforms import parse_spec
 from lowrank.vlm import decode_answer, load_vlm
@@ -22,13 +25,16 @@ try:
 except ImportError:  # optional: the rest of the toolkit works without it
     LmmsModel = object
 
-INSTALL = "pip install -r requirements-lmms-deps.txt && pip install --no-deps -r requirements-lmms.txt"
+INSTALL = (
+    "pip install -r requirements-lmms-deps.txt && pip install --no-deps -r requirements-lmms.txt"
+)
 
 
 class LowRankQwen(LmmsModel):
-    """pretrained: a Qwen2.5-VL checkpoint (directory or hub id) or one built in code (tiny-random, random-3b);
-    transform: a spec such as svd:64. size: the image size the cache's features were made at (W, H); hw: its token
-    grid. nn_model / bases: for nn:r, keep:lrcp:k and codec transforms (from a training run)."""
+    """pretrained: a Qwen2.5-VL checkpoint (directory or hub id) or one built in code (tiny-random,
+    random-3b); transform: a spec such as svd:64. size: the image size the cache's features were
+    made at (W, H); hw: its token grid. nn_model / bases: for nn:r, keep:lrcp:k and codec transforms
+    (from a training run)."""
 
     def __init__(
         self,
@@ -48,28 +54,26 @@ class LowRankQwen(LmmsModel):
         if LmmsModel is object:
             raise UserError(f"lmms-eval is not installed: {INSTALL}")
         super().__init__()
-        self.size, self.spec, self.max_new_tokens = tuple(size), parse_spec(transform), max_new_tokens
+        self.size, self.spec, self.max_new_tokens = (
+            tuple(size),
+            parse_spec(transform),
+            max_new_tokens,
+        )
         self.batch_size = batch_size
         self.model, self.proc = load_vlm(pretrained, torch.device(device), dtype, self.size)
         max_svd = self.spec.rank if self.spec.kind == "svd" else 0
-        self.asker = Asker(
-            self.model,
-            self.proc,
-            dtype,
-            norm,
-            tuple(hw),
-            nn_model,
-            bases or {},
-            max_svd,
-            seed,
-            lambda context: context,
-            max_new_tokens,
-        )  # lmms-eval's context is the whole user turn
+        setup = TokenSetup(norm, tuple(hw), nn_model, bases or {}, max_svd)
+        # lmms-eval's context is already the whole user turn
+        decoding = Decoding(
+            prompt=lambda context: context, max_new_tokens=max_new_tokens, seed=seed
+        )
+        self.asker = Asker(self.model, self.proc, dtype, setup, decoding)
 
     def generate_until(self, requests):
-        """One greedy answer per request, batch_size requests at a time, cut at the task's stop strings. A batch
-        decodes to its longest max_new_tokens and each answer keeps its own first max_new_tokens (greedy decoding:
-        the same tokens); the answer is a function of (document, transform, seed) alone, as in vqa_eval.py."""
+        """One greedy answer per request, batch_size requests at a time, cut at the task's stop
+        strings. A batch decodes to its longest max_new_tokens and each answer keeps its own first
+        max_new_tokens (greedy decoding: the same tokens); the answer is a function of (document,
+        transform, seed) alone, as in vqa_eval.py."""
         out = []
         for b in range(0, len(requests), self.batch_size):
             items, limits, stops = [], [], []
@@ -77,12 +81,14 @@ class LowRankQwen(LmmsModel):
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
                 visuals = doc_to_visual(self.task_dict[task][split][doc_id])
                 if len(visuals) != 1:
-                    raise UserError(f"{task}: document {doc_id} has {len(visuals)} images; this model takes one")
+                    raise UserError(
+                        f"{task}: document {doc_id} has {len(visuals)} images; this model takes one"
+                    )
                 items.append((doc_id, load_image(visuals[0], self.size), context, [self.spec]))
                 limits.append(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)))
                 until = gen_kwargs.get("until") or []
                 stops.append([until] if isinstance(until, str) else until)
-            self.asker.max_new_tokens = max(limits)
+            self.asker.decoding = replace(self.asker.decoding, max_new_tokens=max(limits))
             for rec, limit, until in zip(self.asker.ask(items), limits, stops):
                 answer = decode_answer(self.proc, rec["tokens"][:limit])
                 for stop in until:

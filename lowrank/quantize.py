@@ -1,13 +1,15 @@
 """
-Symmetric absmax quantisation of the rows of a matrix (int8, int4 packed two per byte): the one quantiser of the
-feature codecs (feature_codecs.py) and of the compressed checkpoint format (model.py). Pure torch.
+Symmetric absmax quantisation of the rows of a matrix (int8, int4 packed two per byte): the one
+quantiser of the feature codecs (feature_codecs.py) and of the compressed checkpoint format
+(model.py). Pure torch.
 """
 
 import torch
 
 
 def quantize_rows(Y, bits):
-    """Codes in [-q, q] (q = 2^(bits-1) - 1) and one float32 scale per row; int4 codes are packed two per byte."""
+    """Codes in [-q, q] (q = 2^(bits-1) - 1) and one float32 scale per row; int4 codes are packed
+    two per byte."""
     q = 2 ** (bits - 1) - 1
     scale = (Y.abs().amax(-1) / q).clamp_min(torch.finfo(torch.float32).tiny).float()
     codes = torch.round(Y / scale[:, None]).clamp(-q, q).to(torch.int8)

@@ -1,7 +1,7 @@
 """
-The run folder a training writes and every later script reads: the split (split.json, seeded, grouped by source
-photo), the resolved config (config.json), the checkpoint (best_model.pt) and the history; read_split and load_run
-are the one way to read them back.
+The run folder a training writes and every later script reads: the split (split.json, seeded,
+grouped by source photo), the resolved config (config.json), the checkpoint (best_model.pt) and the
+history; read_split and load_run are the one way to read them back.
 """
 
 import hashlib
@@ -13,10 +13,23 @@ import torch
 
 from lowrank.cli import UserError, check_rank
 from lowrank.config import RunConfig
-from lowrank.feature_cache import atomic_save, cached_indices, cached_shape, check_not_held, feature_path, load_manifest
+from lowrank.feature_cache import (
+    atomic_save,
+    cached_indices,
+    cached_shape,
+    check_not_held,
+    feature_path,
+    load_manifest,
+)
 from lowrank.model import SHA_KEY, load_checkpoint, read_checkpoint
 
-SPLIT, CONFIG, BEST, LAST, HISTORY = "split.json", "config.json", "best_model.pt", "last.pt", "history.json"
+SPLIT, CONFIG, BEST, LAST, HISTORY = (
+    "split.json",
+    "config.json",
+    "best_model.pt",
+    "last.pt",
+    "history.json",
+)
 PARTS = ("train", "val", "test")
 
 
@@ -41,18 +54,20 @@ def read_split(results_dir):
 
 
 def split_fingerprint(split):
-    """A short hash of a split's three index lists: what a checkpoint records and load_run checks."""
+    """A short hash of a split's three index lists: what a checkpoint records and load_run
+    checks."""
     return hashlib.sha256(json.dumps([split[k] for k in PARTS]).encode()).hexdigest()[:16]
 
 
 def first(indices, num=None):
-    """The first num of a list of sample indices (--num_samples, --limit); all of them when num is None."""
+    """The first num of a list of sample indices (--num_samples, --limit); all of them when num is
+    None."""
     return indices[:num] if num else indices
 
 
 def read_run(results_dir):
-    """(RunConfig, split) of a training run's folder: the cache, normalisation and test set every later script
-    uses."""
+    """(RunConfig, split) of a training run's folder: the cache, normalisation and test set every
+    later script uses."""
     p = Path(results_dir) / CONFIG
     if not p.exists():
         raise UserError(f"{p} not found: train first ({train_command(results_dir)})")
@@ -69,8 +84,8 @@ def read_run(results_dir):
 
 @dataclass(frozen=True)
 class Run:
-    """A trained run as the reports read it: its factoriser (eval mode), checkpoint dict and typed config, the
-    chosen split's sample indices and the cache they are read from."""
+    """A trained run as the reports read it: its factoriser (eval mode), checkpoint dict and typed
+    config, the chosen split's sample indices and the cache they are read from."""
 
     model: torch.nn.Module
     checkpoint: dict
@@ -80,14 +95,16 @@ class Run:
 
     @property
     def checkpoint_sha(self):
-        """The content hash of the bytes the model was loaded from (read once: a file replaced meanwhile cannot
-        give another hash than the weights that answer)."""
+        """The content hash of the bytes the model was loaded from (read once: a file replaced
+        meanwhile cannot give another hash than the weights that answer)."""
         return self.checkpoint[SHA_KEY]
 
 
-def load_run(results_dir, checkpoint=None, split="test", *, rank=None, cache_dir=None, device="cpu"):
-    """-> Run, all from the results directory; the checkpoint must match the cache's feature shape and, when
-    given, the rank."""
+def load_run(
+    results_dir, checkpoint=None, split="test", *, rank=None, cache_dir=None, device="cpu"
+):
+    """-> Run, all from the results directory; the checkpoint must match the cache's feature shape
+    and, when given, the rank."""
     results_dir = Path(results_dir)
     check_not_held(results_dir)
     ckpt = Path(checkpoint) if checkpoint else results_dir / BEST
@@ -105,7 +122,9 @@ def load_run(results_dir, checkpoint=None, split="test", *, rank=None, cache_dir
             f"one"
         )
     if rank is not None and rank != cfg.rank:
-        raise UserError(f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg.rank}")
+        raise UserError(
+            f"--rank {rank} disagrees with the checkpoint {ckpt}, trained at rank {cfg.rank}"
+        )
     parts = read_split(results_dir)
     if cfg.split_sha and cfg.split_sha != split_fingerprint(parts):
         raise UserError(
@@ -116,8 +135,9 @@ def load_run(results_dir, checkpoint=None, split="test", *, rank=None, cache_dir
 
 
 def output_stem(stem, split="test", checkpoint=None):
-    """A report's file stem that says what it describes: the stem alone for the test split of best_model.pt, else
-    _<split> and _<checkpoint file name> appended, so reports of other splits or checkpoints never overwrite it."""
+    """A report's file stem that says what it describes: the stem alone for the test split of
+    best_model.pt, else _<split> and _<checkpoint file name> appended, so reports of other splits or
+    checkpoints never overwrite it."""
     if split != "test":
         stem += f"_{split}"
     if checkpoint and Path(checkpoint).name != BEST:
@@ -126,7 +146,8 @@ def output_stem(stem, split="test", checkpoint=None):
 
 
 def omega_basis(results_dir):
-    """The subspace model's Ω orthonormalised (QR keeps the column order, so its prefixes serve every rank)."""
+    """The subspace model's Ω orthonormalised (QR keeps the column order, so its prefixes serve
+    every rank)."""
     p = Path(results_dir) / BEST
     if not p.exists():
         return None
@@ -142,9 +163,9 @@ def read_history(results_dir):
 
 
 def make_split(indices, seed=42, fractions=(0.8, 0.1, 0.1), groups=None):
-    """Seeded split of sample indices into train/val/test (80/10/10 by default). groups: {index: key}; samples with
-    one key (one photo, one image asked several questions) always land in the same split. Without groups every
-    sample is its own group."""
+    """Seeded split of sample indices into train/val/test (80/10/10 by default). groups: {index:
+    key}; samples with one key (one photo, one image asked several questions) always land in the
+    same split. Without groups every sample is its own group."""
     indices = sorted(indices)
     keys = [groups[i] if groups else i for i in indices]
     order = list(dict.fromkeys(keys))  # group keys by first appearance
@@ -156,7 +177,9 @@ def make_split(indices, seed=42, fractions=(0.8, 0.1, 0.1), groups=None):
     n_val = int(round(fractions[1] * len(indices)))
     out = {"train": [], "val": [], "test": []}
     for g in perm:
-        part = "train" if len(out["train"]) < n_train else "val" if len(out["val"]) < n_val else "test"
+        part = (
+            "train" if len(out["train"]) < n_train else "val" if len(out["val"]) < n_val else "test"
+        )
         out[part] += members[order[g]]
     return {k: sorted(v) for k, v in out.items()}
 
@@ -165,13 +188,15 @@ GROUP_AUTO = "auto"
 
 
 def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
-    """{index: group key} from the manifest: group_by a per-sample field (image_id: the photo a sample was made
-    from), 'fingerprint' (identical image bytes), 'none', or 'auto' = image_id where the source has it, else
-    fingerprint. Returns (groups or None, the field used)."""
+    """{index: group key} from the manifest: group_by a per-sample field (image_id: the photo a
+    sample was made from), 'fingerprint' (identical image bytes), 'none', or 'auto' = image_id where
+    the source has it, else fingerprint. Returns (groups or None, the field used)."""
     samples = load_manifest(cache_dir).get("samples", {})
     meta = [samples.get(str(i), {}) for i in indices]
     if group_by == GROUP_AUTO:
-        group_by = next((f for f in ("image_id", "fingerprint") if meta and all(f in m for m in meta)), "none")
+        group_by = next(
+            (f for f in ("image_id", "fingerprint") if meta and all(f in m for m in meta)), "none"
+        )
     if group_by == "none":
         return None, "none"
     missing = [i for i, m in zip(indices, meta) if group_by not in m]
@@ -184,7 +209,8 @@ def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
 
 
 def shared_between_splits(cache_dir, split, field):
-    """How many distinct values of a manifest field (e.g. the image fingerprint) occur in more than one split."""
+    """How many distinct values of a manifest field (e.g. the image fingerprint) occur in more than
+    one split."""
     samples = load_manifest(cache_dir).get("samples", {})
     seen = {}
     for part in ("train", "val", "test"):
@@ -196,20 +222,30 @@ def shared_between_splits(cache_dir, split, field):
 
 
 def load_or_make_split(
-    results_dir, cache_dir, seed=42, max_samples=None, group_by=GROUP_AUTO, resplit=False, test_share=0.1
+    results_dir,
+    cache_dir,
+    seed=42,
+    max_samples=None,
+    group_by=GROUP_AUTO,
+    resplit=False,
+    test_share=0.1,
 ):
-    """split.json in results_dir: read it if present (so every script sees the same test set), else make and save.
-    A saved split made from another seed, sample count, cache, grouping or test share is refused (resplit=True
-    replaces it). test_share: the test split's share of the samples (validation 0.1, training the rest)."""
+    """split.json in results_dir: read it if present (so every script sees the same test set), else
+    make and save. A saved split made from another seed, sample count, cache, grouping or test share
+    is refused (resplit=True replaces it). test_share: the test split's share of the samples
+    (validation 0.1, training the rest)."""
     if not 0 < test_share < 0.9:
-        raise UserError(f"--test_share {test_share}: choose a share between 0 and 0.9 (validation takes 0.1)")
+        raise UserError(
+            f"--test_share {test_share}: choose a share between 0 and 0.9 (validation takes 0.1)"
+        )
     p = Path(results_dir) / SPLIT
     made_from = {
         "seed": seed,
         "max_samples": max_samples,
         "cache_dir": str(Path(cache_dir).resolve()),
         "group_by": group_by,
-        **({"test_share": test_share} if test_share != 0.1 else {}),  # older split.json files: the default
+        # older split.json files: the default
+        **({"test_share": test_share} if test_share != 0.1 else {}),
     }
     if p.exists() and not resplit:
         s = read_split(results_dir)
@@ -224,7 +260,12 @@ def load_or_make_split(
                 + ". Pass --resplit to replace it (its test set then changes), or use another "
                 "--results_dir"
             )
-        missing = [i for k in ("train", "val", "test") for i in s[k] if not feature_path(cache_dir, i).exists()]
+        missing = [
+            i
+            for k in ("train", "val", "test")
+            for i in s[k]
+            if not feature_path(cache_dir, i).exists()
+        ]
         if missing:
             raise UserError(
                 f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
@@ -235,7 +276,9 @@ def load_or_make_split(
     if max_samples:
         idx = idx[:max_samples]
     if len(idx) < 3:
-        raise UserError(f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3")
+        raise UserError(
+            f"cache '{cache_dir}' holds {len(idx)} samples; a train/val/test split needs at least 3"
+        )
     groups, field = split_groups(cache_dir, idx, group_by)
     s = make_split(idx, seed, (0.9 - test_share, 0.1, test_share), groups=groups)
     empty = [k for k in PARTS if not s[k]]
@@ -251,7 +294,8 @@ def load_or_make_split(
         grouped_by=field,
         num_samples=len(idx),
         shared_images=shared_between_splits(cache_dir, s, "fingerprint"),
-        shared_image_ids=shared_between_splits(cache_dir, s, "image_id"),  # source photos / image ids
+        # source photos / image ids
+        shared_image_ids=shared_between_splits(cache_dir, s, "image_id"),
         **({"shared_groups": shared_between_splits(cache_dir, s, field)} if groups else {}),
     )
     Path(results_dir).mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,30 @@
 """
-Token-selection rules: which k of an image's T tokens to keep, and every token rebuilt from the kept ones (its
-projection onto their span). tokens.py compares the rules on the features; vqa_eval.py asks the model with only the
-kept tokens.
+Token-selection rules: which k of an image's T tokens to keep, and every token rebuilt from the kept
+ones (its projection onto their span). tokens.py compares the rules on the features; vqa_eval.py
+asks the model with only the kept tokens.
 
-    leverage    the k largest leverage scores of the rank-k SVD, ‖U_k[t]‖² (SVD-Prune, arXiv 2604.11530)
-    lrcp        the k tokens worst explained by the training split's top principal subspace, i.e. the largest
-                residual ‖x − P x‖ (LRCP, arXiv 2605.15621)
-    pivoted_qr  column-pivoted QR of Xᵀ: greedily the token farthest from the span of those already kept (a classical
-                column-subset selection; LAPACK's geqp3 criterion)
-    divprune    DivPrune (arXiv 2503.02175): greedy max-min diversity in cosine distance, each time the token farthest
-                from all those kept
-    dart        DART (arXiv 2502.11494) on the features: a few pivot tokens (largest L1 norm), then in turn for each
-                pivot the token least similar to it (duplication-aware)
+    leverage    the k largest leverage scores of the rank-k SVD, ‖U_k[t]‖² (SVD-Prune, arXiv
+                2604.11530)
+    lrcp        the k tokens worst explained by the training split's top principal subspace, i.e.
+                the largest residual ‖x − P x‖ (LRCP, arXiv 2605.15621)
+    pivoted_qr  column-pivoted QR of Xᵀ: greedily the token farthest from the span of those already
+                kept (a classical column-subset selection; LAPACK's geqp3 criterion)
+    divprune    DivPrune (arXiv 2503.02175): greedy max-min diversity in cosine distance, each time
+                the token farthest from all those kept
+    dart        DART (arXiv 2502.11494) on the features: a few pivot tokens (largest L1 norm), then
+                in turn for each pivot the token least similar to it (duplication-aware)
     norm        the k largest token norms ‖x_t‖
     grid        a uniform spatial grid of k cells over the H×W token grid
     random      k tokens drawn uniformly (seeded)
 
 Question-aware rules (they need each token's relevance to the question, `relevance`):
-    cdpruner    CDPruner (arXiv 2506.10967): the greedy MAP of a determinantal point process whose kernel couples the
-                tokens' cosine similarity with their relevance, L = diag(q) S diag(q), q = exp(θ · relevance)
-                (the quality x diversity form of Chen et al. 2018, whose fast greedy MAP it uses)
-    mmr         IDPruner's maximal marginal relevance (arXiv 2602.13315): each time the token maximising
-                λ · relevance − (1 − λ) · its largest cosine similarity to the tokens kept so far
+    cdpruner    CDPruner (arXiv 2506.10967): the greedy MAP of a determinantal point process whose
+                kernel couples the tokens' cosine similarity with their relevance, L = diag(q) S
+                diag(q), q = exp(θ · relevance) (the quality x diversity form of Chen et al. 2018,
+                whose fast greedy MAP it uses)
+    mmr         IDPruner's maximal marginal relevance (arXiv 2602.13315): each time the token
+                maximising λ · relevance − (1 − λ) · its largest cosine similarity to the tokens
+                kept so far
 
 Merging rules (pooling, ToMe, VisionZip) are in merging.py.
 """
@@ -33,15 +36,17 @@ import torch
 
 LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
 RULES = ("leverage", "lrcp", "pivoted_qr", "divprune", "dart", "norm", "grid", "random")
-QUESTION_RULES = ("cdpruner", "mmr")  # need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
+# need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
+QUESTION_RULES = ("cdpruner", "mmr")
 CDP_THETA = 1.0  # CDPruner: how strongly relevance scales a token's quality
 MMR_LAMBDA = 0.5  # IDPruner: relevance against redundancy
 DART_PIVOTS = 4  # DART's pivot image tokens
 
 
 def pivoted_qr(X, k):
-    """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token with the largest
-    norm after removing its components along the tokens already kept (modified Gram-Schmidt, float64)."""
+    """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token
+    with the largest norm after removing its components along the tokens already kept (modified
+    Gram-Schmidt, float64)."""
     R = X.double().clone()
     norms = (R * R).sum(1)
     tiny = 1e-24 * max(1.0, float(norms.max()))
@@ -55,16 +60,20 @@ def pivoted_qr(X, k):
         q = R[t] / R[t].norm()
         c = R @ q
         R -= torch.outer(c, q)
-        norms = (R * R).sum(1) if len(kept) % 16 == 0 else norms - c * c  # downdate, recomputed now and then
-    if len(kept) < k:  # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
-        rest = [t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept]
+        # downdate, recomputed now and then
+        norms = (R * R).sum(1) if len(kept) % 16 == 0 else norms - c * c
+    # rank-deficient X: fill with the largest remaining norms (they add nothing to the span)
+    if len(kept) < k:
+        rest = [
+            t for t in (X.double() ** 2).sum(1).argsort(descending=True).tolist() if t not in kept
+        ]
         kept += rest[: k - len(kept)]
     return torch.tensor(kept)
 
 
 def divprune(X, k):
-    """DivPrune's greedy max-min diversity in cosine distance: first the token whose nearest other token is
-    farthest, then each time the token farthest from every token kept so far."""
+    """DivPrune's greedy max-min diversity in cosine distance: first the token whose nearest other
+    token is farthest, then each time the token farthest from every token kept so far."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
     dist = 1.0 - Xn @ Xn.T
     near = dist + torch.diag(torch.full((len(X),), float("inf"), dtype=dist.dtype))
@@ -79,8 +88,8 @@ def divprune(X, k):
 
 
 def dart(X, k, pivots=DART_PIVOTS):
-    """DART's duplication-aware selection on the features: the `pivots` tokens of largest L1 norm, then, in turn
-    for each pivot, the token least similar to it (cosine) not kept yet, until k."""
+    """DART's duplication-aware selection on the features: the `pivots` tokens of largest L1 norm,
+    then, in turn for each pivot, the token least similar to it (cosine) not kept yet, until k."""
     p = min(pivots, k)
     kept = X.double().abs().sum(1).topk(p).indices.tolist()
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
@@ -99,22 +108,25 @@ def dart(X, k, pivots=DART_PIVOTS):
 
 
 def grid_tokens(hw, k):
-    """k tokens on a uniform spatial lattice of the H×W grid: gh × gw cell centres (gh/gw ≈ H/W, gh·gw >= k), thinned
-    evenly to exactly k, raster order."""
+    """k tokens on a uniform spatial lattice of the H×W grid: gh × gw cell centres (gh/gw ≈ H/W,
+    gh·gw >= k), thinned evenly to exactly k, raster order."""
     H, W = hw
     gh = max(1, min(H, round(math.sqrt(k * H / W))))
     gw = min(W, math.ceil(k / gh))
     while gh * gw < k:
         gh, gw = min(H, gh + 1), min(W, math.ceil(k / min(H, gh + 1)))
-    pts = [int((i + 0.5) * H / gh) * W + int((j + 0.5) * W / gw) for i in range(gh) for j in range(gw)]
+    pts = [
+        int((i + 0.5) * H / gh) * W + int((j + 0.5) * W / gw) for i in range(gh) for j in range(gw)
+    ]
     keep = np.round(np.linspace(0, len(pts) - 1, k)).astype(int)
     return torch.tensor(sorted({pts[i] for i in keep}))
 
 
 def relevance(X, Q):
-    """Each token's relevance to a question: the mean cosine between the token x_t [D] and the question's token
-    embeddings Q [q, D] (the language model's own input embeddings: Qwen's merger maps the tower's output into that
-    space, so no second text encoder is needed), min-max scaled to [0, 1] over the image's tokens."""
+    """Each token's relevance to a question: the mean cosine between the token x_t [D] and the
+    question's token embeddings Q [q, D] (the language model's own input embeddings: Qwen's merger
+    maps the tower's output into that space, so no second text encoder is needed), min-max scaled to
+    [0, 1] over the image's tokens."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
     Qn = torch.nn.functional.normalize(Q.double().to(X.device), dim=1)
     r = (Xn @ Qn.T).mean(1)
@@ -122,9 +134,10 @@ def relevance(X, Q):
 
 
 def dpp_greedy_map(L, k):
-    """The fast greedy MAP of a DPP with kernel L [T, T] (Chen, Zhang and Zhou, NeurIPS 2018): each step adds the
-    item that most increases log det L_S, by an incremental Cholesky factorisation (O(T k²)). Once L_S is
-    numerically singular (more items than the kernel's rank) the rest follow by their gain, largest first."""
+    """The fast greedy MAP of a DPP with kernel L [T, T] (Chen, Zhang and Zhou, NeurIPS 2018): each
+    step adds the item that most increases log det L_S, by an incremental Cholesky factorisation
+    (O(T k²)). Once L_S is numerically singular (more items than the kernel's rank) the rest follow
+    by their gain, largest first."""
     T = len(L)
     c, d2 = torch.zeros(k, T, dtype=L.dtype), L.diagonal().clone()
     kept = [int(d2.argmax())]
@@ -138,16 +151,16 @@ def dpp_greedy_map(L, k):
 
 
 def cdpruner(X, k, rel, theta=CDP_THETA):
-    """CDPruner: the DPP's greedy MAP with L = diag(q) S diag(q), S the tokens' cosine similarity (a Gram matrix,
-    so L is positive semi-definite), q = exp(theta · relevance)."""
+    """CDPruner: the DPP's greedy MAP with L = diag(q) S diag(q), S the tokens' cosine similarity (a
+    Gram matrix, so L is positive semi-definite), q = exp(theta · relevance)."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
     q = torch.exp(theta * rel.double().to(X.device))
     return dpp_greedy_map(q[:, None] * (Xn @ Xn.T) * q[None, :], k)
 
 
 def mmr(X, k, rel, lam=MMR_LAMBDA):
-    """IDPruner's maximal marginal relevance: greedily argmax λ · rel_t − (1 − λ) · max over kept s of cos(x_t, x_s)
-    (no redundancy term for the first)."""
+    """IDPruner's maximal marginal relevance: greedily argmax λ · rel_t − (1 − λ) · max over kept s
+    of cos(x_t, x_s) (no redundancy term for the first)."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
     sim, rel = Xn @ Xn.T, rel.double().to(X.device)
     redundancy, kept = torch.zeros(len(X), dtype=torch.float64, device=X.device), []
@@ -160,7 +173,8 @@ def mmr(X, k, rel, lam=MMR_LAMBDA):
 
 
 def select(rule, X, k, *, hw=None, basis=None, generator=None, relevance=None):
-    """Indices [k] of the tokens rule keeps for one image X [T, D]; relevance [T] for the question-aware rules."""
+    """Indices [k] of the tokens rule keeps for one image X [T, D]; relevance [T] for the
+    question-aware rules."""
     if rule in QUESTION_RULES:
         if relevance is None:
             raise ValueError(f"{rule} needs each token's relevance to the question")
@@ -189,9 +203,9 @@ def select(rule, X, k, *, hw=None, basis=None, generator=None, relevance=None):
 
 
 def reconstruct_from(X, kept, rtol=1e-10):
-    """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably as X·V·Vᵀ with V
-    the right singular vectors of X_S above rtol·σ₁ (float64). kept: indices, or the rows [k, D] themselves (merged
-    tokens)."""
+    """Every token projected onto the span of the kept tokens: X̂ = X·pinv(X_S)·X_S, computed stably
+    as X·V·Vᵀ with V the right singular vectors of X_S above rtol·σ₁ (float64). kept: indices, or
+    the rows [k, D] themselves (merged tokens)."""
     Xd = X.double()
     rows = Xd[kept] if kept.dtype in (torch.int64, torch.int32) else kept.double()
     _, S, Vh = torch.linalg.svd(rows, full_matrices=False)
@@ -200,7 +214,7 @@ def reconstruct_from(X, kept, rtol=1e-10):
 
 
 def box_hits(kept, mask):
-    """(recall, precision) of a kept set against an answer-box mask: the share of the box's tokens kept, and the
-    share of the kept tokens inside the box."""
+    """(recall, precision) of a kept set against an answer-box mask: the share of the box's tokens
+    kept, and the share of the kept tokens inside the box."""
     hit = int(mask[kept].sum())
     return hit / int(mask.sum()), hit / len(kept)

@@ -1,7 +1,7 @@
 """
-Training a low-rank factoriser X ≈ A·B on cached features: the flags (get_args_parser, the one source of every
-default), the resolved config, one epoch, validation, the checkpoints and history, and the test report.
-train_real_data.py runs train(args); tune.py calls it per trial with on_epoch.
+Training a low-rank factoriser X ≈ A·B on cached features: the flags (get_args_parser, the one
+source of every default), the resolved config, one epoch, validation, the checkpoints and history,
+and the test report. train_real_data.py runs train(args); tune.py calls it per trial with on_epoch.
 """
 
 import argparse
@@ -19,7 +19,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, add_device, check_rank, dist_env, nonneg_int, pick_device
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_device,
+    check_rank,
+    dist_env,
+    nonneg_int,
+    pick_device,
+)
 from lowrank.config import ARCH_FLAGS, RunConfig, flag_fields
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import (
@@ -56,7 +64,8 @@ from lowrank.runs import (
 
 def get_args_parser():
     ap = argparse.ArgumentParser(
-        description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.", formatter_class=HelpFormatter
+        description="Train a low-rank factoriser X ≈ A·B on cached Qwen vision features.",
+        formatter_class=HelpFormatter,
     )
     choices = {"arch": list(ARCHS), "normalize": list(NORMALIZATIONS)}
     for name, f in flag_fields():  # what the run is: RunConfig holds the defaults and help
@@ -69,9 +78,13 @@ def get_args_parser():
         )
     for name, (arch, help, type_) in ARCH_FLAGS.items():
         default = ARCH_DEFAULTS[arch].get(name, "per rank, from the schedule")
-        ap.add_argument(f"--{name}", type=type_, default=None, help=f"{arch} only: {help} (default: {default})")
+        ap.add_argument(
+            f"--{name}", type=type_, default=None, help=f"{arch} only: {help} (default: {default})"
+        )
     # how to run, not what the run is: free to differ on --resume
-    ap.add_argument("--results_dir", default="results", help="where checkpoints, split.json and logs go")
+    ap.add_argument(
+        "--results_dir", default="results", help="where checkpoints, split.json and logs go"
+    )
     add_device(ap)
     ap.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     ap.add_argument("--resume", action="store_true", help="continue from results_dir/last.pt")
@@ -80,7 +93,11 @@ def get_args_parser():
         action="store_true",
         help="train into a --results_dir that holds a trained run, replacing it (refused otherwise)",
     )
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32")
+    ap.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast (CUDA, or CPU); QR and the loss stay float32",
+    )
     ap.add_argument(
         "--preload",
         default="auto",
@@ -96,21 +113,27 @@ def get_args_parser():
     return ap
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # set-up
 
 
 def given_settings(args):
-    """({RunConfig field: value}, {arch option: value}) of the flags given on the command line. Every such flag's
-    parser default is None, so a flag counts as given whenever it is given, whatever its value."""
-    given = {f.name: getattr(args, name) for name, f in flag_fields() if getattr(args, name, None) is not None}
+    """({RunConfig field: value}, {arch option: value}) of the flags given on the command line.
+    Every such flag's parser default is None, so a flag counts as given whenever it is given,
+    whatever its value."""
+    given = {
+        f.name: getattr(args, name)
+        for name, f in flag_fields()
+        if getattr(args, name, None) is not None
+    }
     options = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
     return given, options
 
 
 def new_config(given, options, world):
-    """The config of a new run, stored resolved (arch defaults filled in): the run folder says how it was made even
-    if a default changes later. An option of another arch is refused, not dropped."""
+    """The config of a new run, stored resolved (arch defaults filled in): the run folder says how
+    it was made even if a default changes later. An option of another arch is refused, not
+    dropped."""
     config = RunConfig(**given)
     wrong = [k for k in options if ARCH_FLAGS[k][0] != config.arch]
     if wrong:
@@ -120,16 +143,21 @@ def new_config(given, options, world):
             f"--arch {arch}"
         )
     defaults = dict(ARCH_DEFAULTS[config.arch])
-    if options and config.arch == "subspace":  # one setting for every rank instead of the per-rank schedule
+    # one setting for every rank instead of the per-rank schedule
+    if options and config.arch == "subspace":
         defaults.pop("schedule")
     return replace(
-        config, cache_dir=str(Path(config.cache_dir).resolve()), world_size=world, arch_options={**defaults, **options}
+        config,
+        cache_dir=str(Path(config.cache_dir).resolve()),
+        world_size=world,
+        arch_options={**defaults, **options},
     )
 
 
 def resolve_config(args, world):
-    """-> (config, resume checkpoint or None). A resumed run takes the checkpoint's config; a setting given on the
-    command line (whatever its value) that differs from the run's is refused, except --epochs and --patience."""
+    """-> (config, resume checkpoint or None). A resumed run takes the checkpoint's config; a
+    setting given on the command line (whatever its value) that differs from the run's is refused,
+    except --epochs and --patience."""
     given, options = given_settings(args)
     if not args.resume:
         return new_config(given, options, world), None
@@ -139,7 +167,9 @@ def resolve_config(args, world):
     ck = read_checkpoint(out / LAST)
     config = RunConfig.from_dict(ck["config"], f"{out / LAST}'s config")
     if config.compressed or "optimizer" not in ck:
-        raise UserError(f"--resume: {out / LAST} is not a training state (a compressed or model-only checkpoint)")
+        raise UserError(
+            f"--resume: {out / LAST} is not a training state (a compressed or model-only checkpoint)"
+        )
     changed = []
     for name, f in flag_fields():
         if f.name in given and not f.metadata["resumable"]:
@@ -148,7 +178,9 @@ def resolve_config(args, world):
                 changed.append(f"--{name} {given[f.name]} (the run has {getattr(config, f.name)})")
     for k, v in options.items():
         if config.arch_options.get(k) != v:
-            changed.append(f"--{k} {v} (the run has {config.arch_options.get(k, 'the per-rank schedule')})")
+            changed.append(
+                f"--{k} {v} (the run has {config.arch_options.get(k, 'the per-rank schedule')})"
+            )
     if changed:
         raise UserError(
             f"--resume continues the run in {out} as it was made; these flags differ: "
@@ -159,8 +191,8 @@ def resolve_config(args, world):
 
 
 def add_shape(config, out, resumed):
-    """-> the config with the cache's feature shape and grid (the manifest is the one source of the shape),
-    checked against a resumed run's and against the rank."""
+    """-> the config with the cache's feature shape and grid (the manifest is the one source of the
+    shape), checked against a resumed run's and against the rank."""
     tokens, dim = cached_shape(config.cache_dir)
     if resumed and config.shape != (tokens, dim):
         raise UserError(
@@ -172,9 +204,10 @@ def add_shape(config, out, resumed):
 
 
 def load_data(config, split, args, rank_id, world):
-    """Train and validation datasets and loaders. Every sample of all three splits is checked before epoch 1:
-    preloaded data was read and checked in full, a lazily read train split gets header checks (its values are
-    checked as each file is read), validation and test are read in full (they are small)."""
+    """Train and validation datasets and loaders. Every sample of all three splits is checked before
+    epoch 1: preloaded data was read and checked in full, a lazily read train split gets header
+    checks (its values are checked as each file is read), validation and test are read in full (they
+    are small)."""
     preload = {"auto": "auto", "yes": True, "no": False}[args.preload]
     cache, norm = config.cache_dir, config.normalization
     train_ds = FeatureDataset(cache, split["train"], norm, preload)
@@ -185,7 +218,9 @@ def load_data(config, split, args, rank_id, world):
     sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=world, rank=rank_id, shuffle=True, seed=config.seed
     )
-    train_loader = make_loader(train_ds, config.batch_size, sampler=sampler, num_workers=args.num_workers)
+    train_loader = make_loader(
+        train_ds, config.batch_size, sampler=sampler, num_workers=args.num_workers
+    )
     val_loader = make_loader(val_ds, 64, num_workers=args.num_workers)
     return train_ds, val_ds, train_loader, val_loader, sampler
 
@@ -201,21 +236,32 @@ def describe_data(log, config, split, train_ds, val_ds, device, world, preload):
         f" ({config.normalization}); arch {config.arch} rank {config.rank} on {device}"
         f"{f' x {world} processes' if world > 1 else ''}{lossy_note(config.cache_dir)}"
     )
-    log(f"features: train {gib:.2f} GiB as float32 {where(train_ds)}, validation {where(val_ds)} (--preload {preload})")
+    log(
+        f"features: train {gib:.2f} GiB as float32 {where(train_ds)}, validation {where(val_ds)} (--preload {preload})"
+    )
     log(
         f"split grouped by {split.get('grouped_by', 'none')}: identical images shared between splits "
         f"{split.get('shared_images', '?')}, image_id values (source photos) shared "
         f"{split.get('shared_image_ids', '?')}"
-        + (f", {split['grouped_by']} values shared {split['shared_groups']}" if "shared_groups" in split else "")
+        + (
+            f", {split['grouped_by']} values shared {split['shared_groups']}"
+            if "shared_groups" in split
+            else ""
+        )
     )
 
 
 class State:
-    """What an epoch changes and a checkpoint restores: optimiser, scheduler, history, best validation MSE."""
+    """What an epoch changes and a checkpoint restores: optimiser, scheduler, history, best
+    validation MSE."""
 
     def __init__(self, model, config):
-        self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=0.5, patience=3)
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=0.5, patience=3
+        )
         self.history, self.start_epoch, self.best, self.bad_epochs = [], 1, math.inf, 0
 
     def restore(self, ck, out):
@@ -229,28 +275,39 @@ class State:
         """Record an epoch -> whether it improved on the best validation MSE."""
         self.sched.step(rec["val_mse"])
         improved = rec["val_mse"] < self.best
-        self.best, self.bad_epochs = (rec["val_mse"], 0) if improved else (self.best, self.bad_epochs + 1)
+        self.best, self.bad_epochs = (
+            (rec["val_mse"], 0) if improved else (self.best, self.bad_epochs + 1)
+        )
         self.history.append(rec)
         return improved
 
     def save(self, model, config, epoch, improved, out):
-        """best_model.pt (when improved), last.pt (with the optimiser), history.json and the loss curves."""
+        """best_model.pt (when improved), last.pt (with the optimiser), history.json and the loss
+        curves."""
         extra = {"bad_epochs": self.bad_epochs, "rng_cpu": torch.get_rng_state()}
         if improved:
-            atomic_save(make_checkpoint(model, config.to_dict(), epoch, self.best, extra=extra), out / BEST)
-        atomic_save(make_checkpoint(model, config.to_dict(), epoch, self.best, self.opt, self.sched, extra), out / LAST)
+            atomic_save(
+                make_checkpoint(model, config.to_dict(), epoch, self.best, extra=extra), out / BEST
+            )
+        atomic_save(
+            make_checkpoint(model, config.to_dict(), epoch, self.best, self.opt, self.sched, extra),
+            out / LAST,
+        )
         atomic_save(self.history, out / HISTORY)
         plot_history(
-            self.history, out / "loss_curves.png", f"{config.arch}, rank {config.rank}, {config.normalization} - {out}"
+            self.history,
+            out / "loss_curves.png",
+            f"{config.arch}, rank {config.rank}, {config.normalization} - {out}",
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one epoch, validation
 
 
 def all_agree(flag, world):
-    """True on every rank if flag is True on any rank (early stop, non-finite loss): no rank hangs."""
+    """True on every rank if flag is True on any rank (early stop, non-finite loss): no rank
+    hangs."""
     if world == 1:
         return flag
     t = torch.tensor([float(flag)])
@@ -259,8 +316,9 @@ def all_agree(flag, world):
 
 
 def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, desc):
-    """One pass over the training split -> the mean of each loss term, or None when the loss became non-finite
-    (on any rank). Subspace models train on their own objective (the energy outside the nested prefixes)."""
+    """One pass over the training split -> the mean of each loss term, or None when the loss became
+    non-finite (on any rank). Subspace models train on their own objective (the energy outside the
+    nested prefixes)."""
     model.train()
     sums, n, nonfinite = {}, 0, False
     for X, _ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
@@ -269,7 +327,9 @@ def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, d
             Xhat, A, B = model(X)
             Xhat, A, B = Xhat.float(), A.float(), B.float()
             terms = loss_terms(X, Xhat, A, B, config.lambda_B, config.lambda_ortho)
-            loss = raw_model.objective(X, A, B) if hasattr(raw_model, "objective") else terms["total"]
+            loss = (
+                raw_model.objective(X, A, B) if hasattr(raw_model, "objective") else terms["total"]
+            )
         terms["objective"] = loss.detach()  # what the optimiser minimises
         nonfinite = nonfinite or not torch.isfinite(loss)
         if all_agree(nonfinite, world):
@@ -290,7 +350,9 @@ def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, d
 
 def validate(model, loader, device, epoch, t0, lr, train_terms, svd_val):
     """Validation metrics -> the history record of this epoch."""
-    val = metrics.summarize(metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "val")[0])
+    val = metrics.summarize(
+        metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "val")[0]
+    )
     rec = {
         "epoch": epoch,
         **train_terms,
@@ -304,8 +366,9 @@ def validate(model, loader, device, epoch, t0, lr, train_terms, svd_val):
 
 
 def arch_terms(arch, rec):
-    """The train terms that mean something for the arch: subspace optimises its own objective (the energy left
-    outside the nested prefixes), so its B-regulariser and orthogonality terms are not shown."""
+    """The train terms that mean something for the arch: subspace optimises its own objective (the
+    energy left outside the nested prefixes), so its B-regulariser and orthogonality terms are not
+    shown."""
     if arch == "subspace":
         return f"train objective {rec['train_objective']:.5f} (mse {rec['train_recon']:.5f})"
     return (
@@ -316,22 +379,26 @@ def arch_terms(arch, rec):
 
 def epoch_line(epoch, config, rec, improved):
     head = "start point" if epoch == 0 else arch_terms(config.arch, rec)
-    tail = "" if epoch == 0 else f" | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s{' *' if improved else ''}"
+    tail = (
+        ""
+        if epoch == 0
+        else f" | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s{' *' if improved else ''}"
+    )
     return (
         f"epoch {epoch:3d} | {head} | val mse {rec['val_mse']:.5f} cos {rec['val_cosine']:.4f} energy "
         f"{rec['val_energy']:.4f}{tail}"
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the run
 
 
 def train(args, on_epoch=None, test_at_end=True):
-    """Train as args say (a Namespace of get_args_parser()); on_epoch(record) is called after each epoch (tune.py
-    prunes from it). Returns the test report (None without test_at_end). The run folder has one owner: rank 0 holds
-    its lock for the life of the run, and a folder that holds a trained run is refused without --resume or
-    --overwrite."""
+    """Train as args say (a Namespace of get_args_parser()); on_epoch(record) is called after each
+    epoch (tune.py prunes from it). Returns the test report (None without test_at_end). The run
+    folder has one owner: rank 0 holds its lock for the life of the run, and a folder that holds a
+    trained run is refused without --resume or --overwrite."""
     rank_id, world, local_rank = dist_env()
     log = print if rank_id == 0 else (lambda *a, **k: None)
     out = Path(args.results_dir)
@@ -349,9 +416,12 @@ def train(args, on_epoch=None, test_at_end=True):
 
 
 def check_fresh(out, args):
-    """Refuse to train over a trained run unless asked: --resume continues it, --overwrite replaces it."""
+    """Refuse to train over a trained run unless asked: --resume continues it, --overwrite replaces
+    it."""
     if args.resume and args.overwrite:
-        raise UserError("--resume continues the run in --results_dir, --overwrite replaces it: give one of them")
+        raise UserError(
+            "--resume continues the run in --results_dir, --overwrite replaces it: give one of them"
+        )
     done = [f for f in (BEST, LAST) if (out / f).exists()]
     if done and not args.resume and not args.overwrite:
         raise UserError(
@@ -369,7 +439,9 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
     random.seed(config.seed)
     np.random.seed(config.seed)
     split = read_split(out)
-    train_ds, val_ds, train_loader, val_loader, sampler = load_data(config, split, args, rank_id, world)
+    train_ds, val_ds, train_loader, val_loader, sampler = load_data(
+        config, split, args, rank_id, world
+    )
     describe_data(log, config, split, train_ds, val_ds, device, world, args.preload)
     raw_model, model = make_model(config, ck, train_ds, device, world, local_rank)
     state = State(raw_model, config)
@@ -382,7 +454,8 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
     def lr():
         return state.opt.param_groups[0]["lr"]
 
-    if ck is None:  # epoch 0: the starting point (for subspace, the principal directions) is a candidate
+    # epoch 0: the starting point (for subspace, the principal directions) is a candidate
+    if ck is None:
         rec = validate(raw_model, val_loader, device, 0, time.time(), lr(), {}, svd_val)
         state.best = rec["val_mse"]
         state.history.append(rec)
@@ -394,7 +467,9 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         t0 = time.time()
         sampler.set_epoch(epoch)
         desc = f"epoch {epoch}/{config.epochs}" if master else None
-        terms = train_one_epoch(model, raw_model, train_loader, state.opt, config, device, amp, world, desc)
+        terms = train_one_epoch(
+            model, raw_model, train_loader, state.opt, config, device, amp, world, desc
+        )
         if terms is None:
             stopped = "non-finite loss"
             log(nonfinite_message(epoch, out))
@@ -425,11 +500,18 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
 
 
 def write_run_folder(out, config, resplit):
-    """The run folder's split.json (made, or checked against this run's settings) and config.json -> the config
-    with the split's fingerprint: a checkpoint is never scored on a split it was not trained with."""
+    """The run folder's split.json (made, or checked against this run's settings) and config.json ->
+    the config with the split's fingerprint: a checkpoint is never scored on a split it was not
+    trained with."""
     remove_stale_tmp(out)
     split = load_or_make_split(
-        out, config.cache_dir, config.seed, config.max_samples, config.group_by, resplit, config.test_share
+        out,
+        config.cache_dir,
+        config.seed,
+        config.max_samples,
+        config.group_by,
+        resplit,
+        config.test_share,
     )
     if config.split_sha not in (None, split_fingerprint(split)):
         raise UserError(f"--resume: {out / SPLIT} is not the split this run was trained on")
@@ -439,8 +521,8 @@ def write_run_folder(out, config, resplit):
 
 
 def make_model(config, ck, train_ds, device, world, local_rank):
-    """-> (the model, the model that trains: DDP-wrapped under torchrun). Started from the checkpoint when
-    resuming, else (subspace) from the training tokens' principal directions."""
+    """-> (the model, the model that trains: DDP-wrapped under torchrun). Started from the
+    checkpoint when resuming, else (subspace) from the training tokens' principal directions."""
     model = build_model(config).to(device)
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -455,9 +537,13 @@ def make_model(config, ck, train_ds, device, world, local_rank):
 def svd_target(config, val_loader, device, log):
     """The target: truncated SVD at the same rank on the validation samples."""
     rank = config.rank
-    per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, rank), val_loader, device, "svd val")
+    per, _, _ = metrics.evaluate(
+        lambda X: metrics.svd_reconstruct(X, rank), val_loader, device, "svd val"
+    )
     svd_val = metrics.summarize(per)
-    log(f"truncated SVD on validation: {metrics.format_summary(svd_val, ('mse', 'cosine', 'energy'))}")
+    log(
+        f"truncated SVD on validation: {metrics.format_summary(svd_val, ('mse', 'cosine', 'energy'))}"
+    )
     return svd_val
 
 
@@ -465,13 +551,19 @@ def nonfinite_message(epoch, out):
     kept = [str(out / f) for f in (BEST, LAST) if (out / f).exists()]
     return (
         f"epoch {epoch}: the loss became NaN/Inf; stopping. "
-        + (f"The last good checkpoints ({', '.join(kept)}) are kept. " if kept else "No checkpoint was written. ")
+        + (
+            f"The last good checkpoints ({', '.join(kept)}) are kept. "
+            if kept
+            else "No checkpoint was written. "
+        )
         + "Lower --lr (the cache's files were checked and are finite)."
     )
 
 
 def warn_if_no_progress(history, log):
-    best_epoch = min((h for h in history if "val_mse" in h), key=lambda h: h["val_mse"], default={}).get("epoch")
+    best_epoch = min(
+        (h for h in history if "val_mse" in h), key=lambda h: h["val_mse"], default={}
+    ).get("epoch")
     if best_epoch == 0 and len(history) > 1:
         log(
             f"warning: no epoch improved on the starting point (epoch 0, val MSE {history[0]['val_mse']:.6g}): "
@@ -485,17 +577,22 @@ def test_report(ckpt_path, test_idx, device):
     cfg = RunConfig.from_dict(ck["config"])
     loader = make_loader(FeatureDataset(cfg.cache_dir, test_idx, cfg.normalization), 64)
     nn_per, _, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "test NN")
-    svd_per, _, _ = metrics.evaluate(lambda X: metrics.svd_reconstruct(X, cfg.rank), loader, device, "test SVD")
+    svd_per, _, _ = metrics.evaluate(
+        lambda X: metrics.svd_reconstruct(X, cfg.rank), loader, device, "test SVD"
+    )
     nn_s, svd_s = metrics.summarize(nn_per), metrics.summarize(svd_per)
     keys = ("cosine", "energy", "mse", "rel_fro")
-    print(f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg.rank}, {cfg.normalization}):")
+    print(
+        f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg.rank}, {cfg.normalization}):"
+    )
     print(f"  {cfg.arch:>10}: {metrics.format_summary(nn_s, keys)}")
     print(f"  {'SVD':>10}: {metrics.format_summary(svd_s, keys)}")
     return {"nn": nn_s, "svd": svd_s, "best_epoch": ck["epoch"]}
 
 
 def plot_history(history, path, title=""):
-    """Loss, validation cosine and learning rate per epoch (epoch 0 = the starting point, validation only)."""
+    """Loss, validation cosine and learning rate per epoch (epoch 0 = the starting point, validation
+    only)."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -503,9 +600,16 @@ def plot_history(history, path, title=""):
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
     if tr:
-        ax[0].plot([h["epoch"] for h in tr], [h["train_recon"] for h in tr], "o-", label="train MSE")
+        ax[0].plot(
+            [h["epoch"] for h in tr], [h["train_recon"] for h in tr], "o-", label="train MSE"
+        )
         if any(h["train_objective"] != h["train_recon"] for h in tr):
-            ax[0].plot([h["epoch"] for h in tr], [h["train_objective"] for h in tr], "--", label="train objective")
+            ax[0].plot(
+                [h["epoch"] for h in tr],
+                [h["train_objective"] for h in tr],
+                "--",
+                label="train objective",
+            )
     ax[0].plot(ep, [h["val_mse"] for h in history], "o-", label="validation MSE")
     ax[0].set_yscale("log")
     ax[0].set_title("loss")

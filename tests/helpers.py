@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_script(name, *args):
-    """Run a root script's main() through run_cli, as `python <name> <args>` would, in this process (an
-    interpreter start costs 2-3 s of imports; the suite runs dozens of refusals) -> CompletedProcess with the exit
-    status, stdout and stderr a shell would see: a SystemExit message lands on stderr, as Python prints it. For what
-    needs a real process (signals, locks, kill -9, torchrun), tests start one."""
+    """Run a root script's main() through run_cli, as `python <name> <args>` would, in this process
+    (an interpreter start costs 2-3 s of imports; the suite runs dozens of refusals) ->
+    CompletedProcess with the exit status, stdout and stderr a shell would see: a SystemExit message
+    lands on stderr, as Python prints it. For what needs a real process (signals, locks, kill -9,
+    torchrun), tests start one."""
     argv = [str(a) for a in args]
     module = importlib.import_module(Path(name).stem)
     out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv[0]
@@ -32,4 +33,6 @@ def run_script(name, *args):
                 code = 1 if isinstance(e.code, str) else e.code or 0
     finally:
         sys.argv[0] = argv0
-    return subprocess.CompletedProcess([sys.executable, name, *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(
+        [sys.executable, name, *argv], code, out.getvalue(), err.getvalue()
+    )

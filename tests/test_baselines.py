@@ -1,5 +1,6 @@
-"""The field's baselines as rules (DivPrune, DART, pooling, ToMe, VisionZip), each pinned to an independent NumPy
-computation or a small hand example; the tower's attention that VisionZip needs, against the block's own output."""
+"""The field's baselines as rules (DivPrune, DART, pooling, ToMe, VisionZip), each pinned to an
+independent NumPy computation or a small hand example; the tower's attention that VisionZip needs,
+against the block's own output."""
 
 import numpy as np
 import pytest
@@ -41,11 +42,14 @@ def test_divprune_keeps_one_of_each_duplicate_cluster():
 
 
 def test_dart_by_hand():
-    """Pivots: the tokens of largest L1 norm; then in turn per pivot the token least similar to it, not yet kept."""
-    X = torch.tensor([[5.0, 0], [0, 4], [1, 1], [-1, 0.1], [0.2, -1], [1, 0.9]], dtype=torch.float64)
-    # L1 norms 5, 4, 2, 1.1, 1.2, 1.9: pivots 0 and 1. Least similar to pivot 0 ([1, 0]): token 3 (cos -0.995);
-    # to pivot 1 ([0, 1]): token 4 (cos -0.98); then pivot 0 again: token 4 is taken, next token 1 is taken, then 2
-    # (cos .707) vs 5 (cos .743): token 2
+    """Pivots: the tokens of largest L1 norm; then in turn per pivot the token least similar to it,
+    not yet kept."""
+    X = torch.tensor(
+        [[5.0, 0], [0, 4], [1, 1], [-1, 0.1], [0.2, -1], [1, 0.9]], dtype=torch.float64
+    )
+    # L1 norms 5, 4, 2, 1.1, 1.2, 1.9: pivots 0 and 1. Least similar to pivot 0 ([1, 0]): token 3
+    # (cos -0.995); to pivot 1 ([0, 1]): token 4 (cos -0.98); then pivot 0 again: token 4 is taken,
+    # next token 1 is taken, then 2 (cos .707) vs 5 (cos .743): token 2
     assert selection.dart(X, 5, pivots=2).tolist() == [0, 1, 3, 4, 2]
     assert len(set(selection.dart(feats(), 17).tolist())) == 17
 
@@ -59,7 +63,8 @@ def test_pool_equals_adaptive_average_pooling(k):
     ref = F.adaptive_avg_pool2d(X.T.reshape(1, 6, H, W), (gh, gw)).reshape(6, k).T
     torch.testing.assert_close(Wt @ X, ref)
     assert gh * gw == k and torch.equal(reps, reps.sort().values)
-    if (gh, gw) == (8, 8):  # 2 x 2 cells: the representative is each cell's top-left-of-centre token
+    # 2 x 2 cells: the representative is each cell's top-left-of-centre token
+    if (gh, gw) == (8, 8):
         assert reps[:2].tolist() == [0, 2] and reps[8] == 2 * W
 
 
@@ -77,7 +82,9 @@ def np_tome(X, k):
         for i in src:
             new[b[dst[i]]] += groups[a[i]]
         keep = [groups[a[i]] if i not in src else None for i in range(len(a))]
-        order = sorted([(a[i], keep[i]) for i in range(len(a)) if keep[i] is not None] + list(new.items()))
+        order = sorted(
+            [(a[i], keep[i]) for i in range(len(a)) if keep[i] is not None] + list(new.items())
+        )
         groups = [sorted(g) for _, g in order]
     return groups
 
@@ -88,26 +95,30 @@ def test_tome_equals_an_independent_numpy_matching():
     groups = np_tome(X.numpy(), 7)
     assert [sorted(torch.nonzero(row).squeeze(1).tolist()) for row in Wt] == groups
     torch.testing.assert_close(Wt @ X, torch.stack([X[g].mean(0) for g in groups]))
-    assert torch.equal(Wt.sum(1), torch.ones(7, dtype=Wt.dtype)) and (Wt > 0).sum(0).eq(1).all()  # a partition
+    # a partition
+    assert torch.equal(Wt.sum(1), torch.ones(7, dtype=Wt.dtype)) and (Wt > 0).sum(0).eq(1).all()
     assert all(int(r) in g for r, g in zip(reps, groups))
 
 
 def test_visionzip_by_hand():
-    """8 tokens, k = 4: c = 1 contextual token; the 3 most attended are dominant, the other 5 form one cluster
-    around the middle remaining token (evenly spaced targets: one target at the middle of the rest)."""
+    """8 tokens, k = 4: c = 1 contextual token; the 3 most attended are dominant, the other 5 form
+    one cluster around the middle remaining token (evenly spaced targets: one target at the middle
+    of the rest)."""
     X = feats(8, 4)
     att = torch.tensor([0.3, 0.05, 0.2, 0.05, 0.05, 0.25, 0.05, 0.05])
     Wt, reps = merging.merge("visionzip", X, 4, attention=att)
-    # dominant: 0, 5, 2; the rest 1, 3, 4, 6, 7, target rest[round(0 * 4)] = rest[0] = 1 (linspace(0, 4, 1) = [0])
+    # dominant: 0, 5, 2; the rest 1, 3, 4, 6, 7, target rest[round(0 * 4)] = rest[0] = 1
+    # (linspace(0, 4, 1) = [0])
     assert reps.tolist() == [0, 1, 2, 5]
     torch.testing.assert_close(Wt @ X, torch.stack([X[0], X[[1, 3, 4, 6, 7]].mean(0), X[2], X[5]]))
     Wt, reps = merging.merge("visionzip", feats(256, 6), 64, attention=torch.rand(256))
-    assert len(reps) == 64 and (Wt > 0).sum(1).eq(1).sum() == 54  # VisionZip's 54 dominant + 10 contextual
+    # VisionZip's 54 dominant + 10 contextual
+    assert len(reps) == 64 and (Wt > 0).sum(1).eq(1).sum() == 54
 
 
 def test_merge_specs_and_the_tower():
-    """merge:<rule>:<k> round-trips; the tower gives the merged means of the model-scale tokens at the
-    representatives' positions; merging into T groups of one is the original."""
+    """merge:<rule>:<k> round-trips; the tower gives the merged means of the model-scale tokens at
+    the representatives' positions; merging into T groups of one is the original."""
     for text in (
         "merge:pool:64",
         "merge:tome:32",
@@ -134,13 +145,17 @@ def test_merge_specs_and_the_tower():
 
 
 def test_tower_attention_is_the_blocks_own():
-    """attention_received recomputes softmax(q kᵀ / √d) of the tower's last full-attention block: with v and the
-    output projection it gives exactly that block's attention output; each image's attention sums to 1; the
-    un-permutation equals argsort of transformers' own window index."""
+    """attention_received recomputes softmax(q kᵀ / √d) of the tower's last full-attention block:
+    with v and the output projection it gives exactly that block's attention output; each image's
+    attention sums to 1; the un-permutation equals argsort of transformers' own window index."""
     enc = encoders.Encoder(encoders.TINY, "cpu")
-    ims = [images.load_image(r["image"]["bytes"], (448, 448)) for r in demo_set.make_rows(2, seed=1)]
+    ims = [
+        images.load_image(r["image"]["bytes"], (448, 448)) for r in demo_set.make_rows(2, seed=1)
+    ]
     inp = enc.processor(images=ims, return_tensors="pt")
-    out, att, check = encoders.attention_received(enc.tower, inp["pixel_values"], inp["image_grid_thw"], check=True)
+    out, att, check = encoders.attention_received(
+        enc.tower, inp["pixel_values"], inp["image_grid_thw"], check=True
+    )
     assert att.shape == (2, 256) and torch.allclose(att.sum(1), torch.ones(2, dtype=att.dtype))
     torch.testing.assert_close(check["recomputed"], check["actual"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, enc(ims).reshape(-1, enc.dim))
@@ -157,33 +172,71 @@ def test_tower_attention_is_the_blocks_own():
 
 
 def test_every_new_kind_downstream(trained, tmp_path):
-    """vqa_eval with one condition of each new kind on the tiny model: each answers with its k tokens at their
-    representatives' positions; merging into 256 groups of one (pool, tome) answers exactly as the original."""
+    """vqa_eval with one condition of each new kind on the tiny model: each answers with its k
+    tokens at their representatives' positions; merging into 256 groups of one (pool, tome) answers
+    exactly as the original."""
     import json
 
     import vqa_eval
 
-    specs = "keep:divprune:32,keep:dart:32,merge:pool:64,merge:tome:64,merge:visionzip:64,fastv:1:64"
+    specs = (
+        "keep:divprune:32,keep:dart:32,merge:pool:64,merge:tome:64,merge:visionzip:64,fastv:1:64"
+    )
     specs += ",merge:pool:256,merge:tome:256,fastv:1:256"
     summary = vqa_eval.main(
-        ["--results_dir", str(trained), "--model", encoders.TINY, "--limit", "2", "--max_new_tokens", "4"]
-        + ["--svd_ranks", "", "--nn_ranks", "", "--transforms", specs, "--out_dir", str(tmp_path), "--device", "cpu"]
+        [
+            "--results_dir",
+            str(trained),
+            "--model",
+            encoders.TINY,
+            "--limit",
+            "2",
+            "--max_new_tokens",
+            "4",
+        ]
+        + [
+            "--svd_ranks",
+            "",
+            "--nn_ranks",
+            "",
+            "--transforms",
+            specs,
+            "--out_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
     )
     rows = {s["condition"]: s for s in summary}
     assert list(rows) == ["original"] + specs.split(",")
-    assert [rows[c]["vision_tokens"] for c in specs.split(",")] == [32, 32, 64, 64, 64, 64, 256, 256, 256]
+    assert [rows[c]["vision_tokens"] for c in specs.split(",")] == [
+        32,
+        32,
+        64,
+        64,
+        64,
+        64,
+        256,
+        256,
+        256,
+    ]
     per = json.loads((tmp_path / "vqa_test.json").read_text())["samples"]
     for r in per:
-        assert r["merge:pool:256"]["answer"] == r["merge:tome:256"]["answer"] == r["original"]["answer"]
+        assert (
+            r["merge:pool:256"]["answer"]
+            == r["merge:tome:256"]["answer"]
+            == r["original"]["answer"]
+        )
         assert r["fastv:1:256"]["answer"] == r["original"]["answer"]
     flops = [rows[c]["prefill_flops"] for c in ("merge:pool:64", "fastv:1:64", "original")]
     assert flops == sorted(flops) and len(set(flops)) == 3
 
 
 def test_fastv_prunes_after_layer_k():
-    """fastv on the 2-layer tiny model: the ranking attention equals eager attention's last row in layer K - 1;
-    after the prefill, layer 0's cache holds every prompt token and layer 1's only the text and the k kept image
-    tokens (the k best ranked); keeping all 256 answers exactly as the original."""
+    """fastv on the 2-layer tiny model: the ranking attention equals eager attention's last row in
+    layer K - 1; after the prefill, layer 0's cache holds every prompt token and layer 1's only the
+    text and the k kept image tokens (the k best ranked); keeping all 256 answers exactly as the
+    original."""
     from test_vqa import prompt_inputs
     from transformers import DynamicCache
 
@@ -209,7 +262,9 @@ def test_fastv_prunes_after_layer_k():
         model.set_attn_implementation("sdpa")
         for h in hooks:
             h.remove()
-    torch.testing.assert_close(state["attention"], seen["w"][0, :, -1].mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        state["attention"], seen["w"][0, :, -1].mean(0), rtol=1e-4, atol=1e-6
+    )
     best = state["attention"][where].topk(64).indices.sort().values
     assert torch.equal(state["keep"][where].nonzero().squeeze(1), best)
     cache = DynamicCache()

@@ -1,5 +1,6 @@
-"""Every script's --help: each flag has help text and a shown default; the flag reference is generated from the
-parsers; train.sh passes its positionals to the parser, whose defaults are the one source."""
+"""Every script's --help: each flag has help text and a shown default; the flag reference is
+generated from the parsers; train.sh passes its positionals to the parser, whose defaults are the
+one source."""
 
 import importlib
 import importlib.util
@@ -30,8 +31,11 @@ def test_every_flag_has_help_and_a_shown_default():
 
 
 def test_flag_reference_is_generated_from_the_parsers():
-    """docs/flags.md is what docs/gen_flags.py makes from the parsers today (make docs rewrites it)."""
-    assert (ROOT / "docs" / "flags.md").read_text() == GEN.render(), "docs/flags.md is stale: run make docs"
+    """docs/flags.md is what docs/gen_flags.py makes from the parsers today (make docs rewrites
+    it)."""
+    assert (ROOT / "docs" / "flags.md").read_text() == GEN.render(), (
+        "docs/flags.md is stale: run make docs"
+    )
 
 
 def test_readmes_link_the_flag_reference():
@@ -41,7 +45,10 @@ def test_readmes_link_the_flag_reference():
 
 def test_help_shows_defaults():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "compare_svd_nn.py"), "--help"], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "compare_svd_nn.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     out = " ".join(out.split())
     assert "(default: 64)" in out and "(default: test)" in out
@@ -56,16 +63,22 @@ def fake_python(tmp_path):
 
 def train_sh(tmp_path, *args):
     env = {"PYTHON": fake_python(tmp_path), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([str(ROOT / "train.sh"), *args], capture_output=True, text=True, env=env, check=True).stdout
+    return subprocess.run(
+        [str(ROOT / "train.sh"), *args], capture_output=True, text=True, env=env, check=True
+    ).stdout
 
 
 def test_train_sh_flags_only_and_positionals_then_flags(tmp_path):
-    out = train_sh(tmp_path, "--cache_dir", "X", "--arch", "subspace")  # the parser's defaults apply
+    # the parser's defaults apply
+    out = train_sh(tmp_path, "--cache_dir", "X", "--arch", "subspace")
     assert "train_real_data.py --cache_dir X --arch subspace" in out and "--batch_size" not in out
     out = train_sh(tmp_path, "4", "2")
     assert "train_real_data.py --batch_size 4 --epochs 2\n" in out
     out = train_sh(tmp_path, "4", "2", "1e-3", "16", "0", "0", "--arch", "subspace")
-    assert "--batch_size 4 --epochs 2 --lr 1e-3 --rank 16 --lambda_B 0 --lambda_ortho 0 --arch subspace" in out
+    assert (
+        "--batch_size 4 --epochs 2 --lr 1e-3 --rank 16 --lambda_B 0 --lambda_ortho 0 --arch subspace"
+        in out
+    )
     out = train_sh(tmp_path, "--help")
     assert out.startswith("usage: ./train.sh [batch_size]") and "ARGS:" in out and "--help" in out
 

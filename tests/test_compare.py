@@ -1,4 +1,5 @@
-"""compare_svd_nn.py: rebuilds the model from the checkpoint alone, pairs NN and SVD on the split's samples."""
+"""compare_svd_nn.py: rebuilds the model from the checkpoint alone, pairs NN and SVD on the split's
+samples."""
 
 import csv
 import json
@@ -23,7 +24,9 @@ def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
 
     m = build_model(ck["config"]).eval()
     m.load_state_dict(ck["model"])
-    X = torch.stack([dataset.FeatureDataset(tiny_cache_dir(trained), [i])[0][0] for i in split["test"]])
+    X = torch.stack(
+        [dataset.FeatureDataset(tiny_cache_dir(trained), [i])[0][0] for i in split["test"]]
+    )
     with torch.no_grad():
         nn = metrics.metrics(X, m(X)[0])
     svd = metrics.metrics(X, metrics.svd_reconstruct(X, 16, "svd"))

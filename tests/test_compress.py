@@ -1,5 +1,5 @@
-"""compress.py against independent computations: bytes by hand, quantisation error bounds, exact full bases, the
-compressed cache read transparently, quantised and pruned factorisers."""
+"""compress.py against independent computations: bytes by hand, quantisation error bounds, exact
+full bases, the compressed cache read transparently, quantised and pruned factorisers."""
 
 import json
 
@@ -35,7 +35,9 @@ def test_bytes_per_image_by_hand():
         ("pca_int4", 64): 256 * 32 + 4 * 256,
     }
     for (codec, r), want in cases.items():
-        assert feature_codecs.payload_bytes(feature_codecs.encode(codec, X, r, basis)) == want, codec
+        assert feature_codecs.payload_bytes(feature_codecs.encode(codec, X, r, basis)) == want, (
+            codec
+        )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -44,13 +46,15 @@ def test_quantisation_round_trip_error_bound(bits):
     p = quantize.quantize_rows(Y, bits)
     err = (quantize.dequantize_rows(p) - Y).abs()
     half_step = Y.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1) / 2
-    assert (err <= half_step * (1 + 1e-5) + 1e-7).all()  # round-to-nearest: at most half a step per entry
+    # round-to-nearest: at most half a step per entry
+    assert (err <= half_step * (1 + 1e-5) + 1e-7).all()
     assert quantize.dequantize_rows(p).shape == Y.shape
 
 
 def test_full_dimension_basis_is_exact():
     X = X_(64, 96)
-    basis = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0].float()  # a complete orthonormal basis
+    # a complete orthonormal basis
+    basis = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0].float()
     torch.testing.assert_close(
         feature_codecs.decode("pca_fp16", feature_codecs.encode("pca_fp16", X, 96, basis), basis),
         X,
@@ -86,7 +90,17 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
         assert (trained / f).exists()
     out = tmp_path / "c"
     m = compress.main(
-        ["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "64", "--out", str(out)]
+        [
+            "cache",
+            "--results_dir",
+            str(trained),
+            "--codec",
+            "pca_int8",
+            "--rank",
+            "64",
+            "--out",
+            str(out),
+        ]
     )
     cfg = json.loads((trained / "config.json").read_text())
     ds_src = dataset.FeatureDataset(cfg["cache_dir"])
@@ -95,10 +109,14 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
     cos = []
     for k in range(len(ds_src)):
         x, i = ds_src[k]
-        y = feature_codecs.decode("pca_int8", feature_codecs.encode("pca_int8", x, 64, basis), basis)
-        torch.testing.assert_close(ds_c[k][0], feature_cache.normalize(y), atol=1e-5, rtol=1e-5)  # read transparently
+        y = feature_codecs.decode(
+            "pca_int8", feature_codecs.encode("pca_int8", x, 64, basis), basis
+        )
+        # read transparently
+        torch.testing.assert_close(ds_c[k][0], feature_cache.normalize(y), atol=1e-5, rtol=1e-5)
         cos.append(metrics.metrics(x[None], y[None])["cosine"].item())
-    assert m["codec"]["cosine_mean"] == pytest.approx(np.mean(cos), abs=1e-9)  # the manifest's figure, recomputed
+    # the manifest's figure, recomputed
+    assert m["codec"]["cosine_mean"] == pytest.approx(np.mean(cos), abs=1e-9)
     assert m["codec"]["cosine_std"] == pytest.approx(np.std(cos, ddof=1), abs=1e-9)
     assert "LOSSY" in feature_cache.lossy_note(out) and "pca_int8" in feature_cache.lossy_note(out)
     # every script runs on it unchanged, and says the features are lossy
@@ -124,7 +142,17 @@ def test_study_cache_and_training_on_it(trained, tmp_path, capsys):
     s = compare_svd_nn.main(["--results_dir", str(tmp_path / "r"), "--device", "cpu"])
     assert "LOSSY" in capsys.readouterr().out and "pca_int8" in s["lossy"]
     with pytest.raises(UserError, match="already a compressed cache"):
-        compress.main(["cache", "--results_dir", str(tmp_path / "r"), "--codec", "int8", "--out", str(tmp_path / "cc")])
+        compress.main(
+            [
+                "cache",
+                "--results_dir",
+                str(tmp_path / "r"),
+                "--codec",
+                "int8",
+                "--out",
+                str(tmp_path / "cc"),
+            ]
+        )
 
 
 def test_quantised_models_close_to_float():
@@ -134,12 +162,15 @@ def test_quantised_models_close_to_float():
     q, _ = compress.quantize_model(sym)
     with torch.no_grad():
         a, b = sym(X)[0], q(X)[0]
-    assert ((a - b).norm() / a.norm()).item() < 0.05  # int8 dynamic quantisation: a few per cent at most
+    # int8 dynamic quantisation: a few per cent at most
+    assert ((a - b).norm() / a.norm()).item() < 0.05
     sub = Subspace(rank=16).eval()
     q, extra = compress.quantize_model(sub)
     w, wq = sub.omega.detach(), q.omega.detach()
     step = w.abs().amax(0) / 127  # per column of Ω
-    assert ((w - wq).abs() <= step / 2 * (1 + 1e-5) + 1e-8).all() and extra["omega_int8"]["codes"].dtype == torch.int8
+    assert ((w - wq).abs() <= step / 2 * (1 + 1e-5) + 1e-8).all() and extra["omega_int8"][
+        "codes"
+    ].dtype == torch.int8
 
 
 @pytest.mark.parametrize("amount", [0.3, 0.5, 0.7])
@@ -158,7 +189,12 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
     q, _ = compress.quantize_model(m)
     from lowrank.model import make_checkpoint
 
-    cfg = {"arch": "symmetric", "rank": 8, "arch_options": {"hidden": 32, "n_blocks": 2}, "compressed": "int8"}
+    cfg = {
+        "arch": "symmetric",
+        "rank": 8,
+        "arch_options": {"hidden": 32, "n_blocks": 2},
+        "compressed": "int8",
+    }
     ck = make_checkpoint(m, cfg, 1, 0.0)
     ck["model"] = model.quantized_state(q)
     torch.save(ck, tmp_path / "q.pt")
@@ -166,7 +202,8 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
     mods = dict(loaded.named_modules())
     n = 0
     for name, a in q.named_modules():
-        if isinstance(a, torch.ao.nn.quantized.dynamic.Linear):  # the float weight is exactly the int8 one, dequantised
+        # the float weight is exactly the int8 one, dequantised
+        if isinstance(a, torch.ao.nn.quantized.dynamic.Linear):
             torch.testing.assert_close(mods[name].weight, a.weight().dequantize(), rtol=0, atol=0)
             n += 1
     assert n == len([x for x in m.modules() if isinstance(x, torch.nn.Linear)])
@@ -175,10 +212,18 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
 
 def test_compressed_checkpoints_load_for_compare(trained, tmp_path):
     rows = compress.main(["model", "--results_dir", str(trained)])
-    assert [r["variant"] for r in rows] == ["float32", "int8", "pruned 30%", "pruned 50%", "pruned 70%"]
+    assert [r["variant"] for r in rows] == [
+        "float32",
+        "int8",
+        "pruned 30%",
+        "pruned 50%",
+        "pruned 70%",
+    ]
     int8 = next(r for r in rows if r["variant"] == "int8")
     assert int8["bytes"] < rows[0]["bytes"] / 3  # Ω as int8
     m, ck = load_checkpoint(int8["file"])
     assert ck["config"]["compressed"] == "int8"
-    s = compare_svd_nn.main(["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"])
+    s = compare_svd_nn.main(
+        ["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"]
+    )
     assert s["nn"]["cosine"]["mean"] == pytest.approx(int8["cosine"], abs=1e-4)

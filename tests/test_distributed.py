@@ -1,4 +1,5 @@
-"""torchrun on CPU (gloo): 2-process training matches 1 process; sharded extraction covers every sample once."""
+"""torchrun on CPU (gloo): 2-process training matches 1 process; sharded extraction covers every
+sample once."""
 
 import json
 import os
@@ -49,9 +50,14 @@ def test_ddp_two_processes_match_one(tiny_cache, tmp_path):
         "--device",
         "cpu",
     ]
-    # 2 processes x batch 4 see the same 8 samples per step as 1 process x batch 8 (DistributedSampler order)
-    out2 = torchrun(2, "train_real_data.py", *common, "--batch_size", "4", "--results_dir", tmp_path / "ddp")
-    torchrun(1, "train_real_data.py", *common, "--batch_size", "8", "--results_dir", tmp_path / "one")
+    # 2 processes x batch 4 see the same 8 samples per step as 1 process x batch 8
+    # (DistributedSampler order)
+    out2 = torchrun(
+        2, "train_real_data.py", *common, "--batch_size", "4", "--results_dir", tmp_path / "ddp"
+    )
+    torchrun(
+        1, "train_real_data.py", *common, "--batch_size", "8", "--results_dir", tmp_path / "one"
+    )
     assert out2.count("epoch   1 |") == 1  # rank 0 alone logs
     h2 = json.loads((tmp_path / "ddp" / "history.json").read_text())
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
@@ -61,7 +67,8 @@ def test_ddp_two_processes_match_one(tiny_cache, tmp_path):
             assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) + 1e-7, (k, a[k], b[k])
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     ck = torch.load(tmp_path / "ddp" / "best_model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in ck["model"])  # same checkpoint format as one process
+    # same checkpoint format as one process
+    assert not any(k.startswith("module.") for k in ck["model"])
     # --resume under DDP continues from the saved epoch
     out = torchrun(
         2,
@@ -110,11 +117,21 @@ def test_sharded_extraction(tiny_cache, tmp_path):
 
 
 def test_vqa_eval_sharded_over_two_processes_equals_one(trained, tmp_path):
-    """torchrun --nproc_per_node=2 vqa_eval.py: each rank answers every other sample into its own log, rank 0
-    merges them and reports once; every answer and every accuracy equals the single-process run's."""
+    """torchrun --nproc_per_node=2 vqa_eval.py: each rank answers every other sample into its own
+    log, rank 0 merges them and reports once; every answer and every accuracy equals the
+    single-process run's."""
     import vqa_eval
 
-    common = ["--results_dir", trained, "--model", "tiny-random", "--split", "train", "--limit", "5"]
+    common = [
+        "--results_dir",
+        trained,
+        "--model",
+        "tiny-random",
+        "--split",
+        "train",
+        "--limit",
+        "5",
+    ]
     common += [
         "--svd_ranks",
         "8",
@@ -130,11 +147,15 @@ def test_vqa_eval_sharded_over_two_processes_equals_one(trained, tmp_path):
     ]
     out = torchrun(2, "vqa_eval.py", *common, "--out_dir", tmp_path / "two", "--batch_size", "2")
     assert out.count("wrote ") == 1  # rank 0 alone reports
-    logs = {p.name: p.read_text().splitlines()[1:] for p in sorted((tmp_path / "two").glob("*.jsonl"))}
+    logs = {
+        p.name: p.read_text().splitlines()[1:] for p in sorted((tmp_path / "two").glob("*.jsonl"))
+    }
     assert sorted(logs) == ["vqa_train.rank0.jsonl", "vqa_train.rank1.jsonl"]
     per_rank = [{json.loads(line)["sample"] for line in lines} for lines in logs.values()]
     assert len(per_rank[0]) == 3 and len(per_rank[1]) == 2 and not per_rank[0] & per_rank[1]
-    vqa_eval.main([str(a) for a in common] + ["--out_dir", str(tmp_path / "one"), "--batch_size", "5"])
+    vqa_eval.main(
+        [str(a) for a in common] + ["--out_dir", str(tmp_path / "one"), "--batch_size", "5"]
+    )
     two, one = (json.loads((tmp_path / d / "vqa_train.json").read_text()) for d in ("two", "one"))
     conds = [s["condition"] for s in one["summary"]]
     assert [s["condition"] for s in two["summary"]] == conds and len(conds) == 5

@@ -1,5 +1,6 @@
-"""Any Qwen vision encoder, any resolution: each family's tiny encoder and two resolutions run extract -> train
-(both archs) -> compare -> visualise, the token layout holds on a non-square grid, and shapes never mix."""
+"""Any Qwen vision encoder, any resolution: each family's tiny encoder and two resolutions run
+extract -> train (both archs) -> compare -> visualise, the token layout holds on a non-square grid,
+and shapes never mix."""
 
 import json
 import os
@@ -35,10 +36,16 @@ def data(tmp_path_factory):
 def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
     (h, w), dim = MATRIX[(model, size)]
     cache = tmp_path / "cache"
-    s = qwenvl_dataloader.extract(data, cache, model, "cpu", batch_size=4, progress=False, image_size=size)
+    s = qwenvl_dataloader.extract(
+        data, cache, model, "cpu", batch_size=4, progress=False, image_size=size
+    )
     assert s["extracted"] == 12
     m = feature_cache.load_manifest(cache)["encoder"]
-    assert m["grid"] == [h, w] and m["feature_dim"] == dim and m["family"] == encoders.RANDOM_TOWERS[model][0]
+    assert (
+        m["grid"] == [h, w]
+        and m["feature_dim"] == dim
+        and m["family"] == encoders.RANDOM_TOWERS[model][0]
+    )
     assert feature_cache.cached_shape(cache) == (h * w, dim)
     x = feature_cache.read_feature(feature_cache.feature_path(cache, 0))
     assert x.shape == (h * w, dim) and torch.isfinite(x).all() and x.std() > 0
@@ -61,7 +68,8 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
                 "--batch_size",
                 "4",
             ]
-            + (["--hidden", "16"] if arch == "symmetric" else [])  # an option of the symmetric arch alone
+            # an option of the symmetric arch alone
+            + (["--hidden", "16"] if arch == "symmetric" else [])
         )
         cfg = json.loads((out / "config.json").read_text())
         assert (cfg["tokens"], cfg["dim"], cfg["grid"]) == (h * w, dim, [h, w])
@@ -69,7 +77,14 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
         c = compare_svd_nn.main(["--results_dir", str(out), "--device", "cpu", "--batch_size", "4"])
         assert c["svd"]["cosine"]["mean"] >= c["nn"]["cosine"]["mean"] - 1e-9
     d, paths = visualize_svd_nn.main(
-        ["--results_dir", str(tmp_path / "subspace"), "--out", str(tmp_path / "vis"), "--channels", f"0,{dim - 1}"]
+        [
+            "--results_dir",
+            str(tmp_path / "subspace"),
+            "--out",
+            str(tmp_path / "vis"),
+            "--channels",
+            f"0,{dim - 1}",
+        ]
     )
     assert d["hw"] == (h, w) and all(p.exists() for p in paths)
     page = paths[-1].read_text()
@@ -77,25 +92,34 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
 
 
 def test_token_layout_on_a_non_square_grid():
-    """Token t covers the cell at row t // W, column t % W: invert one 28x28 cell, see which token moves most."""
+    """Token t covers the cell at row t // W, column t % W: invert one 28x28 cell, see which token
+    moves most."""
     enc = encoders.Encoder(encoders.TINY, "cpu", image_size="448x896")
     assert enc.grid == [32, 16]
-    base = images.load_image(demo_set.encode(dict(demo_set.photos(["astronaut"]))["astronaut"]), (448, 896))
+    base = images.load_image(
+        demo_set.encode(dict(demo_set.photos(["astronaut"]))["astronaut"]), (448, 896)
+    )
     x0 = enc([base])[0]
     for r, c in [(0, 0), (0, 15), (31, 0), (20, 7), (31, 15)]:
         a = np.array(base).copy()
-        a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = 255 - a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
+        a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = (
+            255 - a[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
+        )
         change = (enc([Image.fromarray(a)])[0] - x0).norm(dim=1)
         assert int(change.argmax()) == r * 16 + c, (r, c)
 
 
 def test_qwen3_layout_uses_32_px_cells():
     enc = encoders.Encoder("tiny-random-qwen3-vl", "cpu")
-    base = images.load_image(demo_set.encode(dict(demo_set.photos(["coffee"]))["coffee"]), (448, 448))
+    base = images.load_image(
+        demo_set.encode(dict(demo_set.photos(["coffee"]))["coffee"]), (448, 448)
+    )
     x0 = enc([base])[0]
     for r, c in [(0, 13), (6, 9)]:
         a = np.array(base).copy()
-        a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] = 255 - a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]
+        a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] = (
+            255 - a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]
+        )
         assert int((enc([Image.fromarray(a)])[0] - x0).norm(dim=1).argmax()) == r * 14 + c
 
 
@@ -112,7 +136,8 @@ def test_shapes_never_mix(data, tmp_path):
     a, b = tmp_path / "a448", tmp_path / "b672"
     qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False)
     qwenvl_dataloader.extract(data, b, encoders.TINY, "cpu", progress=False, image_size="672")
-    with pytest.raises(UserError, match="another encoder.*image_size"):  # before loading the encoder
+    # before loading the encoder
+    with pytest.raises(UserError, match="another encoder.*image_size"):
         qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False, image_size="672")
     train_real_data.main(
         [
@@ -139,8 +164,8 @@ def test_shapes_never_mix(data, tmp_path):
 
 
 def write_checkpoint(d, family, tiny):
-    """A checkpoint laid out as the hub's are: Qwen2-VL and Qwen2.5-VL keep the tower under visual.*, Qwen3-VL
-    under model.visual.*; the language model's weights are never loaded."""
+    """A checkpoint laid out as the hub's are: Qwen2-VL and Qwen2.5-VL keep the tower under
+    visual.*, Qwen3-VL under model.visual.*; the language model's weights are never loaded."""
     import transformers
     from safetensors.torch import save_file
 
@@ -159,14 +184,18 @@ def write_checkpoint(d, family, tiny):
     prefix = "model.visual." if family == "qwen3_vl" else "visual."
     enc = encoders.Encoder(tiny, "cpu")
     sd = {prefix + k: v.contiguous() for k, v in enc.tower.state_dict().items()}
-    sd["model.language_model.embed_tokens.weight" if family == "qwen3_vl" else "model.embed_tokens.weight"] = (
-        torch.zeros(8, 8)
-    )
+    sd[
+        "model.language_model.embed_tokens.weight"
+        if family == "qwen3_vl"
+        else "model.embed_tokens.weight"
+    ] = torch.zeros(8, 8)
     save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     return enc
 
 
-@pytest.mark.parametrize("family,tiny", [("qwen2_vl", "tiny-random-qwen2-vl"), ("qwen3_vl", "tiny-random-qwen3-vl")])
+@pytest.mark.parametrize(
+    "family,tiny", [("qwen2_vl", "tiny-random-qwen2-vl"), ("qwen3_vl", "tiny-random-qwen3-vl")]
+)
 def test_checkpoint_family_is_read_from_its_config(tmp_path, family, tiny):
     ref = write_checkpoint(tmp_path, family, tiny)
     enc = encoders.Encoder(str(tmp_path), "cpu")

@@ -1,5 +1,6 @@
-"""lmms_eval_lowrank.py end to end through lmms-eval's own evaluator (offline): a local TextVQA-schema parquet as a
-task YAML, the tiny full model, transforms applied where the tower's output enters the language model."""
+"""lmms_eval_lowrank.py end to end through lmms-eval's own evaluator (offline): a local
+TextVQA-schema parquet as a task YAML, the tiny full model, transforms applied where the tower's
+output enters the language model."""
 
 import json
 
@@ -10,11 +11,17 @@ import torch
 import lmms_eval_lowrank
 from lowrank import encoders, images, lmms_model, vlm, vqa_score
 
-pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval not installed (requirements-lmms*.txt)")
+pytest.importorskip(
+    "lmms_eval.evaluator", reason="lmms-eval not installed (requirements-lmms*.txt)"
+)
 
 
 def rows(tiny_cache, n):
-    return [r for f in sorted((tiny_cache / "data").rglob("*.parquet")) for r in pq.read_table(f).to_pylist()][:n]
+    return [
+        r
+        for f in sorted((tiny_cache / "data").rglob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ][:n]
 
 
 def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
@@ -38,7 +45,8 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
     assert got["svd:256"] == got["original"] and got["zeros"] != got["original"]
     saved = json.loads((tmp_path / "lmms_eval.json").read_text())
     assert saved["transforms"]["zeros"]["answers"] == report["zeros"]["answers"]
-    # the original transform answers as the unmodified model does: generate() on lmms-eval's prompt and image
+    # the original transform answers as the unmodified model does: generate() on lmms-eval's prompt
+    # and image
     model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
     for row, answer in zip(rows(tiny_cache, 3), got["original"]):
         text = row["question"].capitalize() + "\nAnswer the question using a single word or phrase."
@@ -46,14 +54,19 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
         prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         image = images.load_image(row["image"]["bytes"], (448, 448))
         inputs = proc(text=[prompt], images=[image], return_tensors="pt")
-        ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-        want = proc.tokenizer.decode([t for t in ids.tolist() if t < len(proc.tokenizer)], skip_special_tokens=True)
+        ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
+        want = proc.tokenizer.decode(
+            [t for t in ids.tolist() if t < len(proc.tokenizer)], skip_special_tokens=True
+        )
         assert answer == want.strip().split("ASSISTANT:")[0]
 
 
 def test_lmms_evals_score_equals_ours_on_the_same_answers(tiny_cache, tmp_path, monkeypatch):
     docs = rows(tiny_cache, 6)
-    answers = [d["answer"][0] if k % 2 == 0 else "nothing like it" for k, d in enumerate(docs)]  # some right
+    # some right
+    answers = [d["answer"][0] if k % 2 == 0 else "nothing like it" for k, d in enumerate(docs)]
 
     def fixed(self, requests):
         return [answers[req.args[3]] for req in requests]
@@ -79,12 +92,28 @@ def test_lmms_evals_score_equals_ours_on_the_same_answers(tiny_cache, tmp_path, 
 
 
 def test_finished_transforms_are_kept_and_a_rerun_resumes(tiny_cache, tmp_path, capsys):
-    argv = ["--model", encoders.TINY, "--parquet_dir", str(tiny_cache / "data"), "--limit", "2", "--device", "cpu"]
+    argv = [
+        "--model",
+        encoders.TINY,
+        "--parquet_dir",
+        str(tiny_cache / "data"),
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+    ]
     argv += ["--out_dir", str(tmp_path)]
     first = lmms_eval_lowrank.main(argv + ["--transforms", "original,zeros"])
-    assert set(json.loads((tmp_path / "lmms_eval.json").read_text())["transforms"]) == {"original", "zeros"}
+    assert set(json.loads((tmp_path / "lmms_eval.json").read_text())["transforms"]) == {
+        "original",
+        "zeros",
+    }
     capsys.readouterr()
     again = lmms_eval_lowrank.main(argv + ["--transforms", "original,zeros,svd:256"])
     out = capsys.readouterr().out
-    assert "2 transforms already in" in out and "== transform original" not in out and "== transform svd:256" in out
+    assert (
+        "2 transforms already in" in out
+        and "== transform original" not in out
+        and "== transform svd:256" in out
+    )
     assert again["zeros"] == first["zeros"] and list(again) == ["original", "zeros", "svd:256"]

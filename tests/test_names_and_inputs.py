@@ -1,6 +1,7 @@
-"""Reliability round 4: a run's name is a name (never a path or a pattern), a run folder a training holds is not
-read, a checkpoint is hashed from the bytes that were loaded, every flag is checked before work, constant features
-are named, damaged files are named, the lmms-eval path gets vqa_eval's checks, exported tables are safe to open."""
+"""Reliability round 4: a run's name is a name (never a path or a pattern), a run folder a training
+holds is not read, a checkpoint is hashed from the bytes that were loaded, every flag is checked
+before work, constant features are named, damaged files are named, the lmms-eval path gets
+vqa_eval's checks, exported tables are safe to open."""
 
 import csv
 import json
@@ -31,10 +32,13 @@ def one_line(r):
     return lines[-1]
 
 
-# 1. a run's name is a name --------------------------------------------------------------------------------------
+# 1. a run's name is a name
+# --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["x/../../../y", "*", "tr[a]in", "tr?in", "train.rank9", "..", ".hidden", ""])
+@pytest.mark.parametrize(
+    "name", ["x/../../../y", "*", "tr[a]in", "tr?in", "train.rank9", "..", ".hidden", ""]
+)
 def test_a_name_with_a_separator_pattern_or_rank_ending_is_refused(name):
     with pytest.raises(UserError, match="a run's name is a plain name"):
         cli.run_name(name)
@@ -50,16 +54,28 @@ def test_every_name_flag_is_refused_at_parse_time(tmp_path):
         ["vit_downstream.py", "--results_dir", tmp_path, "--name", "a/b"],
     ):
         r = script(*argv)
-        assert r.returncode == 2 and "a run's name is a plain name" in r.stderr, (argv, r.stderr[-500:])
+        assert r.returncode == 2 and "a run's name is a plain name" in r.stderr, (
+            argv,
+            r.stderr[-500:],
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_answer_logs_are_found_by_exact_name_and_restart_removes_only_its_own(tmp_path):
     """exp.a and exp.b are two runs; train's torchrun logs belong to train alone."""
-    names = ["vqa_exp.a.jsonl", "vqa_exp.b.jsonl", "vqa_train.rank0.jsonl", "vqa_train.rank1.jsonl", "vqa_tr.jsonl"]
+    names = [
+        "vqa_exp.a.jsonl",
+        "vqa_exp.b.jsonl",
+        "vqa_train.rank0.jsonl",
+        "vqa_train.rank1.jsonl",
+        "vqa_tr.jsonl",
+    ]
     for n in names:
         (tmp_path / n).write_text("")
-    paths = lambda stem: [p.name for p in answer_log.AnswerLog(tmp_path, stem, {}).paths()]  # noqa: E731
+
+    def paths(stem):
+        return [p.name for p in answer_log.AnswerLog(tmp_path, stem, {}).paths()]
+
     assert paths("vqa_exp.a") == ["vqa_exp.a.jsonl"]
     assert paths("vqa_train") == ["vqa_train.rank0.jsonl", "vqa_train.rank1.jsonl"]
     assert paths("vqa_tr") == ["vqa_tr.jsonl"] and paths("vqa_t") == []
@@ -68,18 +84,41 @@ def test_answer_logs_are_found_by_exact_name_and_restart_removes_only_its_own(tm
 
 
 def test_a_dotted_name_keeps_its_dots_in_every_file(trained, tmp_path):
-    common = ["--results_dir", str(trained), "--model", "tiny-random", "--limit", "1", "--max_new_tokens", "2"]
-    common += ["--svd_ranks", "", "--nn_ranks", "", "--rules", "", "--device", "cpu", "--out_dir", str(tmp_path)]
+    common = [
+        "--results_dir",
+        str(trained),
+        "--model",
+        "tiny-random",
+        "--limit",
+        "1",
+        "--max_new_tokens",
+        "2",
+    ]
+    common += [
+        "--svd_ranks",
+        "",
+        "--nn_ranks",
+        "",
+        "--rules",
+        "",
+        "--device",
+        "cpu",
+        "--out_dir",
+        str(tmp_path),
+    ]
     vqa_eval.main(common + ["--name", "exp.a"])
     vqa_eval.main(common + ["--name", "exp.b", "--zeros"])
     for name in ("exp.a", "exp.b"):
         for ext in (".jsonl", ".json", ".csv", "_summary.csv", ".png", "_cost.png"):
             assert (tmp_path / f"vqa_{name}{ext}").exists(), (name, ext)
-    assert [s["condition"] for s in json.loads((tmp_path / "vqa_exp.a.json").read_text())["summary"]] == ["original"]
+    assert [
+        s["condition"] for s in json.loads((tmp_path / "vqa_exp.a.json").read_text())["summary"]
+    ] == ["original"]
     assert not list(tmp_path.glob("vqa_exp.json*"))
 
 
-# 2. a run folder in use -------------------------------------------------------------------------------------------
+# 2. a run folder in use
+# -------------------------------------------------------------------------------------------
 
 
 def test_readers_refuse_a_folder_a_training_holds(tiny_cache, trained, tmp_path):
@@ -122,26 +161,36 @@ def test_the_checkpoint_hash_is_of_the_bytes_that_were_loaded(trained, monkeypat
 
     monkeypatch.setattr(Path, "read_bytes", counting)
     run = runs.load_run(trained)
-    assert reads.count("best_model.pt") == 1 and run.checkpoint_sha == hashlib.sha256(data).hexdigest()[:16]
-    assert model.SHA_KEY not in torch.load(trained / "best_model.pt", weights_only=True)  # never written
+    assert (
+        reads.count("best_model.pt") == 1
+        and run.checkpoint_sha == hashlib.sha256(data).hexdigest()[:16]
+    )
+    # never written
+    assert model.SHA_KEY not in torch.load(trained / "best_model.pt", weights_only=True)
 
 
-# 4. every flag checked before work --------------------------------------------------------------------------------
+# 4. every flag checked before work
+# --------------------------------------------------------------------------------
 
 
 def test_a_device_or_dtype_that_is_not_there_is_one_line(trained):
     for argv in (
         ["vqa_eval.py", "--results_dir", trained, "--device", "foo"],
         ["compare_svd_nn.py", "--results_dir", trained, "--device", "cuda:7"],
-        ["train_real_data.py", "--device", "cuda"] if not torch.cuda.is_available() else ["bench.py", "--device", "x"],
+        ["train_real_data.py", "--device", "cuda"]
+        if not torch.cuda.is_available()
+        else ["bench.py", "--device", "x"],
         ["vqa_eval.py", "--results_dir", trained, "--dtype", "int8"],
         ["bench_vqa.py", "--dtype", "foo"],
     ):
         r = script(*argv)
-        assert r.returncode == 2 and "error: argument --d" in r.stderr and "Traceback" not in r.stderr, argv
+        assert (
+            r.returncode == 2 and "error: argument --d" in r.stderr and "Traceback" not in r.stderr
+        ), argv
 
 
-# 5. degenerate features, 6. damaged files ------------------------------------------------------------------------
+# 5. degenerate features, 6. damaged files
+# ------------------------------------------------------------------------
 
 
 def test_constant_features_are_named(tiny_cache, tmp_path):
@@ -160,25 +209,41 @@ def test_a_truncated_config_is_named(trained, tmp_path):
     run.mkdir()
     (run / "split.json").write_bytes((trained / "split.json").read_bytes())
     (run / "config.json").write_text((trained / "config.json").read_text()[:40])
-    for argv in (["vqa_eval.py", "--results_dir", run, "--device", "cpu"], ["tokens.py", "--results_dir", run]):
+    for argv in (
+        ["vqa_eval.py", "--results_dir", run, "--device", "cpu"],
+        ["tokens.py", "--results_dir", run],
+    ):
         assert "config.json is not readable JSON" in one_line(script(*argv))
 
 
-# 7. exported tables are safe to open ------------------------------------------------------------------------------
+# 7. exported tables are safe to open
+# ------------------------------------------------------------------------------
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
-    rows = [{"q": '=HYPERLINK("http://x","click")', "a": "+1", "b": "-cmd", "c": "@SUM(A1)", "n": -3.5, "t": "ok"}]
+    rows = [
+        {
+            "q": '=HYPERLINK("http://x","click")',
+            "a": "+1",
+            "b": "-cmd",
+            "c": "@SUM(A1)",
+            "n": -3.5,
+            "t": "ok",
+        }
+    ]
     reports.write_csv(tmp_path / "t.csv", rows)
     got = list(csv.DictReader((tmp_path / "t.csv").open()))[0]
     assert got == {"q": "'=HYPERLINK(\"http://x\",\"click\")", "a": "'+1", "b": "'-cmd", "c": "'@SUM(A1)", "n": "-3.5",
                    "t": "ok"}  # fmt: skip
 
 
-# 3. the lmms-eval path gets vqa_eval's checks ---------------------------------------------------------------------
+# 3. the lmms-eval path gets vqa_eval's checks
+# ---------------------------------------------------------------------
 
 
-def test_lmms_eval_inputs_are_checked_before_the_model_loads(tiny_cache, trained, tmp_path, monkeypatch):
+def test_lmms_eval_inputs_are_checked_before_the_model_loads(
+    tiny_cache, trained, tmp_path, monkeypatch
+):
     pytest.importorskip("lmms_eval")
     import lmms_eval_lowrank
 
@@ -202,10 +267,13 @@ def test_lmms_eval_inputs_are_checked_before_the_model_loads(tiny_cache, trained
             lmms_eval_lowrank.main(base + extra)
     out = tmp_path / "o"
     out.mkdir(exist_ok=True)
-    (out / "lmms_eval.json").write_text(json.dumps({"settings": {"model": "another"}, "transforms": {}}))
+    (out / "lmms_eval.json").write_text(
+        json.dumps({"settings": {"model": "another"}, "transforms": {}})
+    )
     with pytest.raises(UserError, match="holds the results of a run with other settings"):
         lmms_eval_lowrank.main(base + data + ["--transforms", "original"])
-    assert json.loads((out / "lmms_eval.json").read_text())["settings"] == {"model": "another"}  # not replaced
+    # not replaced
+    assert json.loads((out / "lmms_eval.json").read_text())["settings"] == {"model": "another"}
 
 
 def test_every_flag_is_checked_before_the_work(trained, vit_cache, tmp_path, capsys):
@@ -220,23 +288,48 @@ def test_every_flag_is_checked_before_the_work(trained, vit_cache, tmp_path, cap
     cases = [
         (lambda: bench.main(run + ["--ranks", ""]), "--ranks is empty"),
         (lambda: bench.main(run + ["--out", str(tmp_path)]), "--out .* is a folder"),
-        (lambda: bench.main(run + ["--ranks", "16", "--symmetric_dir", str(trained)]), "holds a subspace run"),
+        (
+            lambda: bench.main(run + ["--ranks", "16", "--symmetric_dir", str(trained)]),
+            "holds a subspace run",
+        ),
         (
             lambda: bench.main(run + ["--ranks", "16", "--eval_cache", str(vit_cache / "block_3")]),
             r"holds \[256, 384\] features",
         ),
         (lambda: bench_vqa.main(["--transforms", "", "--device", "cpu"]), "--transforms is empty"),
-        (lambda: bench_vqa.main(["--transforms", "codec:int8:16", "--device", "cpu"]), "takes no rank"),
+        (
+            lambda: bench_vqa.main(["--transforms", "codec:int8:16", "--device", "cpu"]),
+            "takes no rank",
+        ),
         (lambda: compress.main(["study"] + run + ["--ranks=-4"]), "a rank must be between 1"),
         (lambda: compress.main(["study"] + run + ["--ranks", "0"]), "a rank must be between 1"),
         (lambda: compress.main(["study"] + run + ["--ranks", "99999"]), "a rank must be between 1"),
-        (lambda: layers.main(run + ["--ranks", "99999", "--device", "cpu"]), "a rank must be between 1"),
-        (lambda: layers.main(run + ["--shared_rank", "99999", "--device", "cpu"]), "--shared_rank 99999"),
+        (
+            lambda: layers.main(run + ["--ranks", "99999", "--device", "cpu"]),
+            "a rank must be between 1",
+        ),
+        (
+            lambda: layers.main(run + ["--shared_rank", "99999", "--device", "cpu"]),
+            "--shared_rank 99999",
+        ),
         (lambda: vqa_eval.main(run + ["--prompt", "Answer briefly."]), r"name \{question\}"),
-        (lambda: vqa_eval.main(run + ["--out_dir", str(trained / "config.json")]), "is a file; give a folder"),
+        (
+            lambda: vqa_eval.main(run + ["--out_dir", str(trained / "config.json")]),
+            "is a file; give a folder",
+        ),
         (
             lambda: vqa_eval.main(
-                run + ["--max_new_tokens", "100000", "--limit", "1", "--device", "cpu", "--out_dir", str(tmp_path)]
+                run
+                + [
+                    "--max_new_tokens",
+                    "100000",
+                    "--limit",
+                    "1",
+                    "--device",
+                    "cpu",
+                    "--out_dir",
+                    str(tmp_path),
+                ]
             ),
             "passes the model's context of 32768",
         ),
@@ -247,7 +340,10 @@ def test_every_flag_is_checked_before_the_work(trained, vit_cache, tmp_path, cap
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "optuna_journal.log").write_text("garbage\n{not json\n")
     with pytest.raises(UserError, match="optuna_journal.log cannot be read"):
-        tune.main(["--cache_dir", str(json.loads((trained / "config.json").read_text())["cache_dir"])]
-                  + ["--results_dir", str(tmp_path / "j"), "--n_trials", "1", "--rank", "8"])  # fmt: skip
+        tune.main(
+            ["--cache_dir", str(json.loads((trained / "config.json").read_text())["cache_dir"])]
+            # fmt: skip
+            + ["--results_dir", str(tmp_path / "j"), "--n_trials", "1", "--rank", "8"]
+        )
     tokens.main(run + ["--ks", "16", "--rules", "norm", "--draw_idx", "999", "--lrcp_rank", "8"])
     assert "--draw_idx 999 is past the" in capsys.readouterr().out

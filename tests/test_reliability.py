@@ -1,6 +1,7 @@
-"""Reliability round 3, the hostile cases: a run folder has one owner, files read back are what they claim, metadata
-means one thing, logs survive a tear, compressed caches get the plain checks, degenerate input is refused at the
-start, signals and full disks end in one line, a damaged or locked cache is named."""
+"""Reliability round 3, the hostile cases: a run folder has one owner, files read back are what they
+claim, metadata means one thing, logs survive a tear, compressed caches get the plain checks,
+degenerate input is refused at the start, signals and full disks end in one line, a damaged or
+locked cache is named."""
 
 import errno
 import json
@@ -25,7 +26,17 @@ import qwenvl_dataloader
 import tokens
 import train_real_data
 import vqa_eval
-from lowrank import cli, dataset, downstream, encoders, feature_cache, images, model, runs, transforms
+from lowrank import (
+    cli,
+    dataset,
+    downstream,
+    encoders,
+    feature_cache,
+    images,
+    model,
+    runs,
+    transforms,
+)
 from lowrank.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,13 +45,15 @@ SMALL = ["--rank", "8", "--hidden", "16", "--batch_size", "8", "--device", "cpu"
 
 
 def train(cache, out, *extra):
-    return train_real_data.main(["--cache_dir", str(cache), "--results_dir", str(out), *SMALL, *extra])
+    return train_real_data.main(
+        ["--cache_dir", str(cache), "--results_dir", str(out), *SMALL, *extra]
+    )
 
 
 def ctrl_c_as_a_terminal_sends_it():
-    """The child starts with SIGINT at its default, as in a terminal, so Python turns it into KeyboardInterrupt: a
-    suite started in the background of a shell without job control inherits SIGINT ignored, and the Ctrl-C below
-    would never arrive."""
+    """The child starts with SIGINT at its default, as in a terminal, so Python turns it into
+    KeyboardInterrupt: a suite started in the background of a shell without job control inherits
+    SIGINT ignored, and the Ctrl-C below would never arrive."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -63,14 +76,17 @@ def one_line(stderr):
 
 
 def wait_until(done, proc, what, timeout=300):
-    """Poll done() until it holds; fails with what was awaited (and the process's output if it ended) rather than
-    hang. The processes these tests race cannot finish on their own before the event (an epoch count they cannot
-    reach, a holder that sleeps until killed), so only the timeout depends on the machine's speed."""
+    """Poll done() until it holds; fails with what was awaited (and the process's output if it
+    ended) rather than hang. The processes these tests race cannot finish on their own before the
+    event (an epoch count they cannot reach, a holder that sleeps until killed), so only the timeout
+    depends on the machine's speed."""
     t = time.time()
     while time.time() - t < timeout:
         if done():
             return
-        assert proc.poll() is None, f"the process ended before {what}: " + "".join(proc.communicate())[-3000:]
+        assert proc.poll() is None, (
+            f"the process ended before {what}: " + "".join(proc.communicate())[-3000:]
+        )
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
@@ -78,22 +94,42 @@ def wait_until(done, proc, what, timeout=300):
 def wait_for_lock(folder, proc, timeout=300):
     """Until the process holding folder's lock has written its PID there."""
     lock = Path(folder) / feature_cache.LOCK
-    wait_until(lambda: lock.exists() and lock.read_text().startswith(str(proc.pid)), proc, f"{proc.pid} to lock")
+    wait_until(
+        lambda: lock.exists() and lock.read_text().startswith(str(proc.pid)),
+        proc,
+        f"{proc.pid} to lock",
+    )
 
 
-ENDLESS = ["--epochs", "1000000", "--patience", "1000000"]  # a training that cannot finish before it is stopped
+# a training that cannot finish before it is stopped
+ENDLESS = ["--epochs", "1000000", "--patience", "1000000"]
 
 
-# 1. a run folder has one owner ------------------------------------------------------------------------------------
+# 1. a run folder has one owner
+# ------------------------------------------------------------------------------------
 
 
-def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line(tiny_cache, tmp_path):
+def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line(
+    tiny_cache, tmp_path
+):
     first = script(
-        "train_real_data.py", "--cache_dir", tiny_cache / "cache", "--results_dir", tmp_path, *SMALL, *ENDLESS
+        "train_real_data.py",
+        "--cache_dir",
+        tiny_cache / "cache",
+        "--results_dir",
+        tmp_path,
+        *SMALL,
+        *ENDLESS,
     )
     wait_for_lock(tmp_path, first)
     second = script(
-        "train_real_data.py", "--cache_dir", tiny_cache / "cache", "--results_dir", tmp_path, *SMALL, "--overwrite"
+        "train_real_data.py",
+        "--cache_dir",
+        tiny_cache / "cache",
+        "--results_dir",
+        tmp_path,
+        *SMALL,
+        "--overwrite",
     )
     _, err = second.communicate(timeout=300)
     assert second.returncode == 1 and f"in use by PID {first.pid}" in one_line(err)
@@ -108,7 +144,9 @@ def test_second_training_into_a_running_folder_is_refused_and_ctrl_c_is_one_line
 def test_a_finished_run_is_not_replaced_without_asking(tiny_cache, tmp_path):
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     best = (tmp_path / "best_model.pt").read_bytes()
-    with pytest.raises(UserError, match="holds a trained run .*--resume continues it, --overwrite replaces it"):
+    with pytest.raises(
+        UserError, match="holds a trained run .*--resume continues it, --overwrite replaces it"
+    ):
         train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     assert (tmp_path / "best_model.pt").read_bytes() == best
     with pytest.raises(UserError, match="give one of them"):
@@ -123,20 +161,31 @@ def test_reports_of_other_splits_and_checkpoints_have_their_own_names(trained, t
     test = (run / "compare_rank16.json").read_bytes()
     compare_svd_nn.main(["--results_dir", str(run), "--device", "cpu", "--split", "val"])
     shutil.copy(run / "best_model.pt", run / "other.pt")
-    compare_svd_nn.main(["--results_dir", str(run), "--device", "cpu", "--checkpoint", str(run / "other.pt")])
+    compare_svd_nn.main(
+        ["--results_dir", str(run), "--device", "cpu", "--checkpoint", str(run / "other.pt")]
+    )
     assert (run / "compare_rank16.json").read_bytes() == test
     assert json.loads((run / "compare_rank16_val.json").read_text())["split"] == "val"
     assert (run / "compare_rank16_other.json").exists()
 
 
-# 2. every file read back is what it claims --------------------------------------------------------------------------
+# 2. every file read back is what it claims
+# --------------------------------------------------------------------------
 
 
 def test_a_checkpoint_of_another_split_is_refused(tiny_cache, trained, tmp_path):
-    train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--seed", "7")  # another seed: another split
+    # another seed: another split
+    train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--seed", "7")
     with pytest.raises(UserError, match="trained on another split"):
         compare_svd_nn.main(
-            ["--results_dir", str(trained), "--checkpoint", str(tmp_path / "best_model.pt"), "--device", "cpu"]
+            [
+                "--results_dir",
+                str(trained),
+                "--checkpoint",
+                str(tmp_path / "best_model.pt"),
+                "--device",
+                "cpu",
+            ]
         )
 
 
@@ -161,7 +210,8 @@ def test_resume_refuses_changed_settings(tiny_cache, tmp_path):
         argv += [flag, value]
         with pytest.raises(UserError, match=f"these flags differ: {flag} "):
             train_real_data.main(argv)
-    train(tiny_cache / "cache", tmp_path, "--epochs", "2", "--resume")  # the same flags: it continues
+    # the same flags: it continues
+    train(tiny_cache / "cache", tmp_path, "--epochs", "2", "--resume")
 
 
 def test_resume_from_a_compressed_checkpoint_is_refused(tiny_cache, tmp_path):
@@ -177,7 +227,9 @@ def test_relative_image_paths_in_parquet_are_the_shards_folder(tmp_path):
     photo = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     (tmp_path / "data" / "imgs").mkdir(parents=True)
     photo.save(tmp_path / "data" / "imgs" / "a.png")
-    table = pa.table({"image": [{"bytes": None, "path": "imgs/a.png"}], "question": ["q?"], "answer": [["a"]]})
+    table = pa.table(
+        {"image": [{"bytes": None, "path": "imgs/a.png"}], "question": ["q?"], "answer": [["a"]]}
+    )
     pq.write_table(table, tmp_path / "data" / "train.parquet")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -185,7 +237,9 @@ def test_relative_image_paths_in_parquet_are_the_shards_folder(tmp_path):
     try:
         src = images.Source(tmp_path / "data")
         ((_, data),) = src.iter_images([0])
-        assert images.fingerprint(data) == images.fingerprint((tmp_path / "data" / "imgs" / "a.png").read_bytes())
+        assert images.fingerprint(data) == images.fingerprint(
+            (tmp_path / "data" / "imgs" / "a.png").read_bytes()
+        )
         assert images.fingerprint(src.image(0)) == images.fingerprint(data)
     finally:
         os.chdir(ROOT)
@@ -197,14 +251,16 @@ def test_a_regenerated_image_is_not_drawn_under_old_features(trained, tmp_path, 
     shutil.copytree(cfg["cache_dir"], cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     sid = next(iter(manifest["samples"]))
-    manifest["samples"][sid]["fingerprint"] = "0" * 20  # the source now holds other bytes for this sample
+    # the source now holds other bytes for this sample
+    manifest["samples"][sid]["fingerprint"] = "0" * 20
     (cache / "manifest.json").write_text(json.dumps(manifest))
     assert dataset.cached_image(cache, int(sid)) is None
     assert "not the one the cache was made from" in capsys.readouterr().out
     assert dataset.cached_image(cfg["cache_dir"], int(sid)).shape == (448, 448, 3)
 
 
-# 3. metadata means one thing ----------------------------------------------------------------------------------------
+# 3. metadata means one thing
+# ----------------------------------------------------------------------------------------
 
 
 def test_metadata_schema(tmp_path):
@@ -230,14 +286,20 @@ def test_metadata_schema(tmp_path):
 
 
 # the cost fields of an answer's record (downstream.Asker.ask), for answers made up by hand
-COST = dict(vision_tokens=256, prompt_tokens=300, prefill_flops=1e9, kv_bytes=1e6, batch=2, transform_ms=0.1)
+COST = dict(
+    vision_tokens=256, prompt_tokens=300, prefill_flops=1e9, kv_bytes=1e6, batch=2, transform_ms=0.1
+)
 COST.update(prefill_ms=5.0, decode_ms=1.0, generate_ms=9.0, peak_mib=None)
 
 
 def test_a_sample_without_answers_is_left_out_of_the_accuracy():
     conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {"0": {"question": "q", "answers": ["a"] * 10}, "1": {"question": "q"}}
-    done = {(i, str(c)): {"answer": "a" if c.kind == "original" else "b", **COST} for i in (0, 1) for c in conds}
+    done = {
+        (i, str(c)): {"answer": "a" if c.kind == "original" else "b", **COST}
+        for i in (0, 1)
+        for c in conds
+    }
     _, summary = downstream.score([0, 1], conds, done, samples)
     assert summary[0]["vqa_acc"] == 1.0 and summary[1]["vqa_acc"] == 0.0
     assert summary[0]["n"] == 1 and summary[0]["n_without_answers"] == 1
@@ -253,17 +315,23 @@ def test_an_image_gone_from_the_source_is_reported_missing(tmp_path, capsys):
         rows.append({"image": f"{k}.png", "question": "q", "answers": ["a"]})
     (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     enc = encoders.Encoder(encoders.TINY, "cpu")
-    qwenvl_dataloader.extract(tmp_path / "list.jsonl", tmp_path / "cache", encoder=enc, progress=False)
+    qwenvl_dataloader.extract(
+        tmp_path / "list.jsonl", tmp_path / "cache", encoder=enc, progress=False
+    )
     os.remove(tmp_path / "1.png")
-    s = qwenvl_dataloader.extract(tmp_path / "list.jsonl", tmp_path / "cache", encoder=enc, progress=False)
+    s = qwenvl_dataloader.extract(
+        tmp_path / "list.jsonl", tmp_path / "cache", encoder=enc, progress=False
+    )
     assert "images of 1 cached samples are missing from the source" in capsys.readouterr().out
     assert s["skipped"] == 3 and s["extracted"] == 0
 
 
-# 4. preprocessing equals the real model's: tests/test_hardening.py::test_every_pil_mode_decodes_as_qwen_vl_utils
+# 4. preprocessing equals the real model's:
+# tests/test_hardening.py::test_every_pil_mode_decodes_as_qwen_vl_utils
 
 
-# 5. logs survive a tear and refuse strangers ------------------------------------------------------------------------
+# 5. logs survive a tear and refuse strangers
+# ------------------------------------------------------------------------
 
 
 def vqa_run(trained, out, *extra):
@@ -298,17 +366,22 @@ def test_vqa_log_torn_tail_strangers_and_reproducible_random_rule(trained, tmp_p
     whole = vqa_run(trained, tmp_path / "a")
     log = tmp_path / "a" / "vqa_test.jsonl"
     lines = log.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:-2]) + lines[-2][:15])  # killed while writing: the last answers are gone, torn
+    # killed while writing: the last answers are gone, torn
+    log.write_text("".join(lines[:-2]) + lines[-2][:15])
     resumed = vqa_run(trained, tmp_path / "a")
     assert "cut off by an interrupted write" in capsys.readouterr().out
     assert [s["vqa_acc"] for s in resumed] == [s["vqa_acc"] for s in whole]
     again = [json.loads(line) for line in log.read_text().splitlines()[1:]]
     first = [json.loads(line) for line in lines[1:]]
     key = lambda r: (r["sample"], r["condition"])  # noqa: E731
-    assert {key(r): r["answer"] for r in again} == {key(r): r["answer"] for r in first}  # random rule too
+    # random rule too
+    assert {key(r): r["answer"] for r in again} == {key(r): r["answer"] for r in first}
     other = tmp_path / "b"
     vqa_run(trained, other, "--seed", "5")
-    log.write_text(log.read_text() + "".join((other / "vqa_test.jsonl").read_text().splitlines(keepends=True)[1:]))
+    log.write_text(
+        log.read_text()
+        + "".join((other / "vqa_test.jsonl").read_text().splitlines(keepends=True)[1:])
+    )
     with pytest.raises(UserError, match="comes from a run with other settings"):
         vqa_run(trained, tmp_path / "a")
     log.write_text("")  # an empty log starts again
@@ -328,12 +401,25 @@ def test_vqa_settings_include_lrcp_rank_and_the_checkpoint(trained, tmp_path):
         vqa_run(trained, tmp_path, "--lrcp_rank", "4")
 
 
-# 6. compressed caches get the plain checks --------------------------------------------------------------------------
+# 6. compressed caches get the plain checks
+# --------------------------------------------------------------------------
 
 
 def test_compressed_cache_basis_is_checked(trained, tmp_path):
     out = tmp_path / "pca"
-    compress.main(["cache", "--results_dir", str(trained), "--codec", "pca_int8", "--rank", "32", "--out", str(out)])
+    compress.main(
+        [
+            "cache",
+            "--results_dir",
+            str(trained),
+            "--codec",
+            "pca_int8",
+            "--rank",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads((out / "manifest.json").read_text())["codec"]["basis_sha"]
     dataset.FeatureDataset(out, preload=False)[0]
     basis = torch.load(out / "basis.pt", weights_only=True)
@@ -352,7 +438,8 @@ def test_compressed_cache_basis_is_checked(trained, tmp_path):
         dataset.FeatureDataset(out, preload=False)[0]
 
 
-# 7. degenerate input is refused at the start ------------------------------------------------------------------------
+# 7. degenerate input is refused at the start
+# ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -374,7 +461,9 @@ def test_bad_training_numbers_are_refused_by_the_parser(tiny_cache, tmp_path, ar
 
 def test_degenerate_flags_are_one_line(tiny_cache, trained, tmp_path):
     with pytest.raises(SystemExit) as e:
-        qwenvl_dataloader.main(["--dataset_dir", str(tiny_cache / "data"), "--extract_batch_size", "0"])
+        qwenvl_dataloader.main(
+            ["--dataset_dir", str(tiny_cache / "data"), "--extract_batch_size", "0"]
+        )
     assert e.value.code == 2
     with pytest.raises(UserError, match="--ks 8,a: expected a comma list of integers"):
         tokens.main(["--results_dir", str(trained), "--ks", "8,a"])
@@ -397,7 +486,12 @@ def test_an_all_zero_feature_map_is_named(tiny_cache, tmp_path):
 
 def test_an_absurd_checkpoint_config_is_refused_before_allocating(trained, tmp_path):
     ck = torch.load(trained / "best_model.pt", weights_only=True)
-    for change in ({"rank": 200000}, {"dim": "2048"}, {"arch_options": {"oversample": "x"}}, {"arch": 3}):
+    for change in (
+        {"rank": 200000},
+        {"dim": "2048"},
+        {"arch_options": {"oversample": "x"}},
+        {"arch": 3},
+    ):
         bad = dict(ck, config=dict(ck["config"], **change))
         torch.save(bad, tmp_path / "bad.pt")
         with pytest.raises(UserError, match="do not build a model"):
@@ -408,16 +502,21 @@ def test_bench_on_a_symmetric_run(tiny_cache, tmp_path):
     import bench
 
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
-    rows = bench.main(["--results_dir", str(tmp_path), "--ranks", "8", "--device", "cpu", "--batch_size", "4"])
+    rows = bench.main(
+        ["--results_dir", str(tmp_path), "--ranks", "8", "--device", "cpu", "--batch_size", "4"]
+    )
     assert any(r["method"] == "symmetric (NN)" and "cosine" in r for r in rows)
     with pytest.raises(UserError, match="serves only its trained rank 8"):
         bench.main(["--results_dir", str(tmp_path), "--ranks", "4", "--device", "cpu"])
 
 
-# 8. signals and disks: Ctrl-C in the first test above ----------------------------------------------------------------
+# 8. signals and disks: Ctrl-C in the first test above
+# ----------------------------------------------------------------
 
 
-def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tiny_cache, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(
+    tiny_cache, tmp_path, monkeypatch, capsys
+):
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     best = (tmp_path / "best_model.pt").read_bytes()
     real_save = torch.save
@@ -439,7 +538,9 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tiny_cache, tmp_
         "1",
         "--overwrite",
     ]
-    with pytest.raises(SystemExit, match="^error: no space left on the device: cannot write .*best_model.pt"):
+    with pytest.raises(
+        SystemExit, match="^error: no space left on the device: cannot write .*best_model.pt"
+    ):
         cli.run_cli(train_real_data.main, argv)
     assert (tmp_path / "best_model.pt").read_bytes() == best and not list(tmp_path.glob(".*.tmp"))
     e = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x.json"))
@@ -447,7 +548,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tiny_cache, tmp_
         cli.run_cli(lambda argv: (_ for _ in ()).throw(e))
 
 
-# 9. stuck or damaged cache state --------------------------------------------------------------------------------------
+# 9. stuck or damaged cache state
+# --------------------------------------------------------------------------------------
 
 
 def test_a_truncated_manifest_is_named_and_extraction_rebuilds_it(tiny_cache, tmp_path, capsys):
@@ -499,15 +601,21 @@ def test_a_held_cache_lock_is_named_after_the_timeout(tiny_cache, tmp_path):
 
 def test_runs_output_stem():
     assert runs.output_stem("compare_rank16") == "compare_rank16"
-    assert runs.output_stem("compare_rank16", "val", "r/model_int8.pt") == "compare_rank16_val_model_int8"
+    assert (
+        runs.output_stem("compare_rank16", "val", "r/model_int8.pt")
+        == "compare_rank16_val_model_int8"
+    )
     assert runs.output_stem("x", "test", "r/best_model.pt") == "x"
 
 
 def test_consistency_and_bootstrap_intervals_by_hand():
     conds = [transforms.Spec("original"), transforms.Spec("zeros")]
     samples = {str(i): {"question": "q", "answers": ["yes"] * 10} for i in range(4)}
-    said = {0: ("Yes", "yes."), 1: ("yes", "no"), 2: ("no", "No"), 3: ("no", "yes")}  # (original, zeros)
-    done = {(i, str(c)): {"answer": said[i][k], **COST} for i in range(4) for k, c in enumerate(conds)}
+    # (original, zeros)
+    said = {0: ("Yes", "yes."), 1: ("yes", "no"), 2: ("no", "No"), 3: ("no", "yes")}
+    done = {
+        (i, str(c)): {"answer": said[i][k], **COST} for i in range(4) for k, c in enumerate(conds)
+    }
     _, (orig, zeros) = downstream.score(list(range(4)), conds, done, samples)
     assert orig["consistency"] == 1.0 and zeros["consistency"] == 0.5  # "yes." ~ "Yes", "No" ~ "no"
     assert zeros["consistency_se"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)

@@ -23,7 +23,9 @@ def np_metrics(X, Xh):
     for x, xh in zip(X, Xh):
         e = x - xh
         out["cosine"].append((x * xh).sum() / np.linalg.norm(x) / np.linalg.norm(xh))
-        out["token_cosine"].append(np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, xh)]))
+        out["token_cosine"].append(
+            np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, xh)])
+        )
         out["mse"].append((e**2).mean())
         rf = np.linalg.norm(e) / np.linalg.norm(x)
         out["rel_fro"].append(rf)
@@ -76,7 +78,9 @@ def test_full_rank_reconstructs(method):
     A, B, _ = metrics.truncated_svd(X, 64, method)
     torch.testing.assert_close(A @ B, X, rtol=1e-4, atol=1e-4)
     # B's rows are orthonormal (V_rᵀ)
-    torch.testing.assert_close(B @ B.transpose(1, 2), torch.eye(64).expand(2, 64, 64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        B @ B.transpose(1, 2), torch.eye(64).expand(2, 64, 64), atol=1e-4, rtol=0
+    )
 
 
 def test_gram_agrees_with_linalg_svd():
@@ -102,7 +106,8 @@ def test_summarize():
 
 
 def test_hard_synthetic_cache_matches_the_real_spectrum(tmp_path):
-    """synth_features.py: a normal cache, reproducible, whose rank-128 SVD cosine is the real model's 0.99 ± 0.005."""
+    """synth_features.py: a normal cache, reproducible, whose rank-128 SVD cosine is the real
+    model's 0.99 ± 0.005."""
     synth_features.main(["--out", str(tmp_path / "hard"), "--num", "12", "--groups", "4"])
     ds = dataset.FeatureDataset(tmp_path / "hard")
     assert len(ds) == 12 and feature_cache.cached_shape(tmp_path / "hard") == (256, 2048)

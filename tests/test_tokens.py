@@ -1,5 +1,6 @@
-"""tokens.py and the answer-box metrics: every rule against an independent NumPy computation, exact bases of low-rank
-matrices, the box -> token mapping on hand-made boxes, recall/precision by hand, and the script end to end."""
+"""tokens.py and the answer-box metrics: every rule against an independent NumPy computation, exact
+bases of low-rank matrices, the box -> token mapping on hand-made boxes, recall/precision by hand,
+and the script end to end."""
 
 import csv
 import json
@@ -25,12 +26,15 @@ def test_rules_against_numpy():
     k = 6
     U = np.linalg.svd(x, full_matrices=False)[0][:, :k]
     assert set(selection.select("leverage", X, k).tolist()) == set(np.argsort(-(U**2).sum(1))[:k])
-    assert set(selection.select("norm", X, k).tolist()) == set(np.argsort(-np.linalg.norm(x, axis=1))[:k])
+    assert set(selection.select("norm", X, k).tolist()) == set(
+        np.argsort(-np.linalg.norm(x, axis=1))[:k]
+    )
     basis = torch.linalg.qr(torch.randn(40, 5, dtype=torch.float64))[0]
     b = basis.numpy()
     resid = np.linalg.norm(x - x @ b @ b.T, axis=1)
     assert set(selection.select("lrcp", X, k, basis=basis).tolist()) == set(np.argsort(-resid)[:k])
-    piv = scipy.linalg.qr(x.T, pivoting=True, mode="economic")[2]  # LAPACK geqp3 on Xᵀ: tokens are columns
+    # LAPACK geqp3 on Xᵀ: tokens are columns
+    piv = scipy.linalg.qr(x.T, pivoting=True, mode="economic")[2]
     assert selection.select("pivoted_qr", X, k).tolist() == piv[:k].tolist()
     r1 = selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
     r2 = selection.select("random", X, k, generator=torch.Generator().manual_seed(3))
@@ -49,7 +53,9 @@ def test_grid_rule_by_hand():
 @pytest.mark.parametrize("rule", ["leverage", "pivoted_qr"])
 def test_exact_basis_of_a_rank_k_matrix(rule):
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(30, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g, dtype=torch.float64)
+    X = torch.randn(30, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 50, generator=g, dtype=torch.float64
+    )
     kept = selection.select(rule, X, 8)
     torch.testing.assert_close(selection.reconstruct_from(X, kept), X, atol=1e-9, rtol=1e-9)
     m = metrics.metrics(X[None], selection.reconstruct_from(X, kept)[None])
@@ -77,15 +83,19 @@ def test_box_to_tokens_by_hand():
     g, s = (16, 16), (448, 448)
     assert tokens_of(metrics.box_mask([0, 0, 28, 28], s, g, s)) == [0]  # exactly one cell
     assert tokens_of(metrics.box_mask([27, 0, 2, 2], s, g, s)) == [0, 1]  # straddles a cell edge
-    assert tokens_of(metrics.box_mask([5 * 28 + 3, 3 * 28 + 3, 5, 5], s, g, s)) == [3 * 16 + 5]  # smaller than a cell
-    assert tokens_of(metrics.box_mask([440, 440, 100, 100], s, g, s)) == [255]  # clipped at the image edge
+    # smaller than a cell
+    assert tokens_of(metrics.box_mask([5 * 28 + 3, 3 * 28 + 3, 5, 5], s, g, s)) == [3 * 16 + 5]
+    # clipped at the image edge
+    assert tokens_of(metrics.box_mask([440, 440, 100, 100], s, g, s)) == [255]
     assert metrics.box_mask([500, 500, 10, 10], s, g, s) is None  # outside the image
     assert metrics.box_mask([10, 10, 0, 5], s, g, s) is None  # empty
     # a 1000x300 image resized to 448x448: x scales by 0.448, y by 1.4933
     assert tokens_of(metrics.box_mask([500, 150, 10, 10], (1000, 300), g, s)) == [8 * 16 + 8]
     assert len(tokens_of(metrics.box_mask([0, 0, 1000, 300], (1000, 300), g, s))) == 256
     # a non-square grid: 448 wide x 896 high, 32 rows of 16
-    assert tokens_of(metrics.box_mask([0, 868, 28, 28], (448, 896), (32, 16), (448, 896))) == [31 * 16]
+    assert tokens_of(metrics.box_mask([0, 868, 28, 28], (448, 896), (32, 16), (448, 896))) == [
+        31 * 16
+    ]
 
 
 def test_recall_and_precision_by_hand():
@@ -104,22 +114,33 @@ def test_box_metrics_against_numpy():
     cos = (x * xh).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(xh, axis=1)
     inn = np.array([1, 2, 10])
     out = np.setdiff1d(np.arange(24), inn)
-    assert b["rel_token_in"] == pytest.approx(rel[inn].mean()) and b["rel_token_out"] == pytest.approx(rel[out].mean())
+    assert b["rel_token_in"] == pytest.approx(rel[inn].mean()) and b[
+        "rel_token_out"
+    ] == pytest.approx(rel[out].mean())
     assert b["token_cosine_in"] == pytest.approx(cos[inn].mean())
     assert b["token_cosine_out"] == pytest.approx(cos[out].mean())
 
 
 def test_tokens_script_end_to_end(trained, capsys):
-    rows = tokens.main(["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"])
+    rows = tokens.main(
+        ["--results_dir", str(trained), "--ks", "4,16", "--lrcp_rank", "8", "--draw_k", "16"]
+    )
     out = capsys.readouterr().out
-    every = selection.RULES + merging.MERGES  # the tiny cache has a tower: visionzip's attention runs
+    # the tiny cache has a tower: visionzip's attention runs
+    every = selection.RULES + merging.MERGES
     assert {(r["rule"], r["k"]) for r in rows} == {(rule, k) for rule in every for k in (4, 16)}
     random = next(r for r in rows if r["rule"] == "random")
-    assert random["draws"] == 5 and random["cosine_draw_spread"] > 0 and random["box_recall_draw_spread"] is not None
+    assert (
+        random["draws"] == 5
+        and random["cosine_draw_spread"] > 0
+        and random["box_recall_draw_spread"] is not None
+    )
     for r in rows:
         assert r["cosine"] <= r["svd_cosine"] + 1e-9  # the optimum is never beaten
         assert (
-            r["box_n"] > 0 and 0 <= r["box_recall"] <= 1 and r["random_expected_recall"] == pytest.approx(r["k"] / 256)
+            r["box_n"] > 0
+            and 0 <= r["box_recall"] <= 1
+            and r["random_expected_recall"] == pytest.approx(r["k"] / 256)
         )
     for f in (
         "tokens_test.json",
@@ -131,7 +152,11 @@ def test_tokens_script_end_to_end(trained, capsys):
         assert (trained / f).stat().st_size > 0, f
     per = list(csv.DictReader(open(trained / "tokens_test.csv")))
     split = json.loads((trained / "split.json").read_text())
-    assert len(per) == len(split["test"]) * (len(every) + 4) * 2 and "leverage" in out and "visionzip" in out
+    assert (
+        len(per) == len(split["test"]) * (len(every) + 4) * 2
+        and "leverage" in out
+        and "visionzip" in out
+    )
 
 
 def test_compare_reports_inside_and_outside_the_box(trained, capsys):
@@ -144,7 +169,9 @@ def test_compare_reports_inside_and_outside_the_box(trained, capsys):
     X = dataset.FeatureDataset(cfg["cache_dir"], [i])[0][0]
     mask = feature_cache.answer_box_masks(cfg["cache_dir"], [i])[i]
     ref = metrics.box_metrics(X, metrics.svd_reconstruct(X[None], 16, "svd")[0], mask)
-    row = next(r for r in csv.DictReader(open(trained / "compare_rank16.csv")) if int(r["sample_id"]) == i)
+    row = next(
+        r for r in csv.DictReader(open(trained / "compare_rank16.csv")) if int(r["sample_id"]) == i
+    )
     assert float(row["svd_rel_token_in"]) == pytest.approx(ref["rel_token_in"], abs=1e-6)
     assert (trained / "compare_rank16_box_error.png").exists()
 
@@ -152,27 +179,36 @@ def test_compare_reports_inside_and_outside_the_box(trained, capsys):
 def test_budgets_as_counts_or_shares():
     assert tokens.budgets("16,32", 256) == [16, 32]
     assert tokens.budgets("0.0625,0.125,0.25,0.5", 256) == [16, 32, 64, 128]
-    assert tokens.budgets("0.0625,0.25", 1024) == [64, 256]  # the same budgets on a 32 x 32 patch grid
+    # the same budgets on a 32 x 32 patch grid
+    assert tokens.budgets("0.0625,0.25", 1024) == [64, 256]
     with pytest.raises(UserError, match="share of the tokens must lie in"):
         tokens.budgets("0.5,1.5", 256)
 
 
 def naive_greedy_det(L, k):
-    """Greedy DPP MAP by determinants (NumPy): each step the item whose addition gives the largest det L_S."""
+    """Greedy DPP MAP by determinants (NumPy): each step the item whose addition gives the largest
+    det L_S."""
     kept = []
     for _ in range(k):
-        dets = [-np.inf if t in kept else np.linalg.det(L[np.ix_(kept + [t], kept + [t])]) for t in range(len(L))]
+        dets = [
+            -np.inf if t in kept else np.linalg.det(L[np.ix_(kept + [t], kept + [t])])
+            for t in range(len(L))
+        ]
         kept.append(int(np.argmax(dets)))
     return kept
 
 
 def test_question_aware_rules_against_independent_computations():
-    """CDPruner's fast greedy MAP equals greedy by determinants on the same kernel built in NumPy; IDPruner's MMR
-    equals a NumPy loop; relevance is the min-max scaled mean cosine to the question's embeddings."""
+    """CDPruner's fast greedy MAP equals greedy by determinants on the same kernel built in NumPy;
+    IDPruner's MMR equals a NumPy loop; relevance is the min-max scaled mean cosine to the
+    question's embeddings."""
     g = torch.Generator().manual_seed(5)
     X, Q = torch.randn(40, 24, generator=g), torch.randn(3, 24, generator=g)
     x, q = X.double().numpy(), Q.double().numpy()
-    xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    xn, qn = (
+        x / np.linalg.norm(x, axis=1, keepdims=True),
+        q / np.linalg.norm(q, axis=1, keepdims=True),
+    )
     r = (xn @ qn.T).mean(1)
     r = (r - r.min()) / (r.max() - r.min())
     rel = selection.relevance(X, Q)
@@ -195,7 +231,16 @@ def test_question_aware_rules_against_independent_computations():
 def test_question_aware_rules_in_tokens_py(trained, capsys):
     """On a cache with questions, relevance comes from the tiny model's embedding table alone."""
     rows = tokens.main(
-        ["--results_dir", str(trained), "--ks", "16,64", "--rules", "cdpruner,mmr,norm", "--draw_k", "16"]
+        [
+            "--results_dir",
+            str(trained),
+            "--ks",
+            "16,64",
+            "--rules",
+            "cdpruner,mmr,norm",
+            "--draw_k",
+            "16",
+        ]
     )
     got = {(r["rule"], r["k"]): r["cosine"] for r in rows}
     assert set(got) == {(rule, k) for rule in ("cdpruner", "mmr", "norm") for k in (16, 64)}

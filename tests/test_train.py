@@ -26,21 +26,32 @@ def run(cache, out, *extra):
 
 def test_loss_terms_by_hand():
     g = torch.Generator().manual_seed(0)
-    X, A, B = torch.randn(2, 6, 10, generator=g), torch.randn(2, 6, 3, generator=g), torch.randn(2, 3, 10, generator=g)
+    X, A, B = (
+        torch.randn(2, 6, 10, generator=g),
+        torch.randn(2, 6, 3, generator=g),
+        torch.randn(2, 3, 10, generator=g),
+    )
     Xh = A @ B
     t = model.loss_terms(X, Xh, A, B, lambda_B=0.5, lambda_ortho=0.25)
     x, a, b = X.double().numpy(), A.double().numpy(), B.double().numpy()
     recon = np.mean((a @ b - x) ** 2)
     b_reg = np.mean(b**2)
     ortho = np.mean([np.sum((bb @ bb.T - np.eye(3)) ** 2) for bb in b]) / 9
-    for k, v in {"recon": recon, "b_reg": b_reg, "ortho": ortho, "total": recon + 0.5 * b_reg + 0.25 * ortho}.items():
+    for k, v in {
+        "recon": recon,
+        "b_reg": b_reg,
+        "ortho": ortho,
+        "total": recon + 0.5 * b_reg + 0.25 * ortho,
+    }.items():
         assert abs(t[k].item() - v) < 1e-4 * max(1, abs(v)), k
 
 
 @pytest.mark.parametrize("arch", list(model.ARCHS))
 def test_models_shapes_any_rank(arch):
     for r in (4, 16):
-        m = model.build_model({"arch": arch, "rank": r, "arch_options": {"hidden": 16} if arch == "symmetric" else {}})
+        m = model.build_model(
+            {"arch": arch, "rank": r, "arch_options": {"hidden": 16} if arch == "symmetric" else {}}
+        )
         Xh, A, B = m(torch.randn(3, 256, 2048))
         assert Xh.shape == (3, 256, 2048) and A.shape == (3, 256, r) and B.shape == (3, r, 2048)
         torch.testing.assert_close(Xh, A @ B)
@@ -57,12 +68,21 @@ def test_subspace_is_exact_when_omega_spans_the_row_space():
     Xh, _, _ = m(X[None])
     torch.testing.assert_close(Xh, metrics.svd_reconstruct(X[None], 16), atol=1e-5, rtol=1e-4)
     for k in (4, 8):  # nested: the first k components are the rank-k truncation
-        torch.testing.assert_close(m(X[None], rank=k)[0], metrics.svd_reconstruct(X[None], k), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            m(X[None], rank=k)[0], metrics.svd_reconstruct(X[None], k), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_training_writes_everything(tiny_cache, tmp_path):
     res = run(tiny_cache / "cache", tmp_path, "--epochs", "2")
-    for f in ("best_model.pt", "last.pt", "split.json", "config.json", "history.json", "loss_curves.png"):
+    for f in (
+        "best_model.pt",
+        "last.pt",
+        "split.json",
+        "config.json",
+        "history.json",
+        "loss_curves.png",
+    ):
         assert (tmp_path / f).exists(), f
     h = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in h] == [0, 1, 2]  # epoch 0: the starting point, validated
@@ -86,11 +106,15 @@ def test_training_writes_everything(tiny_cache, tmp_path):
     n = (len(split["train"]), len(split["val"]), len(split["test"]))
     assert sum(n) == 40 and n[0] >= 32 and min(n) >= 3  # 80/10/10 by source photo (2-3 crops each)
     assert split["grouped_by"] == "image_id" and split["shared_groups"] == 0
-    assert res["nn"]["cosine"]["n"] == n[2] and res["svd"]["cosine"]["mean"] > res["nn"]["cosine"]["mean"]
+    assert (
+        res["nn"]["cosine"]["n"] == n[2]
+        and res["svd"]["cosine"]["mean"] > res["nn"]["cosine"]["mean"]
+    )
 
 
 def test_early_stopping_on_plateau(tiny_cache, tmp_path):
-    # lr 0: the weights never change, so the validation MSE never improves on the starting point (epoch 0)
+    # lr 0: the weights never change, so the validation MSE never improves on the starting point
+    # (epoch 0)
     res = run(tiny_cache / "cache", tmp_path, "--epochs", "20", "--lr", "0", "--patience", "2")
     h = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in h] == [0, 1, 2] and res["stopped"].startswith("early stop")
@@ -170,14 +194,14 @@ def test_train_sh_positionals_and_passthrough(tiny_cache, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "+ " in r.stdout and "--lambda_ortho 0.003" in r.stdout
     cfg = json.loads((tmp_path / "res" / "config.json").read_text())
-    assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["rank"], cfg["lambda_B"], cfg["lambda_ortho"]) == (
-        8,
-        1,
-        0.002,
-        4,
-        0.0002,
-        0.003,
-    )
+    assert (
+        cfg["batch_size"],
+        cfg["epochs"],
+        cfg["lr"],
+        cfg["rank"],
+        cfg["lambda_B"],
+        cfg["lambda_ortho"],
+    ) == (8, 1, 0.002, 4, 0.0002, 0.003)
     assert cfg["arch_options"] == {"hidden": 16, "n_blocks": 2}
 
 
@@ -206,11 +230,14 @@ def test_subspace_objective_is_the_energy_outside_each_prefix(power_iters):
     assert abs(got - np.mean(ref)) < 1e-10
     # nested: the first k components are that projection
     q = basis(X[0].numpy(), 16)
-    np.testing.assert_allclose(m(X, rank=16)[0][0].detach().numpy(), q @ (q.T @ X[0].numpy()), atol=1e-10)
+    np.testing.assert_allclose(
+        m(X, rank=16)[0][0].detach().numpy(), q @ (q.T @ X[0].numpy()), atol=1e-10
+    )
 
 
 def test_small_rank_uses_only_its_columns():
-    """factors(X, k) from X·Ω[:, :k] alone equals the first k components of the full rank-r basis."""
+    """factors(X, k) from X·Ω[:, :k] alone equals the first k components of the full rank-r
+    basis."""
     torch.manual_seed(1)
     m = model.Subspace(rank=32, tokens=64, dim=96, power_iters=1)
     X = torch.randn(3, 64, 96, dtype=torch.float64)
@@ -220,14 +247,21 @@ def test_small_rank_uses_only_its_columns():
         for k in (4, 16, 32):
             A, B = m.factors(X, k)
             assert A.shape == (3, 64, k)
-            torch.testing.assert_close(A @ B, Q[..., :k] @ (Q[..., :k].transpose(1, 2) @ X), atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(
+                A @ B, Q[..., :k] @ (Q[..., :k].transpose(1, 2) @ X), atol=1e-9, rtol=1e-9
+            )
 
 
 def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
-    """--amp under torch.autocast('cpu', bfloat16): the subspace forward stays finite, its QR runs in float32, and the
-    trained model's quality is within 0.002 cosine of float32 training."""
+    """--amp under torch.autocast('cpu', bfloat16): the subspace forward stays finite, its QR runs
+    in float32, and the trained model's quality is within 0.002 cosine of float32 training."""
     X = torch.stack(
-        [x for x, _ in __import__("qwenvl_dataloader").FeatureDataset(tiny_cache / "cache", list(range(8)))]
+        [
+            x
+            for x, _ in __import__("qwenvl_dataloader").FeatureDataset(
+                tiny_cache / "cache", list(range(8))
+            )
+        ]
     )
     m = model.Subspace(rank=16)
     m.init_from_data([X])
@@ -237,10 +271,35 @@ def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
             Q = m.basis(X, 16, m.power_iters)[0]
             out = m(X)[0]
     assert Q.dtype == torch.float32 and torch.isfinite(out).all()
-    assert abs(metrics.metrics(X, out.float())["cosine"].mean() - metrics.metrics(X, ref)["cosine"].mean()) < 0.002
-    common = ["--arch", "subspace", "--rank", "16", "--epochs", "1", "--batch_size", "8", "--seed", "5"]
+    assert (
+        abs(
+            metrics.metrics(X, out.float())["cosine"].mean()
+            - metrics.metrics(X, ref)["cosine"].mean()
+        )
+        < 0.002
+    )
+    common = [
+        "--arch",
+        "subspace",
+        "--rank",
+        "16",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "8",
+        "--seed",
+        "5",
+    ]
     r32 = train_real_data.main(
-        ["--cache_dir", str(tiny_cache / "cache"), "--results_dir", str(tmp_path / "f32"), "--device", "cpu", *common]
+        [
+            "--cache_dir",
+            str(tiny_cache / "cache"),
+            "--results_dir",
+            str(tmp_path / "f32"),
+            "--device",
+            "cpu",
+            *common,
+        ]
     )
     rbf = train_real_data.main(
         [
@@ -260,25 +319,49 @@ def test_amp_bf16_autocast_on_cpu(tiny_cache, tmp_path):
 
 
 def test_no_flag_vanishes(tiny_cache, tmp_path):
-    """A flag of another arch is refused; on --resume a flag given with another value than the run's is refused,
-    whatever its value (the parser's default included) and arch options too; the same value is accepted."""
+    """A flag of another arch is refused; on --resume a flag given with another value than the run's
+    is refused, whatever its value (the parser's default included) and arch options too; the same
+    value is accepted."""
     cache = tiny_cache / "cache"
-    with pytest.raises(UserError, match="--hidden is an option of --arch symmetric.*arch is subspace"):
+    with pytest.raises(
+        UserError, match="--hidden is an option of --arch symmetric.*arch is subspace"
+    ):
         run(cache, tmp_path / "a", "--arch", "subspace", "--epochs", "1")
     with pytest.raises(UserError, match="--power_iters is an option of --arch subspace"):
-        train_real_data.main(["--cache_dir", str(cache), "--results_dir", str(tmp_path / "b"), "--power_iters", "2"])
-    sub = ["--cache_dir", str(cache), "--results_dir", str(tmp_path / "s"), "--arch", "subspace", "--rank", "8"]
+        train_real_data.main(
+            ["--cache_dir", str(cache), "--results_dir", str(tmp_path / "b"), "--power_iters", "2"]
+        )
+    sub = [
+        "--cache_dir",
+        str(cache),
+        "--results_dir",
+        str(tmp_path / "s"),
+        "--arch",
+        "subspace",
+        "--rank",
+        "8",
+    ]
     train_real_data.main(sub + ["--epochs", "1", "--lr", "0.01", "--device", "cpu"])
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     assert cfg["lr"] == 0.01 and "schedule" in cfg["arch_options"]
-    resume = ["--cache_dir", str(cache), "--results_dir", str(tmp_path / "s"), "--resume", "--device", "cpu"]
-    with pytest.raises(UserError, match=r"--lr 0.001 \(the run has 0.01\)"):  # 0.001 is the parser's default
+    resume = [
+        "--cache_dir",
+        str(cache),
+        "--results_dir",
+        str(tmp_path / "s"),
+        "--resume",
+        "--device",
+        "cpu",
+    ]
+    # 0.001 is the parser's default
+    with pytest.raises(UserError, match=r"--lr 0.001 \(the run has 0.01\)"):
         train_real_data.main(resume + ["--lr", "0.001"])
     with pytest.raises(UserError, match=r"--power_iters 2 \(the run has the per-rank schedule\)"):
         train_real_data.main(resume + ["--power_iters", "2"])
     with pytest.raises(UserError, match=r"--arch symmetric \(the run has subspace\)"):
         train_real_data.main(resume + ["--arch", "symmetric"])
-    train_real_data.main(resume + ["--lr", "0.01", "--rank", "8", "--epochs", "2"])  # the run's own values
+    # the run's own values
+    train_real_data.main(resume + ["--lr", "0.01", "--rank", "8", "--epochs", "2"])
     h = json.loads((tmp_path / "s" / "history.json").read_text())
     assert [r["epoch"] for r in h] == [0, 1, 2]
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
@@ -286,8 +369,8 @@ def test_no_flag_vanishes(tiny_cache, tmp_path):
 
 
 def test_a_new_training_flag_is_one_field():
-    """Every RunConfig field with a help text is a flag of training's parser, with the field's default in its help
-    and no default of the parser's own (so 'given' means given)."""
+    """Every RunConfig field with a help text is a flag of training's parser, with the field's
+    default in its help and no default of the parser's own (so 'given' means given)."""
     from lowrank.config import flag_fields
 
     ap = training.get_args_parser()

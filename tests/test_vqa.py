@@ -1,5 +1,6 @@
-"""vqa_eval.py on the tiny full Qwen2.5-VL (offline): the scoring, the M-RoPE positions, the decoding loop against
-the model's own generate, the hook really acting, full-rank identity, and resuming."""
+"""vqa_eval.py on the tiny full Qwen2.5-VL (offline): the scoring, the M-RoPE positions, the
+decoding loop against the model's own generate, the hook really acting, full-rank identity, and
+resuming."""
 
 import inspect
 import json
@@ -18,7 +19,9 @@ def test_vqa_accuracy_partial_credit_by_hand():
     # n matches: the n subsets that leave a match out see n-1, the other 10-n see n
     for n, want in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         hand = (n * min((n - 1) / 3, 1) + (10 - n) * min(n / 3, 1)) / 10 if n else 0.0
-        assert vqa_score.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
+        assert (
+            vqa_score.vqa_accuracy("gate 7", refs(n)) == pytest.approx(hand) == pytest.approx(want)
+        )
     assert vqa_score.vqa_accuracy("exit", refs(3)) == 1.0
 
 
@@ -51,11 +54,14 @@ def test_normalisation_keeps_what_matters():
 
 def test_top_answer_match_is_against_the_most_common_answer():
     refs = ["bank"] * 6 + ["the bank"] * 2 + ["bnak"] * 2
-    assert vqa_score.top_answer_match("Bank", refs) == 1.0 and vqa_score.top_answer_match("bnak", refs) == 0.0
+    assert (
+        vqa_score.top_answer_match("Bank", refs) == 1.0
+        and vqa_score.top_answer_match("bnak", refs) == 0.0
+    )
     assert vqa_score.vqa_accuracy("bnak", refs) == pytest.approx(0.6)
 
 
-# ---------------------------------------------------------------------------------------------------------- the model
+# the model ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,8 @@ def prompt_inputs(proc, question="what is written on the sign?", seed=0):
 
 
 def test_tiny_model_tower_is_the_tiny_encoder(tiny_vlm):
-    """The tiny full model's vision tower gives exactly the tiny-random encoder's features (what a cache holds)."""
+    """The tiny full model's vision tower gives exactly the tiny-random encoder's features (what a
+    cache holds)."""
     model, proc = tiny_vlm
     from lowrank import demo_set
 
@@ -97,11 +104,14 @@ def test_mrope_positions_equal_the_models_own(tiny_vlm):
     if "mm_token_type_ids" in params:  # transformers 5.x
         kw["mm_token_type_ids"] = inp["mm_token_type_ids"]
     ref, _ = model.model.get_rope_index(ids, **kw)
-    assert torch.equal(vlm.mrope_positions(ids[0], model.config.image_token_id, (16, 16)), ref[:, 0])
+    assert torch.equal(
+        vlm.mrope_positions(ids[0], model.config.image_token_id, (16, 16)), ref[:, 0]
+    )
 
 
 def test_greedy_loop_equals_generate(tiny_vlm):
-    """Our decoding from inputs_embeds + explicit M-RoPE positions gives the tokens of the model's own generate()."""
+    """Our decoding from inputs_embeds + explicit M-RoPE positions gives the tokens of the model's
+    own generate()."""
     model, proc = tiny_vlm
     inp = prompt_inputs(proc)
     ids = inp["input_ids"][0]
@@ -131,7 +141,7 @@ def test_keeping_every_token_is_the_original(tiny_vlm):
     assert vlm.answer(model, proc, ids, pos, Vt[half], half, img, 6, set())[1] != full
 
 
-# ---------------------------------------------------------------------------------------------------------- the CLI
+# the CLI -----------------------------------------------------------------------------------------
 
 
 def run(trained, tmp_path, *extra):
@@ -155,10 +165,21 @@ def run(trained, tmp_path, *extra):
 
 
 def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, capsys):
-    """At full rank (256) the SVD reconstruction generates exactly the original tokens; zeroed vision tokens change
-    the answers (the replacement really acts); outputs are written per sample and per condition."""
+    """At full rank (256) the SVD reconstruction generates exactly the original tokens; zeroed
+    vision tokens change the answers (the replacement really acts); outputs are written per sample
+    and per condition."""
     summary = run(
-        trained, tmp_path, "--svd_ranks", "8,256", "--nn_ranks", "16", "--zeros", "--rules", "leverage", "--keep", "32"
+        trained,
+        tmp_path,
+        "--svd_ranks",
+        "8,256",
+        "--nn_ranks",
+        "16",
+        "--zeros",
+        "--rules",
+        "leverage",
+        "--keep",
+        "32",
     )
     out = capsys.readouterr().out
     rows = {s["condition"]: s for s in summary}
@@ -175,13 +196,18 @@ def test_full_rank_is_identical_and_zeros_change_the_answers(trained, tmp_path, 
     assert d["settings"]["model"] == encoders.TINY and len(d["samples"]) == 2
     s0 = d["samples"][0]
     assert s0["question"] and len(s0["answers"]) == 10 and "answer" in s0["original"]
-    assert s0["original"]["vqa_acc"] == vqa_score.vqa_accuracy(s0["original"]["answer"], s0["answers"])
-    assert (tmp_path / "vqa_test.csv").read_text().count("\n") == 3 and (tmp_path / "vqa_test.png").stat().st_size > 0
+    assert s0["original"]["vqa_acc"] == vqa_score.vqa_accuracy(
+        s0["original"]["answer"], s0["answers"]
+    )
+    assert (tmp_path / "vqa_test.csv").read_text().count("\n") == 3 and (
+        tmp_path / "vqa_test.png"
+    ).stat().st_size > 0
     assert "mean nothing" in out and "VQA acc" in out
 
 
 def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
-    """Interrupted after 3 answers (batch 1), the rerun asks only the 3 missing ones; a third run asks none."""
+    """Interrupted after 3 answers (batch 1), the rerun asks only the 3 missing ones; a third run
+    asks none."""
     calls = []
     real = vlm.greedy
 
@@ -202,13 +228,15 @@ def test_resume_asks_nothing_already_answered(trained, tmp_path, monkeypatch):
     calls[:] = []
     summary = run(trained, tmp_path, *args)
     assert calls == [] and [s["n"] for s in summary] == [2, 2, 2]
-    with pytest.raises(UserError, match="other settings"):  # another prompt: not mixed into the same file
+    # another prompt: not mixed into the same file
+    with pytest.raises(UserError, match="other settings"):
         run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "", "--prompt", "{question}?")
 
 
 def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, monkeypatch):
-    """Batches of 3 samples: killed inside the second condition's decoding, the log holds the first condition's 3
-    answers and nothing of the second; the rerun's answers equal an uninterrupted run's."""
+    """Batches of 3 samples: killed inside the second condition's decoding, the log holds the first
+    condition's 3 answers and nothing of the second; the rerun's answers equal an uninterrupted
+    run's."""
     real, calls = vlm.greedy, []
 
     def dying(model, prompts, *a, **k):
@@ -226,19 +254,24 @@ def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, mo
     monkeypatch.setattr(downstream, "greedy", real)
     run(trained, tmp_path / "a", *args)
     run(trained, tmp_path / "b", *args)
-    answers = lambda d: {(r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")}  # noqa: E731
+    answers = lambda d: {
+        (r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")
+    }  # noqa: E731
     a, b = (json.loads((tmp_path / d / "vqa_test.json").read_text()) for d in "ab")
     assert len(answers(a)) == 6 and answers(a) == answers(b)
 
 
 def test_wrong_model_for_the_cache_is_refused(trained, tmp_path):
     with pytest.raises(UserError, match="holds features of tiny-random"):
-        vqa_eval.main(["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)])
+        vqa_eval.main(
+            ["--results_dir", str(trained), "--model", "random-3b", "--out_dir", str(tmp_path)]
+        )
 
 
 def test_checkpoint_directory_path(tiny_vlm, tmp_path):
-    """The path a real checkpoint takes (config.json, weights, tokenizer with its chat template, preprocessor config):
-    the tiny model saved to a directory loads through it and answers exactly as the model built in code."""
+    """The path a real checkpoint takes (config.json, weights, tokenizer with its chat template,
+    preprocessor config): the tiny model saved to a directory loads through it and answers exactly
+    as the model built in code."""
     model, proc = tiny_vlm
     model.save_pretrained(tmp_path)
     proc.tokenizer.chat_template = vlm.CHAT_TEMPLATE
@@ -255,40 +288,48 @@ def test_checkpoint_directory_path(tiny_vlm, tmp_path):
 
 
 def test_random_3b_has_the_published_size():
-    """random-3b, the real-size full model for GPU timing, has Qwen2.5-VL-3B's 3,754,622,976 parameters, its tower the
-    random-3b encoder's 668,684,288 (built on the meta device: no memory)."""
+    """random-3b, the real-size full model for GPU timing, has Qwen2.5-VL-3B's 3,754,622,976
+    parameters, its tower the random-3b encoder's 668,684,288 (built on the meta device: no
+    memory)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration._from_config(vlm.random_config(encoders.RANDOM_3B, vlm.tiny_tokenizer()))
+        m = Qwen2_5_VLForConditionalGeneration._from_config(
+            vlm.random_config(encoders.RANDOM_3B, vlm.tiny_tokenizer())
+        )
     assert sum(p.numel() for p in m.parameters()) == 3_754_622_976
     with torch.device("meta"):
         tower = encoders.random_tower(encoders.RANDOM_3B)[0]
     assert (
-        sum(p.numel() for p in m.model.visual.parameters()) == sum(p.numel() for p in tower.parameters()) == 668_684_288
+        sum(p.numel() for p in m.model.visual.parameters())
+        == sum(p.numel() for p in tower.parameters())
+        == 668_684_288
     )
 
 
 def test_another_data_set_is_refused(trained, tmp_path):
-    """--dataset_dir pointing at other images (same schema, same count) is refused before anything is asked: the
-    questions and features belong to the cache's images (per-sample fingerprints)."""
+    """--dataset_dir pointing at other images (same schema, same count) is refused before anything
+    is asked: the questions and features belong to the cache's images (per-sample fingerprints)."""
     from lowrank import demo_set
 
     other = tmp_path / "other"
     demo_set.write_parquet(demo_set.make_rows(40, seed=11), other / "data", shards=2)
     with pytest.raises(UserError, match="holds another image than the one the cache"):
         run(trained, tmp_path, "--dataset_dir", str(other), "--svd_ranks", "8", "--nn_ranks", "")
-    assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1  # the header only: nothing asked
+    # the header only: nothing asked
+    assert len((tmp_path / "vqa_test.jsonl").read_text().splitlines()) == 1
 
 
 def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
-    """With answers fixed by hand (original: the most common reference for the first sample, a wrong word for the
-    second; svd:8: wrong for both), the table's accuracy, paired change and its standard error, top-answer match and
-    share changed are what they must be."""
+    """With answers fixed by hand (original: the most common reference for the first sample, a wrong
+    word for the second; svd:8: wrong for both), the table's accuracy, paired change and its
+    standard error, top-answer match and share changed are what they must be."""
     import numpy as np
 
     samples = json.loads((trained / "split.json").read_text())["test"][:2]
-    manifest = feature_cache.read_manifest(json.loads((trained / "config.json").read_text())["cache_dir"])["samples"]
+    manifest = feature_cache.read_manifest(
+        json.loads((trained / "config.json").read_text())["cache_dir"]
+    )["samples"]
     refs = [manifest[str(i)]["answers"] for i in samples]
     best = max(set(refs[0]), key=refs[0].count)
     calls = iter(range(100))
@@ -298,20 +339,30 @@ def test_report_aggregates_by_hand(trained, tmp_path, monkeypatch):
         return toks, {"prefill_s": 0.0, "decode_s": None, "total_s": 0.0}
 
     monkeypatch.setattr(downstream, "greedy", by_condition)
-    monkeypatch.setattr(downstream, "decode_answer", lambda proc, toks: best.upper() + "." if toks == [0] else "wrong")
-    summary = {s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")}
+    monkeypatch.setattr(
+        downstream,
+        "decode_answer",
+        lambda proc, toks: best.upper() + "." if toks == [0] else "wrong",
+    )
+    summary = {
+        s["condition"]: s for s in run(trained, tmp_path, "--svd_ranks", "8", "--nn_ranks", "")
+    }
     acc0 = vqa_score.vqa_accuracy(best, refs[0])
     assert acc0 > 0 and vqa_score.vqa_accuracy("wrong", refs[1]) == 0
     assert summary["original"]["vqa_acc"] == pytest.approx(acc0 / 2)
     assert summary["original"]["top_answer"] == 0.5 and summary["original"]["changed"] == 0.0
     s = summary["svd:8"]
     assert s["vqa_acc"] == 0.0 and s["delta"] == pytest.approx(-acc0 / 2)
-    assert s["delta_se"] == pytest.approx(np.std([-acc0, 0.0], ddof=1) / np.sqrt(2)) and s["delta_se"] > 0
+    assert (
+        s["delta_se"] == pytest.approx(np.std([-acc0, 0.0], ddof=1) / np.sqrt(2))
+        and s["delta_se"] > 0
+    )
     assert s["top_answer"] == 0.0 and s["changed"] == 0.5
 
 
 def test_transform_specs_on_the_command_line(trained, tmp_path):
-    """--transforms adds any condition by its spec; each reads the same in the outputs; a codec condition runs."""
+    """--transforms adds any condition by its spec; each reads the same in the outputs; a codec
+    condition runs."""
     summary = run(
         trained,
         tmp_path,
@@ -331,9 +382,15 @@ def test_transform_specs_on_the_command_line(trained, tmp_path):
         run(trained, tmp_path / "b", "--transforms", "svd:x")
 
 
-# ---------------------------------------------------------------------------------------------- batches and the cost
+# ----------------------------------------------------------------------------------------------
+# batches and the cost
 
-QUESTIONS = ["what?", "what is written on the sign in this photo, in capitals?", "colour", "who is at the back"]
+QUESTIONS = [
+    "what?",
+    "what is written on the sign in this photo, in capitals?",
+    "colour",
+    "who is at the back",
+]
 KINDS = [
     "original",
     "zeros",
@@ -347,16 +404,20 @@ KINDS = [
 
 
 def test_batched_answers_equal_batch_one(trained, tiny_vlm):
-    """Every condition kind, 4 questions of different lengths: the answers of one batch of 4 (and of 3 + 1) equal
-    the answers asked one sample at a time, token for token, and the batches had mixed prompt lengths."""
+    """Every condition kind, 4 questions of different lengths: the answers of one batch of 4 (and of
+    3 + 1) equal the answers asked one sample at a time, token for token, and the batches had mixed
+    prompt lengths."""
     from lowrank import runs, transforms
 
     model, proc = tiny_vlm
     cfg, split = runs.read_run(trained)
     nn_model = runs.load_run(trained).model
     conds = [transforms.parse_spec(t) for t in KINDS]
-    bases = downstream.fit_bases(conds, 8, trained, cfg.cache_dir, split["train"], cfg.normalization)
-    asker = downstream.Asker(model, proc, torch.float32, "layernorm", (16, 16), nn_model, bases, 8, 0, str, 6)
+    bases = downstream.fit_bases(
+        conds, 8, trained, cfg.cache_dir, split["train"], cfg.normalization
+    )
+    setup = downstream.TokenSetup("layernorm", (16, 16), nn_model, bases, max_svd=8)
+    asker = downstream.Asker(model, proc, torch.float32, setup, downstream.Decoding(str, 6))
     from lowrank import demo_set
 
     rows = demo_set.make_rows(4, seed=5)
@@ -372,19 +433,22 @@ def test_batched_answers_equal_batch_one(trained, tiny_vlm):
         assert all(many[k]["tokens"] == one[k]["tokens"] for k in one), [
             k for k in one if many[k]["tokens"] != one[k]["tokens"]
         ]
-        assert len({many[i, "original"]["prompt_tokens"] for i in range(4)}) == 4  # mixed lengths in one batch
+        # mixed lengths in one batch
+        assert len({many[i, "original"]["prompt_tokens"] for i in range(4)}) == 4
     tokens = {c: one[0, c]["vision_tokens"] for c in KINDS}
     assert tokens == {c: int(c.split(":")[-1]) if c.startswith("keep") else 256 for c in KINDS}
 
 
 def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
-    """vlm.greedy itself: all 256 tokens, 40 kept tokens and 7 kept tokens, after questions of different lengths,
-    in one left-padded batch, give each prompt's batch-1 tokens; each stops at its own eos id."""
+    """vlm.greedy itself: all 256 tokens, 40 kept tokens and 7 kept tokens, after questions of
+    different lengths, in one left-padded batch, give each prompt's batch-1 tokens; each stops at
+    its own eos id."""
     model, proc = tiny_vlm
     img = model.config.image_token_id
     prompts = []
     for q, kept in zip(
-        QUESTIONS[:3], [None, torch.arange(0, 256, 6)[:40], torch.tensor([3, 50, 77, 100, 101, 200, 255])]
+        QUESTIONS[:3],
+        [None, torch.arange(0, 256, 6)[:40], torch.tensor([3, 50, 77, 100, 101, 200, 255])],
     ):
         inp = prompt_inputs(proc, q)
         ids = inp["input_ids"][0]
@@ -392,7 +456,9 @@ def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
             V = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
             V = getattr(V, "pooler_output", V)
         pos = vlm.mrope_positions(ids, img, (16, 16))
-        prompts.append(vlm.prompt_embeds(model, ids, pos, V if kept is None else V[kept], kept, img))
+        prompts.append(
+            vlm.prompt_embeds(model, ids, pos, V if kept is None else V[kept], kept, img)
+        )
     assert len({len(e) for e, _ in prompts}) == 3
     alone = [vlm.greedy(model, [p], 8, set())[0][0] for p in prompts]
     assert vlm.greedy(model, prompts, 8, set())[0] == alone
@@ -406,10 +472,11 @@ def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
 
 
 def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
-    """lm_cost's formula against torch's FLOP counter on the tiny model's real prefill (eager attention, whose
-    matmuls the counter sees; the last token's logits only), and by hand: 2 layers, d = 2048, 2 heads of 1024, 1
-    key/value head, MLP 256, vocabulary 263. The KV bytes equal the cache the prefill leaves. FastV's pruned
-    prefill: the first layer at n tokens, the second at n'."""
+    """lm_cost's formula against torch's FLOP counter on the tiny model's real prefill (eager
+    attention, whose matmuls the counter sees; the last token's logits only), and by hand: 2 layers,
+    d = 2048, 2 heads of 1024, 1 key/value head, MLP 256, vocabulary 263. The KV bytes equal the
+    cache the prefill leaves. FastV's pruned prefill: the first layer at n tokens, the second at
+    n'."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import DynamicCache
 
@@ -420,7 +487,12 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     n = 300
 
     def layer(n):
-        return 2 * n * 2048 * (2048 + 2 * 1024) + 2 * n * 2048 * 2048 + 4 * n * n * 2048 + 6 * n * 2048 * 256
+        return (
+            2 * n * 2048 * (2048 + 2 * 1024)
+            + 2 * n * 2048 * 2048
+            + 4 * n * n * 2048
+            + 6 * n * 2048 * 256
+        )
 
     by_hand = 2 * layer(n) + 2 * 2048 * 263
     assert lm_cost.prefill_flops(cfg, n) == by_hand
@@ -435,53 +507,83 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     finally:
         model.set_attn_implementation("sdpa")
     assert fc.get_total_flops() == by_hand
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    held = sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+    )
     assert lm_cost.kv_bytes(cfg, n, 4) == held == 2 * 2 * 1024 * n * 4
 
 
 def test_stored_bytes_per_image():
-    """Bytes that reproduce each condition's tokens, by hand for [256, 2048] features in bf16 (2 bytes), and the
-    codecs' from their real payloads."""
+    """Bytes that reproduce each condition's tokens, by hand for [256, 2048] features in bf16 (2
+    bytes), and the codecs' from their real payloads."""
     from lowrank import feature_codecs, transforms
 
     T, D, b = 256, 2048, 2
-    size = lambda t: transforms.stored_bytes(transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)})  # noqa: E731
+    size = lambda t: transforms.stored_bytes(
+        transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)}
+    )  # noqa: E731
     assert size("original") == T * D * 2 and size("zeros") == 0
     assert size("svd:64") == size("nn:64") == 64 * (T + D) * 2 + 2 * T * 2
     assert size("keep:norm:32") == 32 * D * 2 + 32 * 2
-    assert size("codec:int8") == T * D + 4 * T + 2 * T * 2  # one byte per number, a float32 scale per row
+    # one byte per number, a float32 scale per row
+    assert size("codec:int8") == T * D + 4 * T + 2 * T * 2
     payload = feature_codecs.encode("pca_int8", torch.randn(T, D), 32, torch.eye(D))
     assert size("codec:pca_int8:32") == feature_codecs.payload_bytes(payload) + 2 * T * 2
 
 
 def test_budgets_as_shares_of_the_tokens():
-    """--keep and keep/merge/fastv specs take the field's shares (33.3 / 22.2 / 11.1 % of Qwen's 256 tokens: 85, 57,
-    28 kept), recorded as k; a share outside (0, 1] is refused."""
+    """--keep and keep/merge/fastv specs take the field's shares (33.3 / 22.2 / 11.1 % of Qwen's 256
+    tokens: 85, 57, 28 kept), recorded as k; a share outside (0, 1] is refused."""
     args = vqa_eval.get_args_parser().parse_args(
-        ["--results_dir", "x", "--svd_ranks", "", "--rules", "norm", "--keep", "0.333,0.222,0.111,16"]
+        [
+            "--results_dir",
+            "x",
+            "--svd_ranks",
+            "",
+            "--rules",
+            "norm",
+            "--keep",
+            "0.333,0.222,0.111,16",
+        ]
         + ["--transforms", "merge:tome:0.25,fastv:2:0.5"]
     )
     got = [str(s) for s in vqa_eval.conditions(args, None, "subspace", 256)]
-    assert got == ["original", "keep:norm:85", "keep:norm:57", "keep:norm:28", "keep:norm:16", "merge:tome:64"] + [
-        "fastv:2:128"
-    ]
+    assert got == [
+        "original",
+        "keep:norm:85",
+        "keep:norm:57",
+        "keep:norm:28",
+        "keep:norm:16",
+        "merge:tome:64",
+    ] + ["fastv:2:128"]
     args.transforms = "keep:norm:1.5"
     with pytest.raises(UserError, match="keep:norm:1.5"):
         vqa_eval.conditions(args, None, "subspace", 256)
 
 
 def test_question_aware_rules_answer(trained, tmp_path, tiny_vlm):
-    """keep:cdpruner and keep:mmr run in vqa_eval with the question's embeddings from the model's own table; the
-    kept tokens depend on the question."""
+    """keep:cdpruner and keep:mmr run in vqa_eval with the question's embeddings from the model's
+    own table; the kept tokens depend on the question."""
     summary = run(
-        trained, tmp_path, "--svd_ranks", "", "--nn_ranks", "", "--transforms", "keep:cdpruner:32,keep:mmr:0.125"
+        trained,
+        tmp_path,
+        "--svd_ranks",
+        "",
+        "--nn_ranks",
+        "",
+        "--transforms",
+        "keep:cdpruner:32,keep:mmr:0.125",
     )
     rows = {s["condition"]: s for s in summary}
     assert rows["keep:cdpruner:32"]["vision_tokens"] == 32 and rows["keep:mmr:32"]["share"] == 0.125
     model, proc = tiny_vlm
-    asker = downstream.Asker(model, proc, torch.float32, "layernorm", (16, 16), None, {}, 0, 0, str, 4)
+    setup = downstream.TokenSetup("layernorm", (16, 16))
+    asker = downstream.Asker(model, proc, torch.float32, setup, downstream.Decoding(str, 4))
     from PIL import Image
 
     image = Image.new("RGB", (448, 448), (120, 40, 200))
-    towers = [asker.encode(image, q, question_aware=True)[2] for q in ("what colour is the sign", "who is it")]
+    towers = [
+        asker.encode(image, q, question_aware=True)[2]
+        for q in ("what colour is the sign", "who is it")
+    ]
     assert not torch.equal(towers[0].relevance, towers[1].relevance)

@@ -1,6 +1,6 @@
-"""The TextVQA scorer against lmms-eval 0.7.3's own: a corpus of 855 cases built to exercise each step of its answer
-processor (tests/data/make_textvqa_corpus.py), with the scores lmms-eval gave; where lmms-eval is installed, scored
-again by it here. Plus the quirks written out by hand."""
+"""The TextVQA scorer against lmms-eval 0.7.3's own: a corpus of 855 cases built to exercise each
+step of its answer processor (tests/data/make_textvqa_corpus.py), with the scores lmms-eval gave;
+where lmms-eval is installed, scored again by it here. Plus the quirks written out by hand."""
 
 import json
 import sys
@@ -18,12 +18,19 @@ def test_the_corpus_is_large_and_covers_every_match_count():
     assert len(CORPUS) >= 150
     counts = {sum(r == c["answer"] for r in c["references"]) for c in CORPUS}
     assert {0, 1, 2, 3, 4, 10} <= counts
-    assert {c["score"] for c in CORPUS} >= {0.0, 0.3, 0.6, 0.9, 1.0} or len({c["score"] for c in CORPUS}) >= 5
+    assert {c["score"] for c in CORPUS} >= {0.0, 0.3, 0.6, 0.9, 1.0} or len(
+        {c["score"] for c in CORPUS}
+    ) >= 5
 
 
 def test_scores_equal_lmms_evals_on_the_corpus():
     bad = [
-        (c["answer"], c["references"][:3], c["score"], vqa_score.vqa_accuracy(c["answer"], c["references"]))
+        (
+            c["answer"],
+            c["references"][:3],
+            c["score"],
+            vqa_score.vqa_accuracy(c["answer"], c["references"]),
+        )
         for c in CORPUS
         if vqa_score.vqa_accuracy(c["answer"], c["references"]) != c["score"]
     ]
@@ -82,11 +89,15 @@ def test_leave_one_out_average_by_hand():
     # 2 matches: the 2 subsets that leave a match out see 1 (1/3), the other 8 see 2 (2/3)
     assert vqa_score.vqa_accuracy("Gate 7", refs) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
     assert vqa_score.vqa_accuracy("exit", ["exit"] * 10) == 1.0
-    assert vqa_score.top_answer_match("exit", refs) == 1.0 and vqa_score.top_answer_match("gate 7", refs) == 0.0
+    assert (
+        vqa_score.top_answer_match("exit", refs) == 1.0
+        and vqa_score.top_answer_match("gate 7", refs) == 0.0
+    )
 
 
 def test_answer_flips_and_mcnemar_against_scipy():
-    """right -> wrong and wrong -> right counted by hand; McNemar's exact p equals scipy's two-sided binomial test."""
+    """right -> wrong and wrong -> right counted by hand; McNemar's exact p equals scipy's two-sided
+    binomial test."""
     from scipy.stats import binomtest
 
     from lowrank import downstream
@@ -94,7 +105,9 @@ def test_answer_flips_and_mcnemar_against_scipy():
     acc = [1.0, 0.0, 0.3, 0.6, 1.0, 0.0]
     base = [1.0, 1.0, 0.6, 0.0, 0.0, 0.0]  # r->w: samples 1, 2; w->r: samples 3, 4
     f = downstream.flips(acc, base)
-    assert (f["right_to_wrong"], f["wrong_to_right"]) == (2, 2) and f["right_to_wrong_share"] == 2 / 6
+    assert (f["right_to_wrong"], f["wrong_to_right"]) == (2, 2) and f[
+        "right_to_wrong_share"
+    ] == 2 / 6
     for b, c in [(0, 0), (3, 0), (7, 2), (10, 11), (1, 25)]:
         want = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
         assert abs(downstream.mcnemar_exact(b, c) - want) < 1e-12, (b, c)

@@ -1,5 +1,6 @@
-"""A local parquet in the toolkit's TextVQA schema (image struct, question, answer[10], dataset_id) as an lmms-eval
-task: its own prompt (doc_to_text) and its own scoring (process_results), with our column names mapped to theirs."""
+"""A local parquet in the toolkit's TextVQA schema (image struct, question, answer[10], dataset_id)
+as an lmms-eval task: its own prompt (doc_to_text) and its own scoring (process_results), with our
+column names mapped to theirs."""
 
 import io
 

@@ -1,6 +1,7 @@
-"""Writes textvqa_corpus.json: answers and reference lists built to exercise each step of lmms-eval's TextVQA
-scorer (every normalisation step, its order and quirks; 0/1/2/3/4/10 matches; duplicates; empty; unicode), each with
-the score lmms-eval 0.7.3 itself gives. Needs lmms-eval (pip install --no-deps -r requirements-lmms.txt).
+"""Writes textvqa_corpus.json: answers and reference lists built to exercise each step of
+lmms-eval's TextVQA scorer (every normalisation step, its order and quirks; 0/1/2/3/4/10 matches;
+duplicates; empty; unicode), each with the score lmms-eval 0.7.3 itself gives. Needs lmms-eval (pip
+install --no-deps -r requirements-lmms.txt).
 
     python tests/data/make_textvqa_corpus.py
 """
@@ -174,7 +175,8 @@ def reference_score(proc, answer, refs):
     a = proc(answer)
     refs = [proc(r) for r in refs]
     return statistics.mean(
-        min(1, float(sum(r == a for j, r in enumerate(refs) if j != i)) / 3) for i in range(len(refs))
+        min(1, float(sum(r == a for j, r in enumerate(refs) if j != i)) / 3)
+        for i in range(len(refs))
     )
 
 
@@ -196,7 +198,11 @@ def cases():
 if __name__ == "__main__":
     proc = load_processor()
     rows = [
-        dict(c, score=reference_score(proc, c["answer"], c["references"]), normalised=proc(c["answer"]))
+        dict(
+            c,
+            score=reference_score(proc, c["answer"], c["references"]),
+            normalised=proc(c["answer"]),
+        )
         for c in cases()
     ]
     path = Path(__file__).with_name("textvqa_corpus.json")
