@@ -1,8 +1,7 @@
 """
 Quality and speed of the factorisers against truncated SVD, measured in one run on one device.
 
-    python bench.py --results_dir results_subspace [--symmetric_dir results_symmetric] --ranks
-    16,32,64,128
+    python bench.py --results_dir results_subspace [--symmetric_dir results_symmetric] --ranks 16,32,64,128
 
 Quality: mean flattened cosine and energy on the results directory's test split (disjoint from
 training). Peers at equal cost, at each rank: torch.svd_lowrank and our own randomized range finder

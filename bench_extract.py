@@ -2,11 +2,10 @@
 Feature-extraction throughput: images per second of preprocessing and of the vision tower, at
 several batch sizes; and, with --towers, the size of every supported vision tower.
 
-    python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size,
-    random weights) python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896
-    --batch_sizes 1,8 python bench_extract.py --towers        (parameters, bf16 weight memory,
-    tokens x dim of each published tower) python bench_extract.py --read_cache feature_cache_real
-    (cache read ms/image against cat)
+    python bench_extract.py --model random-3b --device cuda --batch_sizes 8,32      (real size, random weights)
+    python bench_extract.py --model tiny-random-qwen3-vl --image_size 448x896 --batch_sizes 1,8
+    python bench_extract.py --towers        (parameters, bf16 weight memory, tokens x dim of each published tower)
+    python bench_extract.py --read_cache feature_cache_real      (cache read ms/image against cat)
 """
 
 import argparse

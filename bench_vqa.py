@@ -3,10 +3,8 @@ Downstream answering throughput: answers per second of vqa_eval's path (tower, t
 decoding) at several batch sizes, on the same questions and images, and whether every batch size
 gives batch 1's answers.
 
-    python bench_vqa.py                                                   (tiny-random on the CPU:
-                                                                          the mechanics)
-    python bench_vqa.py --model random-3b --device cuda --batch_sizes 1,8,32 --num 64      (real
-    size, bf16)
+    python bench_vqa.py                                                   (tiny-random on the CPU: the mechanics)
+    python bench_vqa.py --model random-3b --device cuda --batch_sizes 1,8,32 --num 64      (real size, bf16)
 
 The images are the demo set's photos (scikit-image), every question a different length; the
 conditions are transform specs that need no training run (original, zeros, svd:r, keep:<rule>:k

@@ -3,10 +3,9 @@ How many bytes per image keep the features, and which method gets there? Feature
 a size, a compressed cache that every script reads transparently, and the factoriser itself
 quantised and pruned.
 
-    python compress.py study --results_dir results                     # rate-distortion on the test
-    split python compress.py cache --results_dir results --codec pca_int8 --rank 256 --out
-    feature_cache_pca256 python compress.py model --results_dir results                     # int8
-    and pruned factorisers
+    python compress.py study --results_dir results                     # rate-distortion on the test split
+    python compress.py cache --results_dir results --codec pca_int8 --rank 256 --out feature_cache_pca256
+    python compress.py model --results_dir results                     # int8 and pruned factorisers
 
 Every codec works on the features as training sees them (the run's normalisation); bytes per image
 are exact: codes plus their scales. A shared basis (PCA of the training split's tokens, or the

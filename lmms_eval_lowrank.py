@@ -3,11 +3,9 @@ Any lmms-eval image task with vision-token transforms: lmms-eval's task prompts,
 and scoring, unchanged; the toolkit's Qwen2.5-VL with each transform applied where the tower's
 output enters the language model.
 
-    python lmms_eval_lowrank.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --dtype bfloat16
-    \\
+    python lmms_eval_lowrank.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --dtype bfloat16 \\
         --transforms original,svd:64,keep:leverage:64 --tasks textvqa_val,docvqa_val,chartqa
-    python lmms_eval_lowrank.py --model tiny-random --parquet_dir demo_data --transforms
-    original,svd:16,zeros --limit 8
+    python lmms_eval_lowrank.py --model tiny-random --parquet_dir demo_data --transforms original,svd:16,zeros --limit 8
 
 --parquet_dir adds the task textvqa_local: TextVQA's lmms-eval prompt and scoring over a local
 parquet in the toolkit's schema (offline). --results_dir takes a training run for nn:r, keep:lrcp:k

@@ -5,8 +5,7 @@ manifest.json, the one record of T, D and the token grid); `from qwenvl_dataload
 FeatureDataset` still works (it lives in lowrank/dataset.py).
 
     python qwenvl_dataloader.py --dataset_dir data/textvqa --model Qwen/Qwen2.5-VL-3B-Instruct
-    python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir
-    feature_cache_real
+    python qwenvl_dataloader.py --dataset_dir demo_data --model tiny-random --cache_dir feature_cache_real
 
 Under torchrun each process takes the indices rank::world_size and merges its samples into the one
 manifest under the cache's lock, as separate extraction processes do.

@@ -3,8 +3,7 @@ The truncated-SVD baseline (the Eckart-Young optimum) of a feature cache: its me
 or the captured energy over a sweep of ranks. The SVD and the metrics themselves live in metrics.py.
 
     python svd_baseline.py --cache_dir feature_cache_real --rank 128
-    python svd_baseline.py --cache_dir feature_cache_real --ranks 16,32,64,128,256 --results_dir
-    results
+    python svd_baseline.py --cache_dir feature_cache_real --ranks 16,32,64,128,256 --results_dir results
 """
 
 import argparse

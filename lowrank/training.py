@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ from lowrank.runs import (
     read_split,
     split_fingerprint,
 )
+from lowrank.tail_objective import TailTarget, cut_block
 
 
 def get_args_parser():
@@ -272,12 +273,12 @@ class State:
         torch.set_rng_state(ck["rng_cpu"])
 
     def update(self, rec):
-        """Record an epoch -> whether it improved on the best validation MSE."""
-        self.sched.step(rec["val_mse"])
-        improved = rec["val_mse"] < self.best
-        self.best, self.bad_epochs = (
-            (rec["val_mse"], 0) if improved else (self.best, self.bad_epochs + 1)
-        )
+        """Record an epoch -> whether it improved on the best validation score (MSE; with a tail
+        objective, the validation objective)."""
+        score = rec[selection_key(rec)]
+        self.sched.step(score)
+        improved = score < self.best
+        self.best, self.bad_epochs = (score, 0) if improved else (self.best, self.bad_epochs + 1)
         self.history.append(rec)
         return improved
 
@@ -315,21 +316,58 @@ def all_agree(flag, world):
     return bool(t.item())
 
 
-def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, desc):
+def selection_key(rec):
+    """The validation score the best epoch minimises: the objective where it includes the
+    network's tail (val_tail_objective), else the reconstruction MSE."""
+    return "val_tail_objective" if "val_tail_objective" in rec else "val_mse"
+
+
+def recon_objective(raw_model, X, A, B, terms):
+    """The reconstruction part of what the optimiser minimises: a subspace model's energy outside
+    its nested prefixes (exact only while A's columns and B's rows are orthogonal, so not with an
+    output map, whose B M the energy shortcut would reward for growing); else the loss terms' total
+    (for a subspace model with an output map, the MSE alone: its B rows are not meant to be
+    orthonormal)."""
+    if hasattr(raw_model, "objective") and getattr(raw_model, "out_map", None) is None:
+        return raw_model.objective(X, A, B)
+    return terms["recon"] if hasattr(raw_model, "objective") else terms["total"]
+
+
+@dataclass
+class Loop:
+    """What every epoch uses: the model (DDP-wrapped under torchrun) and the model itself, the
+    optimiser, the config, where it runs (device, autocast, processes), the truncated SVD's
+    validation figures (rank 0) and the (train, validation) TailTarget of a --tail_weight run."""
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    config: RunConfig
+    device: torch.device
+    amp: object
+    world: int
+    svd_val: dict | None = None
+    tails: tuple = (None, None)
+
+
+def train_one_epoch(loop, loader, desc):
     """One pass over the training split -> the mean of each loss term, or None when the loss became
     non-finite (on any rank). Subspace models train on their own objective (the energy outside the
-    nested prefixes)."""
+    nested prefixes); a tail objective adds config.tail_weight x its downstream loss."""
+    model, raw_model, opt, config = loop.model, loop.raw_model, loop.opt, loop.config
+    device, amp, world, tail = loop.device, loop.amp, loop.world, loop.tails[0]
     model.train()
     sums, n, nonfinite = {}, 0, False
-    for X, _ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+    for X, idx in tqdm(loader, desc=desc, leave=False, disable=desc is None):
         X = X.to(device, non_blocking=True)
         with amp:
             Xhat, A, B = model(X)
             Xhat, A, B = Xhat.float(), A.float(), B.float()
             terms = loss_terms(X, Xhat, A, B, config.lambda_B, config.lambda_ortho)
-            loss = (
-                raw_model.objective(X, A, B) if hasattr(raw_model, "objective") else terms["total"]
-            )
+            loss = recon_objective(raw_model, X, A, B, terms)
+            if tail is not None:
+                terms["tail"] = tail.loss(Xhat, idx)
+                loss = loss + config.tail_weight * terms["tail"]
         terms["objective"] = loss.detach()  # what the optimiser minimises
         nonfinite = nonfinite or not torch.isfinite(loss)
         if all_agree(nonfinite, world):
@@ -348,8 +386,11 @@ def train_one_epoch(model, raw_model, loader, opt, config, device, amp, world, d
     return {f"train_{k}": v / n for k, v in sums.items()}
 
 
-def validate(model, loader, device, epoch, t0, lr, train_terms, svd_val):
-    """Validation metrics -> the history record of this epoch."""
+def validate(loop, loader, epoch, t0, train_terms):
+    """Validation metrics (and the tail objective's, with one) -> the history record of this
+    epoch."""
+    model, device, svd_val = loop.raw_model, loop.device, loop.svd_val
+    lr = loop.opt.param_groups[0]["lr"]
     val = metrics.summarize(
         metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "val")[0]
     )
@@ -362,7 +403,43 @@ def validate(model, loader, device, epoch, t0, lr, train_terms, svd_val):
     }
     if svd_val:
         rec.update({f"svd_val_{k}": svd_val[k]["mean"] for k in ("mse", "cosine", "energy")})
+    rec.update(val_tail(model, loader, loop.tails[1], loop.config, device))
     return rec
+
+
+def tail_targets(config, split, device, log):
+    """(train, validation) TailTarget of a --tail_weight run: the unmodified network's output on
+    each crop, computed once."""
+    t0 = time.time()
+    targets = tuple(
+        TailTarget(config.cache_dir, split[part], config.normalization, device)
+        for part in ("train", "val")
+    )
+    log(
+        f"tail objective: the ViT after block {targets[0].block} on {len(split['train'])} train and "
+        f"{len(split['val'])} validation crops, weight {config.tail_weight} "
+        f"({time.time() - t0:.0f} s to compute the unmodified network's output)"
+    )
+    return targets
+
+
+@torch.no_grad()
+def val_tail(model, loader, tail, config, device):
+    """{'val_tail': the downstream loss, 'val_tail_objective': the validation objective (energy
+    outside or MSE, plus tail_weight x it)} over the validation split; {} without a tail."""
+    if tail is None:
+        return {}
+    sums, n = {"tail": 0.0, "objective": 0.0}, 0
+    for X, idx in loader:
+        X = X.to(device)
+        Xhat, A, B = (t.float() for t in model(X))
+        terms = loss_terms(X, Xhat, A, B, config.lambda_B, config.lambda_ortho)
+        base = recon_objective(model, X, A, B, terms)
+        t = tail.loss(Xhat, idx)
+        sums["tail"] += t.item() * len(X)
+        sums["objective"] += (base + config.tail_weight * t).item() * len(X)
+        n += len(X)
+    return {"val_tail": sums["tail"] / n, "val_tail_objective": sums["objective"] / n}
 
 
 def arch_terms(arch, rec):
@@ -384,9 +461,10 @@ def epoch_line(epoch, config, rec, improved):
         if epoch == 0
         else f" | lr {rec['lr']:.2g} | {rec['seconds']:.1f}s{' *' if improved else ''}"
     )
+    downstream = f" tail {rec['val_tail']:.4f}" if "val_tail" in rec else ""
     return (
         f"epoch {epoch:3d} | {head} | val mse {rec['val_mse']:.5f} cos {rec['val_cosine']:.4f} energy "
-        f"{rec['val_energy']:.4f}{tail}"
+        f"{rec['val_energy']:.4f}{downstream}{tail}"
     )
 
 
@@ -404,6 +482,8 @@ def train(args, on_epoch=None, test_at_end=True):
     out = Path(args.results_dir)
     config, ck = resolve_config(args, world)
     config = add_shape(config, out, resumed=ck is not None)
+    if config.tail_weight:
+        cut_block(config.cache_dir)  # refused before the run folder is touched
     with ExitStack() as stack:
         if rank_id == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -449,15 +529,14 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         state.restore(ck, out)
         log(f"resumed from {out / LAST} at epoch {ck['epoch']} (best val MSE {state.best:.6g})")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    svd_val = svd_target(config, val_loader, device, log) if master else None
-
-    def lr():
-        return state.opt.param_groups[0]["lr"]
-
+    loop = Loop(model, raw_model, state.opt, config, device, amp, world)
+    loop.svd_val = svd_target(config, val_loader, device, log) if master else None
+    if config.tail_weight:
+        loop.tails = tail_targets(config, split, device, log)
     # epoch 0: the starting point (for subspace, the principal directions) is a candidate
     if ck is None:
-        rec = validate(raw_model, val_loader, device, 0, time.time(), lr(), {}, svd_val)
-        state.best = rec["val_mse"]
+        rec = validate(loop, val_loader, 0, time.time(), {})
+        state.best = rec[selection_key(rec)]
         state.history.append(rec)
         if master:
             state.save(raw_model, config, 0, True, out)
@@ -467,14 +546,12 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         t0 = time.time()
         sampler.set_epoch(epoch)
         desc = f"epoch {epoch}/{config.epochs}" if master else None
-        terms = train_one_epoch(
-            model, raw_model, train_loader, state.opt, config, device, amp, world, desc
-        )
+        terms = train_one_epoch(loop, train_loader, desc)
         if terms is None:
             stopped = "non-finite loss"
             log(nonfinite_message(epoch, out))
             break
-        rec = validate(raw_model, val_loader, device, epoch, t0, lr(), terms, svd_val)
+        rec = validate(loop, val_loader, epoch, t0, terms)
         improved = state.update(rec)
         if master:
             state.save(raw_model, config, epoch, improved, out)
@@ -482,7 +559,7 @@ def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end
         if on_epoch is not None:
             on_epoch(rec)
         if state.bad_epochs >= config.patience:
-            stopped = f"early stop: no better validation MSE for {config.patience} epochs"
+            stopped = f"early stop: no better validation score for {config.patience} epochs"
             log(stopped)
             break
     if world > 1:
@@ -561,12 +638,15 @@ def nonfinite_message(epoch, out):
 
 
 def warn_if_no_progress(history, log):
-    best_epoch = min(
-        (h for h in history if "val_mse" in h), key=lambda h: h["val_mse"], default={}
-    ).get("epoch")
+    scored = [h for h in history if "val_mse" in h]
+    if not scored:
+        return
+    key = selection_key(scored[0])
+    best_epoch = min(scored, key=lambda h: h[key])["epoch"]
+    what = "objective" if key == "val_tail_objective" else "MSE"
     if best_epoch == 0 and len(history) > 1:
         log(
-            f"warning: no epoch improved on the starting point (epoch 0, val MSE {history[0]['val_mse']:.6g}): "
+            f"warning: no epoch improved on the starting point (epoch 0, val {what} {history[0][key]:.6g}): "
             f"training made the model worse, so best_model.pt holds the starting point. Try a lower --lr."
         )
 

@@ -136,3 +136,105 @@ def block_flops(n, d=WIDTH, mlp_ratio=MLP_RATIO):
     output projections (8 n d²), the attention scores and their weighted sum (4 n² d), the MLP (4
     mlp_ratio n d²). Layer norms, softmax, layer scale and residual adds (O(n d)) are left out."""
     return 8 * n * d * d + 4 * n * n * d + 4 * mlp_ratio * n * d * d
+
+
+class Tail(torch.nn.Module):
+    """The network after block k in torch, for gradients (what a factoriser trained for the
+    network's output needs): blocks k+1..11, the final norm and the saliency head, their weights
+    read from the ONNX graph's own initializers (the projections are the graph's anonymous MatMul
+    weights, found by the nodes that use them). forward(tokens [B, 1 + 256, 384], CLS first) ->
+    (final-norm tokens [B, 257, 384], saliency maps [B, 224, 224]); equal to Cut's onnxruntime
+    graphs to float32 rounding (tests/test_vit.py)."""
+
+    def __init__(self, block):
+        super().__init__()
+        onnx, _ = onnx_modules()
+        from onnx import numpy_helper
+
+        graph = onnx.load(model_path()).graph
+        init = {
+            t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer
+        }
+        matmul = {n.name: n.input[1] for n in graph.node if n.op_type == "MatMul"}
+        self.block = block
+        self.blocks = torch.nn.ModuleList()
+        for i in range(block + 1, BLOCKS):
+            p = f"backbone.encoder.layer.{i}."
+            path = f"/backbone/encoder/layer.{i}/"
+            b = torch.nn.Module()
+            for name in ("norm1", "norm2"):
+                setattr(b, name, torch.nn.LayerNorm(WIDTH, eps=1e-6))
+                getattr(b, name).weight.data, getattr(b, name).bias.data = (
+                    init[p + name + ".weight"],
+                    init[p + name + ".bias"],
+                )
+            linears = {
+                "query": ("attention/attention/query", "attention.attention.query"),
+                "key": ("attention/attention/key", "attention.attention.key"),
+                "value": ("attention/attention/value", "attention.attention.value"),
+                "out": ("attention/output/dense", "attention.output.dense"),
+                "fc1": ("mlp/fc1", "mlp.fc1"),
+                "fc2": ("mlp/fc2", "mlp.fc2"),
+            }
+            for name, (node, weight) in linears.items():
+                W = init[matmul[path + node + "/MatMul"]]  # y = x W: [in, out]
+                lin = torch.nn.Linear(*W.shape)
+                lin.weight.data, lin.bias.data = W.T.contiguous(), init[p + weight + ".bias"]
+                setattr(b, name, lin)
+            b.scale1 = torch.nn.Parameter(init[p + "layer_scale1.lambda1"])
+            b.scale2 = torch.nn.Parameter(init[p + "layer_scale2.lambda1"])
+            self.blocks.append(b)
+        self.norm = torch.nn.LayerNorm(WIDTH, eps=1e-6)
+        self.norm.weight.data, self.norm.bias.data = (
+            init["backbone.layernorm.weight"],
+            init["backbone.layernorm.bias"],
+        )
+        self.decoder = torch.nn.ModuleList()
+        for j in (1, 2, 3):
+            W = init[f"decoder.upconv{j}.weight"]
+            up = torch.nn.ConvTranspose2d(W.shape[0], W.shape[1], 4, stride=2, padding=1)
+            up.weight.data, up.bias.data = W, init[f"decoder.upconv{j}.bias"]
+            bn = torch.nn.BatchNorm2d(W.shape[1], eps=1e-5)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).data = init[f"decoder.bn{j}.{name}"]
+            self.decoder.extend([up, bn, torch.nn.ReLU()])
+        W = init["decoder.final_conv.weight"]
+        self.final_conv = torch.nn.Conv2d(W.shape[1], 1, 1)
+        self.final_conv.weight.data, self.final_conv.bias.data = W, init["decoder.final_conv.bias"]
+        self.eval().requires_grad_(False)
+
+    def run_block(self, b, x):
+        B, n, _ = x.shape
+        h = b.norm1(x)
+        q, k, v = (
+            getattr(b, name)(h).view(B, n, HEADS, -1).transpose(1, 2)
+            for name in ("query", "key", "value")
+        )
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + b.out(a.transpose(1, 2).reshape(B, n, WIDTH)) * b.scale1
+        h = b.fc2(torch.nn.functional.gelu(b.fc1(b.norm2(x))))
+        return x + h * b.scale2
+
+    def rest(self, tokens):
+        """[B, 1 + n, 384] block-k tokens -> [B, 1 + n, 384] final-norm tokens."""
+        x = tokens
+        for b in self.blocks:
+            x = self.run_block(b, x)
+        return self.norm(x)
+
+    def head(self, final):
+        """[B, 257, 384] final-norm tokens -> saliency maps [B, 224, 224]."""
+        B, n, _ = final.shape
+        side = int(round((n - 1) ** 0.5))
+        y = final[:, 1:].transpose(1, 2).reshape(B, WIDTH, side, side)
+        for layer in self.decoder:
+            y = layer(y)
+        y = self.final_conv(y)
+        y = torch.nn.functional.interpolate(
+            y, size=(SIZE, SIZE), mode="bilinear", align_corners=False
+        )
+        return torch.sigmoid(y)[:, 0]
+
+    def forward(self, tokens):
+        final = self.rest(tokens)
+        return final, self.head(final)
