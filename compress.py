@@ -59,11 +59,11 @@ from lowrank.feature_codecs import (
     family,
     payload_bytes,
 )
-from lowrank.model import Subspace, load_checkpoint, make_checkpoint, quantized_state
+from lowrank.model import Subspace, make_checkpoint, quantized_state
 from lowrank.plots import pyplot, save
 from lowrank.quantize import dequantize_rows, quantize_rows
 from lowrank.reports import write_csv
-from lowrank.runs import first, omega_basis, read_run
+from lowrank.runs import first, load_run, omega_basis, read_run
 
 # --------------------------------------------------------------------------------------------------
 # shared bases and the run's data
@@ -367,8 +367,9 @@ def prune_model(model, amount):
 
 def model_table(args):
     cfg, split, cache = source_run(args.results_dir, args.cache_dir)
-    model, ck = load_checkpoint(Path(args.results_dir) / "best_model.pt")
-    idx = split["test"][: args.num_samples] if args.num_samples else split["test"]
+    run = load_run(args.results_dir, cache_dir=cache)  # the split's fingerprint checked
+    model, ck = run.model, run.checkpoint
+    idx = first(run.indices, args.num_samples)
     X = torch.stack([x for x, _ in FeatureDataset(cache, idx, cfg.normalization)])
     xb = metrics.timing_batch(X, 64)
     out = Path(args.results_dir)
