@@ -17,11 +17,19 @@ from pathlib import Path
 import torch
 
 from lowrank import metrics, reports
-from lowrank.cli import HelpFormatter, add_device, pick_device, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    add_checkpoint,
+    add_device,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, make_loader
 from lowrank.feature_cache import answer_box_masks, lossy_note
 from lowrank.plots import plot_energy_curve, pyplot, save
 from lowrank.runs import first, load_run, output_stem
+from lowrank.tail_objective import TailTarget
 
 
 def get_args_parser():
@@ -29,16 +37,7 @@ def get_args_parser():
         description="Truncated SVD vs the trained factoriser, paired on the same samples.",
         formatter_class=HelpFormatter,
     )
-    ap.add_argument(
-        "--rank",
-        type=int,
-        default=None,
-        help="must match the checkpoint's rank (default: its rank)",
-    )
-    ap.add_argument(
-        "--results_dir", default="results", help="a training run's folder (checkpoint, split.json)"
-    )
-    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
+    add_checkpoint(ap)
     ap.add_argument(
         "--split",
         default="test",
@@ -139,6 +138,8 @@ def main(argv=None):
         "samples_with_box": n_box,
         "samples_without_box": n - n_box,
     }
+    if cfg.tail_weight:
+        summary["tail"] = tail_losses(model, cfg, cache_dir, idx, args)
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     write_csv(out / f"{stem}.csv", ids, svd, nn)
     paths = plot(
@@ -158,6 +159,28 @@ def speed(model, X, r, args):
         "svd": metrics.time_ms(lambda x: metrics.svd_reconstruct(x, r, args.svd_method), xb),
         "nn": metrics.time_ms(lambda x: model(x)[0], xb),
     }
+
+
+@torch.no_grad()
+def tail_losses(model, cfg, cache_dir, idx, args):
+    """A run trained for the network's output (--tail_weight): its downstream loss beside SVD's at
+    the same rank, (1 - final-token cosine) + (1 - saliency r) through the ViT's tail, mean over the
+    samples (lower is better)."""
+    target = TailTarget(cache_dir, list(idx), cfg.normalization, args.device)
+    loader = make_loader(FeatureDataset(cache_dir, idx, cfg.normalization), args.batch_size)
+    sums, n = {"svd": 0.0, "nn": 0.0}, 0
+    for X, ids in loader:
+        X = X.to(args.device)
+        sums["nn"] += target.loss(model(X)[0].float(), ids).item() * len(X)
+        svd = metrics.svd_reconstruct(X, cfg.rank, args.svd_method).float()
+        sums["svd"] += target.loss(svd, ids).item() * len(X)
+        n += len(X)
+    out = {k: v / n for k, v in sums.items()}
+    print(
+        f"downstream loss through the ViT's tail ((1 - final-token cos) + (1 - saliency r), lower is "
+        f"better): SVD {out['svd']:.4f}, NN {out['nn']:.4f}"
+    )
+    return out
 
 
 def print_table(S_svd, S_nn, D, n_box, n):

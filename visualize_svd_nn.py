@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from lowrank import metrics
-from lowrank.cli import HelpFormatter, UserError, nonneg_int, out_folder, positive_int, run_cli
+from lowrank.cli import (
+    HelpFormatter,
+    UserError,
+    add_checkpoint,
+    nonneg_int,
+    out_folder,
+    positive_int,
+    run_cli,
+)
 from lowrank.dataset import FeatureDataset, cached_image
 from lowrank.feature_cache import (
     cache_grid,
@@ -308,16 +316,7 @@ def get_args_parser():
     ap.add_argument(
         "--sample_id", type=int, default=None, help="a cache index instead of --image_idx"
     )
-    ap.add_argument(
-        "--rank",
-        type=int,
-        default=None,
-        help="must match the checkpoint's rank (default: its rank)",
-    )
-    ap.add_argument(
-        "--results_dir", default="results", help="a training run's folder (checkpoint, split.json)"
-    )
-    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
+    add_checkpoint(ap)
     ap.add_argument("--cache_dir", default=None, help="default: the cache the model was trained on")
     ap.add_argument(
         "--split",

@@ -165,6 +165,20 @@ def device_arg(text):
     return text
 
 
+def add_checkpoint(ap):
+    """--rank, --results_dir, --checkpoint: which trained factoriser a report reads (runs.load_run)."""
+    ap.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="must match the checkpoint's rank (default: its rank)",
+    )
+    ap.add_argument(
+        "--results_dir", default="results", help="a training run's folder (checkpoint, split.json)"
+    )
+    ap.add_argument("--checkpoint", default=None, help="default: <results_dir>/best_model.pt")
+
+
 def add_device(ap, what="where it runs"):
     """--device, one definition for every script: default cuda if the machine has one, else cpu
     (under torchrun each process takes cuda:<its local rank>)."""

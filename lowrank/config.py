@@ -39,9 +39,10 @@ ARCH_FLAGS = {
     ),
     "out_map": (
         "subspace",
-        "1: learn a map M [D, D], from the identity, applied to B: X̂ = A·(B M), still a rank-r "
-        "factorisation of each image (what a --tail_weight run needs to undo the shrinkage of the "
-        "rebuilt tokens that the network's tail is sensitive to); 0: none",
+        "1: learn a gain g [D] per feature, from 1, applied to B: X̂ = A·(B diag(g)), still a "
+        "rank-r factorisation of each image (what a --tail_weight run uses to undo the shrinkage "
+        "of the rebuilt tokens that the network's tail is sensitive to; a full D x D map overfits "
+        "300 crops; it steps at 10x --lr); 0: none",
         int,
     ),
 }

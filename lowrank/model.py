@@ -177,8 +177,8 @@ class Subspace(nn.Module):
     ):
         super().__init__()
         self.rank = rank
-        # X̂ = A·(B M): a learned output map, for a downstream objective (--out_map)
-        self.out_map = nn.Parameter(torch.eye(dim)) if out_map else None
+        # X̂ = A·(B diag(g)): a learned gain per feature, for a downstream objective (--out_map)
+        self.out_map = nn.Parameter(torch.ones(dim)) if out_map else None
         if oversample is not None or power_iters is not None:
             schedule = [[tokens, oversample or 0, 1 if power_iters is None else power_iters]]
         self.schedule = [list(row) for row in (schedule or DEFAULT_SCHEDULE)]
@@ -236,9 +236,9 @@ class Subspace(nn.Module):
 
     def factors(self, X, rank=None):
         """(A, B) for rank k (default: the trained rank r), each rank with its schedule's setting;
-        with an output map M, B M in place of B."""
+        with an output map g, B diag(g) in place of B."""
         A, B = self.subspace_factors(X, rank)
-        return (A, B) if self.out_map is None else (A, B @ self.out_map.to(B.dtype))
+        return (A, B) if self.out_map is None else (A, B * self.out_map.to(B.dtype))
 
     def subspace_factors(self, X, rank=None):
         r = self.rank if rank is None else rank

@@ -78,7 +78,9 @@ def get_args_parser():
             help=f"{f.metadata['help']} (default: {f.default})",
         )
     for name, (arch, help, type_) in ARCH_FLAGS.items():
-        default = ARCH_DEFAULTS[arch].get(name, "per rank, from the schedule")
+        default = ARCH_DEFAULTS[arch].get(
+            name, 0 if name == "out_map" else "per rank, from the schedule"
+        )
         ap.add_argument(
             f"--{name}", type=type_, default=None, help=f"{arch} only: {help} (default: {default})"
         )
@@ -257,9 +259,11 @@ class State:
     validation MSE."""
 
     def __init__(self, model, config):
-        self.opt = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        # an output gain (--out_map, entries ~1) steps at 10x the rate of Ω's (entries ~1/sqrt(D))
+        gain = [p for n, p in model.named_parameters() if n == "out_map"]
+        rest = [p for n, p in model.named_parameters() if n != "out_map"]
+        groups = [{"params": rest}] + ([{"params": gain, "lr": 10 * config.lr}] if gain else [])
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, mode="min", factor=0.5, patience=3
         )
@@ -325,7 +329,7 @@ def selection_key(rec):
 def recon_objective(raw_model, X, A, B, terms):
     """The reconstruction part of what the optimiser minimises: a subspace model's energy outside
     its nested prefixes (exact only while A's columns and B's rows are orthogonal, so not with an
-    output map, whose B M the energy shortcut would reward for growing); else the loss terms' total
+    output map, whose B diag(g) the energy shortcut would reward for growing); else the loss terms' total
     (for a subspace model with an output map, the MSE alone: its B rows are not meant to be
     orthonormal)."""
     if hasattr(raw_model, "objective") and getattr(raw_model, "out_map", None) is None:

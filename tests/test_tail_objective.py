@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import compare_svd_nn
 import train_real_data
 import vit_downstream
 from lowrank import feature_cache, runs, vit
@@ -56,9 +57,11 @@ def test_a_tail_weight_run_trains_records_and_resumes_only_with_it(vit_cache, tm
         history
     )
     model = runs.load_run(run).model
-    assert model.out_map is not None and model.out_map.shape == (384, 384)
+    assert model.out_map is not None and model.out_map.shape == (384,)
     with pytest.raises(UserError, match="--tail_weight"):
         train_real_data.main(base + ["--epochs", "2", "--tail_weight", "0.5", "--resume"])
+    summary = compare_svd_nn.main(["--results_dir", str(run), "--rank", "8", "--device", "cpu"])
+    assert set(summary["tail"]) == {"svd", "nn"} and 0 < summary["tail"]["svd"] < 4
     rows = vit_downstream.main(
         ["--results_dir", str(run), "--families", "svd,nn", "--budgets", "4,8"]
         + ["--out_dir", str(tmp_path / "d")]
