@@ -11,7 +11,7 @@ from PIL import Image
 from lowrank.cli import UserError
 from lowrank.feature_cache import denormalize, feature_path, load_manifest, read_feature
 from lowrank.images import Source
-from lowrank.metrics import row_cosine
+from lowrank.metrics import pearson, row_cosine
 from lowrank.vit import Tail, ViT
 
 
@@ -25,13 +25,6 @@ def cut_block(cache_dir, manifest=None):
             f"of vit_features.py (encoder {enc.get('model')}, layer {enc.get('layer')})"
         )
     return int(layer.split("_")[1])
-
-
-def pearson(a, b):
-    """Per row of a, b [N, ...]: Pearson correlation of the flattened values."""
-    a, b = a.flatten(1), b.flatten(1)
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
 class TailTarget:

@@ -11,7 +11,8 @@ import train_real_data
 import vit_downstream
 from lowrank import feature_cache, runs, vit
 from lowrank.cli import UserError
-from lowrank.tail_objective import TailTarget, pearson
+from lowrank.metrics import pearson
+from lowrank.tail_objective import TailTarget
 
 
 def test_the_loss_is_zero_on_the_unmodified_tokens_and_onnxruntimes_on_a_rank_4_svd(vit_cache):
