@@ -35,7 +35,7 @@ from lowrank.cli import (
     run_cli,
 )
 from lowrank.dataset import FeatureDataset, principal_basis
-from lowrank.feature_cache import cached_indices, cached_shape, lossy_note, read_manifest
+from lowrank.feature_cache import cached_indices, cached_shape, load_manifest, lossy_note
 from lowrank.model import ARCH_DEFAULTS, Subspace, load_checkpoint
 from lowrank.runs import BEST, load_run, read_split
 
@@ -139,7 +139,7 @@ def main(argv=None):
     T, D = X.shape[1:]
     sym = symmetric_model(args.symmetric_dir, dev) if args.symmetric_dir else None
     bench = Bench(X, model, sym, cfg.arch, ranks)
-    features = read_manifest(cache_dir)["encoder"]["model"]
+    features = load_manifest(cache_dir).encoder.model
     print(
         f"device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, float32, "
         f"{'evaluated' if args.eval_cache else 'test'} n={len(X)} [{T}, {D}] from {cache_dir} "

@@ -45,7 +45,6 @@ from lowrank.feature_cache import (
     cached_shape,
     check_values,
     feature_path,
-    load_manifest,
     read_manifest,
     tensor_sha,
 )
@@ -284,7 +283,7 @@ def write_cache(args):
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new folder")
     out.mkdir(parents=True)
-    src = load_manifest(cache)
+    src = read_manifest(cache)  # written on, as it is
     idx = cached_indices(cache)
     if basis is not None:
         basis = basis[:, :r].contiguous()
@@ -442,40 +441,51 @@ def model_table(args):
 
 
 def get_args_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument(
-        "task",
-        choices=["study", "cache", "model"],
-        help="study: rate-distortion of every codec; cache: write a compressed cache; model: compress the factoriser",
-    )
-    ap.add_argument(
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument(
         "--results_dir",
         default="results",
         help="a training run: split, normalisation, (subspace) Ω",
     )
-    ap.add_argument("--cache_dir", default=None, help="default: the run's cache")
-    ap.add_argument(
-        "--split", default="test", choices=["train", "val", "test"], help="study: images measured"
+    run.add_argument("--cache_dir", default=None, help="default: the run's cache")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    programs = ap.add_subparsers(
+        dest="task",
+        required=True,
+        metavar="{study,cache,model}",
+        help="the program (its own --help)",
     )
-    ap.add_argument(
-        "--num_samples",
-        type=positive_int,
-        default=None,
-        help="study / model: the first N of the split",
+    sub = dict(parents=[run], formatter_class=HelpFormatter)
+
+    study_ap = programs.add_parser("study", help="rate-distortion of every codec", **sub)
+    study_ap.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="images measured"
     )
-    ap.add_argument("--codecs", default=",".join(CODECS), help="study: codecs measured")
-    ap.add_argument("--ranks", default="16,32,64,128,256", help="study: ranks of the rank codecs")
-    ap.add_argument(
-        "--name",
-        type=name_arg,
-        default=None,
-        help="study: output stem rd_<name> (default: the split)",
+    study_ap.add_argument(
+        "--num_samples", type=positive_int, default=None, help="the first N of the split"
     )
-    ap.add_argument("--codec", default="pca_int8", help="cache: the codec")
-    ap.add_argument(
-        "--rank", type=int, default=256, help="cache: its rank, for svd/pca/omega codecs"
+    study_ap.add_argument("--codecs", default=",".join(CODECS), help="codecs measured")
+    study_ap.add_argument("--ranks", default="16,32,64,128,256", help="ranks of the rank codecs")
+    study_ap.add_argument(
+        "--name", type=name_arg, default=None, help="output stem rd_<name> (default: the split)"
     )
-    ap.add_argument("--out", default=None, help="cache: the new cache's folder")
+    study_ap.set_defaults(program=study)
+
+    cache_ap = programs.add_parser("cache", help="write a compressed cache", **sub)
+    cache_ap.add_argument("--codec", default="pca_int8", choices=CODECS, help="the codec")
+    cache_ap.add_argument(
+        "--rank", type=int, default=256, help="its rank, for svd/pca/omega codecs"
+    )
+    cache_ap.add_argument("--out", required=True, help="the new cache's folder")
+    cache_ap.set_defaults(program=write_cache)
+
+    model_ap = programs.add_parser(
+        "model", help="the factoriser quantised to int8 and pruned", **sub
+    )
+    model_ap.add_argument(
+        "--num_samples", type=positive_int, default=None, help="the first N of the test split"
+    )
+    model_ap.set_defaults(program=model_table)
     return ap
 
 
@@ -485,14 +495,7 @@ def main(argv=None):
         unknown = [c for c in args.codecs.split(",") if c not in CODECS]
         if unknown:
             raise UserError(f"--codecs {','.join(unknown)}: choose from {', '.join(CODECS)}")
-        return study(args)
-    if args.task == "cache":
-        if not args.out:
-            raise UserError("compress.py cache needs --out DIR")
-        if args.codec not in CODECS:
-            raise UserError(f"--codec {args.codec}: choose from {', '.join(sorted(CODECS))}")
-        return write_cache(args)
-    return model_table(args)
+    return args.program(args)
 
 
 if __name__ == "__main__":

@@ -79,22 +79,22 @@ def main(argv=None):
     cfg, split = read_run(args.results_dir)
     cache, norm = cfg.cache_dir, cfg.normalization
     manifest = load_manifest(cache)
-    enc = manifest["encoder"]
+    enc = manifest.encoder
     # (a synthetic cache has no tower: cache_encoder says so)
-    if enc.get("layer", "merger") != "merger":
+    if manifest.encoder.layer != "merger":
         raise UserError(
-            f"{cache} holds the tower's {enc['layer']}: layers.py taps every layer of a merger-output cache"
+            f"{cache} holds the tower's {manifest.encoder.layer}: layers.py taps every layer of a merger-output cache"
         )
     ranks = parse_ints(args.ranks, "--ranks")
     encoder = cache_encoder(cache, pick_device(args.device))
     names = layer_names(encoder.tower)
     idx = first(split[args.split], args.num_samples)
     hw = cache_grid(cache)
-    limit = min(hw[0] * hw[1] * 4, max(encoder.tower.config.hidden_size, enc["feature_dim"]))
+    limit = min(hw[0] * hw[1] * 4, max(encoder.tower.config.hidden_size, enc.feature_dim))
     ranks = parse_ranks(args.ranks, limit)
     check_rank(args.shared_rank, limit, "--shared_rank")
     print(
-        f"{len(idx)} {args.split} images of {cache} through {enc['model']}'s tower ({len(names)} layers: "
+        f"{len(idx)} {args.split} images of {cache} through {enc.model}'s tower ({len(names)} layers: "
         f"{names[0]} .. {names[-1]}; {norm} per token)"
     )
     per_image, grams = {n: [] for n in names}, {}
@@ -111,7 +111,7 @@ def main(argv=None):
     full = list(getattr(encoder.tower, "fullatt_block_indexes", None) or [])
     meta = {
         "cache_dir": str(cache),
-        "model": enc["model"],
+        "model": enc.model,
         "n": len(idx),
         "split": args.split,
         "normalization": norm,
@@ -119,8 +119,8 @@ def main(argv=None):
     meta.update(ranks=ranks, shared_rank=args.shared_rank, full_attention_blocks=full, rows=rows)
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
     write_csv(f"{stem}.csv", rows)
-    title = f"{enc['model']}, {len(idx)} {args.split} images"
-    if enc["model"] in RANDOM_TOWERS:
+    title = f"{enc.model}, {len(idx)} {args.split} images"
+    if enc.model in RANDOM_TOWERS:
         title += " (random weights: the mechanics, not a real model's depth profile)"
     plot(rows, ranks, args.shared_rank, full, f"{stem}.png", title)
     print(f"wrote {stem}.json, .csv, .png")

@@ -127,10 +127,10 @@ def run_setup(args):
             check_spec(s, hw[0] * hw[1], hw[0] * hw[1], hw=hw)
         return specs, (w, h), hw, "layernorm", None, {}
     cfg, split = read_run(args.results_dir)
-    enc = load_manifest(cfg.cache_dir)["encoder"]
-    if enc.get("family") == "vit-onnx" or enc.get("layer", "merger") != "merger":
+    enc = load_manifest(cfg.cache_dir).encoder
+    if enc.family == "vit-onnx" or enc.layer != "merger":
         raise UserError(
-            f"{args.results_dir} was trained on {cfg.cache_dir} ({enc.get('model')}, {enc.get('layer', 'merger')}): "
+            f"{args.results_dir} was trained on {cfg.cache_dir} ({enc.model}, {enc.layer}): "
             f"the language model reads a Qwen vision tower's merger output"
         )
     size, hw = cache_image_size(cfg.cache_dir), cache_grid(cfg.cache_dir)
@@ -140,7 +140,7 @@ def run_setup(args):
     bases = fit_bases(
         specs, LRCP_RANK, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization
     )
-    check_conditions(specs, cfg.arch, cfg.rank if has_nn else None, hw, enc["feature_dim"], bases)
+    check_conditions(specs, cfg.arch, cfg.rank if has_nn else None, hw, enc.feature_dim, bases)
     return specs, size, hw, cfg.normalization, model, bases
 
 

@@ -26,8 +26,8 @@ from lowrank.cli import (
     run_cli,
 )
 from lowrank.dataset import FeatureDataset, make_loader  # noqa: F401  (the seed's import path)
-from lowrank.encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY
-from lowrank.extraction import extract
+from lowrank.encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, TINY, EncoderSpec
+from lowrank.extraction import Part, extract
 from lowrank.feature_cache import MANIFEST, SAMPLE_LOG
 
 
@@ -93,18 +93,17 @@ def main(argv=None):
     s = extract(
         args.dataset_dir,
         args.cache_dir,
-        args.model,
-        device,
-        dtype=args.dtype,
+        EncoderSpec(
+            args.model,
+            device,
+            dtype=args.dtype,
+            revision=args.revision,
+            image_size=args.image_size,
+            layer=args.layer,
+        ),
+        part=Part(start=args.start, limit=args.limit, rank=rank, world_size=world),
         batch_size=args.extract_batch_size,
-        start=args.start,
-        limit=args.limit,
-        revision=args.revision,
-        rank=rank,
-        world_size=world,
         rebuild_manifest=args.rebuild_manifest,
-        image_size=args.image_size,
-        layer=args.layer,
     )
     if world > 1:
         import torch.distributed as dist

@@ -19,6 +19,8 @@ from PIL import Image
 import qwenvl_dataloader
 from lowrank import demo_set, encoders, feature_cache, images, runs
 from lowrank.cli import UserError
+from lowrank.encoders import EncoderSpec
+from lowrank.extraction import Part
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,9 +70,7 @@ def encoder():
 def cache(tmp_path_factory, encoder):
     root = tmp_path_factory.mktemp("extract")
     src, rows = build_parquet(root / "parquet")
-    summary = qwenvl_dataloader.extract(
-        src, root / "cache", encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False
-    )
+    summary = qwenvl_dataloader.extract(src, root / "cache", encoder, batch_size=4, progress=False)
     return src, root / "cache", rows, summary
 
 
@@ -119,9 +119,7 @@ def test_failure_record(cache):
 def test_rerun_extracts_nothing(cache, encoder):
     src, cache_dir, rows, _ = cache
     before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("features_*.pt")}
-    s = qwenvl_dataloader.extract(
-        src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False
-    )
+    s = qwenvl_dataloader.extract(src, cache_dir, encoder, batch_size=4, progress=False)
     assert (s["extracted"], s["skipped"], s["failed"]) == (0, len(rows) - 1, 1)
     assert before == {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("features_*.pt")}
 
@@ -143,9 +141,7 @@ def test_resume_after_interrupt(tmp_path, encoder):
 
     dying.info = encoder.info
     with pytest.raises(Interrupt):
-        qwenvl_dataloader.extract(
-            src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=dying, progress=False
-        )
+        qwenvl_dataloader.extract(src, cache_dir, dying, batch_size=4, progress=False)
     written = sorted(int(p.stem.split("_")[1]) for p in cache_dir.glob("features_*.pt"))
     assert written == [0, 1, 2, 3]
     assert not list(cache_dir.glob(".*tmp"))  # no partial file left
@@ -156,9 +152,7 @@ def test_resume_after_interrupt(tmp_path, encoder):
     p3 = feature_cache.feature_path(cache_dir, 3)
     p3.write_bytes(p3.read_bytes()[:1000])
     stamp = feature_cache.feature_path(cache_dir, 0).stat().st_mtime_ns
-    s = qwenvl_dataloader.extract(
-        src, cache_dir, encoders.TINY, "cpu", batch_size=4, encoder=encoder, progress=False
-    )
+    s = qwenvl_dataloader.extract(src, cache_dir, encoder, batch_size=4, progress=False)
     assert (s["extracted"], s["skipped"], s["failed"]) == (len(rows) - 1 - 3, 3, 1)
     assert feature_cache.feature_path(cache_dir, 0).stat().st_mtime_ns == stamp
     assert feature_cache.read_feature(p3).shape == (256, 2048)
@@ -168,7 +162,7 @@ def test_refuses_mismatched_cache(cache):
     src, cache_dir, _, _ = cache
     with pytest.raises(UserError, match="another encoder.*dtype"):
         qwenvl_dataloader.extract(
-            src, cache_dir, encoders.TINY, "cpu", dtype="bfloat16", progress=False
+            src, cache_dir, EncoderSpec(encoders.TINY, "cpu", dtype="bfloat16"), progress=False
         )
 
 
@@ -284,21 +278,21 @@ def test_folder_and_jsonl_sources(tmp_path, encoder):
     for k, (name, im) in enumerate(ph):
         (tmp_path / "imgs" / f"d{k}").mkdir(parents=True)
         im.save(tmp_path / "imgs" / f"d{k}" / f"{name}.png")
-    s = qwenvl_dataloader.extract(
-        tmp_path / "imgs", tmp_path / "c1", encoder=encoder, progress=False
-    )
+    s = qwenvl_dataloader.extract(tmp_path / "imgs", tmp_path / "c1", encoder, progress=False)
     assert s["extracted"] == 3
     m = feature_cache.load_manifest(tmp_path / "c1")
-    assert [m["samples"][str(k)]["id"] for k in range(3)] == [
-        f"d{k}/{n}.png" for k, (n, _) in enumerate(ph)
-    ]
+    assert [m.samples[k].id for k in range(3)] == [f"d{k}/{n}.png" for k, (n, _) in enumerate(ph)]
     lines = [
         json.dumps({"image": f"imgs/d{k}/{n}.png", "question": "q?", "bbox": [1, 2, 3, 4]})
         for k, (n, _) in enumerate(ph)
     ]
     (tmp_path / "list.jsonl").write_text("\n".join(lines))
     s = qwenvl_dataloader.extract(
-        tmp_path / "list.jsonl", tmp_path / "c2", encoder=encoder, progress=False, start=1, limit=1
+        tmp_path / "list.jsonl",
+        tmp_path / "c2",
+        encoder,
+        part=Part(start=1, limit=1),
+        progress=False,
     )
     assert s["extracted"] == 1 and feature_cache.cached_indices(tmp_path / "c2") == [1]
     torch.testing.assert_close(

@@ -193,9 +193,7 @@ def checked_rules(args, ks, cache, hw, max_rank):
             except ValueError as e:
                 raise UserError(f"--ks / --draw_k {k}: {e}") from None
     m = load_manifest(cache)
-    towerless = (
-        m["source"].get("kind") == "synthetic" or m["encoder"].get("layer", "merger") != "merger"
-    )
+    towerless = m.synthetic or m.encoder.layer != "merger"
     if towerless and "visionzip" in rules and args.rules == get_args_parser().get_default("rules"):
         # the default asks for every rule; visionzip needs the tower's output tokens
         rules.remove("visionzip")
@@ -254,17 +252,17 @@ def sample_context(cache, idx, rules, args):
             context[i]["attention"] = att
     if set(rules) & set(QUESTION_RULES):
         m = load_manifest(cache)
-        missing = [i for i in idx if not m["samples"].get(str(i), {}).get("question")]
+        missing = [i for i in idx if not m.sample(i).question]
         if missing:
             raise UserError(
                 f"--rules {','.join(sorted(set(rules) & set(QUESTION_RULES)))} weigh each token's relevance to the "
                 f"question, and {len(missing)} samples of {cache} have none (e.g. sample {missing[0]})"
             )
-        embed = question_embedder(m["encoder"]["model"], m["encoder"].get("revision"))
+        embed = question_embedder(m.encoder.model, m.encoder.revision)
         # the model's scale: the space of its embedding table
         raw = FeatureDataset(cache, idx, "none")
         for x, i in raw:
-            context[i]["relevance"] = relevance(x, embed(m["samples"][str(i)]["question"]))
+            context[i]["relevance"] = relevance(x, embed(m.sample(i).question))
     return context
 
 
@@ -434,8 +432,7 @@ def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
     from matplotlib.patches import Rectangle
 
     size = cache_image_size(cache)
-    manifest = load_manifest(cache)
-    meta = manifest["samples"].get(str(sid), {})
+    meta = load_manifest(cache).sample(sid)
     image = cached_image(cache, sid)
     H, W = inputs.hw
     cols = math.ceil(len(rules) / 2)
@@ -457,8 +454,8 @@ def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
             extent=(0, size[0], size[1], 0),
             interpolation="nearest",
         )
-        if meta.get("bbox") and meta.get("image_size"):
-            x, y, w, h = scale_bbox(meta["bbox"], meta["image_size"], size)
+        if meta.bbox and meta.image_size:
+            x, y, w, h = scale_bbox(meta.bbox, meta.image_size, size)
             a.add_patch(Rectangle((x, y), w, h, fill=False, ec="cyan", lw=2))
         a.set_title(f"{rule}: {k} of {H * W} kept", fontsize=9)
         a.set_xticks([])
@@ -466,7 +463,7 @@ def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
     for a in ax.flat[len(rules) :]:
         a.axis("off")
     fig.suptitle(
-        f"sample {sid} ({meta.get('id', '?')}): kept tokens (bright), answer box (cyan)",
+        f"sample {sid} ({meta.id or '?'}): kept tokens (bright), answer box (cyan)",
         fontsize=10,
     )
     path = Path(f"{stem}_kept.png")

@@ -384,20 +384,14 @@ def main(argv=None):
     X = FeatureDataset(cache_dir, [sid], cfg.normalization)[0][0]
     channels = parse_channels(args.channels, X.shape[1])
     d = compute(X, model, r, hw)
-    manifest = load_manifest(cache_dir)
-    meta = manifest["samples"].get(str(sid), {})
-    head = (
-        f"{where}, id {meta.get('id', '?')}, rank {r}, {cfg.normalization}{lossy_note(cache_dir)}"
-        + (
-            f"\nQ: {meta['question']}  A: {meta['answers'][0]}"
-            if meta.get("question") and meta.get("answers")
-            else ""
-        )
+    meta = load_manifest(cache_dir).sample(sid)
+    head = f"{where}, id {meta.id or '?'}, rank {r}, {cfg.normalization}{lossy_note(cache_dir)}" + (
+        f"\nQ: {meta.question}  A: {meta.answers[0]}" if meta.question and meta.answers else ""
     )
 
     image, bbox = cached_image(cache_dir, sid), None
-    if image is not None and meta.get("bbox") and meta.get("image_size"):
-        bbox = scale_bbox(meta["bbox"], meta["image_size"], size)
+    if image is not None and meta.bbox and meta.image_size:
+        bbox = scale_bbox(meta.bbox, meta.image_size, size)
 
     out = out_folder(args.out or Path(args.results_dir) / "vis", "--out")
     out.mkdir(parents=True, exist_ok=True)

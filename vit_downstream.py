@@ -36,7 +36,7 @@ from lowrank.downstream import fit_bases
 from lowrank.feature_cache import feature_path, load_manifest, read_feature
 from lowrank.images import Source
 from lowrank.plots import pyplot, save
-from lowrank.reports import write_csv
+from lowrank.reports import Column, print_table, table_line, write_csv
 from lowrank.runs import first, load_run, read_run
 from lowrank.selection import LRCP_RANK, RULES
 from lowrank.transforms import Spec, Tower, check_spec, parse_spec, stored_bytes
@@ -158,14 +158,14 @@ def open_run(args):
     """The run, its ViT cache (refused if another kind), the crops and their photos."""
     cfg, split = read_run(args.results_dir)
     manifest = load_manifest(cfg.cache_dir)
-    enc = manifest["encoder"]
-    if enc.get("family") != "vit-onnx" or not str(enc.get("layer", "")).startswith("block_"):
+    enc = manifest.encoder
+    if enc.family != "vit-onnx" or not enc.layer.startswith("block_"):
         raise UserError(
-            f"{cfg.cache_dir} is not a block cache of vit_features.py (encoder {enc.get('model')}, layer "
-            f"{enc.get('layer')}): the downstream test runs the shipped ViT from a block's tokens"
+            f"{cfg.cache_dir} is not a block cache of vit_features.py (encoder {enc.model}, layer "
+            f"{enc.layer}): the downstream test runs the shipped ViT from a block's tokens"
         )
     idx = first(split[args.split], args.limit)
-    photos = [manifest["samples"][str(i)].get("image_id") for i in idx]
+    photos = [manifest.sample(i).image_id for i in idx]
     return cfg, split, manifest, idx, photos
 
 
@@ -325,7 +325,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     cfg, split, manifest, idx, photos = open_run(args)
     T, D = cfg.shape
-    block = int(manifest["encoder"]["layer"].split("_")[1])
+    block = int(manifest.encoder.layer.split("_")[1])
     has_nn = (Path(args.results_dir) / "best_model.pt").exists()
     conds = conditions(args, T, has_nn)
     model = load_run(args.results_dir).model if any(s.kind == "nn" for s in conds) else None
@@ -337,10 +337,10 @@ def main(argv=None):
             s,
             T,
             D,
-            cfg.rank if has_nn else None,
-            cfg.arch != "symmetric",
-            bases,
-            cfg.grid,
+            nn_rank=cfg.rank if has_nn else None,
+            nested=cfg.arch != "symmetric",
+            bases=bases,
+            hw=cfg.grid,
             attention=False,
         )
     out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
@@ -352,7 +352,7 @@ def main(argv=None):
 
     cut, vit = Cut(block), ViT([f"block_{block}", "final_norm", SALIENCY])
     taps, ref_final, ref_maps = reference(
-        vit, cut, cfg.cache_dir, Source(manifest["source"]["path"]), idx, args.batch_size
+        vit, cut, cfg.cache_dir, Source(manifest.source_path), idx, args.batch_size
     )
     remaining, rows, per_crop = BLOCKS - 1 - block, [], {}
     for spec in tqdm(conds, desc="conditions"):
@@ -380,37 +380,28 @@ def main(argv=None):
     return rows
 
 
-TABLE = (  # (header, width, the row's value)
-    ("condition", -24, lambda r: r["condition"]),
-    ("tokens", 7, lambda r: f"{r['tokens']}"),
-    ("GFLOPs", 8, lambda r: f"{r['flops'] / 1e9:.2f}"),
-    ("KB", 8, lambda r: f"{r['bytes'] / 1024:.1f}"),
-    ("tok cos", 8, lambda r: f"{r['token_cosine']:.3f}"),
-    ("sal r", 8, lambda r: f"{r['saliency_r']:.3f}"),
-    ("ROI IoU", 9, lambda r: f"{r['roi_iou']:.3f}"),
-    ("peak<=1", 8, lambda r: f"{r['peak_within_1']:.3f}"),
-    ("final cos", 10, lambda r: f"{r['final_cosine']:.4f}"),
-    ("CLS cos", 9, lambda r: f"{r['cls_cosine']:.4f}"),
-    ("R@1", 7, lambda r: f"{r['retrieval_at_1']:.3f}"),
+TABLE = (
+    Column("condition", 24, lambda r: r["condition"]),
+    Column("tokens", 7, lambda r: f"{r['tokens']}"),
+    Column("GFLOPs", 8, lambda r: f"{r['flops'] / 1e9:.2f}"),
+    Column("KB", 8, lambda r: f"{r['bytes'] / 1024:.1f}"),
+    Column("tok cos", 8, lambda r: f"{r['token_cosine']:.3f}"),
+    Column("sal r", 8, lambda r: f"{r['saliency_r']:.3f}"),
+    Column("ROI IoU", 9, lambda r: f"{r['roi_iou']:.3f}"),
+    Column("peak<=1", 8, lambda r: f"{r['peak_within_1']:.3f}"),
+    Column("final cos", 10, lambda r: f"{r['final_cosine']:.4f}"),
+    Column("CLS cos", 9, lambda r: f"{r['cls_cosine']:.4f}"),
+    Column("R@1", 7, lambda r: f"{r['retrieval_at_1']:.3f}"),
 )
 
 
 def report(rows, levels, stem, meta):
     """The table (printed, JSON, CSV) and the chart; chance levels as a last line."""
-
-    def line(cells):
-        return "".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, TABLE))
-
-    print(line([h for h, _, _ in TABLE]))
-    for r in rows:
-        print(line([f(r) for _, _, f in TABLE]))
+    print_table(TABLE, rows)
     if levels:
-        chance_row = dict(condition="chance (other photos)", tokens="", flops=0, bytes=0, **levels)
-        print(
-            line(
-                [chance_row["condition"], "", "", "", ""] + [f(chance_row) for _, _, f in TABLE[5:]]
-            )
-        )
+        chance_row = dict(condition="chance (other photos)", **levels)
+        cells = [chance_row["condition"], "", "", "", ""] + [c.cell(chance_row) for c in TABLE[5:]]
+        print(table_line(TABLE, cells))
     Path(f"{stem}.json").write_text(json.dumps({**meta, "chance": levels, "rows": rows}, indent=1))
     write_csv(f"{stem}.csv", rows, list(COLUMNS) + [k for k in rows[0] if k not in COLUMNS])
     plot(rows, levels, f"{stem}.png", meta)

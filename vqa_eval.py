@@ -67,11 +67,11 @@ from lowrank.downstream import (
     fit_bases,
     score,
 )
-from lowrank.encoders import DEFAULT_IMAGE_SIZE, default_dtype
-from lowrank.feature_cache import cache_grid, read_manifest
-from lowrank.images import Source, fingerprint, load_image, parse_image_size
+from lowrank.encoders import default_dtype
+from lowrank.feature_cache import cache_grid, load_manifest
+from lowrank.images import Source, fingerprint, load_image
 from lowrank.plots import pyplot, save
-from lowrank.reports import write_csv
+from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
 from lowrank.transforms import Spec, parse_spec, stored_bytes
@@ -191,8 +191,8 @@ def main(argv=None):
     check_prompt(args.prompt)
     cfg, split = read_run(args.results_dir)
     cache, norm = cfg.cache_dir, cfg.normalization
-    manifest = read_manifest(cache)
-    enc, samples = manifest["encoder"], manifest["samples"]
+    manifest = load_manifest(cache)
+    enc, samples = manifest.encoder, manifest.samples
     name = answering_model(args.model, cache, enc)
     hw, dev = cache_grid(cache), pick_device(args.device)
     dtype = getattr(torch, args.dtype or default_dtype(dev))
@@ -200,14 +200,14 @@ def main(argv=None):
     nn_rank = run.config.rank if run else None
     conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
-    check_conditions(conds, cfg.arch, nn_rank, hw, enc["feature_dim"], bases)
+    check_conditions(conds, cfg.arch, nn_rank, hw, enc.feature_dim, bases)
     idx = first(split[args.split], args.limit)
     check_questions(idx, samples, cache)
     out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"vqa_{args.name or args.split}"
-    size = parse_image_size(enc.get("image_size", DEFAULT_IMAGE_SIZE))
-    settings = run_settings(args, name, size, hw, dtype, norm, cache, run)
+    size = enc.size
+    settings = run_settings(args, cfg, manifest, name, dtype, run)
     rank, world, _ = dist_env()
     log = AnswerLog(out_dir, stem.name, settings)
     done, own = open_logs(log, args.restart, rank, world)
@@ -223,7 +223,7 @@ def main(argv=None):
             f"{len(done)} answers already in {stem}.jsonl, {n_todo} to ask, batches of {batch}"
         )
     if todo:
-        source = Source(args.dataset_dir or manifest["source"]["path"])
+        source = Source(args.dataset_dir or manifest.source_path)
         images = source_images(source, [i for i, _ in todo], samples, cache)
         model, proc = load_vlm(name, dev, dtype, size, args.revision)
         check_max_new_tokens(model, args.max_new_tokens, hw[0] * hw[1])
@@ -233,10 +233,10 @@ def main(argv=None):
 
         def load(i):
             try:
-                return load_image(images[i], size), samples[str(i)]["question"]
+                return load_image(images[i], size), samples[i].question
             except Exception as e:
                 raise UserError(
-                    f"sample {i} ({samples[str(i)].get('id')}): unreadable image ({type(e).__name__}: {e}); "
+                    f"sample {i} ({samples[i].id}): unreadable image ({type(e).__name__}: {e}); "
                     f"the {len(done)} answers so far are kept in {own}"
                 ) from None
 
@@ -246,7 +246,7 @@ def main(argv=None):
         return None
     done = log.read(talk=False) if world > 1 else done
     stored = {
-        str(c): stored_bytes(c, hw[0] * hw[1], enc["feature_dim"], norm, dtype.itemsize, bases)
+        str(c): stored_bytes(c, hw[0] * hw[1], enc.feature_dim, norm, dtype.itemsize, bases)
         for c in conds
     }
     return report(idx, conds, done, samples, stem, settings, stored)
@@ -255,15 +255,15 @@ def main(argv=None):
 def answering_model(model, cache, enc):
     """The full model that answers: --model, or the cache's encoder; it must be the model whose
     merger output the cache holds."""
-    name = model or enc["model"]
-    if name != enc["model"]:
+    name = model or enc.model
+    if name != enc.model:
         raise UserError(
-            f"--model {name}: the cache {cache} holds features of {enc['model']}; the factoriser and "
+            f"--model {name}: the cache {cache} holds features of {enc.model}; the factoriser and "
             f"the token rules work on those features, so answer with the same model"
         )
-    if enc.get("layer", "merger") != "merger":
+    if enc.layer != "merger":
         raise UserError(
-            f"{cache} holds the tower's {enc['layer']}, not its output: the language model takes the merger's tokens"
+            f"{cache} holds the tower's {enc.layer}, not its output: the language model takes the merger's tokens"
         )
     return name
 
@@ -276,7 +276,7 @@ def factoriser_run(args):
 
 
 def check_questions(idx, samples, cache):
-    missing = [i for i in idx if not samples.get(str(i), {}).get("question")]
+    missing = [i for i in idx if i not in samples or not samples[i].question]
     if missing:
         raise UserError(
             f"{len(missing)} of {len(idx)} samples have no question in {cache} (e.g. sample "
@@ -321,16 +321,16 @@ def conditions(args, nn_rank, arch, tokens):
     return list(dict.fromkeys(specs))
 
 
-def run_settings(args, name, size, hw, dtype, norm, cache, run):
+def run_settings(args, cfg, manifest, name, dtype, run):
     """Everything an answer depends on; a log of other settings is refused."""
     return {
         "model": name,
         "revision": args.revision,
-        "protocol": protocol(args, name, size, hw),
+        "protocol": protocol(args, name, manifest.encoder.size, manifest.grid),
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
-        "normalization": norm,
-        "cache": str(cache),
+        "normalization": cfg.normalization,
+        "cache": str(cfg.cache_dir),
         "checkpoint": str(Path(args.results_dir) / BEST) if run else None,
         "checkpoint_sha": run.checkpoint_sha if run else None,  # retrained: other answers
         "lrcp_rank": args.lrcp_rank,
@@ -393,7 +393,7 @@ def source_images(source, indices, samples, cache):
     from."""
     images = dict(source.iter_images(indices))
     for i in indices:
-        fp = samples[str(i)].get("fingerprint")
+        fp = samples[i].fingerprint
         if i not in images or (fp and fingerprint(images[i]) != fp):
             what = (
                 f"not in {source.path}"
@@ -401,7 +401,7 @@ def source_images(source, indices, samples, cache):
                 else f"{source.path} holds another image than the one the cache {cache} was extracted from"
             )
             raise UserError(
-                f"sample {i} ({samples[str(i)].get('id')}): {what}; point --dataset_dir at the data set "
+                f"sample {i} ({samples[i].id}): {what}; point --dataset_dir at the data set "
                 f"the cache was made from"
             )
     return images
@@ -430,7 +430,7 @@ def report(idx, conds, done, samples, stem, settings, stored=None):
     per_sample, summary = score(
         idx, conds, done, samples, stored, settings["protocol"]["vision_tokens"]
     )
-    print_table(summary)
+    print_summary(summary)
     if settings["model"] in RANDOM_TEXT:
         print(
             f"{settings['model']} is a randomly initialised model: these accuracies mean nothing; they prove the "
@@ -460,40 +460,36 @@ def report(idx, conds, done, samples, stem, settings, stored=None):
     return summary
 
 
-COLUMNS = (  # (header, width, format of one summary row)
-    ("condition", 22, lambda s: f"{s['condition']:<22}"),
-    ("VQA acc", 8, lambda s: f"{s['vqa_acc']:>8.4f}"),
-    ("vs original", 20, lambda s: f"{s['delta']:>+11.4f} ± {1.96 * s['delta_se']:<6.4f}"),
-    ("consist", 8, lambda s: f"{s['consistency']:>8.3f}"),
-    (
+COLUMNS = (
+    Column("condition", 22, lambda s: s["condition"]),
+    Column("VQA acc", 8, lambda s: f"{s['vqa_acc']:.4f}"),
+    Column("vs original", 20, lambda s: f"{s['delta']:>+11.4f} ± {1.96 * s['delta_se']:<6.4f}"),
+    Column("consist", 8, lambda s: f"{s['consistency']:.3f}"),
+    Column(
         "R>W W>R (p)",
         15,
         lambda s: f"{s['right_to_wrong']:>4} {s['wrong_to_right']:>3} ({s['flips_p']:.2f})",
     ),
-    ("tokens", 7, lambda s: f"{s['vision_tokens']:>7.0f}"),
-    ("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:>8.2f}"),
-    ("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:>8.2f}"),
-    (
+    Column("tokens", 7, lambda s: f"{s['vision_tokens']:.0f}"),
+    Column("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:.2f}"),
+    Column("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:.2f}"),
+    Column(
         "KiB/img",
         9,
-        lambda s: (
-            f"{s['bytes_per_image'] / 1024:>9.1f}" if s["bytes_per_image"] is not None else " " * 9
-        ),
+        lambda s: f"{s['bytes_per_image'] / 1024:.1f}" if s["bytes_per_image"] is not None else "",
     ),
-    ("trans ms", 9, lambda s: f"{s['transform_ms']:>9.2f}"),
-    ("prefill ms", 11, lambda s: f"{s['prefill_ms']:>11.1f}"),
-    (
+    Column("trans ms", 9, lambda s: f"{s['transform_ms']:.2f}"),
+    Column("prefill ms", 11, lambda s: f"{s['prefill_ms']:.1f}"),
+    Column(
         "ms/token",
         9,
-        lambda s: f"{s['decode_ms_per_token']:>9.2f}" if s["decode_ms_per_token"] else " " * 9,
+        lambda s: f"{s['decode_ms_per_token']:.2f}" if s["decode_ms_per_token"] else "",
     ),
 )
 
 
-def print_table(summary):
-    print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
-    for s in summary:
-        print("".join(f(s) for _, _, f in COLUMNS))
+def print_summary(summary):
+    print_table(COLUMNS, summary)
     print(
         "VQA acc: min(#annotators / 3, 1) over the 10 leave-one-out subsets, normalised answers; vs original: paired "
         "difference, ± 1.96 standard errors over the samples (bootstrap 95 % intervals in the JSON); consist: share "

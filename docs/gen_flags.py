@@ -36,19 +36,16 @@ def cell(text):
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def section(name):
-    parser = importlib.import_module(name).get_args_parser()
-    first = (parser.description or "").strip().splitlines()[0] if parser.description else ""
-    lines = [
-        f"## `{name}.py`",
-        "",
-        cell(first),
-        "",
-        "| flag | default | meaning |",
-        "|---|---|---|",
-    ]
+def subcommands(parser):
+    """{name: parser} of a script's subcommands (compress.py study / cache / model); {} if none."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subs[0].choices) if subs else {}
+
+
+def flag_table(parser):
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
     for a in parser._actions:
-        if isinstance(a, argparse._HelpAction):
+        if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
         flag = ", ".join(f"`{f}`" for f in a.option_strings) or f"`{a.dest}` (positional)"
         if a.choices:
@@ -64,7 +61,19 @@ def section(name):
         elif a.default is None and "(default: " in (a.help or ""):
             default = f"`{cell(a.help.rsplit('(default: ', 1)[1].rstrip(')'))}`"
         lines.append(f"| {flag} | {default} | {cell(a.help)} |")
-    return "\n".join(lines)
+    return lines
+
+
+def section(name):
+    parser = importlib.import_module(name).get_args_parser()
+    first = (parser.description or "").strip().splitlines()[0] if parser.description else ""
+    lines = [f"## `{name}.py`", "", cell(first), ""]
+    subs = subcommands(parser)
+    if not subs:
+        return "\n".join(lines + flag_table(parser))
+    for sub, sub_parser in subs.items():
+        lines += [f"### `{name}.py {sub}`", ""] + flag_table(sub_parser) + [""]
+    return "\n".join(lines).rstrip()
 
 
 def render():

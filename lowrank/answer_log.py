@@ -2,9 +2,7 @@
 The answer log of a downstream run (vqa_eval.py): <out_dir>/<stem>.jsonl, and one log per process
 under torchrun (<stem>.rank<r>.jsonl). Whole JSON lines, appended; the first line holds the run's
 settings, every line their hash, so answers of other settings are never taken as this run's. Each
-log has one writer (its process), so a torn last line from a killed write is cut off before
-appending (the feature cache's sample log, shared by many writers, is closed with a newline instead:
-cutting there could drop another writer's line).
+log has one writer (its process): a torn last line is cut off before appending (jsonl.py's policy).
 """
 
 import hashlib
@@ -13,6 +11,7 @@ import re
 from pathlib import Path
 
 from lowrank.cli import UserError
+from lowrank.jsonl import complete_text, cut_torn_tail
 
 
 def settings_hash(settings):
@@ -49,9 +48,8 @@ class AnswerLog:
         answer: it is asked again."""
         done = {}
         for path in self.paths():
-            text = path.read_text()
-            if text and not text.endswith("\n"):
-                text = text[: text.rfind("\n") + 1]
+            text, torn = complete_text(path)
+            if torn:
                 if talk:
                     print(
                         f"note: {path}: its last line was cut off by an interrupted write; that answer is asked again"
@@ -81,10 +79,8 @@ class AnswerLog:
     def start(self, path):
         """Make path ready for appending: a torn last line cut off, the settings line written to a
         new log."""
-        text = path.read_text() if path.exists() else ""
-        if text and not text.endswith("\n"):
-            path.write_text(text[: text.rfind("\n") + 1])
-        if not text.strip():
+        cut_torn_tail(path)
+        if not complete_text(path)[0].strip():
             path.write_text(json.dumps({"settings": self.settings, "h": self.h}) + "\n")
 
     def remove(self):

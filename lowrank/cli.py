@@ -12,6 +12,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -238,14 +239,22 @@ def name_arg(text):
         raise argparse.ArgumentTypeError(str(e).strip()) from None
 
 
+class Dist(NamedTuple):
+    """This process under torchrun: its rank, the number of processes, its rank on this machine."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
 def dist_env():
-    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group
-    (nccl on CUDA, else gloo) when world_size > 1. Without torchrun: (0, 1, 0)."""
+    """Dist from torchrun's environment; initialises the process group (nccl on CUDA, else gloo)
+    when world > 1. Without torchrun: Dist(0, 1, 0)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1, 0
+        return Dist(0, 1, 0)
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0))
+    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)))

@@ -13,14 +13,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from lowrank.cli import BadFeature, UserError
-from lowrank.encoders import DEFAULT_IMAGE_SIZE, Encoder, attention_received
+from lowrank.encoders import Encoder, attention_received
 from lowrank.feature_cache import (
     cached_indices,
     cached_shape,
     check_feature_header,
     check_values,
     feature_path,
-    info_size,
     load_manifest,
     normalize,
     read_feature,
@@ -42,7 +41,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         manifest = load_manifest(cache_dir)
         self.indices = list(cached_indices(cache_dir, manifest) if indices is None else indices)
         self.shape = cached_shape(cache_dir, manifest)
-        self.codec = manifest.get("codec")  # a compressed cache (compress.py): decoded on load
+        self.codec = manifest.codec  # a compressed cache (compress.py): decoded on load
         self.basis = load_basis(self.cache_dir, self.codec, self.shape[1]) if self.codec else None
         normalize(torch.zeros(1, 4), normalization)  # fail early on a bad mode
         if preload == "auto":
@@ -100,16 +99,16 @@ def cached_image(cache_dir, sid):
     or None with a printed reason: the source moved, or holds other bytes for this sample now (its
     fingerprint differs), so what it holds would be drawn under features it did not make."""
     manifest = load_manifest(cache_dir)
-    meta = manifest["samples"].get(str(sid), {})
+    meta = manifest.sample(sid)
     try:
-        data = Source(manifest["source"]["path"]).image(sid)
-        if meta.get("fingerprint") and fingerprint(data) != meta["fingerprint"]:
+        data = Source(manifest.source_path).image(sid)
+        if meta.fingerprint and fingerprint(data) != meta.fingerprint:
             print(
                 f"the source's image for sample {sid} is not the one the cache was made from (fingerprint "
                 f"differs); drawing the token maps only"
             )
             return None
-        return np.asarray(load_image(data, info_size(manifest["encoder"])))
+        return np.asarray(load_image(data, manifest.encoder.size))
     except Exception as e:
         print(f"source image not reachable ({type(e).__name__}: {e}); drawing the token maps only")
         return None
@@ -119,18 +118,16 @@ def cache_encoder(cache_dir, device="cpu"):
     """The Encoder that made a cache of real images (same model, revision, dtype, size and
     layer)."""
     manifest = load_manifest(cache_dir)
-    enc = manifest["encoder"]
-    if manifest["source"].get("kind") == "synthetic" or enc.get("family") == "synthetic":
+    enc = manifest.encoder
+    if manifest.synthetic:
         raise UserError(f"{cache_dir} holds synthetic features: there is no vision tower to run")
-    if enc.get("family") == "vit-onnx":
+    if enc.family == "vit-onnx":
         raise UserError(
             f"{cache_dir} holds a plain ViT's tokens (vit_features.py): there is no Qwen tower to run"
         )
-    size = enc.get("image_size", DEFAULT_IMAGE_SIZE)
+    size = enc.image_size
     size = "x".join(map(str, size)) if isinstance(size, list) else size
-    return Encoder(
-        enc["model"], device, enc.get("dtype"), enc.get("revision"), size, enc.get("layer")
-    )
+    return Encoder(enc.model, device, enc.dtype, enc.revision, size, enc.layer)
 
 
 def rerun_tower(encoder, cache_dir, idx, run, desc="tower", progress=True):

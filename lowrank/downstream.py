@@ -68,7 +68,13 @@ def check_conditions(conds, arch, nn_rank, hw, dim, bases):
     before any work."""
     for spec in conds:
         check_spec(
-            spec, hw[0] * hw[1], dim, nn_rank, nested=arch != "symmetric", bases=bases, hw=hw
+            spec,
+            hw[0] * hw[1],
+            dim,
+            nn_rank=nn_rank,
+            nested=arch != "symmetric",
+            bases=bases,
+            hw=hw,
         )
 
 
@@ -303,17 +309,12 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
     standard error over the samples and a bootstrap interval; consistency is the agreement with the
     original tokens' answer. The cost columns summarise the answers' records (Asker.ask); stored:
     {condition: bytes per image} (transforms.stored_bytes); tokens: the image's vision tokens, so a
-    k is also recorded as a share of them."""
+    k is also recorded as a share of them; samples: {index: feature_cache.SampleRecord}."""
     names = [str(s) for s in conds]
     per_sample = []
     for i in idx:
-        refs = samples[str(i)].get("answers") or []
-        row = {
-            "sample": i,
-            "id": samples[str(i)].get("id"),
-            "question": samples[str(i)]["question"],
-            "answers": refs,
-        }
+        refs = list(samples[i].answers)
+        row = {"sample": i, "id": samples[i].id, "question": samples[i].question, "answers": refs}
         for n in names:
             a = done[(i, n)]["answer"]
             row[n] = {

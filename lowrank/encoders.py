@@ -9,6 +9,7 @@ import importlib
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,6 +109,32 @@ def encoder_key(
         "image_size": w if w == h else [w, h],
         "layer": layer or "merger",
     }
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which tower makes a cache's features, known before it loads: key() identifies the cache's
+    encoder (checked against an existing cache first), build() loads it."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None  # default: cuda if the machine has it, else cpu
+    dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    revision: str | None = None
+    image_size: str = DEFAULT_IMAGE_SIZE
+    layer: str | None = None  # default: the merger's output
+
+    def where(self):
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def key(self):
+        return encoder_key(
+            self.model, self.revision, self.dtype, self.where(), self.image_size, self.layer
+        )
+
+    def build(self):
+        return Encoder(
+            self.model, self.where(), self.dtype, self.revision, self.image_size, self.layer
+        )
 
 
 def family_classes(family):

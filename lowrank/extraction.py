@@ -6,14 +6,14 @@ samples into the one manifest under the cache's lock.
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from lowrank.cli import BadFeature, UserError
-from lowrank.encoders import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, Encoder, encoder_key
+from lowrank.encoders import EncoderSpec
 from lowrank.feature_cache import (
     MANIFEST,
     SAMPLE_LOG,
@@ -162,30 +162,32 @@ def write_all(src, todo, writer, batch_size, desc, progress):
     return extracted
 
 
+@dataclass(frozen=True)
+class Part:
+    """The samples one process extracts: every world_size-th of [start, start + limit) of the
+    source, from its rank on (torchrun: each process its own)."""
+
+    start: int = 0
+    limit: int | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
 def extract(
     dataset_dir,
-    cache_dir="feature_cache_real",
-    model=DEFAULT_MODEL,
-    device=None,
+    cache_dir,
+    encoder,
     *,
-    dtype=None,
     batch_size=8,
-    start=0,
-    limit=None,
-    revision=None,
-    rank=0,
-    world_size=1,
+    part=Part(),
     progress=True,
-    encoder=None,
     rebuild_manifest=False,
-    image_size=DEFAULT_IMAGE_SIZE,
-    layer=None,
 ):
-    """Extract features for samples [start, start+limit) of the source into cache_dir. Returns a
-    summary dict. Any number of processes may run on one cache_dir (the manifest is merged under a
-    lock); a sample already cached is skipped only if its image bytes still hash to the fingerprint
-    recorded for it."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Extract features of the source's samples (part: which) into cache_dir with encoder: an
+    EncoderSpec, loaded once the cache is found compatible, or a loaded Encoder. Returns a summary
+    dict. Any number of processes may run on one cache_dir (the manifest is merged under a lock); a
+    sample already cached is skipped only if its image bytes still hash to the fingerprint recorded
+    for it."""
     cache_dir = Path(cache_dir)
     src = Source(dataset_dir)
     source_info = {
@@ -195,13 +197,10 @@ def extract(
     }
     for what, n in src.notes.items():  # the metadata schema's coercions (images.Source.clean)
         print(f"note: {n} samples: {what}")
-    key = (
-        encoder.info
-        if encoder is not None
-        else encoder_key(model, revision, dtype, device, image_size, layer)
-    )
+    spec = encoder if isinstance(encoder, EncoderSpec) else None
+    key = spec.key() if spec else encoder.info
     manifest, rebuild_manifest = open_cache(cache_dir, source_info, key, rebuild_manifest)
-    enc = encoder or Encoder(model, device, dtype, revision, image_size, layer)
+    enc = spec.build() if spec else encoder
     check_compatible(manifest, enc.info, source_info, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(cache_dir)
@@ -211,14 +210,14 @@ def extract(
             (cache_dir / MANIFEST).unlink(missing_ok=True)
     listed = merge_into_manifest(cache_dir, enc.info, source_info, log=log)["samples"]
 
-    stop = len(src) if limit is None else min(len(src), start + limit)
-    mine = list(range(start + rank, stop, world_size))
+    stop = len(src) if part.limit is None else min(len(src), part.start + part.limit)
+    mine = list(range(part.start + part.rank, stop, part.world_size))
     shape = (enc.info["grid"][0] * enc.info["grid"][1], enc.info["feature_dim"])
     valid = still_valid(cache_dir, src, listed, mine, shape)
     todo = [i for i in mine if i not in valid]
     writer = CacheWriter(cache_dir, enc, source_info, {i: dict(src.meta[i]) for i in todo})
     t0 = time.time()
-    desc = f"extract{'' if world_size == 1 else f' rank {rank}'}"
+    desc = f"extract{'' if part.world_size == 1 else f' rank {part.rank}'}"
     extracted = write_all(src, todo, writer, batch_size, desc, progress)
     dt = time.time() - t0
     return {

@@ -5,6 +5,7 @@ and the token grid) and the append-only sample log; atomic writes, the cache loc
 every file read back, and the normalisation every script applies to what it reads.
 """
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -16,12 +17,14 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lowrank.cli import BadFeature, UserError
+from lowrank.jsonl import append_lines, complete_text
 from lowrank.metrics import box_mask
 
 MANIFEST = "manifest.json"
@@ -245,7 +248,115 @@ def read_manifest(cache_dir):
     return m
 
 
+@dataclass(frozen=True)
+class EncoderRecord:
+    """The manifest's encoder: what made the features, with the legacy defaults in one place (caches
+    from before --layer hold the tower's output; before image_size was recorded, 448)."""
+
+    model: str | None = None
+    family: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    image_size: object = 448  # one int (square) or [W, H]
+    cell: int | None = None  # pixels per token side
+    grid: list | None = None  # [rows H, columns W] of the token grid
+    feature_dim: int | None = None
+    layer: str = "merger"
+
+    @property
+    def size(self):
+        """(W, H) in pixels that the images were resized to."""
+        v = self.image_size
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """What the source said of one extracted sample; fields: every field as recorded (--group_by
+    reads any of them)."""
+
+    id: str | None = None
+    image_id: str | None = None
+    question: str | None = None
+    answers: tuple = ()
+    bbox: list | None = None  # [x, y, w, h] in the original image's pixels
+    image_size: list | None = None  # the original image's (W, H)
+    fingerprint: str | None = None
+    fields: dict = field(default_factory=dict)
+
+
+def known(cls, d):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A cache's manifest.json, read (load_manifest): the one record of T, D and the token grid."""
+
+    cache_dir: Path
+    encoder: EncoderRecord
+    source_kind: str | None
+    source_path: str | None  # the images' folder / parquet shards / JSONL list
+    samples: dict  # {index: SampleRecord} of every extracted sample
+    failed: dict  # {index: why}
+    codec: dict | None  # a compressed cache (compress.py): its codec, rank and measured quality
+
+    @classmethod
+    def from_dict(cls, m, cache_dir):
+        enc, src = m.get("encoder") or {}, m.get("source") or {}
+        samples = {
+            int(i): SampleRecord(
+                **{
+                    **known(SampleRecord, r),
+                    "answers": tuple(r.get("answers") or ()),
+                    "fields": dict(r),
+                }
+            )
+            for i, r in m.get("samples", {}).items()
+        }
+        return cls(
+            Path(cache_dir),
+            EncoderRecord(**known(EncoderRecord, enc)),
+            src.get("kind"),
+            src.get("path"),
+            samples,
+            {int(i): why for i, why in m.get("failed", {}).items()},
+            m.get("codec"),
+        )
+
+    @property
+    def grid(self):
+        """(rows H, columns W) of the token grid: token t sits at row t // W, column t % W."""
+        if self.encoder.grid is None or self.encoder.feature_dim is None:
+            raise UserError(
+                f"{self.cache_dir / MANIFEST} records no token grid / feature dim: re-extract with "
+                "--rebuild_manifest"
+            )
+        return tuple(self.encoder.grid)
+
+    @property
+    def shape(self):
+        """(tokens T, dim D) of the features."""
+        h, w = self.grid
+        return h * w, self.encoder.feature_dim
+
+    @property
+    def synthetic(self):
+        return self.source_kind == "synthetic" or self.encoder.family == "synthetic"
+
+    def sample(self, i):
+        return self.samples.get(int(i), SampleRecord())
+
+
+def info_size(info):
+    """(W, H) from an encoder record written as a dict (extraction's encoder info)."""
+    return EncoderRecord(**known(EncoderRecord, info)).size
+
+
 def load_manifest(cache_dir):
+    """The cache's Manifest; a missing folder or manifest is refused with the command that builds
+    it."""
     if not Path(cache_dir).is_dir():
         raise UserError(
             f"feature cache directory '{cache_dir}' does not exist. Build it with: "
@@ -256,40 +367,20 @@ def load_manifest(cache_dir):
             f"'{cache_dir}' is not a feature cache ({MANIFEST} missing). Build it with: "
             + extract_command(cache_dir)
         )
-    return read_manifest(cache_dir)
+    return Manifest.from_dict(read_manifest(cache_dir), cache_dir)
 
 
 def read_sample_log(cache_dir):
-    """{index: record} from samples.jsonl (later lines win; a torn last line from a kill is
-    ignored)."""
-    p, out = Path(cache_dir) / SAMPLE_LOG, {}
-    if p.exists():
-        for line in p.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                out[int(rec["i"])] = rec
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
+    """{index: record} from samples.jsonl (later lines win; a torn line from a kill, closed by the
+    next writer, is skipped: jsonl.py)."""
+    out = {}
+    for line in complete_text(Path(cache_dir) / SAMPLE_LOG)[0].splitlines():
+        try:
+            rec = json.loads(line)
+            out[int(rec["i"])] = rec
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
     return out
-
-
-def append_lines(path, records):
-    """Append records as JSON lines with one write() under O_APPEND: concurrent writers never
-    interleave within a line. A torn last line (a killed writer) is closed first, so the new lines
-    never glue onto it."""
-    if not records:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        os.write(
-            fd,
-            ("\n" if torn else "").encode()
-            + "".join(json.dumps(r) + "\n" for r in records).encode(),
-        )
-    finally:
-        os.close(fd)
 
 
 def append_sample_log(cache_dir, records):
@@ -303,7 +394,7 @@ def key_string(info):
 def check_compatible(manifest, encoder_info, source_info, cache_dir):
     old = manifest.get("encoder", {})
     # caches from before --layer hold the tower's output
-    old = {"layer": "merger", **old} if old else old
+    old = {"layer": EncoderRecord.layer, **old} if old else old
     diff = {k: (old.get(k), v) for k, v in encoder_info.items() if k in old and old.get(k) != v}
     if diff:
         raise UserError(
@@ -376,7 +467,7 @@ def denormalize(xn, x, mode="layernorm"):
 def cached_indices(cache_dir, manifest=None):
     """Sorted indices of the samples whose features the manifest lists as extracted."""
     m = manifest or load_manifest(cache_dir)
-    idx = sorted(int(i) for i in m.get("samples", {}) if feature_path(cache_dir, int(i)).exists())
+    idx = sorted(i for i in m.samples if feature_path(cache_dir, i).exists())
     if not idx:
         raise UserError(
             f"the feature cache '{cache_dir}' is empty. Build it with: "
@@ -386,49 +477,30 @@ def cached_indices(cache_dir, manifest=None):
 
 
 def cache_grid(cache_dir, manifest=None):
-    """(rows H, columns W) of a cache's token grid, from its manifest: token t sits at row t // W,
-    column t % W."""
-    enc = (manifest or load_manifest(cache_dir)).get("encoder", {})
-    if "grid" not in enc or "feature_dim" not in enc:
-        raise UserError(
-            f"{Path(cache_dir) / MANIFEST} records no token grid / feature dim: re-extract with --rebuild_manifest"
-        )
-    return tuple(enc["grid"])
+    return (manifest or load_manifest(cache_dir)).grid
 
 
 def cached_shape(cache_dir, manifest=None):
     """(tokens T, dim D) of a cache's features, from its manifest: the one source of the feature
     shape."""
-    manifest = manifest or load_manifest(cache_dir)
-    h, w = cache_grid(cache_dir, manifest)
-    return h * w, manifest["encoder"]["feature_dim"]  # cache_grid checked it is there
+    return (manifest or load_manifest(cache_dir)).shape
 
 
 def cache_image_size(cache_dir):
     """(W, H) in pixels that the cache's images were resized to."""
-    return info_size(load_manifest(cache_dir)["encoder"])
-
-
-def info_size(info):
-    """(W, H) from an encoder record: image_size is one int (square) or [W, H]."""
-    v = info.get("image_size", 448)
-    return (v, v) if isinstance(v, int) else tuple(v)
+    return load_manifest(cache_dir).encoder.size
 
 
 def answer_box_masks(cache_dir, indices):
     """{index: bool [T] mask of the tokens overlapping the sample's answer box, or None (no bbox, no
     original image size, or a box outside the image)}; the box is scaled from the original image to
     the cache's image size."""
-    samples, grid, size = (
-        load_manifest(cache_dir).get("samples", {}),
-        cache_grid(cache_dir),
-        cache_image_size(cache_dir),
-    )
+    m = load_manifest(cache_dir)
     out = {}
     for i in indices:
-        m = samples.get(str(i), {})
-        ok = m.get("bbox") and m.get("image_size") and len(m["bbox"]) == 4
-        out[i] = box_mask(m["bbox"], m["image_size"], grid, size) if ok else None
+        s = m.sample(i)
+        ok = s.bbox and s.image_size and len(s.bbox) == 4
+        out[i] = box_mask(s.bbox, s.image_size, m.grid, m.encoder.size) if ok else None
     return out
 
 

@@ -21,7 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-MERGES = ("pool", "tome", "visionzip")
+from lowrank.selection import Rule
+
 CONTEXTUAL_SHARE = 10 / 64  # VisionZip's split of a 64-token budget: 54 dominant + 10 contextual
 
 
@@ -99,14 +100,20 @@ def visionzip(X, k, attention):
     return Wt[order], torch.tensor(reps)[order]
 
 
+def pooled(X, k, hw):
+    return pool(hw, k)
+
+
+MERGING = {
+    "pool": Rule(pooled, needs=("hw",)),
+    "tome": Rule(tome),
+    "visionzip": Rule(visionzip, needs=("attention",)),
+}
+MERGES = tuple(MERGING)
+
+
 def merge(rule, X, k, hw=None, attention=None):
     """(W [k, T], representatives [k], ascending) of rule for one image X [T, D]."""
-    if rule == "pool":
-        return pool(hw, k)
-    if rule == "tome":
-        return tome(X, k)
-    if rule == "visionzip":
-        if attention is None:
-            raise ValueError("visionzip needs the vision tower's attention received per token")
-        return visionzip(X, k, attention)
-    raise ValueError(f"unknown merging rule '{rule}' (choose from {', '.join(MERGES)})")
+    if rule not in MERGING:
+        raise ValueError(f"unknown merging rule '{rule}' (choose from {', '.join(MERGES)})")
+    return MERGING[rule](rule, X, k, dict(hw=hw, attention=attention))

@@ -1,11 +1,12 @@
 """
-Report files every script writes the same way: CSV tables safe to open in a spreadsheet (a cell that
+Reports every script writes the same way: CSV tables safe to open in a spreadsheet (a cell that
 starts with = + - @, a tab or a carriage return is prefixed with a quote, so '=HYPERLINK(...)' from
-a question stays text).
+a question stays text), and tables printed in aligned columns.
 """
 
 import csv
 import numbers
+from dataclasses import dataclass
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -30,3 +31,27 @@ def write_csv(path, rows, header=None):
         for r in rows:
             cells = [r.get(k) for k in header] if isinstance(r, dict) else r
             w.writerow([safe_cell(v) for v in cells])
+
+
+@dataclass(frozen=True)
+class Column:
+    """A printed table's column: its header, its width, and the text of a row's cell (row -> str).
+    The first column is aligned left, the others right."""
+
+    header: str
+    width: int
+    cell: object
+
+
+def table_line(columns, cells):
+    return "".join(
+        f"{c:<{col.width}}" if i == 0 else f"{c:>{col.width}}"
+        for i, (c, col) in enumerate(zip(cells, columns))
+    )
+
+
+def print_table(columns, rows):
+    """The header, then one line per row."""
+    print(table_line(columns, [c.header for c in columns]))
+    for r in rows:
+        print(table_line(columns, [c.cell(r) for c in columns]))

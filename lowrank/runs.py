@@ -191,8 +191,8 @@ def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
     """{index: group key} from the manifest: group_by a per-sample field (image_id: the photo a
     sample was made from), 'fingerprint' (identical image bytes), 'none', or 'auto' = image_id where
     the source has it, else fingerprint. Returns (groups or None, the field used)."""
-    samples = load_manifest(cache_dir).get("samples", {})
-    meta = [samples.get(str(i), {}) for i in indices]
+    samples = load_manifest(cache_dir).samples
+    meta = [samples[i].fields if i in samples else {} for i in indices]
     if group_by == GROUP_AUTO:
         group_by = next(
             (f for f in ("image_id", "fingerprint") if meta and all(f in m for m in meta)), "none"
@@ -211,11 +211,11 @@ def split_groups(cache_dir, indices, group_by=GROUP_AUTO):
 def shared_between_splits(cache_dir, split, field):
     """How many distinct values of a manifest field (e.g. the image fingerprint) occur in more than
     one split."""
-    samples = load_manifest(cache_dir).get("samples", {})
+    samples = load_manifest(cache_dir).samples
     seen = {}
     for part in ("train", "val", "test"):
         for i in split[part]:
-            v = samples.get(str(i), {}).get(field)
+            v = samples[i].fields.get(field) if i in samples else None
             if v is not None:
                 seen.setdefault(json.dumps(v), set()).add(part)
     return sum(len(parts) > 1 for parts in seen.values())

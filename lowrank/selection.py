@@ -30,14 +30,12 @@ Merging rules (pooling, ToMe, VisionZip) are in merging.py.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
-RULES = ("leverage", "lrcp", "pivoted_qr", "divprune", "dart", "norm", "grid", "random")
-# need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
-QUESTION_RULES = ("cdpruner", "mmr")
 CDP_THETA = 1.0  # CDPruner: how strongly relevance scales a token's quality
 MMR_LAMBDA = 0.5  # IDPruner: relevance against redundancy
 DART_PIVOTS = 4  # DART's pivot image tokens
@@ -150,19 +148,19 @@ def dpp_greedy_map(L, k):
     return torch.tensor(kept)
 
 
-def cdpruner(X, k, rel, theta=CDP_THETA):
+def cdpruner(X, k, relevance, theta=CDP_THETA):
     """CDPruner: the DPP's greedy MAP with L = diag(q) S diag(q), S the tokens' cosine similarity (a
     Gram matrix, so L is positive semi-definite), q = exp(theta · relevance)."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
-    q = torch.exp(theta * rel.double().to(X.device))
+    q = torch.exp(theta * relevance.double().to(X.device))
     return dpp_greedy_map(q[:, None] * (Xn @ Xn.T) * q[None, :], k)
 
 
-def mmr(X, k, rel, lam=MMR_LAMBDA):
+def mmr(X, k, relevance, lam=MMR_LAMBDA):
     """IDPruner's maximal marginal relevance: greedily argmax λ · rel_t − (1 − λ) · max over kept s
     of cos(x_t, x_s) (no redundancy term for the first)."""
     Xn = torch.nn.functional.normalize(X.double(), dim=1)
-    sim, rel = Xn @ Xn.T, rel.double().to(X.device)
+    sim, rel = Xn @ Xn.T, relevance.double().to(X.device)
     redundancy, kept = torch.zeros(len(X), dtype=torch.float64, device=X.device), []
     for _ in range(k):
         score = lam * rel - (1 - lam) * redundancy
@@ -172,34 +170,79 @@ def mmr(X, k, rel, lam=MMR_LAMBDA):
     return torch.tensor(kept)
 
 
+def leverage(X, k):
+    """U_k from the eigenvectors of the T x T Gram matrix (float64): its k largest row norms."""
+    Xd = X.double()
+    U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
+    return (U * U).sum(1).topk(k).indices
+
+
+def lrcp(X, k, basis):
+    Xd = X.double()
+    resid = Xd - (Xd @ basis) @ basis.T
+    return (resid * resid).sum(1).topk(k).indices
+
+
+def largest_norm(X, k):
+    return (X.double() ** 2).sum(1).topk(k).indices
+
+
+def grid(X, k, hw):
+    return grid_tokens(hw, k)
+
+
+def uniform(X, k, generator=None):
+    return torch.randperm(len(X), generator=generator)[:k]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection rule: fn(X, k, **inputs) with the inputs it needs (a missing one is refused) and
+    those it may take."""
+
+    fn: object
+    needs: tuple = ()
+    takes: tuple = ()
+
+    def __call__(self, name, X, k, given):
+        """fn on one image X [T, D]; given: {input: value or None}; a needed one missing is refused
+        by name."""
+        for need in self.needs:
+            if given[need] is None:
+                raise ValueError(f"{name} needs {NEEDED[need]}")
+        return self.fn(X, k, **{n: given[n] for n in self.needs + self.takes})
+
+
+SELECTION = {
+    "leverage": Rule(leverage),
+    "lrcp": Rule(lrcp, needs=("basis",)),
+    "pivoted_qr": Rule(pivoted_qr),
+    "divprune": Rule(divprune),
+    "dart": Rule(dart),
+    "norm": Rule(largest_norm),
+    "grid": Rule(grid, needs=("hw",)),
+    "random": Rule(uniform, takes=("generator",)),
+    # need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
+    "cdpruner": Rule(cdpruner, needs=("relevance",)),
+    "mmr": Rule(mmr, needs=("relevance",)),
+}
+QUESTION_RULES = tuple(n for n, r in SELECTION.items() if "relevance" in r.needs)
+RULES = tuple(n for n in SELECTION if n not in QUESTION_RULES)
+NEEDED = {
+    "basis": "lrcp's principal basis",
+    "hw": "the token grid (H, W)",
+    "relevance": "each token's relevance to the question",
+    "attention": "the vision tower's attention received per token",
+}
+
+
 def select(rule, X, k, *, hw=None, basis=None, generator=None, relevance=None):
     """Indices [k] of the tokens rule keeps for one image X [T, D]; relevance [T] for the
     question-aware rules."""
-    if rule in QUESTION_RULES:
-        if relevance is None:
-            raise ValueError(f"{rule} needs each token's relevance to the question")
-        return cdpruner(X, k, relevance) if rule == "cdpruner" else mmr(X, k, relevance)
-    if rule == "leverage":  # U_k from the eigenvectors of the T x T Gram matrix (float64)
-        Xd = X.double()
-        U = torch.linalg.eigh(Xd @ Xd.T)[1][:, -k:]
-        return (U * U).sum(1).topk(k).indices
-    if rule == "lrcp":
-        Xd = X.double()
-        resid = Xd - (Xd @ basis) @ basis.T
-        return (resid * resid).sum(1).topk(k).indices
-    if rule == "pivoted_qr":
-        return pivoted_qr(X, k)
-    if rule == "divprune":
-        return divprune(X, k)
-    if rule == "dart":
-        return dart(X, k)
-    if rule == "norm":
-        return (X.double() ** 2).sum(1).topk(k).indices
-    if rule == "grid":
-        return grid_tokens(hw, k)
-    if rule == "random":
-        return torch.randperm(len(X), generator=generator)[:k]
-    raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(RULES + QUESTION_RULES)})")
+    if rule not in SELECTION:
+        raise ValueError(f"unknown rule '{rule}' (choose from {', '.join(SELECTION)})")
+    given = dict(hw=hw, basis=basis, generator=generator, relevance=relevance)
+    return SELECTION[rule](rule, X, k, given)
 
 
 def reconstruct_from(X, kept, rtol=1e-10):

@@ -17,14 +17,13 @@ from lowrank.vit import Tail, ViT
 
 def cut_block(cache_dir, manifest=None):
     """The block a vit_features.py block cache was cut after; anything else is refused."""
-    enc = (manifest or load_manifest(cache_dir))["encoder"]
-    layer = str(enc.get("layer", ""))
-    if enc.get("family") != "vit-onnx" or not layer.startswith("block_"):
+    enc = (manifest or load_manifest(cache_dir)).encoder
+    if enc.family != "vit-onnx" or not enc.layer.startswith("block_"):
         raise UserError(
             f"--tail_weight trains through the shipped ViT's tail: {cache_dir} is not a block cache "
-            f"of vit_features.py (encoder {enc.get('model')}, layer {enc.get('layer')})"
+            f"of vit_features.py (encoder {enc.model}, layer {enc.layer})"
         )
-    return int(layer.split("_")[1])
+    return int(enc.layer.split("_")[1])
 
 
 class TailTarget:
@@ -37,7 +36,7 @@ class TailTarget:
         self.block = cut_block(cache_dir, manifest)
         self.normalization, self.device = normalization, device
         self.tail = Tail(self.block).to(device)
-        source, vit = Source(manifest["source"]["path"]), ViT([f"block_{self.block}"])
+        source, vit = Source(manifest.source_path), ViT([f"block_{self.block}"])
         self.row = {i: n for n, i in enumerate(indices)}
         tokens, cls, finals, maps = [], [], [], []
         for b in range(0, len(indices), batch_size):

@@ -481,22 +481,21 @@ def train(args, on_epoch=None, test_at_end=True):
     epoch (tune.py prunes from it). Returns the test report (None without test_at_end). The run
     folder has one owner: rank 0 holds its lock for the life of the run, and a folder that holds a
     trained run is refused without --resume or --overwrite."""
-    rank_id, world, local_rank = dist_env()
-    log = print if rank_id == 0 else (lambda *a, **k: None)
+    proc = dist_env()
     out = Path(args.results_dir)
-    config, ck = resolve_config(args, world)
+    config, ck = resolve_config(args, proc.world)
     config = add_shape(config, out, resumed=ck is not None)
     if config.tail_weight:
         cut_block(config.cache_dir)  # refused before the run folder is touched
     with ExitStack() as stack:
-        if rank_id == 0:
+        if proc.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             stack.enter_context(folder_lock(out, wait=0, what="training: " + " ".join(sys.argv)))
             check_fresh(out, args)
             config = write_run_folder(out, config, resplit=args.resplit and not args.resume)
-        if world > 1:
+        if proc.world > 1:
             dist.barrier()
-        return fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end)
+        return fit(args, config, ck, proc, on_epoch=on_epoch, test_at_end=test_at_end)
 
 
 def check_fresh(out, args):
@@ -514,9 +513,15 @@ def check_fresh(out, args):
         )
 
 
-def fit(args, config, ck, rank_id, world, local_rank, log, on_epoch, test_at_end):
-    """Data, model, epoch 0, the epochs, the test report."""
+def quiet(*args, **kwargs):
+    """The log of a process other than rank 0."""
+
+
+def fit(args, config, ck, proc, *, on_epoch, test_at_end):
+    """Data, model, epoch 0, the epochs, the test report; proc: this process (cli.Dist)."""
+    rank_id, world, local_rank = proc
     master = rank_id == 0
+    log = print if master else quiet
     device = pick_device(args.device, local_rank)
     out = Path(args.results_dir)
     torch.manual_seed(config.seed)

@@ -108,7 +108,7 @@ def parse_spec(text, tokens=None):
     )
 
 
-def check_spec(spec, tokens, dim, nn_rank=None, nested=True, bases=(), hw=None, attention=True):
+def check_spec(spec, tokens, dim, *, nn_rank=None, nested=True, bases=(), hw=None, attention=True):
     """A spec's rank or k within what the features and the run's model allow, before any work.
     attention: whether the vision tower's attention is at hand (visionzip needs it)."""
     if spec.kind in ("svd", "keep", "merge", "fastv") or (

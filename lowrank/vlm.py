@@ -350,9 +350,9 @@ def decode_answer(proc, tokens):
     ).strip()
 
 
-def answer(model, proc, ids, positions, V, kept, image_token_id, max_new_tokens, eos_ids):
-    """(text, token ids) of one greedy answer with the image tokens replaced (prompt_embeds)."""
-    prompt = prompt_embeds(model, ids, positions, V, kept, image_token_id)
+def answer(model, proc, prompt, max_new_tokens, eos_ids):
+    """(text, token ids) of one greedy answer to a prompt (prompt_embeds: the image tokens
+    replaced)."""
     out = greedy(model, [prompt], max_new_tokens, eos_ids)[0][0]
     return decode_answer(proc, out), out
 

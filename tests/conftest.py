@@ -1,9 +1,19 @@
+import os
+
 import pytest
+import torch
 
 import qwenvl_dataloader
 import train_real_data
 import vit_features
 from lowrank import demo_set, encoders
+from lowrank.encoders import EncoderSpec
+
+# each of the two workers the suite runs in (pytest.ini) takes one core: two thread pools on two
+# cores spin against each other; the processes a test starts inherit the setting
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +23,11 @@ def tiny_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_cache")
     demo_set.write_parquet(demo_set.make_rows(40, seed=3), root / "data", shards=2)
     qwenvl_dataloader.extract(
-        root / "data", root / "cache", encoders.TINY, "cpu", batch_size=8, progress=False
+        root / "data",
+        root / "cache",
+        EncoderSpec(encoders.TINY, "cpu"),
+        batch_size=8,
+        progress=False,
     )
     return root
 

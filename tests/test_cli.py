@@ -25,9 +25,10 @@ SCRIPTS = GEN.SCRIPTS  # every script with flags
 def test_every_flag_has_help_and_a_shown_default():
     for name in SCRIPTS:
         p = importlib.import_module(name).get_args_parser()
-        assert p.formatter_class.__name__ == "HelpFormatter", name  # defaults shown
-        for a in p._actions:
-            assert a.help and a.help.strip(), (name, a.option_strings)
+        for parser in [p, *GEN.subcommands(p).values()]:
+            assert parser.formatter_class.__name__ == "HelpFormatter", name  # defaults shown
+            for a in parser._actions:
+                assert a.help and a.help.strip(), (name, a.option_strings)
 
 
 def test_flag_reference_is_generated_from_the_parsers():

@@ -227,3 +227,20 @@ def test_compressed_checkpoints_load_for_compare(trained, tmp_path):
         ["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"]
     )
     assert s["nn"]["cosine"]["mean"] == pytest.approx(int8["cosine"], abs=1e-4)
+
+
+def test_each_program_takes_only_its_own_flags(tmp_path):
+    """compress.py's three programs are subcommands: a flag of another program is refused at parse
+    time (it was accepted and ignored when one parser held them all), and cache needs --out."""
+    from helpers import run_script
+
+    for args, refused in [
+        (["cache", "--out", tmp_path / "o", "--num_samples", "3"], "--num_samples 3"),
+        (["model", "--codec", "int8"], "--codec int8"),
+        (["study", "--out", tmp_path / "o"], "--out"),
+    ]:
+        r = run_script("compress.py", *args)
+        assert r.returncode == 2 and f"unrecognized arguments: {refused}" in r.stderr, r.stderr
+    r = run_script("compress.py", "cache")
+    assert r.returncode == 2 and "required: --out" in r.stderr
+    assert not (tmp_path / "o").exists()

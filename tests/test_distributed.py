@@ -108,7 +108,7 @@ def test_sharded_extraction(tiny_cache, tmp_path):
     assert not list((tmp_path / "c").glob("manifest.rank*"))
     m = feature_cache.load_manifest(tmp_path / "c")
     ref = feature_cache.load_manifest(tiny_cache / "cache")
-    assert m["samples"] == ref["samples"] and m["failed"] == {}
+    assert m.samples == ref.samples and m.failed == {}
     for i in range(40):
         assert torch.equal(
             feature_cache.read_feature(feature_cache.feature_path(tmp_path / "c", i)),

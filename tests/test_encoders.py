@@ -16,6 +16,7 @@ import train_real_data
 import visualize_svd_nn
 from lowrank import demo_set, encoders, feature_cache, images
 from lowrank.cli import UserError
+from lowrank.encoders import EncoderSpec
 
 MATRIX = {
     ("tiny-random", "448"): ((16, 16), 2048),
@@ -37,14 +38,12 @@ def test_family_and_resolution_end_to_end(data, tmp_path, model, size):
     (h, w), dim = MATRIX[(model, size)]
     cache = tmp_path / "cache"
     s = qwenvl_dataloader.extract(
-        data, cache, model, "cpu", batch_size=4, progress=False, image_size=size
+        data, cache, EncoderSpec(model, "cpu", image_size=size), batch_size=4, progress=False
     )
     assert s["extracted"] == 12
-    m = feature_cache.load_manifest(cache)["encoder"]
+    m = feature_cache.load_manifest(cache).encoder
     assert (
-        m["grid"] == [h, w]
-        and m["feature_dim"] == dim
-        and m["family"] == encoders.RANDOM_TOWERS[model][0]
+        m.grid == [h, w] and m.feature_dim == dim and m.family == encoders.RANDOM_TOWERS[model][0]
     )
     assert feature_cache.cached_shape(cache) == (h * w, dim)
     x = feature_cache.read_feature(feature_cache.feature_path(cache, 0))
@@ -134,11 +133,15 @@ def test_image_size_must_fit_the_cells(data, tmp_path):
 
 def test_shapes_never_mix(data, tmp_path):
     a, b = tmp_path / "a448", tmp_path / "b672"
-    qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False)
-    qwenvl_dataloader.extract(data, b, encoders.TINY, "cpu", progress=False, image_size="672")
+    qwenvl_dataloader.extract(data, a, EncoderSpec(encoders.TINY, "cpu"), progress=False)
+    qwenvl_dataloader.extract(
+        data, b, EncoderSpec(encoders.TINY, "cpu", image_size="672"), progress=False
+    )
     # before loading the encoder
     with pytest.raises(UserError, match="another encoder.*image_size"):
-        qwenvl_dataloader.extract(data, a, encoders.TINY, "cpu", progress=False, image_size="672")
+        qwenvl_dataloader.extract(
+            data, a, EncoderSpec(encoders.TINY, "cpu", image_size="672"), progress=False
+        )
     train_real_data.main(
         [
             "--cache_dir",

@@ -13,6 +13,8 @@ import qwenvl_dataloader
 import vqa_eval
 from lowrank import demo_set, encoders, images, metrics
 from lowrank.cli import UserError
+from lowrank.encoders import EncoderSpec
+from lowrank.extraction import Part
 
 
 def photos(n=2, seed=1):
@@ -137,11 +139,9 @@ def test_a_layer_as_a_cache(tiny_cache, tmp_path):
     qwenvl_dataloader.extract(
         tiny_cache / "data",
         tmp_path / "b0",
-        encoders.TINY,
-        "cpu",
-        limit=3,
+        EncoderSpec(encoders.TINY, "cpu", layer="block_0"),
+        part=Part(limit=3),
         progress=False,
-        layer="block_0",
     )
     m = json.loads((tmp_path / "b0" / "manifest.json").read_text())["encoder"]
     assert (m["layer"], m["grid"], m["cell"], m["feature_dim"]) == ("block_0", [32, 32], 14, 64)
@@ -156,21 +156,17 @@ def test_a_layer_as_a_cache(tiny_cache, tmp_path):
         qwenvl_dataloader.extract(
             tiny_cache / "data",
             tmp_path / "b0",
-            encoders.TINY,
-            "cpu",
-            limit=3,
+            EncoderSpec(encoders.TINY, "cpu", layer="block_1"),
+            part=Part(limit=3),
             progress=False,
-            layer="block_1",
         )
     with pytest.raises(UserError, match="layer: cache has 'merger'"):
         qwenvl_dataloader.extract(
             tiny_cache / "data",
             tiny_cache / "cache",
-            encoders.TINY,
-            "cpu",
-            limit=3,
+            EncoderSpec(encoders.TINY, "cpu", layer="block_0"),
+            part=Part(limit=3),
             progress=False,
-            layer="block_0",
         )
 
 
@@ -178,7 +174,10 @@ def test_training_runs_on_a_layer_cache_and_vqa_eval_refuses_it(tiny_cache, tmp_
     import train_real_data
 
     qwenvl_dataloader.extract(
-        tiny_cache / "data", tmp_path / "b1", encoders.TINY, "cpu", progress=False, layer="block_1"
+        tiny_cache / "data",
+        tmp_path / "b1",
+        EncoderSpec(encoders.TINY, "cpu", layer="block_1"),
+        progress=False,
     )
     run = tmp_path / "run"
     train_real_data.main(

@@ -10,6 +10,7 @@ import torch
 
 import lmms_eval_lowrank
 from lowrank import encoders, images, lmms_model, vlm, vqa_score
+from lowrank.cli import UserError
 
 pytest.importorskip(
     "lmms_eval.evaluator", reason="lmms-eval not installed (requirements-lmms*.txt)"
@@ -117,3 +118,38 @@ def test_finished_transforms_are_kept_and_a_rerun_resumes(tiny_cache, tmp_path, 
         and "== transform svd:256" in out
     )
     assert again["zeros"] == first["zeros"] and list(again) == ["original", "zeros", "svd:256"]
+
+
+def test_lmms_eval_inputs_are_checked_before_the_model_loads(
+    tiny_cache, trained, tmp_path, monkeypatch
+):
+    pytest.importorskip("lmms_eval")
+    import lmms_eval_lowrank
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(lmms_eval_lowrank, "LowRankQwen", no_model)
+    base = ["--model", "tiny-random", "--device", "cpu", "--out_dir", str(tmp_path / "o")]
+    data = ["--parquet_dir", str(tiny_cache / "data")]
+    for extra, msg in (
+        (["--transforms", "svd:99999"] + data, "a rank must be between 1"),
+        (["--transforms", "svd:-1"] + data, "a rank must be between 1"),
+        (["--transforms", "keep:norm:99999"] + data, "a rank must be between 1"),
+        (["--transforms", "merge:tome:0"] + data, "a rank must be between 1"),
+        (["--transforms", ""] + data, "--transforms is empty"),
+        (["--transforms", "nn:64", "--results_dir", str(trained)] + data, "serves ranks 1..16"),
+        (["--tasks", "no_such_task"], "not an lmms-eval task"),
+        (["--parquet_dir", str(tmp_path)], "no TextVQA-schema parquet rows"),
+    ):
+        with pytest.raises(UserError, match=msg):
+            lmms_eval_lowrank.main(base + extra)
+    out = tmp_path / "o"
+    out.mkdir(exist_ok=True)
+    (out / "lmms_eval.json").write_text(
+        json.dumps({"settings": {"model": "another"}, "transforms": {}})
+    )
+    with pytest.raises(UserError, match="holds the results of a run with other settings"):
+        lmms_eval_lowrank.main(base + data + ["--transforms", "original"])
+    # not replaced
+    assert json.loads((out / "lmms_eval.json").read_text())["settings"] == {"model": "another"}

@@ -34,7 +34,7 @@ def test_the_loss_is_zero_on_the_unmodified_tokens_and_onnxruntimes_on_a_rank_4_
 
     from lowrank.images import Source
 
-    source = Source(feature_cache.load_manifest(cache)["source"]["path"])
+    source = Source(feature_cache.load_manifest(cache).source_path)
     ref = full([Image.open(source.image(i)) for i in idx])
     final = cut.rest(torch.cat([ref["block_3"][:, :1], Xd], 1))
     maps = cut.head(final)

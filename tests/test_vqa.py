@@ -120,7 +120,8 @@ def test_greedy_loop_equals_generate(tiny_vlm):
         Vt = model.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
         Vt = getattr(Vt, "pooler_output", Vt)
     pos = vlm.mrope_positions(ids, model.config.image_token_id, (16, 16))
-    _, toks = vlm.answer(model, proc, ids, pos, Vt, None, model.config.image_token_id, 6, set())
+    prompt = vlm.prompt_embeds(model, ids, pos, Vt, None, model.config.image_token_id)
+    _, toks = vlm.answer(model, proc, prompt, 6, set())
     assert toks == ref
 
 
@@ -134,11 +135,16 @@ def test_keeping_every_token_is_the_original(tiny_vlm):
         Vt = getattr(Vt, "pooler_output", Vt)
     pos = vlm.mrope_positions(ids, model.config.image_token_id, (16, 16))
     img = model.config.image_token_id
-    full = vlm.answer(model, proc, ids, pos, Vt, None, img, 6, set())[1]
+
+    def answer(V, kept):
+        prompt = vlm.prompt_embeds(model, ids, pos, V, kept, img)
+        return vlm.answer(model, proc, prompt, 6, set())[1]
+
+    full = answer(Vt, None)
     kept = torch.arange(256)
-    assert vlm.answer(model, proc, ids, pos, Vt[kept], kept, img, 6, set())[1] == full
+    assert answer(Vt[kept], kept) == full
     half = torch.arange(0, 256, 2)  # dropping tokens changes what the model sees
-    assert vlm.answer(model, proc, ids, pos, Vt[half], half, img, 6, set())[1] != full
+    assert answer(Vt[half], half) != full
 
 
 # the CLI -----------------------------------------------------------------------------------------
