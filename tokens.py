@@ -48,15 +48,16 @@ from lowrank.feature_cache import (
     cached_shape,
     load_manifest,
 )
-from lowrank.merging import MERGES, merge, pool_shape
+from lowrank.merging import MERGES, MERGING, merge, pool_shape
 from lowrank.metrics import scale_bbox
 from lowrank.plots import pyplot, save
-from lowrank.reports import write_csv
+from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import first, read_run
 from lowrank.selection import (
     LRCP_RANK,
     QUESTION_RULES,
     RULES,
+    SELECTION,
     box_hits,
     reconstruct_from,
     relevance,
@@ -144,6 +145,8 @@ def main(argv=None):
     seeds = [args.seed + d for d in range(args.random_draws)]
     rows, per_sample = measure(X_all, idx, masks, ks, rules, inputs, seeds)
     print_rows(rows)
+    costs = rule_costs(rows, rules, T)
+    print_table(COST_COLUMNS, costs)
     stem = out / f"tokens_{args.name or args.split}"
     meta = {
         "split": args.split,
@@ -154,6 +157,7 @@ def main(argv=None):
         "shape": [T, D],
         "lrcp_rank": args.lrcp_rank,
         "seeds": seeds,
+        "rule_costs": costs,
         "rows": rows,
     }
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=1))
@@ -219,7 +223,7 @@ def budgets(spec, T):
 @dataclass(frozen=True)
 class RuleInputs:
     """What the rules need beyond the tokens: the merged grid, lrcp's basis, and per sample what
-    some rules read, {sample: {'attention': [T] (visionzip), 'relevance': [T] (cdpruner, mmr)}}."""
+    some rules read, {sample: {'attention': [T] (visionzip), 'relevance': [T] (cdpruner, mmr, spare)}}."""
 
     hw: tuple
     basis: object = None
@@ -244,7 +248,7 @@ def reduce(rule, X, k, inputs, sample, gen):
 def sample_context(cache, idx, rules, args):
     """{sample: {'attention': ..., 'relevance': ...}} for the rules that need them: the tower's
     attention (visionzip, the tower run again) and each token's relevance to the sample's question
-    (cdpruner, mmr: the question's token embeddings from the cache's model, its embedding table
+    (cdpruner, mmr, spare: the question's token embeddings from the cache's model, its embedding table
     alone)."""
     context = {i: {} for i in idx}
     if "visionzip" in rules:
@@ -346,6 +350,39 @@ def summarise(rule, k, draws, T):
     }
     row["gap_to_svd"] = row["cosine"] - row["svd_cosine"]
     return row
+
+
+def rule_costs(rows, rules, T):
+    """What each rule needs, where it acts, and its own time per image at the k nearest a quarter of
+    the T tokens (256 -> 64 for Qwen at 448 px)."""
+    k = min({r["k"] for r in rows}, key=lambda k: abs(k - T / 4))
+    out = []
+    for rule in rules:
+        spec = SELECTION.get(rule) or MERGING[rule]
+        ms = next(r["ms_per_sample"] for r in rows if r["rule"] == rule and r["k"] == k)
+        out.append(
+            {
+                "rule": rule,
+                "kind": "selection" if rule in SELECTION else "merging",
+                "acts": spec.acts,
+                "question_aware": spec.question_aware,
+                "attention_weights": spec.needs_attention,
+                "k": k,
+                "ms_per_image": ms,
+            }
+        )
+    return out
+
+
+COST_COLUMNS = (
+    Column("rule", 11, lambda r: r["rule"]),
+    Column("kind", 10, lambda r: r["kind"]),
+    Column("acts", 17, lambda r: r["acts"]),
+    Column("question", 9, lambda r: "yes" if r["question_aware"] else "no"),
+    Column("attention", 10, lambda r: "yes" if r["attention_weights"] else "no"),
+    Column("k", 5, lambda r: f"{r['k']}"),
+    Column("ms/image", 10, lambda r: f"{r['ms_per_image']:.2f}"),
+)
 
 
 def print_rows(rows):

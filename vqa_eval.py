@@ -129,8 +129,8 @@ def add_condition_flags(ap):
     ap.add_argument(
         "--rules",
         default="",
-        help=f"token-selection conditions: comma list of {', '.join(RULES + QUESTION_RULES)} (the last two weigh each "
-        f"token's relevance to the question)",
+        help=f"token-selection conditions: comma list of {', '.join(RULES + QUESTION_RULES)} "
+        f"({', '.join(QUESTION_RULES)} weigh each token's relevance to the question)",
     )
     ap.add_argument(
         "--keep",

@@ -141,7 +141,7 @@ class Asker:
         """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower
         ms); attention: also the attention each token receives in the tower (for visionzip; its
         recomputation counts in the tower ms); question_aware: each token's relevance to the
-        question's token embeddings (cdpruner, mmr)."""
+        question's token embeddings (selection.QUESTION_RULES)."""
         messages = [
             {
                 "role": "user",

@@ -25,6 +25,11 @@ Question-aware rules (they need each token's relevance to the question, `relevan
     mmr         IDPruner's maximal marginal relevance (arXiv 2602.13315): each time the token
                 maximising λ · relevance − (1 − λ) · its largest cosine similarity to the tokens
                 kept so far
+    spare       SPARE (arXiv 2606.18681): column subset selection by projection residual (pivoted
+                QR's greedy step) with anti-relevance: each time the token maximising its residual
+                norm after projection onto the kept tokens' span times 1 − λ · relevance (the paper
+                finds less relevant tokens keep the context; its exact weighting is not public in
+                a form we could check: this product is ours, λ = SPARE_LAMBDA)
 
 Merging rules (pooling, ToMe, VisionZip) are in merging.py.
 """
@@ -38,20 +43,23 @@ import torch
 LRCP_RANK = 32  # lrcp: the rank of the training split's principal subspace, by default
 CDP_THETA = 1.0  # CDPruner: how strongly relevance scales a token's quality
 MMR_LAMBDA = 0.5  # IDPruner: relevance against redundancy
+SPARE_LAMBDA = 0.5  # SPARE: how far relevance lowers a token's residual score
 DART_PIVOTS = 4  # DART's pivot image tokens
 
 
-def pivoted_qr(X, k):
+def pivoted_qr(X, k, weight=None):
     """The first k pivots of the column-pivoted QR of Xᵀ (tokens as columns): at each step the token
     with the largest norm after removing its components along the tokens already kept (modified
-    Gram-Schmidt, float64)."""
+    Gram-Schmidt, float64). weight [T] >= 0: the largest weight_t · residual norm_t instead
+    (SPARE)."""
     R = X.double().clone()
     norms = (R * R).sum(1)
+    w2 = torch.ones(len(R), dtype=R.dtype) if weight is None else weight.double().cpu() ** 2
     tiny = 1e-24 * max(1.0, float(norms.max()))
     kept = []
     for _ in range(min(k, len(R))):
         norms[kept] = -1.0
-        t = int(norms.argmax())
+        t = int((norms * w2.to(norms.device)).argmax())
         if norms[t] <= tiny:
             break  # the rest lies in the span already kept: any further token adds nothing
         kept.append(t)
@@ -67,6 +75,13 @@ def pivoted_qr(X, k):
         ]
         kept += rest[: k - len(kept)]
     return torch.tensor(kept)
+
+
+def spare(X, k, relevance, lam=SPARE_LAMBDA):
+    """SPARE: column subset selection by projection residual, each token's residual norm scaled by
+    its anti-relevance 1 - lam · relevance (less relevant tokens carry the context); lam = 0 is
+    pivoted_qr."""
+    return pivoted_qr(X, k, 1.0 - lam * relevance.double())
 
 
 def divprune(X, k):
@@ -203,6 +218,17 @@ class Rule:
     fn: object
     needs: tuple = ()
     takes: tuple = ()
+    acts: str = "after the tower"  # where in the model the reduction happens
+
+    @property
+    def question_aware(self):
+        return "relevance" in self.needs
+
+    @property
+    def needs_attention(self):
+        """It reads attention weights: the tower must run eager attention (sdpa and
+        FlashAttention return none)."""
+        return "attention" in self.needs
 
     def __call__(self, name, X, k, given):
         """fn on one image X [T, D]; given: {input: value or None}; a needed one missing is refused
@@ -225,6 +251,7 @@ SELECTION = {
     # need the question; vqa_eval.py, lmms_eval_lowrank.py, tokens.py on Qwen caches
     "cdpruner": Rule(cdpruner, needs=("relevance",)),
     "mmr": Rule(mmr, needs=("relevance",)),
+    "spare": Rule(spare, needs=("relevance",)),
 }
 QUESTION_RULES = tuple(n for n, r in SELECTION.items() if "relevance" in r.needs)
 RULES = tuple(n for n in SELECTION if n not in QUESTION_RULES)

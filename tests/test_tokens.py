@@ -4,6 +4,7 @@ and the script end to end."""
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,6 +229,29 @@ def test_question_aware_rules_against_independent_computations():
         selection.select("mmr", X, 4)
 
 
+def test_spare_is_the_largest_weighted_projection_residual():
+    """SPARE against a NumPy loop that projects every token onto the kept tokens' span by least
+    squares, each step, and takes the largest residual norm times 1 - 0.5 relevance; with lam = 0
+    it is pivoted QR."""
+    g = torch.Generator().manual_seed(7)
+    X, Q = torch.randn(40, 24, generator=g), torch.randn(3, 24, generator=g)
+    rel = selection.relevance(X, Q)
+    x, w = X.double().numpy(), 1 - 0.5 * rel.numpy()
+    kept = []
+    for _ in range(12):
+        if kept:
+            S = x[kept].T  # [D, kept]
+            resid = x - (S @ np.linalg.lstsq(S, x.T, rcond=None)[0]).T
+        else:
+            resid = x
+        score = np.linalg.norm(resid, axis=1) * w
+        score[kept] = -np.inf
+        kept.append(int(np.argmax(score)))
+    assert selection.select("spare", X, 12, relevance=rel).tolist() == kept
+    assert kept != selection.pivoted_qr(X, 12).tolist()  # the relevance changes the choice
+    assert torch.equal(selection.spare(X, 12, rel, lam=0.0), selection.pivoted_qr(X, 12))
+
+
 def test_question_aware_rules_in_tokens_py(trained, capsys):
     """On a cache with questions, relevance comes from the tiny model's embedding table alone."""
     rows = tokens.main(
@@ -237,11 +261,26 @@ def test_question_aware_rules_in_tokens_py(trained, capsys):
             "--ks",
             "16,64",
             "--rules",
-            "cdpruner,mmr,norm",
+            "cdpruner,mmr,spare,norm",
             "--draw_k",
             "16",
         ]
     )
     got = {(r["rule"], r["k"]): r["cosine"] for r in rows}
-    assert set(got) == {(rule, k) for rule in ("cdpruner", "mmr", "norm") for k in (16, 64)}
+    assert set(got) == {
+        (rule, k) for rule in ("cdpruner", "mmr", "spare", "norm") for k in (16, 64)
+    }
     assert all(0 < c <= 1 for c in got.values()) and got[("cdpruner", 64)] > got[("cdpruner", 16)]
+    # what each rule needs, where it acts and its own time, at k = 64 of 256 tokens
+    costs = {
+        c["rule"]: c for c in json.loads((trained / "tokens_test.json").read_text())["rule_costs"]
+    }
+    assert [costs[r]["question_aware"] for r in ("cdpruner", "mmr", "spare", "norm")] == [
+        True
+    ] * 3 + [False]
+    assert all(
+        c["k"] == 64 and c["acts"] == "after the tower" and c["ms_per_image"] > 0
+        for c in costs.values()
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"^spare\s+selection\s+after the tower\s+yes\s+no\s+64\s+\d", out, re.M)
