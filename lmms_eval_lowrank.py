@@ -38,7 +38,7 @@ from lowrank.images import Source, parse_image_size
 from lowrank.lmms_model import INSTALL, LowRankQwen
 from lowrank.runs import load_run, read_run
 from lowrank.selection import LRCP_RANK
-from lowrank.transforms import check_spec, parse_spec
+from lowrank.transforms import check_spec, parse_spec, resize_tokens
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TASK = "textvqa_local"
@@ -125,6 +125,8 @@ def run_setup(args):
             )
         for s in specs:  # the feature dim is the model's; the token grid bounds every rank and k
             check_spec(s, hw[0] * hw[1], hw[0] * hw[1], hw=hw)
+            if s.kind == "resize":
+                resize_tokens(s, (w, h), hw)
         return specs, (w, h), hw, "layernorm", None, {}
     cfg, split = read_run(args.results_dir)
     enc = load_manifest(cfg.cache_dir).encoder
@@ -141,6 +143,9 @@ def run_setup(args):
         specs, LRCP_RANK, args.results_dir, cfg.cache_dir, split["train"], cfg.normalization
     )
     check_conditions(specs, cfg.arch, cfg.rank if has_nn else None, hw, enc.feature_dim, bases)
+    for s in specs:
+        if s.kind == "resize":
+            resize_tokens(s, size, hw)  # whole cells, before the model loads
     return specs, size, hw, cfg.normalization, model, bases
 
 

@@ -500,8 +500,7 @@ def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
     for a in ax.flat[len(rules) :]:
         a.axis("off")
     fig.suptitle(
-        f"sample {sid} ({meta.id or '?'}): kept tokens (bright), answer box (cyan)",
-        fontsize=10,
+        f"sample {sid} ({meta.id or '?'}): kept tokens (bright), answer box (cyan)", fontsize=10
     )
     path = Path(f"{stem}_kept.png")
     save(fig, path)

@@ -151,6 +151,12 @@ def conditions(args, T, has_nn):
             else []
         )
     specs += [parse_spec(t, T) for t in names(args.transforms)]
+    for s in specs:
+        if s.kind in ("resize", "fastv"):
+            raise UserError(
+                f"--transforms {s}: the ViT's tail runs on a block cache's tokens; resize and fastv act "
+                f"on the image and in a language model (vqa_eval.py)"
+            )
     return list(dict.fromkeys(specs))
 
 

@@ -74,7 +74,7 @@ from lowrank.plots import pyplot, save
 from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
-from lowrank.transforms import Spec, parse_spec, stored_bytes
+from lowrank.transforms import Spec, parse_spec, resize_tokens, stored_bytes
 from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, load_vlm
 
 
@@ -201,6 +201,9 @@ def main(argv=None):
     conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
     check_conditions(conds, cfg.arch, nn_rank, hw, enc.feature_dim, bases)
+    tokens = {
+        c: resize_tokens(c, enc.size, hw) if c.kind == "resize" else hw[0] * hw[1] for c in conds
+    }
     idx = first(split[args.split], args.limit)
     check_questions(idx, samples, cache)
     out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
@@ -246,7 +249,7 @@ def main(argv=None):
         return None
     done = log.read(talk=False) if world > 1 else done
     stored = {
-        str(c): stored_bytes(c, hw[0] * hw[1], enc.feature_dim, norm, dtype.itemsize, bases)
+        str(c): stored_bytes(c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases)
         for c in conds
     }
     return report(idx, conds, done, samples, stem, settings, stored)

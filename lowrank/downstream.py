@@ -4,6 +4,7 @@ Downstream scoring and conditions: the VQA accuracy of an answer, the conditions
 gives the model, and the report over a run's answers.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lowrank.cli import UserError
 from lowrank.dataset import principal_basis
@@ -21,7 +23,7 @@ from lowrank.lm_cost import kv_bytes, prefill_flops
 from lowrank.metrics import timed
 from lowrank.runs import omega_basis
 from lowrank.selection import QUESTION_RULES, relevance
-from lowrank.transforms import Tower, check_spec
+from lowrank.transforms import Spec, Tower, check_spec
 from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
 from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
@@ -122,6 +124,18 @@ class Decoding:
     seed: int = 0
 
 
+def resized_processor(proc, size):
+    """A copy of the model's processor whose image processor is fixed to size (W, H) pixels, as
+    encoders.image_processor fixes the original (min_pixels = max_pixels = W·H)."""
+    ip, pixels = copy.deepcopy(proc.image_processor), size[0] * size[1]
+    ip.size = {"shortest_edge": pixels, "longest_edge": pixels}
+    if hasattr(ip, "min_pixels"):  # transformers 4.x reads these, 5.x only size
+        ip.min_pixels = ip.max_pixels = pixels
+    out = copy.copy(proc)
+    out.image_processor = ip
+    return out
+
+
 class Asker:
     """Asks the model questions about images under each transform, a batch of samples at a time: the
     vision tower runs once per sample, the SVD at the largest rank is taken once and truncated for
@@ -137,11 +151,12 @@ class Asker:
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
         self.text_config = getattr(model.config, "text_config", model.config)
 
-    def encode(self, image, question, attention=False, question_aware=False):
+    def encode(self, image, question, attention=False, question_aware=False, size=None):
         """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower
         ms); attention: also the attention each token receives in the tower (for visionzip; its
         recomputation counts in the tower ms); question_aware: each token's relevance to the
-        question's token embeddings (selection.QUESTION_RULES)."""
+        question's token embeddings (selection.QUESTION_RULES); size: the image's (W, H) when
+        resize changed it (the processor is fixed to one size: a copy fixed to this one)."""
         messages = [
             {
                 "role": "user",
@@ -152,7 +167,8 @@ class Asker:
             }
         ]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.proc(text=[text], images=[image], return_tensors="pt")
+        proc = self.proc if size is None else resized_processor(self.proc, size)
+        inputs = proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
         with torch.no_grad():
             pixels, grid = (
@@ -170,11 +186,13 @@ class Asker:
                 )
                 V, att = getattr(V, "pooler_output", V), None
         setup = self.setup
-        positions = mrope_positions(ids.cpu(), self.img_id, setup.hw)
+        merge = self.model.config.vision_config.spatial_merge_size
+        hw = tuple(int(v) // merge for v in inputs["image_grid_thw"][0, 1:])
+        positions = mrope_positions(ids.cpu(), self.img_id, hw)
         tower = Tower(
             V.float(),
             setup.norm,
-            setup.hw,
+            hw,
             nn_model=setup.nn_model,
             bases=setup.bases,
             max_svd=setup.max_svd,
@@ -203,6 +221,16 @@ class Asker:
         ]
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
             group = [e for e in encoded if spec in e[-1]]
+            if spec.kind == "resize":  # the image itself smaller: its own tower run and prompt
+                group = [
+                    (
+                        sample,
+                        *self.encode(image.resize(spec.size, Image.BICUBIC), q, size=spec.size),
+                        specs,
+                    )
+                    for sample, image, q, specs in items
+                    if spec in specs
+                ]
             if spec.kind == "fastv" and spec.layer >= self.text_config.num_hidden_layers:
                 raise UserError(
                     f"transform {spec}: the model has {self.text_config.num_hidden_layers} layers"
@@ -214,8 +242,9 @@ class Asker:
         prompts, made = [], []
         for sample, ids, positions, tower, _, _ in group:
             gen = torch.Generator().manual_seed(draw_seed(self.decoding.seed, sample, str(spec)))
+            applied = Spec("original") if spec.kind == "resize" else spec  # resized in encode
             with torch.no_grad():
-                (Vc, kept), secs = timed(tower.apply, spec, gen, device=self.dev)
+                (Vc, kept), secs = timed(tower.apply, applied, gen, device=self.dev)
             prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
             made.append((len(Vc) if spec.kind != "fastv" else spec.rank, secs * 1e3))
         fastv = None

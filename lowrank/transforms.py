@@ -14,6 +14,9 @@ string that reads the same on every command line and in every output file:
                              image tokens the last prompt token attends to most (FastV;
                              vlm.fastv_hooks): the tower's tokens unchanged
     codec:<name>[:<r>]       the features through a feature codec (feature_codecs.py) and back
+    resize:<side>|<W>x<H>    the image itself at another resolution, through the same tower and
+                             model: fewer tokens from the start (VTC-Bench's downsampling
+                             baseline); its own tower run, grid and M-RoPE positions
 
 Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's
 normalisation) and mapped back with each token's own mean and standard deviation; rules choose and
@@ -52,8 +55,12 @@ class Spec:
     rule: str | None = None
     codec: str | None = None
     layer: int | None = None  # fastv: the language model's layers that see every token
+    size: tuple | None = None  # resize: the image's (W, H) in pixels
 
     def __str__(self):
+        if self.kind == "resize":
+            w, h = self.size
+            return f"resize:{w}" if w == h else f"resize:{w}x{h}"
         if self.kind in ("keep", "merge"):
             return f"{self.kind}:{self.rule}:{self.rank}"
         if self.kind == "fastv":
@@ -91,6 +98,11 @@ def parse_spec(text, tokens=None):
             and args[0] in (KEEP_RULES if kind == "keep" else MERGES)
         ):
             return Spec(kind, token_count(args[1], tokens), rule=args[0])
+        if kind == "resize" and len(args) == 1:
+            w, _, h = args[0].lower().partition("x")
+            size = (int(w), int(h or w))
+            if min(size) > 0:
+                return Spec(kind, size=size)
         if kind == "fastv" and len(args) == 2:
             return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
@@ -103,8 +115,8 @@ def parse_spec(text, tokens=None):
         pass
     raise UserError(
         f"transform {text!r}: expected original, zeros, svd:<r>, nn:<r>, keep:<rule>:<k> (rules: "
-        f"{', '.join(KEEP_RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k> or codec:<name>[:<r>] "
-        f"(codecs: {', '.join(CODECS)})"
+        f"{', '.join(KEEP_RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k>, resize:<side or WxH> "
+        f"or codec:<name>[:<r>] (codecs: {', '.join(CODECS)})"
     )
 
 
@@ -144,13 +156,25 @@ def check_spec(spec, tokens, dim, *, nn_rank=None, nested=True, bases=(), hw=Non
             )
 
 
+def resize_tokens(spec, size, hw):
+    """The vision tokens of the image at resize's size, on the cells the tower makes at size (W, H)
+    -> hw (rows, columns); a side that is not a whole number of cells is refused."""
+    cell = size[0] // hw[1]
+    w, h = spec.size
+    if w % cell or h % cell:
+        raise UserError(
+            f"transform {spec}: each side must be a multiple of the model's {cell}-px cell"
+        )
+    return (h // cell) * (w // cell)
+
+
 def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
     """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype
     (element_bytes each) for original (T x D), svd and nn (the factors, r x (T + D)), keep and merge
     (k x D, plus k int16 positions); a codec's exact payload (feature_codecs.payload_bytes, as
     compress.py counts it; a shared basis is stored once per data set, not counted). Reconstructions
     under layernorm also keep each token's mean and standard deviation (2 x T)."""
-    if spec.kind in ("original", "zeros", "fastv"):
+    if spec.kind in ("original", "zeros", "fastv", "resize"):  # resize: T of the resized image
         return T * D * element_bytes if spec.kind != "zeros" else 0
     if spec.kind in ("keep", "merge"):
         return spec.rank * D * element_bytes + 2 * spec.rank
@@ -183,6 +207,10 @@ class Tower:
         """-> (tokens [T', D] in the model's scale, kept indices or None)."""
         if spec.kind in ("original", "fastv"):  # fastv acts inside the language model
             return self.X, None
+        if spec.kind == "resize":
+            raise ValueError(
+                "resize acts on the image: downstream.Asker runs the tower on it again"
+            )
         if spec.kind == "zeros":
             return torch.zeros_like(self.X), None
         if spec.kind in ("keep", "merge"):

@@ -388,6 +388,34 @@ def test_transform_specs_on_the_command_line(trained, tmp_path):
         run(trained, tmp_path / "b", "--transforms", "svd:x")
 
 
+def test_resize_is_the_image_at_another_resolution_through_the_same_model(trained, tmp_path):
+    """resize:448 is the image at the cache's own size: the original answers, token for token;
+    resize:224 runs the tower on a 224 px image: 64 vision tokens (8 x 8 cells of 28 px), fewer
+    prefill FLOPs, its own tower time, and the bytes of 64 tokens; the ViT's tail refuses it."""
+    summary = run(
+        trained,
+        tmp_path,
+        "--svd_ranks",
+        "",
+        "--nn_ranks",
+        "",
+        "--transforms",
+        "resize:448,resize:224,keep:norm:64",
+    )
+    by = {s["condition"]: s for s in summary}
+    assert list(by) == ["original", "resize:448", "resize:224", "keep:norm:64"]
+    per = json.loads((tmp_path / "vqa_test.json").read_text())["samples"]
+    assert all(r["resize:448"]["answer"] == r["original"]["answer"] for r in per)
+    assert by["resize:224"]["vision_tokens"] == by["keep:norm:64"]["vision_tokens"] == 64
+    assert by["resize:448"]["vision_tokens"] == 256
+    assert by["resize:224"]["prefill_flops"] < by["original"]["prefill_flops"]
+    assert by["resize:224"]["bytes_per_image"] == 64 * 2048 * 4  # float32 on CPU
+    log = [json.loads(line) for line in (tmp_path / "vqa_test.jsonl").read_text().splitlines()]
+    assert all(r["tower_ms"] > 0 for r in log[1:] if r["condition"] == "resize:224")
+    with pytest.raises(UserError, match="transform 'resize:0'"):
+        run(trained, tmp_path / "b", "--transforms", "resize:0")
+
+
 # ----------------------------------------------------------------------------------------------
 # batches and the cost
 
