@@ -463,6 +463,10 @@ def report(idx, conds, done, samples, stem, settings, stored=None):
     return summary
 
 
+def gflops(flops):
+    return f"{flops / 1e9:.2f}" if flops is not None else ""
+
+
 COLUMNS = (
     Column("condition", 22, lambda s: s["condition"]),
     Column("VQA acc", 8, lambda s: f"{s['vqa_acc']:.4f}"),
@@ -474,7 +478,9 @@ COLUMNS = (
         lambda s: f"{s['right_to_wrong']:>4} {s['wrong_to_right']:>3} ({s['flips_p']:.2f})",
     ),
     Column("tokens", 7, lambda s: f"{s['vision_tokens']:.0f}"),
-    Column("GFLOPs", 8, lambda s: f"{s['prefill_flops'] / 1e9:.2f}"),
+    Column("tower GF", 9, lambda s: gflops(s["tower_flops"])),
+    Column("LLM GF", 8, lambda s: f"{s['prefill_flops'] / 1e9:.2f}"),
+    Column("total GF", 9, lambda s: gflops(s["total_flops"])),
     Column("KV MiB", 8, lambda s: f"{s['kv_bytes'] / 2**20:.2f}"),
     Column(
         "KiB/img",
@@ -482,6 +488,7 @@ COLUMNS = (
         lambda s: f"{s['bytes_per_image'] / 1024:.1f}" if s["bytes_per_image"] is not None else "",
     ),
     Column("trans ms", 9, lambda s: f"{s['transform_ms']:.2f}"),
+    Column("tower ms", 9, lambda s: f"{s['tower_ms']:.1f}"),
     Column("prefill ms", 11, lambda s: f"{s['prefill_ms']:.1f}"),
     Column(
         "ms/token",
@@ -499,8 +506,10 @@ def print_summary(summary):
         "of answers equal to the original tokens' once normalised; R>W W>R (p): answers right with the original "
         "tokens and wrong here, and the reverse (right: score >= 0.5), McNemar's exact p; tokens: vision tokens into "
         "the language model; "
-        "GFLOPs: its prefill (lm_cost.py); KV MiB: the prompt's KV cache; KiB/img: what reproduces the tokens; "
-        f"trans ms: the transform; prefill ms and ms/token (one decoding step): per batch of up to "
+        "tower GF: the vision tower on the image (lm_cost.tower_flops); LLM GF: the language model's prefill "
+        "(lm_cost.prefill_flops); total GF: both; KV MiB: the prompt's KV cache; KiB/img: what reproduces the "
+        "tokens; trans ms: the transform; tower ms: the tower on one image; prefill ms and ms/token (one decoding "
+        f"step): per batch of up to "
         f"{max(s['batch_size'] for s in summary):.0f} (fastv: one sample), medians, device-synchronised"
     )
 
@@ -562,6 +571,7 @@ FAMILIES = {
     "merge": "merging",
     "fastv": "pruning in the LLM",
     "codec": "compression",
+    "resize": "resolution",
 }
 
 
@@ -578,10 +588,16 @@ def plot_cost(summary, path, settings):
             continue
         name = s["rule"] or s["codec"] or (f"K={s['layer']}" if s["kind"] == "fastv" else s["kind"])
         series.setdefault((FAMILIES.get(s["kind"], s["kind"]), name), []).append(s)
-    marks = {"reconstruction": "o-", "selection": "s--", "compression": "^:", "merging": "D-."}
+    marks = {
+        "reconstruction": "o-",
+        "selection": "s--",
+        "compression": "^:",
+        "merging": "D-.",
+        "resolution": "v-",
+    }
     axes_of = (
         ("vision_tokens", "vision tokens into the language model"),
-        ("prefill_flops", "prefill FLOPs"),
+        ("total_flops", "FLOPs: the vision tower and the language model's prefill"),
     )
     for ax, (key, label) in zip(axes, axes_of + (("bytes_per_image", "bytes per image"),)):
         for (fam, name), rows in series.items():

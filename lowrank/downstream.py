@@ -19,7 +19,7 @@ from lowrank.cli import UserError
 from lowrank.dataset import principal_basis
 from lowrank.encoders import attention_received
 from lowrank.feature_codecs import family
-from lowrank.lm_cost import kv_bytes, prefill_flops
+from lowrank.lm_cost import kv_bytes, prefill_flops, tower_flops
 from lowrank.metrics import timed
 from lowrank.runs import omega_basis
 from lowrank.selection import QUESTION_RULES, relevance
@@ -136,6 +136,18 @@ def resized_processor(proc, size):
     return out
 
 
+@dataclass
+class Encoded:
+    """One image and question, ready for every transform: the prompt's ids and M-RoPE positions,
+    the tower's tokens (transforms.Tower), what running the tower took (ms) and cost (FLOPs)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    tower: Tower
+    tower_ms: float
+    tower_flops: int
+
+
 class Asker:
     """Asks the model questions about images under each transform, a batch of samples at a time: the
     vision tower runs once per sample, the SVD at the largest rank is taken once and truncated for
@@ -152,8 +164,8 @@ class Asker:
         self.text_config = getattr(model.config, "text_config", model.config)
 
     def encode(self, image, question, attention=False, question_aware=False, size=None):
-        """-> (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens, tower
-        ms); attention: also the attention each token receives in the tower (for visionzip; its
+        """-> Encoded (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens,
+        the tower's ms and FLOPs); attention: also the attention each token receives in the tower (for visionzip; its
         recomputation counts in the tower ms); question_aware: each token's relevance to the
         question's token embeddings (selection.QUESTION_RULES); size: the image's (W, H) when
         resize changed it (the processor is fixed to one size: a copy fixed to this one)."""
@@ -203,7 +215,8 @@ class Asker:
             q_ids = self.proc.tokenizer(question, add_special_tokens=False)["input_ids"]
             Q = self.model.get_input_embeddings().weight[torch.tensor(q_ids, device=self.dev)]
             tower.relevance = relevance(V.float(), Q.float())
-        return ids, positions, tower, secs * 1e3
+        flops = tower_flops(self.model.config.vision_config, tuple(grid[0].tolist()))
+        return Encoded(ids, positions, tower, secs * 1e3, flops)
 
     def ask(self, items):
         """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a
@@ -215,19 +228,12 @@ class Asker:
         uninterrupted one."""
         attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
         aware = any(s.rule in QUESTION_RULES for *_, specs in items for s in specs)
-        encoded = [
-            (sample, *self.encode(image, q, attention, aware), specs)
-            for sample, image, q, specs in items
-        ]
+        encoded = {sample: self.encode(image, q, attention, aware) for sample, image, q, _ in items}
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
-            group = [e for e in encoded if spec in e[-1]]
+            group = [(sample, encoded[sample]) for sample, _, _, specs in items if spec in specs]
             if spec.kind == "resize":  # the image itself smaller: its own tower run and prompt
                 group = [
-                    (
-                        sample,
-                        *self.encode(image.resize(spec.size, Image.BICUBIC), q, size=spec.size),
-                        specs,
-                    )
+                    (sample, self.encode(image.resize(spec.size, Image.BICUBIC), q, size=spec.size))
                     for sample, image, q, specs in items
                     if spec in specs
                 ]
@@ -239,27 +245,30 @@ class Asker:
                 yield from self.answer_batch(spec, batch)
 
     def answer_batch(self, spec, group):
+        """group: [(sample, Encoded)] -> one record per sample."""
         prompts, made = [], []
-        for sample, ids, positions, tower, _, _ in group:
+        for sample, e in group:
             gen = torch.Generator().manual_seed(draw_seed(self.decoding.seed, sample, str(spec)))
             applied = Spec("original") if spec.kind == "resize" else spec  # resized in encode
             with torch.no_grad():
-                (Vc, kept), secs = timed(tower.apply, applied, gen, device=self.dev)
-            prompts.append(prompt_embeds(self.model, ids, positions, Vc, kept, self.img_id))
+                (Vc, kept), secs = timed(e.tower.apply, applied, gen, device=self.dev)
+            prompts.append(prompt_embeds(self.model, e.ids, e.positions, Vc, kept, self.img_id))
             made.append((len(Vc) if spec.kind != "fastv" else spec.rank, secs * 1e3))
         fastv = None
         if spec.kind == "fastv":
-            fastv = (spec.layer, spec.rank, (group[0][1] == self.img_id).nonzero().squeeze(1))
+            ids = group[0][1].ids
+            fastv = (spec.layer, spec.rank, (ids == self.img_id).nonzero().squeeze(1))
         cuda = self.dev.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
         outs, times = greedy(self.model, prompts, self.decoding.max_new_tokens, self.eos, fastv)
         peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
-        for (sample, *_, tower_ms, _), (e, _), toks, (n_vision, transform_ms) in zip(
+        for (sample, enc), (embeds, _), toks, (n_vision, transform_ms) in zip(
             group, prompts, outs, made
         ):
-            n = len(e)
+            n = len(embeds)
             pruned = (spec.layer, n - len(fastv[2]) + spec.rank) if fastv else None
+            llm_flops = prefill_flops(self.text_config, n, pruned)
             yield {
                 "sample": sample,
                 "condition": str(spec),
@@ -267,9 +276,11 @@ class Asker:
                 "tokens": toks,
                 "vision_tokens": n_vision,
                 "prompt_tokens": n,
-                "prefill_flops": prefill_flops(self.text_config, n, pruned),
+                "prefill_flops": llm_flops,
+                "tower_flops": enc.tower_flops,
+                "total_flops": enc.tower_flops + llm_flops,
                 "kv_bytes": kv_bytes(self.text_config, n, self.dtype.itemsize, pruned),
-                "tower_ms": tower_ms,
+                "tower_ms": enc.tower_ms,
                 "transform_ms": transform_ms,
                 "batch": len(group),
                 "prefill_ms": times["prefill_s"] * 1e3,
@@ -368,14 +379,17 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
         acc = sum(r[n]["vqa_acc"] for r in scored) / N
         d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in scored]
         se = (sum((x - acc + base) ** 2 for x in d) / (N - 1) / N) ** 0.5 if N > 1 else float("nan")
+        spent = cost([done[(i, n)] for i in idx])
+        kept = spent["vision_tokens"] if spec.kind == "resize" else spec.rank
         summary.append(
             {
                 "condition": n,
                 "kind": spec.kind,
                 "value": spec.rank,  # the rank r, or the kept tokens k
-                "share": spec.rank / tokens
-                if tokens and spec.kind in ("keep", "merge", "fastv")
+                "share": kept / tokens
+                if tokens and spec.kind in ("keep", "merge", "fastv", "resize")
                 else None,
+                "size": list(spec.size) if spec.size else None,  # resize: the image's (W, H)
                 "rule": spec.rule,
                 "codec": spec.codec,
                 "layer": spec.layer,
@@ -393,7 +407,7 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
                 **flips(
                     [r[n]["vqa_acc"] for r in scored], [r["original"]["vqa_acc"] for r in scored]
                 ),
-                **cost([done[(i, n)] for i in idx]),
+                **spent,
                 "bytes_per_image": (stored or {}).get(n),
             }
         )
@@ -409,11 +423,19 @@ def cost(recs):
         return float(np.median(v)) if v else None
 
     peaks = [r["peak_mib"] for r in recs if r["peak_mib"] is not None]
+    llm = float(np.mean([r["prefill_flops"] for r in recs]))
+    # answers logged before the tower's cost was recorded have none
+    towers = [r.get("tower_flops") for r in recs]
+    tower = float(np.mean(towers)) if None not in towers else None
     return {
         "vision_tokens": med([r["vision_tokens"] for r in recs]),
         "prompt_tokens": med([r["prompt_tokens"] for r in recs]),
-        "prefill_flops": float(np.mean([r["prefill_flops"] for r in recs])),
+        "prefill_flops": llm,
+        "tower_flops": tower,
+        "total_flops": tower + llm if tower is not None else None,
+        "tower_share": tower / (tower + llm) if tower is not None else None,
         "kv_bytes": float(np.mean([r["kv_bytes"] for r in recs])),
+        "tower_ms": med([r["tower_ms"] for r in recs]),
         "batch_size": med([r["batch"] for r in recs]),
         "transform_ms": med([r["transform_ms"] for r in recs]),
         "prefill_ms": med([r["prefill_ms"] for r in recs]),

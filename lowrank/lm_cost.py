@@ -1,8 +1,11 @@
 """
-What one prompt costs the language model, from its config alone: the prefill FLOPs and the KV-cache
-bytes of a prompt of n tokens (text + vision). docs/scripts.md#cost writes the formula out and
-checks it on the tiny model.
+What one image and prompt cost the model, from its configs alone: the vision tower's FLOPs on an
+image's patch grid, the language model's prefill FLOPs and the KV-cache bytes of a prompt of n tokens
+(text + vision). docs/scripts.md#cost writes the formulas out; the tests hold them to torch's FLOP
+counter on the tiny models.
 """
+
+import math
 
 
 def sizes(text_config):
@@ -41,3 +44,45 @@ def kv_bytes(text_config, n, element_bytes, pruned=None):
     layers, _, _, dkv, _, _ = sizes(text_config)
     K, after = pruned or (layers, n)
     return 2 * dkv * (K * n + (layers - K) * after) * element_bytes
+
+
+def window_spans(grid, merge, cells):
+    """Token counts of the attention windows of Qwen2.5-VL's windowed blocks: the h x w patch grid in
+    windows of cells x cells merged cells (window_size / patch / merge; the edge windows are
+    partial), each merged cell merge x merge patches."""
+    _, h, w = grid
+    rows, cols = h // merge, w // merge
+    spans = []
+    for r in range(0, rows, cells):
+        for c in range(0, cols, cells):
+            spans.append(min(cells, rows - r) * min(cells, cols - c) * merge * merge)
+    return spans
+
+
+def tower_flops(vision_config, grid):
+    """FLOPs (2 per multiply-add) of the vision tower on one image's patch grid (t, h, w) =
+    image_grid_thw, n = t·h·w patches of width d: the patch embedding (a linear map of each
+    temporal_patch x patch x patch x 3 block), per block the q, k, v and output projections (8 n d²),
+    the attention scores and weighted sum over each window (4 d Σ L², L = n in a full-attention
+    block, Qwen2.5-VL's windows otherwise) and the MLP (6 n d i gated: Qwen2.5-VL; 4 n d i plain:
+    Qwen2-VL, Qwen3-VL), then the merger on n / m² merged tokens (4d -> 4d -> out; Qwen3-VL's
+    deepstack mergers as many more). Norms, activations, rotary and position embeddings (O(n d))
+    are left out."""
+    c = vision_config
+    n = math.prod(grid)
+    d = getattr(c, "embed_dim", None) or c.hidden_size  # Qwen2-VL calls the width embed_dim
+    out = getattr(c, "out_hidden_size", None) or c.hidden_size  # Qwen2-VL: hidden_size is out
+    gated = getattr(c, "fullatt_block_indexes", None) is not None  # Qwen2.5-VL's SwiGLU
+    i = getattr(c, "intermediate_size", None) or int(d * c.mlp_ratio)
+    m = c.spatial_merge_size
+    full, windowed = 4 * d * n * n, 4 * d * n * n
+    if gated:
+        cells = c.window_size // c.patch_size // m
+        windowed = 4 * d * sum(L * L for L in window_spans(grid, m, cells))
+    flops = 2 * n * (c.in_channels * c.temporal_patch_size * c.patch_size**2) * d
+    for b in range(c.depth):
+        attention = full if not gated or b in c.fullatt_block_indexes else windowed
+        flops += 8 * n * d * d + attention + (6 if gated else 4) * n * d * i
+    mergers = 1 + len(getattr(c, "deepstack_visual_indexes", None) or [])
+    wide = d * m * m
+    return flops + mergers * (2 * (n // (m * m)) * wide * (wide + out))

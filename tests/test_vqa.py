@@ -409,6 +409,18 @@ def test_resize_is_the_image_at_another_resolution_through_the_same_model(traine
     assert by["resize:224"]["vision_tokens"] == by["keep:norm:64"]["vision_tokens"] == 64
     assert by["resize:448"]["vision_tokens"] == 256
     assert by["resize:224"]["prefill_flops"] < by["original"]["prefill_flops"]
+    # the tower's cost: the resized image's own (a quarter of the patches), the others the original's
+    assert (
+        by["keep:norm:64"]["tower_flops"]
+        == by["resize:448"]["tower_flops"]
+        == by["original"]["tower_flops"]
+    )
+    assert by["resize:224"]["tower_flops"] < by["original"]["tower_flops"] / 3
+    for r in by.values():
+        assert (
+            r["total_flops"] == r["tower_flops"] + r["prefill_flops"] and 0 < r["tower_share"] < 1
+        )
+    assert by["resize:224"]["share"] == by["keep:norm:64"]["share"] == 0.25
     assert by["resize:224"]["bytes_per_image"] == 64 * 2048 * 4  # float32 on CPU
     log = [json.loads(line) for line in (tmp_path / "vqa_test.jsonl").read_text().splitlines()]
     assert all(r["tower_ms"] > 0 for r in log[1:] if r["condition"] == "resize:224")
@@ -617,7 +629,7 @@ def test_question_aware_rules_answer(trained, tmp_path, tiny_vlm):
 
     image = Image.new("RGB", (448, 448), (120, 40, 200))
     towers = [
-        asker.encode(image, q, question_aware=True)[2]
+        asker.encode(image, q, question_aware=True).tower
         for q in ("what colour is the sign", "who is it")
     ]
     assert not torch.equal(towers[0].relevance, towers[1].relevance)
