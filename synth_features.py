@@ -37,7 +37,7 @@ from lowrank.cli import HelpFormatter, UserError, nonneg_float, out_folder, posi
 from lowrank.feature_cache import MANIFEST, atomic_save, feature_path
 
 
-def generate(num, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), ramp=64, seed=0):
+def generate(num, *, T=256, D=2048, alpha=0.8, alpha_std=0.05, shared=(0.05, 0.3), ramp=64, seed=0):
     """Yield (i, X_i float32 [T, D]) for i = 0..num-1, reproducibly from seed."""
     g = torch.Generator().manual_seed(seed)
     # the common directions, in order
@@ -112,13 +112,13 @@ def main(argv=None):
     for i, X in tqdm(
         generate(
             args.num,
-            args.tokens,
-            args.dim,
-            args.alpha,
-            args.alpha_std,
-            (args.shared_top, args.shared_tail),
-            args.ramp,
-            args.seed,
+            T=args.tokens,
+            D=args.dim,
+            alpha=args.alpha,
+            alpha_std=args.alpha_std,
+            shared=(args.shared_top, args.shared_tail),
+            ramp=args.ramp,
+            seed=args.seed,
         ),
         total=args.num,
         desc="synth",

@@ -228,7 +228,8 @@ def load_data(config, split, args, rank_id, world):
     return train_ds, val_ds, train_loader, val_loader, sampler
 
 
-def describe_data(log, config, split, train_ds, val_ds, device, world, preload):
+def describe_data(log, config, split, datasets, *, device, world, preload):
+    train_ds, val_ds = datasets
     gib = len(train_ds) * train_ds.shape[0] * train_ds.shape[1] * 4 / 2**30
 
     def where(ds):
@@ -531,7 +532,9 @@ def fit(args, config, ck, proc, *, on_epoch, test_at_end):
     train_ds, val_ds, train_loader, val_loader, sampler = load_data(
         config, split, args, rank_id, world
     )
-    describe_data(log, config, split, train_ds, val_ds, device, world, args.preload)
+    describe_data(
+        log, config, split, (train_ds, val_ds), device=device, world=world, preload=args.preload
+    )
     raw_model, model = make_model(config, ck, train_ds, device, world, local_rank)
     state = State(raw_model, config)
     if ck is not None:

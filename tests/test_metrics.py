@@ -1,4 +1,5 @@
-"""svd_baseline.py against an independent float64 NumPy computation."""
+"""lowrank/metrics.py (every metric, the exact truncated SVDs, the summary) against an independent
+float64 NumPy computation; the synthetic stand-in cache's spectrum."""
 
 import numpy as np
 import pytest
