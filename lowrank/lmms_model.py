@@ -16,7 +16,7 @@ import torch
 
 from lowrank.cli import UserError
 from lowrank.downstream import Asker, Decoding, TokenSetup
-from lowrank.images import load_image
+from lowrank.images import load_image, parse_image_size
 from lowrank.transforms import parse_spec
 from lowrank.vlm import decode_answer, load_vlm
 
@@ -30,11 +30,23 @@ INSTALL = (
 )
 
 
+def lmms_eval_models():
+    """lmms-eval's entry point (pyproject.toml, group lmms_eval.models): after `pip install
+    --no-deps -e .`, `python -m lmms_eval --model lowrank_qwen --model_args
+    pretrained=tiny-random,transform=svd:64,image_size=448 ...` loads LowRankQwen."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(
+        model_id="lowrank_qwen", simple_class_path="lowrank.lmms_model.LowRankQwen"
+    )
+
+
 class LowRankQwen(LmmsModel):
     """pretrained: a Qwen2.5-VL checkpoint (directory or hub id) or one built in code (tiny-random,
     random-3b); transform: a spec such as svd:64. size: the image size the cache's features were
-    made at (W, H); hw: its token grid. nn_model / bases: for nn:r, keep:lrcp:k and codec transforms
-    (from a training run)."""
+    made at (W, H; from lmms-eval's command line image_size=448 or 448x448); hw: its token grid
+    (default: from the size and the model's cell). nn_model / bases: for nn:r, keep:lrcp:k and
+    codec transforms (from a training run: lmms_eval_lowrank.py)."""
 
     def __init__(
         self,
@@ -43,26 +55,29 @@ class LowRankQwen(LmmsModel):
         device="cpu",
         dtype=torch.float32,
         size=(448, 448),
-        hw=(16, 16),
+        hw=None,
         norm="layernorm",
         nn_model=None,
         bases=None,
         max_new_tokens=16,
         seed=0,
         batch_size=1,
+        image_size=None,
     ):
         if LmmsModel is object:
             raise UserError(f"lmms-eval is not installed: {INSTALL}")
         super().__init__()
-        self.size, self.spec, self.max_new_tokens = (
-            tuple(size),
-            parse_spec(transform),
-            max_new_tokens,
-        )
-        self.batch_size = batch_size
+        # lmms-eval's command line gives strings and numbers
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.size = parse_image_size(image_size) if image_size is not None else tuple(size)
+        self.spec, self.max_new_tokens = parse_spec(transform), int(max_new_tokens)
+        self.batch_size = int(batch_size)
         self.model, self.proc = load_vlm(pretrained, torch.device(device), dtype, self.size)
+        vision = self.model.config.vision_config
+        cell = vision.patch_size * vision.spatial_merge_size
+        hw = tuple(hw) if hw is not None else (self.size[1] // cell, self.size[0] // cell)
         max_svd = self.spec.rank if self.spec.kind == "svd" else 0
-        setup = TokenSetup(norm, tuple(hw), nn_model, bases or {}, max_svd)
+        setup = TokenSetup(norm, hw, nn_model, bases or {}, max_svd)
         # lmms-eval's context is already the whole user turn
         decoding = Decoding(
             prompt=lambda context: context, max_new_tokens=max_new_tokens, seed=seed

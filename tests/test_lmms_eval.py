@@ -3,6 +3,9 @@ TextVQA-schema parquet as a task YAML, the tiny full model, transforms applied w
 output enters the language model."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -46,10 +49,16 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
     assert got["svd:256"] == got["original"] and got["zeros"] != got["original"]
     saved = json.loads((tmp_path / "lmms_eval.json").read_text())
     assert saved["transforms"]["zeros"]["answers"] == report["zeros"]["answers"]
-    # the original transform answers as the unmodified model does: generate() on lmms-eval's prompt
-    # and image
+    # the original transform answers as the unmodified model does
+    assert got["original"] == unmodified_answers(tiny_cache, 3)
+
+
+def unmodified_answers(tiny_cache, n):
+    """The tiny model's own generate() on lmms-eval's TextVQA prompt and image, for the first n
+    rows."""
     model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
-    for row, answer in zip(rows(tiny_cache, 3), got["original"]):
+    out = []
+    for row in rows(tiny_cache, n):
         text = row["question"].capitalize() + "\nAnswer the question using a single word or phrase."
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -61,7 +70,34 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
         want = proc.tokenizer.decode(
             [t for t in ids.tolist() if t < len(proc.tokenizer)], skip_special_tokens=True
         )
-        assert answer == want.strip().split("ASSISTANT:")[0]
+        out.append(want.strip().split("ASSISTANT:")[0])
+    return out
+
+
+def test_lmms_evals_own_command_line_loads_the_model(tiny_cache, tmp_path):
+    """`python -m lmms_eval --model lowrank_qwen` (the entry point pyproject.toml registers; `pip
+    install --no-deps -e .`): lmms-eval's own results and per-sample log; full-rank SVD answers as
+    the unmodified model does."""
+    from importlib.metadata import entry_points
+
+    assert any(e.name == "lowrank_qwen" for e in entry_points(group="lmms_eval.models")), (
+        "the model is registered by installing the project: pip install --no-deps -e ."
+    )
+    task = tmp_path / "task"
+    task.mkdir()
+    lmms_eval_lowrank.local_task(tiny_cache / "data", task)
+    args = "pretrained=tiny-random,transform=svd:256,image_size=448"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "lowrank_qwen", "--model_args", args]
+    cmd += ["--tasks", "textvqa_local", "--include_path", str(task), "--limit", "2"]
+    cmd += ["--output_path", str(tmp_path / "out"), "--log_samples", "--device", "cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    assert "exact_match,none" in results["results"]["textvqa_local"]
+    log = next((tmp_path / "out").rglob("*_samples_textvqa_local.jsonl")).read_text().splitlines()
+    samples = sorted((json.loads(line) for line in log), key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"] for s in samples] == unmodified_answers(tiny_cache, 2)
 
 
 def test_lmms_evals_score_equals_ours_on_the_same_answers(tiny_cache, tmp_path, monkeypatch):
