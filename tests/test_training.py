@@ -165,17 +165,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(
 
 
 def test_best_model_write_is_atomic(tiny_cache, tmp_path, monkeypatch):
-    train_real_data.main(
-        [
-            "--cache_dir",
-            str(tiny_cache / "cache"),
-            "--results_dir",
-            str(tmp_path),
-            *SMALL,
-            "--epochs",
-            "1",
-        ]
-    )
+    train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     good = (tmp_path / "best_model.pt").read_bytes()
     real_save = torch.save
 
@@ -187,18 +177,7 @@ def test_best_model_write_is_atomic(tiny_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        train_real_data.main(
-            [
-                "--cache_dir",
-                str(tiny_cache / "cache"),
-                "--results_dir",
-                str(tmp_path),
-                *SMALL,
-                "--epochs",
-                "1",
-                "--overwrite",
-            ]
-        )
+        train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--overwrite")
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "best_model.pt").read_bytes() == good  # the previous best is intact
     stray = list(tmp_path.glob(".best_model.pt.*.tmp"))
@@ -206,18 +185,7 @@ def test_best_model_write_is_atomic(tiny_cache, tmp_path, monkeypatch):
     for p in stray:  # ... as a dead process's temp file
         p.rename(p.with_name(f".best_model.pt.{feature_cache.HOST}-{2**22 + 7}.tmp"))
     compare_svd_nn.main(["--results_dir", str(tmp_path), "--device", "cpu"])  # compare loads it
-    train_real_data.main(
-        [
-            "--cache_dir",
-            str(tiny_cache / "cache"),
-            "--results_dir",
-            str(tmp_path),
-            *SMALL,
-            "--epochs",
-            "1",
-            "--overwrite",
-        ]
-    )
+    train(tiny_cache / "cache", tmp_path, "--epochs", "1", "--overwrite")
     assert not list(tmp_path.glob(".*.tmp"))  # cleaned by the next run
 
 
@@ -238,17 +206,7 @@ def test_bad_test_split_file_stops_before_epoch_1(tiny_cache, tmp_path, damage, 
         ValueError,
         match={"truncated": "unreadable", "nan": "NaN", "huge": "overflow float32"}[damage],
     ) as e:
-        train_real_data.main(
-            [
-                "--cache_dir",
-                str(cache),
-                "--results_dir",
-                str(tmp_path / "r"),
-                *SMALL,
-                "--epochs",
-                "2",
-            ]
-        )
+        train(cache, tmp_path / "r", "--epochs", "2")
     assert f"features_{i}.pt" in str(e.value)
     assert (
         "epoch   1" not in capsys.readouterr().out
@@ -318,17 +276,7 @@ def test_nonfinite_message_names_existing_checkpoints(tiny_cache, tmp_path, monk
 
     monkeypatch.setattr(training, "loss_terms", poisoned)
     with pytest.raises(SystemExit):
-        train_real_data.main(
-            [
-                "--cache_dir",
-                str(tiny_cache / "cache"),
-                "--results_dir",
-                str(tmp_path),
-                *SMALL,
-                "--epochs",
-                "2",
-            ]
-        )
+        train(tiny_cache / "cache", tmp_path, "--epochs", "2")
     line = [l for l in capsys.readouterr().out.splitlines() if "NaN/Inf" in l][0]
     named = [w.strip("(),.") for w in line.split() if w.strip("(),.").endswith(".pt")]
     assert named and all(Path(p).exists() for p in named), line

@@ -409,7 +409,7 @@ def test_resize_is_the_image_at_another_resolution_through_the_same_model(traine
     assert by["resize:224"]["vision_tokens"] == by["keep:norm:64"]["vision_tokens"] == 64
     assert by["resize:448"]["vision_tokens"] == 256
     assert by["resize:224"]["prefill_flops"] < by["original"]["prefill_flops"]
-    # the tower's cost: the resized image's own (a quarter of the patches), the others the original's
+    # the tower: the resized image's own (a quarter of the patches); the others, the original's
     assert (
         by["keep:norm:64"]["tower_flops"]
         == by["resize:448"]["tower_flops"]
