@@ -162,6 +162,7 @@ class Asker:
         self.setup = setup
         self.img_id, self.eos = model.config.image_token_id, eos_ids(model, proc.tokenizer)
         self.text_config = getattr(model.config, "text_config", model.config)
+        self.resized = {}  # (W, H) -> the processor fixed to it (resize conditions)
 
     def encode(self, image, question, attention=False, question_aware=False, size=None):
         """-> Encoded (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens,
@@ -179,7 +180,9 @@ class Asker:
             }
         ]
         text = self.proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        proc = self.proc if size is None else resized_processor(self.proc, size)
+        if size is not None and size not in self.resized:
+            self.resized[size] = resized_processor(self.proc, size)
+        proc = self.proc if size is None else self.resized[size]
         inputs = proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
         with torch.no_grad():
@@ -228,7 +231,12 @@ class Asker:
         uninterrupted one."""
         attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
         aware = any(s.rule in QUESTION_RULES for *_, specs in items for s in specs)
-        encoded = {sample: self.encode(image, q, attention, aware) for sample, image, q, _ in items}
+        # the tower at the cache's size, for the samples that ask anything but resize
+        encoded = {
+            sample: self.encode(image, q, attention, aware)
+            for sample, image, q, specs in items
+            if any(s.kind != "resize" for s in specs)
+        }
         for spec in dict.fromkeys(s for *_, specs in items for s in specs):
             group = [(sample, encoded[sample]) for sample, _, _, specs in items if spec in specs]
             if spec.kind == "resize":  # the image itself smaller: its own tower run and prompt
