@@ -1,7 +1,7 @@
 """
 Any lmms-eval image task with vision-token transforms: lmms-eval's task prompts, generation settings
-and scoring, unchanged; the toolkit's Qwen2.5-VL with each transform applied where the tower's
-output enters the language model.
+and scoring, unchanged; the toolkit's Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with each transform
+applied where the tower's output enters the language model.
 
     python lmms_eval_lowrank.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --dtype bfloat16 \\
         --transforms original,svd:64,keep:leverage:64 --tasks textvqa_val,docvqa_val,chartqa
@@ -39,6 +39,7 @@ from lowrank.lmms_model import INSTALL, LowRankQwen
 from lowrank.runs import load_run, read_run
 from lowrank.selection import LRCP_RANK
 from lowrank.transforms import check_spec, parse_spec, resize_tokens
+from lowrank.vlm import model_cell
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TASK = "textvqa_local"
@@ -49,8 +50,9 @@ def get_args_parser():
     ap.add_argument(
         "--model",
         required=True,
-        help="a Qwen2.5-VL checkpoint (directory or hub id), or tiny-random / "
-        "random-3b (built in code, random weights: mechanics and cost, not accuracy)",
+        help="a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (directory or hub id), or tiny-random, "
+        "tiny-random-qwen2-vl, tiny-random-qwen3-vl / random-3b (built in code, random weights: "
+        "mechanics and cost, not accuracy)",
     )
     ap.add_argument(
         "--transforms", default="original", help="comma list of transform specs (transforms.py)"
@@ -114,7 +116,12 @@ def run_setup(args):
         raise UserError("--transforms is empty: give at least one, e.g. original,svd:64")
     if not args.results_dir:
         w, h = parse_image_size(args.image_size)
-        hw = (h // 28, w // 28)
+        cell = model_cell(args.model)
+        if w % cell or h % cell:
+            raise UserError(
+                f"--image_size {args.image_size}: each side must be a multiple of {args.model}'s {cell}-px cell"
+            )
+        hw = (h // cell, w // cell)
         specs = [parse_spec(t, hw[0] * hw[1]) for t in texts]
         if any(
             s.kind == "nn" or s.rule == "lrcp" or (s.codec or "").startswith(("pca", "omega"))

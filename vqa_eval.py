@@ -1,7 +1,7 @@
 """
-Does the model still answer? TextVQA accuracy of the full Qwen2.5-VL when its vision tokens are
-replaced by a low-rank reconstruction (truncated SVD or a trained factoriser at rank r), by zeros,
-or when only k tokens chosen by a tokens.py rule are kept.
+Does the model still answer? TextVQA accuracy of the full Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+when its vision tokens are replaced by a low-rank reconstruction (truncated SVD or a trained
+factoriser at rank r), by zeros, or when only k tokens chosen by a tokens.py rule are kept.
 
     python vqa_eval.py --results_dir results_subspace --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda \\
         --svd_ranks 16,32,64,128 --nn_ranks 16,32,64,128 --rules leverage,norm,random --keep 32,64
@@ -16,9 +16,11 @@ Reconstructions are made in the space the factoriser was trained in (the run's -
 layernorm by default) and mapped back to the model's scale with each token's own mean and standard
 deviation (2 numbers per token, kept exactly). Kept tokens keep their own M-RoPE positions (time,
 row, column of the full grid); the dropped ones are removed from the sequence, and the text after
-the image keeps the positions it has with all tokens. 'tiny-random' builds a tiny full Qwen2.5-VL in
-code (fixed seed; its vision tower is the tiny-random encoder's) with a byte-level tokenizer and a
-Qwen-style chat template: its accuracies mean nothing, it proves the mechanics.
+the image keeps the positions it has with all tokens. Qwen3-VL's deepstack features follow every
+transform (transforms.py says how for each kind). 'tiny-random' builds a tiny full Qwen2.5-VL in
+code (fixed seed; its vision tower is the tiny-random encoder's; tiny-random-qwen2-vl and
+tiny-random-qwen3-vl the same for those families) with a byte-level tokenizer and a Qwen-style chat
+template: its accuracies mean nothing, it proves the mechanics.
 
 Scores (vqa_score.py): TextVQA's score exactly as lmms-eval 0.7.x computes it (the EvalAI answer
 processor, then min(#other references / 3, 1) over the leave-one-out subsets), and the top-answer
@@ -75,7 +77,7 @@ from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
 from lowrank.transforms import Spec, parse_spec, resize_tokens, stored_bytes
-from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, load_vlm
+from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, feature_levels, load_vlm
 
 
 def get_args_parser():
@@ -95,9 +97,9 @@ def add_sample_flags(ap):
     ap.add_argument(
         "--model",
         default=None,
-        help="the full Qwen2.5-VL: a local directory or hub id, or 'tiny-random' / "
-        "'random-3b' (random weights, built in code: mechanics / real-size "
-        "cost); default: the cache's encoder",
+        help="the full Qwen2-VL / Qwen2.5-VL / Qwen3-VL: a local directory or hub id, or "
+        "'tiny-random', 'tiny-random-qwen2-vl', 'tiny-random-qwen3-vl' / 'random-3b' (random "
+        "weights, built in code: mechanics / real-size cost); default: the cache's encoder",
     )
     ap.add_argument("--revision", default=None, help="hub revision of --model")
     ap.add_argument(
@@ -248,8 +250,9 @@ def main(argv=None):
     if rank != 0:
         return None
     done = log.read(talk=False) if world > 1 else done
+    levels = feature_levels(name, args.revision)
     stored = {
-        str(c): stored_bytes(c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases)
+        str(c): stored_bytes(c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases, levels)
         for c in conds
     }
     return report(idx, conds, done, samples, stem, settings, stored)

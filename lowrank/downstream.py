@@ -17,7 +17,7 @@ from PIL import Image
 
 from lowrank.cli import UserError
 from lowrank.dataset import principal_basis
-from lowrank.encoders import attention_received
+from lowrank.encoders import attention_received, deepstack_of
 from lowrank.feature_codecs import family
 from lowrank.lm_cost import kv_bytes, prefill_flops, tower_flops
 from lowrank.metrics import timed
@@ -185,21 +185,26 @@ class Asker:
         proc = self.proc if size is None else self.resized[size]
         inputs = proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
+        visual, seen = self.model.model.visual, {}
+        # the tower's whole output, whichever way it runs: Qwen3-VL's deepstack features are in it
+        hook = visual.register_forward_hook(lambda module, args, out: seen.update(out=out))
         with torch.no_grad():
             pixels, grid = (
                 inputs["pixel_values"].to(self.dev, self.dtype),
                 inputs["image_grid_thw"].to(self.dev),
             )
-            if attention:
-                (V, att), secs = timed(
-                    attention_received, self.model.model.visual, pixels, grid, device=self.dev
-                )
-                att = att[0]
-            else:
-                V, secs = timed(
-                    lambda: self.model.model.visual(pixels, grid_thw=grid), device=self.dev
-                )
-                V, att = getattr(V, "pooler_output", V), None
+            try:
+                if attention:
+                    (V, att), secs = timed(
+                        attention_received, visual, pixels, grid, device=self.dev
+                    )
+                    att = att[0]
+                else:
+                    V, secs = timed(lambda: visual(pixels, grid_thw=grid), device=self.dev)
+                    V, att = getattr(V, "pooler_output", V), None
+            finally:
+                hook.remove()
+        deepstack = deepstack_of(seen["out"])
         setup = self.setup
         merge = self.model.config.vision_config.spatial_merge_size
         hw = tuple(int(v) // merge for v in inputs["image_grid_thw"][0, 1:])
@@ -212,6 +217,7 @@ class Asker:
             bases=setup.bases,
             max_svd=setup.max_svd,
             attention=att,
+            deepstack=None if deepstack is None else deepstack.float(),
         )
         # the question alone, as the tokenizer splits it, in the model's own embedding table
         if question_aware:
@@ -245,12 +251,25 @@ class Asker:
                     for sample, image, q, specs in items
                     if spec in specs
                 ]
-            if spec.kind == "fastv" and spec.layer >= self.text_config.num_hidden_layers:
-                raise UserError(
-                    f"transform {spec}: the model has {self.text_config.num_hidden_layers} layers"
-                )
+            if spec.kind == "fastv":
+                self.check_fastv(spec)
             for batch in [[e] for e in group] if spec.kind == "fastv" else [group]:
                 yield from self.answer_batch(spec, batch)
+
+    def check_fastv(self, spec):
+        """FastV's K within the language model; on Qwen3-VL past the layers that add the deepstack
+        features to the image tokens (they expect every image token)."""
+        layers = self.text_config.num_hidden_layers
+        if spec.layer >= layers:
+            raise UserError(f"transform {spec}: the model has {layers} layers")
+        levels = len(
+            getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or []
+        )
+        if spec.layer < levels:
+            raise UserError(
+                f"transform {spec}: the deepstack features are added to every image token after "
+                f"layers 0..{levels - 1}; K must be at least {levels}"
+            )
 
     def answer_batch(self, spec, group):
         """group: [(sample, Encoded)] -> one record per sample."""
@@ -259,9 +278,13 @@ class Asker:
             gen = torch.Generator().manual_seed(draw_seed(self.decoding.seed, sample, str(spec)))
             applied = Spec("original") if spec.kind == "resize" else spec  # resized in encode
             with torch.no_grad():
-                (Vc, kept), secs = timed(e.tower.apply, applied, gen, device=self.dev)
-            prompts.append(prompt_embeds(self.model, e.ids, e.positions, Vc, kept, self.img_id))
-            made.append((len(Vc) if spec.kind != "fastv" else spec.rank, secs * 1e3))
+                out, secs = timed(e.tower.apply, applied, gen, device=self.dev)
+            prompts.append(
+                prompt_embeds(
+                    self.model, e.ids, e.positions, out.tokens, out.kept, self.img_id, out.deepstack
+                )
+            )
+            made.append((len(out.tokens) if spec.kind != "fastv" else spec.rank, secs * 1e3))
         fastv = None
         if spec.kind == "fastv":
             ids = group[0][1].ids
@@ -271,10 +294,10 @@ class Asker:
             torch.cuda.reset_peak_memory_stats(self.dev)
         outs, times = greedy(self.model, prompts, self.decoding.max_new_tokens, self.eos, fastv)
         peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if cuda else None
-        for (sample, enc), (embeds, _), toks, (n_vision, transform_ms) in zip(
+        for (sample, enc), prompt, toks, (n_vision, transform_ms) in zip(
             group, prompts, outs, made
         ):
-            n = len(embeds)
+            n = len(prompt)
             pruned = (spec.layer, n - len(fastv[2]) + spec.rank) if fastv else None
             llm_flops = prefill_flops(self.text_config, n, pruned)
             yield {

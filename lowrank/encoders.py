@@ -176,6 +176,11 @@ def hub_reachable(timeout=2.0):
 def checkpoint_family(model, revision=None):
     """The model_type in a checkpoint's config.json (local directory or hub id): qwen2_vl,
     qwen2_5_vl, qwen3_vl..."""
+    return checkpoint_config(model, revision).model_type
+
+
+def checkpoint_config(model, revision=None):
+    """A checkpoint's config (local directory or hub id), or one UserError saying how to get it."""
     from transformers import AutoConfig
 
     advice = (
@@ -186,9 +191,7 @@ def checkpoint_family(model, revision=None):
     )
     offline = not Path(model).is_dir() and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(
-            model, revision=revision, local_files_only=offline
-        ).model_type
+        return AutoConfig.from_pretrained(model, revision=revision, local_files_only=offline)
     # not found / no network; 4.x: HFValidationError for a bad path
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -478,6 +481,13 @@ def per_image(h, grid_thw, merge, patches):
             )
         out.append(x)
     return torch.stack(out)
+
+
+def deepstack_of(out):
+    """Qwen3-VL's deepstack features [levels, N·T, D] from a tower's output (5.x: an output object,
+    4.x: a (merged, deepstack) tuple), or None for a tower without them."""
+    levels = out[1] if isinstance(out, tuple) else getattr(out, "deepstack_features", None)
+    return torch.stack(list(levels)) if levels else None
 
 
 def run_hooked(tower, pixel_values, grid_thw, hooks):

@@ -1,8 +1,8 @@
 """
-The toolkit's Qwen2.5-VL as an lmms-eval model: lmms-eval's tasks give the prompt, the generation
-settings and the scoring; the model answers with one vision-token transform (transforms.py) applied
-where the tower's output enters the language model. lmms-eval is optional: without it this module
-imports, and LowRankQwen says how to install it.
+The toolkit's Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) as an lmms-eval model: lmms-eval's tasks
+give the prompt, the generation settings and the scoring; the model answers with one vision-token
+transform (transforms.py) applied where the tower's output enters the language model. lmms-eval is
+optional: without it this module imports, and LowRankQwen says how to install it.
 
 lmms-eval's own Qwen2.5-VL wrapper is not wrapped: its module imports decord and qwen-vl-utils,
 which need torchvision, and torchvision does not import beside the CPU torch build this toolkit is
@@ -42,8 +42,8 @@ def lmms_eval_models():
 
 
 class LowRankQwen(LmmsModel):
-    """pretrained: a Qwen2.5-VL checkpoint (directory or hub id) or one built in code (tiny-random,
-    random-3b); transform: a spec such as svd:64. size: the image size the cache's features were
+    """pretrained: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (directory or hub id) or one built
+    in code (vlm.RANDOM_TEXT); transform: a spec such as svd:64. size: the image size the cache's features were
     made at (W, H; from lmms-eval's command line image_size=448 or 448x448); hw: its token grid
     (default: from the size and the model's cell). nn_model / bases: for nn:r, keep:lrcp:k and
     codec transforms (from a training run: lmms_eval_lowrank.py)."""

@@ -21,8 +21,16 @@ string that reads the same on every command line and in every output file:
 Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's
 normalisation) and mapped back with each token's own mean and standard deviation; rules choose and
 group tokens on the normalised features, and merged tokens are means of the model-scale ones.
-apply() returns (tokens for the language model, indices of the kept or representative tokens, or
-None): keep and merge shorten the sequence, the others replace the tokens.
+apply() returns an Applied record (tokens for the language model, indices of the kept or
+representative tokens or None, Qwen3-VL's deepstack features to go with the tokens): keep and
+merge shorten the sequence, the others replace the tokens.
+
+Qwen3-VL's deepstack features (one [T, D] matrix per level, added to the image tokens' hidden
+states in the language model's first layers) follow every transform: kept tokens keep their rows,
+merged tokens take the same merge weights, zeros zeroes them, svd and nn reconstruct each level on
+the main tokens' own token-side factor A [T, r] (B_l = the least-squares fit of the level on A, so
+the image is still one A [T, r] plus an r x D matrix per level), a per-image codec codes each level
+alone; a codec with a data-set basis (pca, omega) is fit to the merger's output and is refused.
 """
 
 from dataclasses import dataclass
@@ -168,24 +176,36 @@ def resize_tokens(spec, size, hw):
     return (h // cell) * (w // cell)
 
 
-def stored_bytes(spec, T, D, norm, element_bytes, bases=None):
+def stored_bytes(spec, T, D, norm, element_bytes, bases=None, levels=1):
     """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype
     (element_bytes each) for original (T x D), svd and nn (the factors, r x (T + D)), keep and merge
     (k x D, plus k int16 positions); a codec's exact payload (feature_codecs.payload_bytes, as
     compress.py counts it; a shared basis is stored once per data set, not counted). Reconstructions
-    under layernorm also keep each token's mean and standard deviation (2 x T)."""
+    under layernorm also keep each token's mean and standard deviation (2 x T). levels: the feature
+    matrices per image (1 + Qwen3-VL's deepstack levels; svd and nn share A [T, r] across them)."""
     if spec.kind in ("original", "zeros", "fastv", "resize"):  # resize: T of the resized image
-        return T * D * element_bytes if spec.kind != "zeros" else 0
+        return levels * T * D * element_bytes if spec.kind != "zeros" else 0
     if spec.kind in ("keep", "merge"):
-        return spec.rank * D * element_bytes + 2 * spec.rank
-    stats = 2 * T * element_bytes if norm == "layernorm" else 0
+        return levels * spec.rank * D * element_bytes + 2 * spec.rank
+    stats = levels * 2 * T * element_bytes if norm == "layernorm" else 0
     if spec.kind in ("svd", "nn"):
-        return spec.rank * (T + D) * element_bytes + stats
+        return spec.rank * (T + levels * D) * element_bytes + stats
     basis = (bases or {}).get(family(spec.codec))
     payload = encode(
         spec.codec, torch.randn(T, D), spec.rank, basis.float().cpu() if basis is not None else None
     )
-    return payload_bytes(payload) + stats  # the payload's size depends on the shapes only
+    return levels * payload_bytes(payload) + stats  # the payload's size depends on the shapes only
+
+
+@dataclass
+class Applied:
+    """What a transform gives the language model: tokens [T', D] in the model's scale, the kept or
+    representative token indices (None when every token is replaced), and the deepstack features
+    [levels, T', D] that go with the tokens (None for the families without them)."""
+
+    tokens: torch.Tensor
+    kept: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
 
 
 class Tower:
@@ -193,41 +213,81 @@ class Tower:
     SVD at the largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules
     and codecs."""
 
-    def __init__(self, X, norm, hw, *, nn_model=None, bases=None, max_svd=0, attention=None):
+    def __init__(
+        self, X, norm, hw, *, nn_model=None, bases=None, max_svd=0, attention=None, deepstack=None
+    ):
         """attention [T]: what each token receives in the tower (encoders.attention_received), for
-        visionzip."""
+        visionzip; deepstack [levels, T, D]: Qwen3-VL's deepstack features of the same tokens."""
         self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
-        self.attention = attention
+        self.attention, self.deepstack = attention, deepstack
         # [T]: each token's relevance to the question (selection.relevance), when asked
         self.relevance = None
         self.Xn = normalize(X, norm)
         self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
 
     def apply(self, spec, generator=None):
-        """-> (tokens [T', D] in the model's scale, kept indices or None)."""
+        """-> Applied: the tokens in the model's scale, the kept indices, the deepstack features."""
+        ds = self.deepstack
         if spec.kind in ("original", "fastv"):  # fastv acts inside the language model
-            return self.X, None
+            return Applied(self.X, None, ds)
         if spec.kind == "resize":
             raise ValueError(
                 "resize acts on the image: downstream.Asker runs the tower on it again"
             )
         if spec.kind == "zeros":
-            return torch.zeros_like(self.X), None
+            return Applied(
+                torch.zeros_like(self.X), None, None if ds is None else torch.zeros_like(ds)
+            )
         if spec.kind in ("keep", "merge"):
-            tokens, kept, _ = self.reduce(spec, generator)
-            return tokens, kept
+            tokens, kept, W = self.reduce(spec, generator)
+            if ds is not None:  # the kept rows, or the same merge weights
+                ds = (
+                    ds[:, kept.to(ds.device)]
+                    if W is None
+                    else (W.to(ds.device) @ ds.double()).to(ds.dtype)
+                )
+            return Applied(tokens, kept, ds)
         if spec.kind == "svd":
             if self.svd is None or self.svd[0].shape[1] < spec.rank:
                 self.svd = [f[0] for f in truncated_svd(self.Xn[None], spec.rank)[:2]]
-            Xh = self.svd[0][:, : spec.rank] @ self.svd[1][: spec.rank]
+            A = self.svd[0][:, : spec.rank]
+            Xh = A @ self.svd[1][: spec.rank]
         elif spec.kind == "nn":
-            Xh = self.nn_model(self.Xn[None], rank=spec.rank)[0][0]  # (X̂, A, B) of a batch of one
+            Xh, A, _ = (f[0] for f in self.nn_model(self.Xn[None], rank=spec.rank))
         else:  # codecs run on the CPU, as compress.py measures them
-            basis = self.bases.get(family(spec.codec))
-            basis = basis.float().cpu() if basis is not None else None
-            payload = encode(spec.codec, self.Xn.float().cpu(), spec.rank, basis)
-            Xh = decode(spec.codec, payload, basis).to(self.Xn.device)
-        return denormalize(Xh.to(self.X.dtype), self.X, self.norm), None
+            if ds is not None and family(spec.codec) in SHARED_BASIS:
+                raise UserError(
+                    f"transform {spec}: its basis is fit to the merger's output; the deepstack "
+                    f"features have none (use a per-image codec)"
+                )
+            Xh = self.coded(spec, self.Xn)
+            levels = (
+                [self.coded(spec, normalize(Y, self.norm)) for Y in ds] if ds is not None else None
+            )
+            return Applied(self.back(Xh, self.X), None, self.back_levels(levels))
+        levels = None
+        if ds is not None:  # each level's least-squares fit on the tokens' own A
+            A64 = A.detach().double()
+            levels = [
+                A64 @ torch.linalg.lstsq(A64, normalize(Y, self.norm).double()).solution for Y in ds
+            ]
+        return Applied(self.back(Xh, self.X), None, self.back_levels(levels))
+
+    def coded(self, spec, Xn):
+        """Normalised features through a codec and back, on the CPU."""
+        basis = self.bases.get(family(spec.codec))
+        basis = basis.float().cpu() if basis is not None else None
+        payload = encode(spec.codec, Xn.float().cpu(), spec.rank, basis)
+        return decode(spec.codec, payload, basis).to(Xn.device)
+
+    def back(self, Xh, X):
+        """Reconstructed normalised features in X's scale (each token's own mean and deviation)."""
+        return denormalize(Xh.to(X.dtype), X, self.norm)
+
+    def back_levels(self, levels):
+        if levels is None:
+            return None
+        return torch.stack([self.back(Yh, Y) for Yh, Y in zip(levels, self.deepstack)])
 
     def reduce(self, spec, generator=None):
         """keep and merge -> (k tokens in the model's scale, kept or representative indices, merge
@@ -258,7 +318,7 @@ class Tower:
         tokens' features (ties: the lower index)."""
         T = self.X.shape[0]
         if spec.kind not in ("keep", "merge"):
-            return self.apply(spec, generator)[0], torch.arange(T)
+            return self.apply(spec, generator).tokens, torch.arange(T)
         tokens, kept, W = self.reduce(spec, generator)
         if W is not None:
             return tokens, W.argmax(0).cpu()

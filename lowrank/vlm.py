@@ -1,24 +1,29 @@
 """
-The full Qwen2.5-VL as the downstream evaluation uses it: loaded from a checkpoint or built in code
-with random weights (tiny-random proves the mechanics on a CPU; random-3b has Qwen2.5-VL-3B's
-published sizes, for cost figures), its M-RoPE positions computed here, greedy decoding from
-embeddings, and an answer with the vision tokens replaced.
+The full Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) as the downstream evaluation uses it: loaded from
+a checkpoint or built in code with random weights (tiny-random* prove the mechanics on a CPU, one per
+family; random-3b has Qwen2.5-VL-3B's published sizes, for cost figures), its M-RoPE positions
+computed here, greedy decoding from embeddings (with Qwen3-VL's deepstack features added where the
+image tokens are), and an answer with the vision tokens replaced.
 """
 
 import inspect
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowrank.cli import UserError
 from lowrank.encoders import (
+    FAMILIES,
     RANDOM_3B,
     RANDOM_TOWERS,
     TINY,
     TINY_SEED,
+    checkpoint_config,
     checkpoint_family,
+    family_classes,
     image_processor,
     random_tower,
 )
@@ -63,12 +68,27 @@ def tiny_tokenizer():
     )
 
 
-def make_processor(tokenizer, image_processor, chat_template):
-    """transformers' Qwen2_5_VLProcessor (chat template, <|image_pad|> expansion) without a video
-    processor, whose class check needs torchvision: images only here."""
-    from transformers import Qwen2_5_VLProcessor
+# The full model of each family in transformers: (model class, config class, processor class).
+VLM_CLASSES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", "Qwen3VLProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig", "Qwen3VLProcessor"),
+}
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+
+def vlm_class(family, which):
+    """One of VLM_CLASSES[family] (which: 0 model, 1 config, 2 processor), imported."""
+    import transformers
+
+    return getattr(transformers, VLM_CLASSES[family][which])
+
+
+def make_processor(tokenizer, image_processor, chat_template, family="qwen2_5_vl"):
+    """transformers' processor of the family (chat template, <|image_pad|> expansion) without a
+    video processor, whose class check needs torchvision: images only here."""
+
+    class ImageOnlyProcessor(vlm_class(family, 2)):
         def check_argument_for_proper_class(self, name, arg):
             return (
                 None
@@ -81,18 +101,34 @@ def make_processor(tokenizer, image_processor, chat_template):
     )
 
 
-# Full models built in code with random weights: the text side of each; the vision side is
-# RANDOM_TOWERS[name]. tiny-random proves the mechanics in seconds on a CPU; random-3b has
-# Qwen2.5-VL-3B's published sizes, for ms/sample and memory figures on a GPU without the weights
-# (bench_gpu.sh).
+# Full models built in code with random weights: the text side of each; the vision side (and the
+# family) is RANDOM_TOWERS[name]. The tiny ones prove the mechanics in seconds on a CPU, one per
+# family; random-3b has Qwen2.5-VL-3B's published sizes, for ms/sample and memory figures on a GPU
+# without the weights (bench_gpu.sh). Two layers, so that FastV can prune after layer 1; each
+# M-RoPE section list sums to half the head dim.
+_TINY_TEXT = dict(
+    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256
+)
 RANDOM_TEXT = {
     TINY: dict(
-        num_hidden_layers=2,  # two, so that FastV can prune after layer 1
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=256,
+        _TINY_TEXT,
         vocab_size=None,
         rope_scaling={"type": "mrope", "mrope_section": [256, 128, 128]},
+    ),
+    "tiny-random-qwen2-vl": dict(
+        _TINY_TEXT, vocab_size=None, rope_scaling={"type": "mrope", "mrope_section": [96, 144, 144]}
+    ),
+    # Qwen3-VL's text model: its own head dim, and the sections interleaved over the frequencies
+    "tiny-random-qwen3-vl": dict(
+        _TINY_TEXT,
+        vocab_size=None,
+        head_dim=128,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
     ),
     RANDOM_3B: dict(
         num_hidden_layers=36,
@@ -109,20 +145,18 @@ RANDOM_TEXT = {
 
 
 def random_config(name, tokenizer):
-    """The Qwen2_5_VLConfig of a RANDOM_TEXT model, its special tokens those of tokenizer."""
-    from transformers import Qwen2_5_VLConfig
-
+    """The family's config of a RANDOM_TEXT model, its special tokens those of tokenizer."""
     ids = dict(zip(SPECIAL, tokenizer.convert_tokens_to_ids(SPECIAL)))
-    vision = RANDOM_TOWERS[name][1]
+    family, vision = RANDOM_TOWERS[name]
     text = dict(
         RANDOM_TEXT[name],
-        hidden_size=vision["out_hidden_size"],
+        hidden_size=vision[FAMILIES[family][3]],  # the merger's output is the text width
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     text["vocab_size"] = text["vocab_size"] or len(tokenizer)
-    return Qwen2_5_VLConfig(
+    return vlm_class(family, 1)(
         vision_config=vision,
         text_config=text,
         image_token_id=ids["<|image_pad|>"],
@@ -137,14 +171,12 @@ def random_config(name, tokenizer):
 
 
 def random_vlm(name, tokenizer, device):
-    """A full Qwen2.5-VL with random weights from TINY_SEED, built on device; its vision tower
-    carries the weights of the encoder of the same name, so a cache extracted with --model <name>
-    holds exactly its vision tokens."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """A full model of the tower's family with random weights from TINY_SEED, built on device; its
+    vision tower carries the weights of the encoder of the same name, so a cache extracted with
+    --model <name> holds exactly its vision tokens."""
     torch.manual_seed(TINY_SEED)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
+        model = vlm_class(RANDOM_TOWERS[name][0], 0)._from_config(
             random_config(name, tokenizer), attn_implementation="sdpa"
         )
     model.model.visual.load_state_dict(random_tower(name)[0].state_dict())
@@ -152,29 +184,29 @@ def random_vlm(name, tokenizer, device):
 
 
 def load_vlm(name, device, dtype, size, revision=None):
-    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2.5-VL
-    checkpoint (local directory or hub id)."""
+    """-> (model in eval mode, processor). One of RANDOM_TEXT (built in code) or a Qwen2-VL,
+    Qwen2.5-VL or Qwen3-VL checkpoint (local directory or hub id)."""
     if name in RANDOM_TEXT:
-        tok = tiny_tokenizer()
+        family, tok = RANDOM_TOWERS[name][0], tiny_tokenizer()
         model = random_vlm(name, tok, device)
         proc = make_processor(
-            tok, image_processor(model.config.vision_config, "qwen2_5_vl", size), CHAT_TEMPLATE
+            tok, image_processor(model.config.vision_config, family, size), CHAT_TEMPLATE, family
         )
         return model.to(device, dtype).eval(), proc
     if name in RANDOM_TOWERS:
         raise UserError(
             f"--model {name}: a vision tower only; vqa_eval needs a full model "
-            f"({', '.join(RANDOM_TEXT)} built in code, or a Qwen2.5-VL checkpoint)"
+            f"({', '.join(RANDOM_TEXT)} built in code, or a Qwen-VL checkpoint)"
         )
     family = checkpoint_family(name, revision)
-    if family != "qwen2_5_vl":
+    if family not in VLM_CLASSES:
         raise UserError(
-            f"--model {name} is a {family} checkpoint; vqa_eval handles Qwen2.5-VL (its M-RoPE "
-            f"positions are computed here)"
+            f"--model {name} is a {family} checkpoint; the downstream model is one of "
+            f"{', '.join(VLM_CLASSES)}"
         )
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = vlm_class(family, 0).from_pretrained(
         name, revision=revision, dtype=dtype, attn_implementation="sdpa"
     )
     tok = AutoTokenizer.from_pretrained(name, revision=revision)
@@ -188,9 +220,33 @@ def load_vlm(name, device, dtype, size, revision=None):
     except Exception:
         pass
     proc = make_processor(
-        tok, image_processor(model.config.vision_config, family, size, name, revision), template
+        tok,
+        image_processor(model.config.vision_config, family, size, name, revision),
+        template,
+        family,
     )
     return model.to(device).eval(), proc
+
+
+def vision_config(name, revision=None):
+    """The vision config of a model built in code or of a checkpoint, from its config alone."""
+    if name in RANDOM_TOWERS:
+        family, kw = RANDOM_TOWERS[name]
+        return family_classes(family)[0](**kw)
+    return checkpoint_config(name, revision).vision_config
+
+
+def feature_levels(name, revision=None):
+    """The feature matrices the language model reads per image: 1, plus Qwen3-VL's deepstack
+    levels."""
+    return 1 + len(getattr(vision_config(name, revision), "deepstack_visual_indexes", None) or [])
+
+
+def model_cell(name, revision=None):
+    """The pixels on a side of one vision token: patch x merge (28 for Qwen2-VL and Qwen2.5-VL, 32
+    for Qwen3-VL)."""
+    cfg = vision_config(name, revision)
+    return cfg.patch_size * cfg.spatial_merge_size
 
 
 def mrope_positions(input_ids, image_token_id, grid_hw):
@@ -213,22 +269,41 @@ def mrope_positions(input_ids, image_token_id, grid_hw):
     return pos
 
 
-def prompt_embeds(model, ids, positions, V, kept, image_token_id):
-    """(embeddings [L', H], M-RoPE positions [3, L']) of one prompt with the image tokens'
-    embeddings replaced by V [T, D]; with kept indices, V [k, D] holds only the kept tokens: they
-    keep their own positions and the other image tokens leave the sequence."""
+@dataclass
+class Prompt:
+    """One prompt as the language model reads it: embeddings [L, H], M-RoPE positions [3, L], and
+    for Qwen3-VL the deepstack features [levels, n, H] of its n image tokens, in order, that the
+    first `levels` layers add to those tokens' hidden states (None for the other families)."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    deepstack: torch.Tensor | None = None
+    image: torch.Tensor | None = None  # [L] bool: where the image tokens are
+
+    def __len__(self):
+        return len(self.embeds)
+
+
+def prompt_embeds(model, ids, positions, V, kept, image_token_id, deepstack=None):
+    """The Prompt of ids with the image tokens' embeddings replaced by V [T, D]; with kept indices,
+    V [k, D] holds only the kept tokens: they keep their own positions and the other image tokens
+    leave the sequence. deepstack [levels, T or k, D]: Qwen3-VL's, the rows of V's tokens."""
     embeds = model.get_input_embeddings()(ids)
     positions = positions.to(ids.device)
-    img = (ids == image_token_id).nonzero().squeeze(1)
+    is_image = ids == image_token_id
+    img = is_image.nonzero().squeeze(1)
+    keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
     if kept is None:
         embeds[img] = V.to(embeds.dtype)
-        return embeds, positions
-    kept = kept.to(ids.device)
-    keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-    keep[img] = False
-    keep[img[kept]] = True
-    embeds[img[kept]] = V.to(embeds.dtype)
-    return embeds[keep], positions[:, keep]
+    else:
+        kept = kept.to(ids.device)
+        keep[img] = False
+        keep[img[kept]] = True
+        embeds[img[kept]] = V.to(embeds.dtype)
+    if deepstack is not None:
+        deepstack = deepstack.to(ids.device, embeds.dtype)
+    image = is_image[keep] if deepstack is not None else None
+    return Prompt(embeds[keep], positions[:, keep], deepstack, image)
 
 
 def fastv_hooks(model, layer, k, image_positions, n):
@@ -283,44 +358,60 @@ def fastv_hooks(model, layer, k, image_positions, n):
 
 @torch.no_grad()
 def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
-    """Greedy decoding of a batch of prompts [(embeddings [L_i, H], positions [3, L_i])] -> (the new
+    """Greedy decoding of a batch of Prompts -> (the new
     token ids of each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later
     step, 'total_s'}, for the whole batch). Prompts of different lengths are left-padded and masked;
     each sample's new tokens take positions max + 1, max + 2, ... of its own prompt on all three
     axes (what the model's own generate does after an image). fastv: (layer K, kept k, the image
     tokens' positions in the prompt) prunes inside the language model (fastv_hooks; one prompt at a
-    time). cache: a DynamicCache to fill (a test reads it afterwards)."""
+    time). cache: a DynamicCache to fill (a test reads it afterwards). The language model is
+    called as the family's own forward calls it, after it has placed the image: embeddings,
+    positions and, for Qwen3-VL, the deepstack features and where the image tokens are (the prefill
+    only: later tokens are text)."""
     from transformers import DynamicCache
 
-    dev, B = prompts[0][0].device, len(prompts)
-    L = max(len(e) for e, _ in prompts)
-    x = torch.zeros(B, L, prompts[0][0].shape[1], dtype=prompts[0][0].dtype, device=dev)
+    first = prompts[0].embeds
+    dev, B, L = first.device, len(prompts), max(len(p) for p in prompts)
+    x = torch.zeros(B, L, first.shape[1], dtype=first.dtype, device=dev)
     pos = torch.zeros(3, B, L, dtype=torch.long, device=dev)
     mask = torch.zeros(B, L, dtype=torch.long, device=dev)
-    for b, (e, p) in enumerate(prompts):
-        x[b, L - len(e) :], pos[:, b, L - len(e) :], mask[b, L - len(e) :] = e, p, 1
+    for b, p in enumerate(prompts):
+        x[b, L - len(p) :], pos[:, b, L - len(p) :], mask[b, L - len(p) :] = (
+            p.embeds,
+            p.positions,
+            1,
+        )
+    extra = {}
+    if (
+        prompts[0].deepstack is not None
+    ):  # the image tokens of the batch in order, as the mask reads them
+        image = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        for b, p in enumerate(prompts):
+            image[b, L - len(p) :] = p.image
+        stacked = torch.cat([p.deepstack for p in prompts], 1)
+        extra = dict(visual_pos_masks=image, deepstack_visual_embeds=list(stacked))
     nxt = pos.amax(dim=(0, 2)) + 1
     cache = DynamicCache() if cache is None else cache
+    lm = model.model.language_model
     # 5.x / 4.x
-    cache_kw = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
-    def step(x, pos, mask):
-        return model(
+    def step(x, pos, mask, extra):
+        h = lm(
             inputs_embeds=x,
             attention_mask=mask,
             position_ids=pos,
             use_cache=True,
-            logits_to_keep=1,
             **{cache_kw: cache},
-        ).logits[:, -1]
+            **extra,
+        ).last_hidden_state
+        return model.lm_head(h[:, -1])
 
     out, alive, times = [[] for _ in prompts], [True] * B, []
     hooks = fastv_hooks(model, *fastv, L)[0] if fastv else []
     try:
         for _ in range(max_new_tokens):
-            logits, secs = timed(step, x, pos, mask, device=dev)
+            logits, secs = timed(step, x, pos, mask, extra, device=dev)
             times.append(secs)
             toks = logits.argmax(-1)
             for b, t in enumerate(toks.tolist()):
@@ -330,7 +421,7 @@ def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
             if not any(alive):
                 break
             x, pos = model.get_input_embeddings()(toks[:, None]), nxt[None, :, None].expand(3, B, 1)
-            mask, nxt = torch.cat([mask, mask.new_ones(B, 1)], 1), nxt + 1
+            mask, nxt, extra = torch.cat([mask, mask.new_ones(B, 1)], 1), nxt + 1, {}
     finally:
         for h in hooks:
             h.remove()
@@ -351,7 +442,7 @@ def decode_answer(proc, tokens):
 
 
 def answer(model, proc, prompt, max_new_tokens, eos_ids):
-    """(text, token ids) of one greedy answer to a prompt (prompt_embeds: the image tokens
+    """(text, token ids) of one greedy answer to a Prompt (prompt_embeds: the image tokens
     replaced)."""
     out = greedy(model, [prompt], max_new_tokens, eos_ids)[0][0]
     return decode_answer(proc, out), out

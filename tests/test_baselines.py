@@ -130,14 +130,15 @@ def test_merge_specs_and_the_tower():
         assert str(transforms.parse_spec(text)) == text
     X = feats(256, 16).float() * 3 + 1
     tower = transforms.Tower(X, "layernorm", (16, 16))
-    tokens, kept = tower.apply(transforms.parse_spec("merge:pool:64"))
+    out = tower.apply(transforms.parse_spec("merge:pool:64"))
+    tokens, kept = out.tokens, out.kept
     Wt, reps = merging.merge("pool", X, 64, (16, 16))
     torch.testing.assert_close(tokens, (Wt @ X.double()).float())
     assert torch.equal(kept, reps)
     for spec in ("merge:pool:256", "merge:tome:256"):
-        tokens, kept = tower.apply(transforms.parse_spec(spec))
-        torch.testing.assert_close(tokens, X)
-        assert torch.equal(kept, torch.arange(256))
+        out = tower.apply(transforms.parse_spec(spec))
+        torch.testing.assert_close(out.tokens, X)
+        assert torch.equal(out.kept, torch.arange(256))
     with pytest.raises(UserError, match="visionzip needs the vision tower's attention"):
         transforms.check_spec(transforms.parse_spec("merge:visionzip:64"), 256, 16, attention=False)
     with pytest.raises(UserError, match="pool: 7 cells"):
@@ -257,7 +258,11 @@ def test_fastv_prunes_after_layer_k():
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            model(inputs_embeds=prompt[0][None], position_ids=prompt[1][:, None], logits_to_keep=1)
+            model(
+                inputs_embeds=prompt.embeds[None],
+                position_ids=prompt.positions[:, None],
+                logits_to_keep=1,
+            )
     finally:
         model.set_attn_implementation("sdpa")
         for h in hooks:

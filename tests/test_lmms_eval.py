@@ -28,17 +28,22 @@ def rows(tiny_cache, n):
     ][:n]
 
 
-def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
+# every family: (the model built in code, its image's tokens at 448 x 448)
+FAMILIES = [(encoders.TINY, 256), ("tiny-random-qwen2-vl", 256), ("tiny-random-qwen3-vl", 196)]
+
+
+@pytest.mark.parametrize("model,tokens", FAMILIES)
+def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path, model, tokens):
     report = lmms_eval_lowrank.main(
         [
             "--model",
-            encoders.TINY,
+            model,
             "--parquet_dir",
             str(tiny_cache / "data"),
             "--limit",
             "3",
             "--transforms",
-            "original,svd:256,zeros,keep:leverage:32",
+            f"original,svd:{tokens},zeros,keep:leverage:32",
             "--device",
             "cpu",
             "--out_dir",
@@ -46,17 +51,16 @@ def test_transforms_through_lmms_evals_evaluator(tiny_cache, tmp_path):
         ]
     )
     got = {name: r["answers"]["textvqa_local"] for name, r in report.items()}
-    assert got["svd:256"] == got["original"] and got["zeros"] != got["original"]
+    assert got[f"svd:{tokens}"] == got["original"] and got["zeros"] != got["original"]
     saved = json.loads((tmp_path / "lmms_eval.json").read_text())
     assert saved["transforms"]["zeros"]["answers"] == report["zeros"]["answers"]
     # the original transform answers as the unmodified model does
-    assert got["original"] == unmodified_answers(tiny_cache, 3)
+    assert got["original"] == unmodified_answers(tiny_cache, 3, model)
 
 
-def unmodified_answers(tiny_cache, n):
-    """The tiny model's own generate() on lmms-eval's TextVQA prompt and image, for the first n
-    rows."""
-    model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
+def unmodified_answers(tiny_cache, n, name=encoders.TINY):
+    """The model's own generate() on lmms-eval's TextVQA prompt and image, for the first n rows."""
+    model, proc = vlm.load_vlm(name, torch.device("cpu"), torch.float32, (448, 448))
     out = []
     for row in rows(tiny_cache, n):
         text = row["question"].capitalize() + "\nAnswer the question using a single word or phrase."

@@ -505,7 +505,7 @@ def test_one_batch_of_mixed_kinds_and_lengths(tiny_vlm):
         prompts.append(
             vlm.prompt_embeds(model, ids, pos, V if kept is None else V[kept], kept, img)
         )
-    assert len({len(e) for e, _ in prompts}) == 3
+    assert len({len(p) for p in prompts}) == 3
     alone = [vlm.greedy(model, [p], 8, set())[0][0] for p in prompts]
     assert vlm.greedy(model, prompts, 8, set())[0] == alone
     eos = {alone[1][2]}  # the second prompt's third token ends its answer there; the others run on
