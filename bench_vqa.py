@@ -30,11 +30,11 @@ from lowrank.cli import (
     run_cli,
 )
 from lowrank.demo_set import make_rows
-from lowrank.downstream import PROMPT, Asker, Decoding, TokenSetup
+from lowrank.downstream import PROMPT, Asker, Decoding, Item
 from lowrank.encoders import TINY, default_dtype
 from lowrank.images import load_image
 from lowrank.metrics import synchronize
-from lowrank.transforms import check_spec, parse_spec
+from lowrank.transforms import TokenSetup, check_spec, parse_spec
 from lowrank.vlm import RANDOM_TEXT, load_vlm
 
 QUESTIONS = (
@@ -104,7 +104,7 @@ def main(argv=None):
     asker = Asker(model, proc, dtype, setup, Decoding(prompt, args.max_new_tokens))
     rows = make_rows(args.num, seed=0)
     items = [
-        (i, load_image(r["image"]["bytes"], (448, 448)), QUESTIONS[i % len(QUESTIONS)], conds)
+        Item(i, load_image(r["image"]["bytes"], (448, 448)), QUESTIONS[i % len(QUESTIONS)], conds)
         for i, r in enumerate(rows)
     ]
     n_answers = len(items) * len(conds)

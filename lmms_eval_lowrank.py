@@ -38,7 +38,7 @@ from lowrank.images import Source, parse_image_size
 from lowrank.lmms_model import INSTALL, LowRankQwen
 from lowrank.runs import load_run, read_run
 from lowrank.selection import LRCP_RANK
-from lowrank.transforms import check_spec, parse_spec, resize_tokens
+from lowrank.transforms import TokenSetup, check_spec, parse_spec, resize_tokens
 from lowrank.vlm import model_cell
 
 ROOT = Path(__file__).resolve().parent
@@ -275,11 +275,8 @@ def make_model(args, first_spec, dev, dtype, setup):
         transform=str(first_spec),
         device=dev,
         dtype=dtype,
-        size=size,
-        hw=hw,
-        norm=norm,
-        nn_model=nn_model,
-        bases=bases,
+        image_size=size,
+        setup=TokenSetup(norm, hw, nn_model, bases),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         batch_size=args.batch_size or default_batch_size(dev),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from lowrank import metrics
@@ -41,6 +42,7 @@ from lowrank.cli import (
     run_cli,
 )
 from lowrank.dataset import FeatureDataset, cached_image, principal_basis, tower_attention
+from lowrank.encoders import repeated_cells
 from lowrank.feature_cache import (
     answer_box_masks,
     cache_grid,
@@ -49,7 +51,7 @@ from lowrank.feature_cache import (
     load_manifest,
 )
 from lowrank.merging import MERGES, MERGING, merge, pool_shape
-from lowrank.metrics import scale_bbox
+from lowrank.metrics import scale_bbox, timed
 from lowrank.plots import pyplot, save
 from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import first, read_run
@@ -145,7 +147,7 @@ def main(argv=None):
     seeds = [args.seed + d for d in range(args.random_draws)]
     rows, per_sample = measure(X_all, idx, masks, ks, rules, inputs, seeds)
     print_rows(rows)
-    costs = rule_costs(rows, rules, T)
+    costs = rule_costs(rows, rules, T) + pixelprune_cost(cache, idx, hw)
     print_table(COST_COLUMNS, costs)
     stem = out / f"tokens_{args.name or args.split}"
     meta = {
@@ -171,7 +173,14 @@ def main(argv=None):
         i = args.draw_idx
         paths.append(
             draw_kept(
-                X_all[i], idx[i], cache, rules, inputs, k=args.draw_k, seed=args.seed, stem=stem
+                X_all[i],
+                idx[i],
+                cache=cache,
+                rules=rules,
+                inputs=inputs,
+                k=args.draw_k,
+                seed=args.seed,
+                stem=stem,
             )
         )
     print("wrote", ", ".join(str(p) for p in [f"{stem}.json", f"{stem}.csv", *paths]))
@@ -374,13 +383,36 @@ def rule_costs(rows, rules, T):
     return out
 
 
+def pixelprune_cost(cache, idx, hw):
+    """PixelPrune's row (before the tower, so not on the features): finding the cells whose pixels
+    repeat (encoders.repeated_cells, exact) on the cached samples' own images, ms per image and the
+    cells the tower would still see (mean). Empty for a cache without its images or of the ViT."""
+    manifest = load_manifest(cache)
+    if manifest.encoder.family == "vit-onnx" or manifest.encoder.layer != "merger":
+        return []
+    kept, times = [], []
+    for sid in idx:
+        image = cached_image(cache, sid)
+        if image is None:
+            continue
+        cell = image.shape[1] // hw[1]
+        keep, secs = timed(repeated_cells, Image.fromarray(image), cell)
+        kept.append(int(keep.sum()))
+        times.append(secs * 1e3)
+    if not kept:
+        return []
+    row = {"rule": "pixelprune", "kind": "pruning", "acts": "before the tower"}
+    row.update(question_aware=False, attention_weights=False, k=round(float(np.mean(kept)), 1))
+    return [dict(row, ms_per_image=float(np.mean(times)))]
+
+
 COST_COLUMNS = (
     Column("rule", 11, lambda r: r["rule"]),
     Column("kind", 10, lambda r: r["kind"]),
     Column("acts", 17, lambda r: r["acts"]),
     Column("question", 9, lambda r: "yes" if r["question_aware"] else "no"),
     Column("attention", 10, lambda r: "yes" if r["attention_weights"] else "no"),
-    Column("k", 5, lambda r: f"{r['k']}"),
+    Column("k", 7, lambda r: f"{r['k']:g}"),
     Column("ms/image", 10, lambda r: f"{r['ms_per_image']:.2f}"),
 )
 
@@ -463,7 +495,7 @@ def plot(rows, ks, rules, stem):
     return paths
 
 
-def draw_kept(X, sid, cache, rules, inputs, *, k, seed, stem):
+def draw_kept(X, sid, *, cache, rules, inputs, k, seed, stem):
     """The kept (or representative) tokens of each rule over the image, with the answer box."""
     plt = pyplot()
     from matplotlib.patches import Rectangle

@@ -39,7 +39,7 @@ from lowrank.plots import pyplot, save
 from lowrank.reports import Column, print_table, table_line, write_csv
 from lowrank.runs import first, load_run, read_run
 from lowrank.selection import LRCP_RANK, RULES
-from lowrank.transforms import Spec, Tower, check_spec, parse_spec, stored_bytes
+from lowrank.transforms import Spec, TokenSetup, Tower, check_spec, parse_spec, stored_bytes
 from lowrank.vit import BLOCKS, PATCH, ROI_THRESHOLD, SALIENCY, Cut, ViT, block_flops
 
 FAMILIES = ("svd", "nn", "keep", "merge", "codec")
@@ -152,10 +152,10 @@ def conditions(args, T, has_nn):
         )
     specs += [parse_spec(t, T) for t in names(args.transforms)]
     for s in specs:
-        if s.kind in ("resize", "fastv"):
+        if s.kind in ("resize", "fastv", "pixelprune"):
             raise UserError(
-                f"--transforms {s}: the ViT's tail runs on a block cache's tokens; resize and fastv act "
-                f"on the image and in a language model (vqa_eval.py)"
+                f"--transforms {s}: the ViT's tail runs on a block cache's tokens; resize, pixelprune and "
+                f"fastv act on the image and in a language model (vqa_eval.py)"
             )
     return list(dict.fromkeys(specs))
 
@@ -205,14 +205,8 @@ def run_condition(spec, cut, taps, cfg, model, bases, args):
         chunk, reduced, owners = taps[b : b + args.batch_size], [], []
         for x in chunk:
             t0 = time.perf_counter()
-            tower = Tower(
-                x[1:],
-                cfg.normalization,
-                cfg.grid,
-                nn_model=model,
-                bases=bases,
-                max_svd=spec.rank if spec.kind == "svd" else 0,
-            )
+            max_svd = spec.rank if spec.kind == "svd" else 0
+            tower = Tower(x[1:], TokenSetup(cfg.normalization, cfg.grid, model, bases, max_svd))
             tokens, owner = tower.dense(spec, gen)
             ms += (time.perf_counter() - t0) * 1000
             reduced.append(torch.cat([x[:1], tokens.float()]))

@@ -40,6 +40,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -62,7 +63,7 @@ from lowrank.downstream import (
     QUESTION_TRANSFORMS,
     Asker,
     Decoding,
-    TokenSetup,
+    Item,
     check_conditions,
     check_prompt,
     default_batch_size,
@@ -76,7 +77,7 @@ from lowrank.plots import pyplot, save
 from lowrank.reports import Column, print_table, write_csv
 from lowrank.runs import BEST, first, load_run, read_run
 from lowrank.selection import LRCP_RANK, QUESTION_RULES, RULES
-from lowrank.transforms import Spec, parse_spec, resize_tokens, stored_bytes
+from lowrank.transforms import Spec, TokenSetup, parse_spec, resize_tokens, stored_bytes
 from lowrank.vlm import RANDOM_TEXT, check_max_new_tokens, feature_levels, load_vlm
 
 
@@ -245,12 +246,24 @@ def main(argv=None):
                     f"the {len(done)} answers so far are kept in {own}"
                 ) from None
 
-        ask_all(asker, todo, load, done, own, h=log.h, batch_size=batch, progress=rank == 0)
+        ask_all(
+            asker,
+            todo,
+            load=load,
+            done=done,
+            log_path=own,
+            h=log.h,
+            batch_size=batch,
+            progress=rank == 0,
+        )
     barrier(world)
     if rank != 0:
         return None
     done = log.read(talk=False) if world > 1 else done
     levels = feature_levels(name, args.revision)
+    for c in conds:  # pixelprune: the cells the tower kept, on average over the images
+        if c.kind == "pixelprune":
+            tokens[c] = float(np.mean([done[(i, str(c))]["vision_tokens"] for i in idx]))
     stored = {
         str(c): stored_bytes(c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases, levels)
         for c in conds
@@ -319,10 +332,8 @@ def conditions(args, nn_rank, arch, tokens):
             raise UserError(
                 f"--rules: unknown '{rule}'; choose from {', '.join(RULES + QUESTION_RULES)}"
             )
-    ks = [
-        parse_spec(f"keep:norm:{k.strip()}", tokens).rank for k in args.keep.split(",") if k.strip()
-    ]
-    specs += [Spec("keep", k, rule=rule) for rule in rules for k in ks]
+    ks = [parse_spec(f"keep:norm:{k.strip()}", tokens).k for k in args.keep.split(",") if k.strip()]
+    specs += [Spec("keep", k=k, rule=rule) for rule in rules for k in ks]
     specs += [parse_spec(t, tokens) for t in args.transforms.split(",") if t.strip()]
     return list(dict.fromkeys(specs))
 
@@ -413,14 +424,14 @@ def source_images(source, indices, samples, cache):
     return images
 
 
-def ask_all(asker, todo, load, done, log_path, *, h, batch_size, progress=True):
+def ask_all(asker, todo, *, load, done, log_path, h, batch_size, progress=True):
     """Ask every condition not yet answered, batch_size samples at a time. Each answer is appended
     to the log when its condition's batch is done, so a rerun resumes and a batch killed halfway
     leaves none of its answers."""
     bar = tqdm(total=sum(len(specs) for _, specs in todo), desc="vqa", disable=not progress)
     with log_path.open("a") as log:
         for b in range(0, len(todo), batch_size):
-            items = [(i, *load(i), specs) for i, specs in todo[b : b + batch_size]]
+            items = [Item(i, *load(i), specs) for i, specs in todo[b : b + batch_size]]
             for rec in asker.ask(items):
                 rec = {"h": h, **rec}
                 log.write(json.dumps(rec) + "\n")
@@ -575,6 +586,7 @@ FAMILIES = {
     "fastv": "pruning in the LLM",
     "codec": "compression",
     "resize": "resolution",
+    "pixelprune": "before the tower",
 }
 
 

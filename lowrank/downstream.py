@@ -8,7 +8,7 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -17,14 +17,14 @@ from PIL import Image
 
 from lowrank.cli import UserError
 from lowrank.dataset import principal_basis
-from lowrank.encoders import attention_received, deepstack_of
+from lowrank.encoders import attention_received, deepstack_of, pruned_tower, repeated_cells
 from lowrank.feature_codecs import family
 from lowrank.lm_cost import kv_bytes, prefill_flops, tower_flops
 from lowrank.metrics import timed
 from lowrank.runs import omega_basis
 from lowrank.selection import QUESTION_RULES, relevance
 from lowrank.transforms import Spec, Tower, check_spec
-from lowrank.vlm import decode_answer, greedy, mrope_positions, prompt_embeds
+from lowrank.vlm import FastV, decode_answer, greedy, mrope_positions, prompt_embeds
 from lowrank.vqa_score import normalize_answer, top_answer_match, vqa_accuracy
 
 # lmms-eval's TextVQA protocol for qwen2_5_vl (its task's default kwargs): the image first, then the
@@ -102,19 +102,6 @@ def draw_seed(seed, sample, condition):
 
 
 @dataclass(frozen=True)
-class TokenSetup:
-    """What every image's transforms.Tower shares: the cache's normalisation and merged grid, the
-    run's factoriser, the bases of the rules and codecs that need one ({'lrcp' | 'pca' | 'omega':
-    [D, r]}), and the largest SVD rank asked (one SVD an image, sliced for the smaller ranks)."""
-
-    norm: str
-    hw: tuple
-    nn_model: object = None
-    bases: dict = field(default_factory=dict)
-    max_svd: int = 0
-
-
-@dataclass(frozen=True)
 class Decoding:
     """How a question becomes an answer: prompt maps the question to the user turn's text after
     the image; seed feeds the random rule's draws (draw_seed)."""
@@ -136,16 +123,36 @@ def resized_processor(proc, size):
     return out
 
 
+# the conditions that act on the image, before the tower: each has its own tower run
+ON_THE_IMAGE = ("resize", "pixelprune")
+
+
+@dataclass
+class Item:
+    """One sample to ask about: its index, its image (PIL, at the cache's size), its question, and
+    the conditions (transforms.Spec) it still needs."""
+
+    sample: int
+    image: Image.Image
+    question: str
+    specs: list
+
+
 @dataclass
 class Encoded:
     """One image and question, ready for every transform: the prompt's ids and M-RoPE positions,
-    the tower's tokens (transforms.Tower), what running the tower took (ms) and cost (FLOPs)."""
+    the tower's tokens (transforms.Tower), what running the tower took (ms) and cost (FLOPs); for
+    pixelprune, which tokens the tower made and what finding them took."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     tower: Tower
     tower_ms: float
     tower_flops: int
+    kept: torch.Tensor | None = (
+        None  # pixelprune: the image tokens the tower made (the others left)
+    )
+    transform_ms: float = 0.0  # pixelprune: finding the repeated cells
 
 
 class Asker:
@@ -164,12 +171,16 @@ class Asker:
         self.text_config = getattr(model.config, "text_config", model.config)
         self.resized = {}  # (W, H) -> the processor fixed to it (resize conditions)
 
-    def encode(self, image, question, attention=False, question_aware=False, size=None):
+    def encode(
+        self, image, question, *, attention=False, question_aware=False, size=None, prune=None
+    ):
         """-> Encoded (prompt ids, M-RoPE positions, transforms.Tower of the image's vision tokens,
-        the tower's ms and FLOPs); attention: also the attention each token receives in the tower (for visionzip; its
-        recomputation counts in the tower ms); question_aware: each token's relevance to the
-        question's token embeddings (selection.QUESTION_RULES); size: the image's (W, H) when
-        resize changed it (the processor is fixed to one size: a copy fixed to this one)."""
+        the tower's ms and FLOPs); attention: also the attention each token receives in the tower
+        (for visionzip; its recomputation counts in the tower ms); question_aware: each token's
+        relevance to the question's token embeddings (selection.QUESTION_RULES); size: the image's
+        (W, H) when resize changed it (the processor is fixed to one size: a copy fixed to this
+        one); prune: pixelprune's tolerance: the tower runs on the cells that do not repeat
+        (encoders.repeated_cells, timed as the transform; encoders.pruned_tower)."""
         messages = [
             {
                 "role": "user",
@@ -188,13 +199,21 @@ class Asker:
         visual, seen = self.model.model.visual, {}
         # the tower's whole output, whichever way it runs: Qwen3-VL's deepstack features are in it
         hook = visual.register_forward_hook(lambda module, args, out: seen.update(out=out))
+        merge = self.model.config.vision_config.spatial_merge_size
+        keep, prune_s = None, 0.0
+        if prune is not None:
+            cell = self.model.config.vision_config.patch_size * merge
+            keep, prune_s = timed(repeated_cells, image, cell, prune)
         with torch.no_grad():
             pixels, grid = (
                 inputs["pixel_values"].to(self.dev, self.dtype),
                 inputs["image_grid_thw"].to(self.dev),
             )
             try:
-                if attention:
+                if keep is not None:
+                    V, secs = timed(pruned_tower, visual, pixels, grid, keep, device=self.dev)
+                    V, att = V.pooler_output, None
+                elif attention:
                     (V, att), secs = timed(
                         attention_received, visual, pixels, grid, device=self.dev
                     )
@@ -206,16 +225,11 @@ class Asker:
                 hook.remove()
         deepstack = deepstack_of(seen["out"])
         setup = self.setup
-        merge = self.model.config.vision_config.spatial_merge_size
         hw = tuple(int(v) // merge for v in inputs["image_grid_thw"][0, 1:])
         positions = mrope_positions(ids.cpu(), self.img_id, hw)
         tower = Tower(
             V.float(),
-            setup.norm,
-            hw,
-            nn_model=setup.nn_model,
-            bases=setup.bases,
-            max_svd=setup.max_svd,
+            replace(setup, hw=hw),  # resize: the resized image's grid
             attention=att,
             deepstack=None if deepstack is None else deepstack.float(),
         )
@@ -224,33 +238,46 @@ class Asker:
             q_ids = self.proc.tokenizer(question, add_special_tokens=False)["input_ids"]
             Q = self.model.get_input_embeddings().weight[torch.tensor(q_ids, device=self.dev)]
             tower.relevance = relevance(V.float(), Q.float())
-        flops = tower_flops(self.model.config.vision_config, tuple(grid[0].tolist()))
-        return Encoded(ids, positions, tower, secs * 1e3, flops)
+        flops = tower_flops(self.model.config.vision_config, tuple(grid[0].tolist()), keep)
+        kept = None if keep is None else keep.nonzero().squeeze(1)
+        return Encoded(ids, positions, tower, secs * 1e3, flops, kept, prune_s * 1e3)
 
     def ask(self, items):
-        """items: [(sample, image, question, specs)] -> one record per (sample, spec), yielded a
+        """items: [Item] -> one record per (sample, spec), yielded a
         condition at a time (one batch: every item that asks it; fastv one item at a time): the
         answer, its token ids and the cost (vision and prompt tokens, prefill FLOPs and KV-cache
         bytes from the config, the transform's ms, the batch's prefill ms and median ms per decoding
         step, peak CUDA memory). Every answer is a function of (sample, condition, seed) alone: the
         random rule draws from a generator seeded by all three, so a resumed run answers as an
         uninterrupted one."""
-        attention = any(s.rule == "visionzip" for *_, specs in items for s in specs)
-        aware = any(s.rule in QUESTION_RULES for *_, specs in items for s in specs)
+        asked = [s for it in items for s in it.specs]
+        attention = any(s.rule == "visionzip" for s in asked)
+        aware = any(s.rule in QUESTION_RULES for s in asked)
         # the tower at the cache's size, for the samples that ask anything but resize
         encoded = {
-            sample: self.encode(image, q, attention, aware)
-            for sample, image, q, specs in items
-            if any(s.kind != "resize" for s in specs)
+            it.sample: self.encode(it.image, it.question, attention=attention, question_aware=aware)
+            for it in items
+            if any(s.kind not in ON_THE_IMAGE for s in it.specs)
         }
-        for spec in dict.fromkeys(s for *_, specs in items for s in specs):
-            group = [(sample, encoded[sample]) for sample, _, _, specs in items if spec in specs]
+        for spec in dict.fromkeys(asked):
+            asking = [it for it in items if spec in it.specs]
             if spec.kind == "resize":  # the image itself smaller: its own tower run and prompt
                 group = [
-                    (sample, self.encode(image.resize(spec.size, Image.BICUBIC), q, size=spec.size))
-                    for sample, image, q, specs in items
-                    if spec in specs
+                    (
+                        it.sample,
+                        self.encode(
+                            it.image.resize(spec.size, Image.BICUBIC), it.question, size=spec.size
+                        ),
+                    )
+                    for it in asking
                 ]
+            elif spec.kind == "pixelprune":  # the tower on the cells that do not repeat
+                group = [
+                    (it.sample, self.encode(it.image, it.question, prune=spec.tolerance))
+                    for it in asking
+                ]
+            else:
+                group = [(it.sample, encoded[it.sample]) for it in asking]
             if spec.kind == "fastv":
                 self.check_fastv(spec)
             for batch in [[e] for e in group] if spec.kind == "fastv" else [group]:
@@ -276,19 +303,21 @@ class Asker:
         prompts, made = [], []
         for sample, e in group:
             gen = torch.Generator().manual_seed(draw_seed(self.decoding.seed, sample, str(spec)))
-            applied = Spec("original") if spec.kind == "resize" else spec  # resized in encode
+            applied = Spec("original") if spec.kind in ON_THE_IMAGE else spec  # done in encode
             with torch.no_grad():
                 out, secs = timed(e.tower.apply, applied, gen, device=self.dev)
+            kept = out.kept if e.kept is None else e.kept
             prompts.append(
                 prompt_embeds(
-                    self.model, e.ids, e.positions, out.tokens, out.kept, self.img_id, out.deepstack
+                    self.model, e.ids, e.positions, out.tokens, kept, self.img_id, out.deepstack
                 )
             )
-            made.append((len(out.tokens) if spec.kind != "fastv" else spec.rank, secs * 1e3))
+            n_vision = len(out.tokens) if spec.kind != "fastv" else spec.k
+            made.append((n_vision, secs * 1e3 + e.transform_ms))
         fastv = None
         if spec.kind == "fastv":
             ids = group[0][1].ids
-            fastv = (spec.layer, spec.rank, (ids == self.img_id).nonzero().squeeze(1))
+            fastv = FastV(spec.layer, spec.k, (ids == self.img_id).nonzero().squeeze(1))
         cuda = self.dev.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
@@ -298,7 +327,7 @@ class Asker:
             group, prompts, outs, made
         ):
             n = len(prompt)
-            pruned = (spec.layer, n - len(fastv[2]) + spec.rank) if fastv else None
+            pruned = (spec.layer, n - len(fastv.image_positions) + spec.k) if fastv else None
             llm_flops = prefill_flops(self.text_config, n, pruned)
             yield {
                 "sample": sample,
@@ -411,14 +440,16 @@ def score(idx, conds, done, samples, stored=None, tokens=None):
         d = [r[n]["vqa_acc"] - r["original"]["vqa_acc"] for r in scored]
         se = (sum((x - acc + base) ** 2 for x in d) / (N - 1) / N) ** 0.5 if N > 1 else float("nan")
         spent = cost([done[(i, n)] for i in idx])
-        kept = spent["vision_tokens"] if spec.kind == "resize" else spec.rank
+        kept = spent["vision_tokens"] if spec.kind in ON_THE_IMAGE else spec.k
         summary.append(
             {
                 "condition": n,
                 "kind": spec.kind,
-                "value": spec.rank,  # the rank r, or the kept tokens k
+                "value": spec.rank
+                if spec.k is None
+                else spec.k,  # the rank r, or the kept tokens k
                 "share": kept / tokens
-                if tokens and spec.kind in ("keep", "merge", "fastv", "resize")
+                if tokens and spec.kind in ("keep", "merge", "fastv", *ON_THE_IMAGE)
                 else None,
                 "size": list(spec.size) if spec.size else None,  # resize: the image's (W, H)
                 "rule": spec.rule,

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowrank.cli import UserError
@@ -488,6 +489,75 @@ def deepstack_of(out):
     4.x: a (merged, deepstack) tuple), or None for a tower without them."""
     levels = out[1] if isinstance(out, tuple) else getattr(out, "deepstack_features", None)
     return torch.stack(list(levels)) if levels else None
+
+
+def repeated_cells(image, cell, tol=0):
+    """PixelPrune's test (arXiv 2604.00886) on the image the tower sees -> keep [rows·cols] bool in
+    raster order: False for a cell (one merged token's cell x cell pixels) whose pixels repeat a kept
+    cell earlier in raster order, within tol (the largest absolute difference of any pixel
+    channel, 0-255; 0: exactly equal)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    rows, cols = a.shape[0] // cell, a.shape[1] // cell
+    cells = a[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell, 3)
+    cells = cells.transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
+    keep = np.ones(len(cells), dtype=bool)
+    if tol == 0:  # exact: the first cell of each distinct content
+        seen = {}
+        for i, c in enumerate(cells):
+            keep[i] = seen.setdefault(c.tobytes(), i) == i
+    else:
+        for i in range(1, len(cells)):
+            kept = cells[:i][keep[:i]]
+            keep[i] = np.abs(kept - cells[i]).max(1).min() > tol
+    return torch.from_numpy(keep)
+
+
+def pruned_tower(tower, pixel_values, grid_thw, keep):
+    """The tower on one image's kept merged cells only (keep [rows·cols] bool, raster order), before
+    it runs: PixelPrune's reduction. Every kept patch keeps its own rotary position (and on Qwen3-VL
+    its own learned position embedding); in Qwen2.5-VL's windowed blocks it attends within its own
+    window, less the removed cells; the full-attention blocks (and Qwen2-VL's, Qwen3-VL's blocks)
+    see every kept patch; the merger merges each kept cell's own 2 x 2 patches, so a cell is
+    removed whole. transformers 5's vision forward takes these as precomputed inputs (its
+    vision_utils), given here for the kept patches. -> the tower's output (pooler_output: the kept
+    cells' tokens in raster order)."""
+    try:
+        from transformers import vision_utils as vu
+    except ImportError:
+        raise UserError(
+            "pixelprune needs transformers 5 (its vision towers take precomputed positions)"
+        ) from None
+    m = tower.spatial_merge_size
+    keep = keep.to(pixel_values.device)
+    patch = keep.repeat_interleave(m * m)
+    n = int(patch.sum())
+    kw = {
+        "position_ids": vu.get_vision_position_ids(grid_thw, m)[patch],
+        "cu_seqlens": torch.tensor([0, n], dtype=torch.int32, device=pixel_values.device),
+    }
+    if getattr(tower, "window_size", None):  # Qwen2.5-VL: each kept cell in its own window
+        index, cu = vu.get_vision_window_index(grid_thw, m, tower.window_size, tower.patch_size)
+        index, cu = index.to(keep.device), cu.to(keep.device)
+        per_window = (cu[1:] - cu[:-1]) // (m * m)
+        window = torch.repeat_interleave(
+            torch.arange(len(per_window), device=keep.device), per_window
+        )
+        kept = keep[index]
+        kw["window_index"] = (keep.cumsum(0) - 1)[index[kept]]
+        sizes = torch.bincount(window[kept], minlength=len(per_window)) * m * m
+        kw["cu_window_seqlens"] = torch.unique_consecutive(
+            torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        ).to(torch.int32)
+    if getattr(tower, "num_grid_per_side", None):  # Qwen3-VL's learned position embedding
+        idx, w = vu.get_vision_interpolation_indices_and_weights(
+            grid_thw,
+            num_grid_per_side=tower.num_grid_per_side,
+            mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners,
+            spatial_merge_size=m,
+        )
+        kw["interp_indices"], kw["interp_weights"] = idx[patch], w[patch]
+    return tower(pixel_values[patch], grid_thw=grid_thw, **kw)
 
 
 def run_hooked(tower, pixel_values, grid_thw, hooks):

@@ -46,20 +46,29 @@ def kv_bytes(text_config, n, element_bytes, pruned=None):
     return 2 * dkv * (K * n + (layers - K) * after) * element_bytes
 
 
-def window_spans(grid, merge, cells):
+def window_spans(grid, merge, cells, keep=None):
     """Token counts of the attention windows of Qwen2.5-VL's windowed blocks: the h x w patch grid in
     windows of cells x cells merged cells (window_size / patch / merge; the edge windows are
-    partial), each merged cell merge x merge patches."""
+    partial), each merged cell merge x merge patches; keep [rows·cols] bool (raster order): only
+    the kept cells count (pixelprune)."""
     _, h, w = grid
     rows, cols = h // merge, w // merge
+    kept = [[True] * cols for _ in range(rows)]
+    if keep is not None:
+        kept = [[bool(keep[r * cols + c]) for c in range(cols)] for r in range(rows)]
     spans = []
     for r in range(0, rows, cells):
         for c in range(0, cols, cells):
-            spans.append(min(cells, rows - r) * min(cells, cols - c) * merge * merge)
+            n = sum(
+                kept[i][j]
+                for i in range(r, min(r + cells, rows))
+                for j in range(c, min(c + cells, cols))
+            )
+            spans.append(n * merge * merge)
     return spans
 
 
-def tower_flops(vision_config, grid):
+def tower_flops(vision_config, grid, keep=None):
     """FLOPs (2 per multiply-add) of the vision tower on one image's patch grid (t, h, w) =
     image_grid_thw, n = t·h·w patches of width d: the patch embedding (a linear map of each
     temporal_patch x patch x patch x 3 block), per block the q, k, v and output projections (8 n d²),
@@ -67,18 +76,18 @@ def tower_flops(vision_config, grid):
     block, Qwen2.5-VL's windows otherwise) and the MLP (6 n d i gated: Qwen2.5-VL; 4 n d i plain:
     Qwen2-VL, Qwen3-VL), then the merger on n / m² merged tokens (4d -> 4d -> out; Qwen3-VL's
     deepstack mergers as many more). Norms, activations, rotary and position embeddings (O(n d))
-    are left out."""
+    are left out. keep [rows·cols] bool: only those merged cells' patches run (pixelprune)."""
     c = vision_config
-    n = math.prod(grid)
+    m = c.spatial_merge_size
+    n = math.prod(grid) if keep is None else int(sum(bool(k) for k in keep)) * m * m
     d = getattr(c, "embed_dim", None) or c.hidden_size  # Qwen2-VL calls the width embed_dim
     out = getattr(c, "out_hidden_size", None) or c.hidden_size  # Qwen2-VL: hidden_size is out
     gated = getattr(c, "fullatt_block_indexes", None) is not None  # Qwen2.5-VL's SwiGLU
     i = getattr(c, "intermediate_size", None) or int(d * c.mlp_ratio)
-    m = c.spatial_merge_size
     full, windowed = 4 * d * n * n, 4 * d * n * n
     if gated:
         cells = c.window_size // c.patch_size // m
-        windowed = 4 * d * sum(L * L for L in window_spans(grid, m, cells))
+        windowed = 4 * d * sum(L * L for L in window_spans(grid, m, cells, keep))
     flops = 2 * n * (c.in_channels * c.temporal_patch_size * c.patch_size**2) * d
     for b in range(c.depth):
         attention = full if not gated or b in c.fullatt_block_indexes else windowed

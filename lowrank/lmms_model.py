@@ -15,9 +15,9 @@ from dataclasses import replace
 import torch
 
 from lowrank.cli import UserError
-from lowrank.downstream import Asker, Decoding, TokenSetup
+from lowrank.downstream import Asker, Decoding, Item
 from lowrank.images import load_image, parse_image_size
-from lowrank.transforms import parse_spec
+from lowrank.transforms import TokenSetup, parse_spec
 from lowrank.vlm import decode_answer, load_vlm
 
 try:
@@ -43,41 +43,40 @@ def lmms_eval_models():
 
 class LowRankQwen(LmmsModel):
     """pretrained: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (directory or hub id) or one built
-    in code (vlm.RANDOM_TEXT); transform: a spec such as svd:64. size: the image size the cache's features were
-    made at (W, H; from lmms-eval's command line image_size=448 or 448x448); hw: its token grid
-    (default: from the size and the model's cell). nn_model / bases: for nn:r, keep:lrcp:k and
-    codec transforms (from a training run: lmms_eval_lowrank.py)."""
+    in code (vlm.RANDOM_TEXT); transform: a spec such as svd:64. The keyword arguments are
+    lmms-eval's model_args and its command line's (strings or numbers there): image_size, the size
+    the features were made at (448, '448x448' or (W, H)); setup, from Python only: a
+    transforms.TokenSetup of a training run (normalisation, token grid, factoriser, bases: for
+    nn:r, keep:lrcp:k and codec transforms; lmms_eval_lowrank.py), by default layernorm on the
+    image's own grid."""
 
     def __init__(
         self,
         pretrained,
         transform="original",
+        *,
         device="cpu",
         dtype=torch.float32,
-        size=(448, 448),
-        hw=None,
-        norm="layernorm",
-        nn_model=None,
-        bases=None,
+        image_size=448,
         max_new_tokens=16,
         seed=0,
         batch_size=1,
-        image_size=None,
+        setup=None,
     ):
         if LmmsModel is object:
             raise UserError(f"lmms-eval is not installed: {INSTALL}")
         super().__init__()
-        # lmms-eval's command line gives strings and numbers
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.size = parse_image_size(image_size) if image_size is not None else tuple(size)
+        sized = isinstance(image_size, (tuple, list))
+        self.size = tuple(image_size) if sized else parse_image_size(str(image_size))
         self.spec, self.max_new_tokens = parse_spec(transform), int(max_new_tokens)
         self.batch_size = int(batch_size)
         self.model, self.proc = load_vlm(pretrained, torch.device(device), dtype, self.size)
-        vision = self.model.config.vision_config
-        cell = vision.patch_size * vision.spatial_merge_size
-        hw = tuple(hw) if hw is not None else (self.size[1] // cell, self.size[0] // cell)
-        max_svd = self.spec.rank if self.spec.kind == "svd" else 0
-        setup = TokenSetup(norm, hw, nn_model, bases or {}, max_svd)
+        if setup is None:
+            vision = self.model.config.vision_config
+            cell = vision.patch_size * vision.spatial_merge_size
+            setup = TokenSetup("layernorm", (self.size[1] // cell, self.size[0] // cell))
+        setup = replace(setup, max_svd=self.spec.rank if self.spec.kind == "svd" else 0)
         # lmms-eval's context is already the whole user turn
         decoding = Decoding(
             prompt=lambda context: context, max_new_tokens=max_new_tokens, seed=seed
@@ -99,7 +98,7 @@ class LowRankQwen(LmmsModel):
                     raise UserError(
                         f"{task}: document {doc_id} has {len(visuals)} images; this model takes one"
                     )
-                items.append((doc_id, load_image(visuals[0], self.size), context, [self.spec]))
+                items.append(Item(doc_id, load_image(visuals[0], self.size), context, [self.spec]))
                 limits.append(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)))
                 until = gen_kwargs.get("until") or []
                 stops.append([until] if isinstance(until, str) else until)

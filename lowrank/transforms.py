@@ -17,6 +17,9 @@ string that reads the same on every command line and in every output file:
     resize:<side>|<W>x<H>    the image itself at another resolution, through the same tower and
                              model: fewer tokens from the start (VTC-Bench's downsampling
                              baseline); its own tower run, grid and M-RoPE positions
+    pixelprune[:<tol>]       before the tower (PixelPrune): the cells whose pixels repeat a kept
+                             cell (within tol, 0-255) are removed whole; the tower runs on the
+                             others (encoders.pruned_tower), which keep their M-RoPE positions
 
 Reconstructions (svd, nn, codec) are made in the space the factoriser was trained in (the run's
 normalisation) and mapped back with each token's own mean and standard deviation; rules choose and
@@ -33,7 +36,7 @@ the image is still one A [T, r] plus an r x D matrix per level), a per-image cod
 alone; a codec with a data-set basis (pca, omega) is fit to the merger's output and is refused.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,20 +62,24 @@ KEEP_RULES = RULES + QUESTION_RULES
 @dataclass(frozen=True)
 class Spec:
     kind: str
-    rank: int | None = None
+    rank: int | None = None  # svd, nn, a rank codec: the rank r
+    k: int | None = None  # keep, merge, fastv: the image tokens kept
     rule: str | None = None
     codec: str | None = None
     layer: int | None = None  # fastv: the language model's layers that see every token
     size: tuple | None = None  # resize: the image's (W, H) in pixels
+    tolerance: int | None = None  # pixelprune: the largest pixel difference of a repeat (0-255)
 
     def __str__(self):
         if self.kind == "resize":
             w, h = self.size
             return f"resize:{w}" if w == h else f"resize:{w}x{h}"
+        if self.kind == "pixelprune":
+            return "pixelprune" if self.tolerance == 0 else f"pixelprune:{self.tolerance}"
         if self.kind in ("keep", "merge"):
-            return f"{self.kind}:{self.rule}:{self.rank}"
+            return f"{self.kind}:{self.rule}:{self.k}"
         if self.kind == "fastv":
-            return f"fastv:{self.layer}:{self.rank}"
+            return f"fastv:{self.layer}:{self.k}"
         if self.kind == "codec":
             return f"codec:{self.codec}" + (f":{self.rank}" if self.rank is not None else "")
         return self.kind if self.rank is None else f"{self.kind}:{self.rank}"
@@ -105,14 +112,18 @@ def parse_spec(text, tokens=None):
             and len(args) == 2
             and args[0] in (KEEP_RULES if kind == "keep" else MERGES)
         ):
-            return Spec(kind, token_count(args[1], tokens), rule=args[0])
+            return Spec(kind, k=token_count(args[1], tokens), rule=args[0])
         if kind == "resize" and len(args) == 1:
             w, _, h = args[0].lower().partition("x")
             size = (int(w), int(h or w))
             if min(size) > 0:
                 return Spec(kind, size=size)
+        if kind == "pixelprune" and len(args) <= 1:
+            tol = int(args[0]) if args else 0
+            if 0 <= tol <= 255:
+                return Spec(kind, tolerance=tol)
         if kind == "fastv" and len(args) == 2:
-            return Spec(kind, token_count(args[1], tokens), layer=int(args[0]))
+            return Spec(kind, k=token_count(args[1], tokens), layer=int(args[0]))
         if kind == "codec" and 1 <= len(args) <= 2 and args[0] in CODECS:
             if len(args) == 2 and (args[0] in FLOATS or args[0] in BITS):
                 raise UserError(
@@ -123,24 +134,23 @@ def parse_spec(text, tokens=None):
         pass
     raise UserError(
         f"transform {text!r}: expected original, zeros, svd:<r>, nn:<r>, keep:<rule>:<k> (rules: "
-        f"{', '.join(KEEP_RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k>, resize:<side or WxH> "
-        f"or codec:<name>[:<r>] (codecs: {', '.join(CODECS)})"
+        f"{', '.join(KEEP_RULES)}), merge:<rule>:<k> ({', '.join(MERGES)}), fastv:<K>:<k>, resize:<side or WxH>, "
+        f"pixelprune[:<tolerance 0-255>] or codec:<name>[:<r>] (codecs: {', '.join(CODECS)})"
     )
 
 
 def check_spec(spec, tokens, dim, *, nn_rank=None, nested=True, bases=(), hw=None, attention=True):
     """A spec's rank or k within what the features and the run's model allow, before any work.
     attention: whether the vision tower's attention is at hand (visionzip needs it)."""
-    if spec.kind in ("svd", "keep", "merge", "fastv") or (
-        spec.kind == "codec" and spec.rank is not None
-    ):
-        limit = tokens if spec.kind in ("keep", "merge", "fastv") else min(tokens, dim)
-        check_rank(spec.rank, limit, f"transform {spec}:")
+    if spec.kind in ("keep", "merge", "fastv"):
+        check_rank(spec.k, tokens, f"transform {spec}:")
+    if spec.kind == "svd" or (spec.kind == "codec" and spec.rank is not None):
+        check_rank(spec.rank, min(tokens, dim), f"transform {spec}:")
     if spec.kind == "fastv" and spec.layer < 1:
         raise UserError(f"transform {spec}: K must be at least 1 (the layers that see every token)")
     if spec.kind == "merge" and spec.rule == "pool" and hw is not None:
         try:
-            pool_shape(hw, spec.rank)
+            pool_shape(hw, spec.k)
         except ValueError as e:
             raise UserError(f"transform {spec}: {e}") from None
     if spec.kind == "merge" and spec.rule == "visionzip" and not attention:
@@ -185,8 +195,10 @@ def stored_bytes(spec, T, D, norm, element_bytes, bases=None, levels=1):
     matrices per image (1 + Qwen3-VL's deepstack levels; svd and nn share A [T, r] across them)."""
     if spec.kind in ("original", "zeros", "fastv", "resize"):  # resize: T of the resized image
         return levels * T * D * element_bytes if spec.kind != "zeros" else 0
+    if spec.kind == "pixelprune":  # T: the kept cells (their mean over the images), with positions
+        return levels * T * D * element_bytes + 2 * T
     if spec.kind in ("keep", "merge"):
-        return levels * spec.rank * D * element_bytes + 2 * spec.rank
+        return levels * spec.k * D * element_bytes + 2 * spec.k
     stats = levels * 2 * T * element_bytes if norm == "layernorm" else 0
     if spec.kind in ("svd", "nn"):
         return spec.rank * (T + levels * D) * element_bytes + stats
@@ -208,21 +220,36 @@ class Applied:
     deepstack: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TokenSetup:
+    """What every image's Tower shares: the features' normalisation and merged grid (rows,
+    columns), the run's factoriser, the bases of the rules and codecs that need one ({'lrcp' | 'pca'
+    | 'omega': [D, r]}), and the largest SVD rank asked (one SVD an image, sliced for the smaller
+    ranks)."""
+
+    norm: str
+    hw: tuple
+    nn_model: object = None
+    bases: dict = field(default_factory=dict)
+    max_svd: int = 0
+
+
 class Tower:
     """One image's tower output and what the transforms share: the normalised tokens, one truncated
     SVD at the largest rank asked (sliced for smaller ones), the factoriser, the bases of the rules
     and codecs."""
 
-    def __init__(
-        self, X, norm, hw, *, nn_model=None, bases=None, max_svd=0, attention=None, deepstack=None
-    ):
-        """attention [T]: what each token receives in the tower (encoders.attention_received), for
-        visionzip; deepstack [levels, T, D]: Qwen3-VL's deepstack features of the same tokens."""
-        self.X, self.norm, self.hw, self.nn_model, self.bases = X, norm, hw, nn_model, bases or {}
+    def __init__(self, X, setup, *, attention=None, deepstack=None):
+        """X [T, D]: the tokens; setup: a TokenSetup; attention [T]: what each token receives in the
+        tower (encoders.attention_received), for visionzip; deepstack [levels, T, D]: Qwen3-VL's
+        deepstack features of the same tokens."""
+        self.X, self.norm, self.hw = X, setup.norm, setup.hw
+        self.nn_model, self.bases = setup.nn_model, setup.bases or {}
         self.attention, self.deepstack = attention, deepstack
         # [T]: each token's relevance to the question (selection.relevance), when asked
         self.relevance = None
-        self.Xn = normalize(X, norm)
+        self.Xn = normalize(X, self.norm)
+        max_svd = setup.max_svd
         self.svd = [f[0] for f in truncated_svd(self.Xn[None], max_svd)[:2]] if max_svd else None
 
     def apply(self, spec, generator=None):
@@ -230,9 +257,9 @@ class Tower:
         ds = self.deepstack
         if spec.kind in ("original", "fastv"):  # fastv acts inside the language model
             return Applied(self.X, None, ds)
-        if spec.kind == "resize":
+        if spec.kind in ("resize", "pixelprune"):
             raise ValueError(
-                "resize acts on the image: downstream.Asker runs the tower on it again"
+                f"{spec.kind} acts on the image: downstream.Asker runs the tower on it again"
             )
         if spec.kind == "zeros":
             return Applied(
@@ -297,7 +324,7 @@ class Tower:
                 select(
                     spec.rule,
                     self.Xn,
-                    spec.rank,
+                    spec.k,
                     hw=self.hw,
                     basis=self.bases.get("lrcp"),
                     generator=generator,
@@ -307,7 +334,7 @@ class Tower:
                 .values
             )
             return self.X[kept.to(self.X.device)], kept, None
-        W, reps = merge(spec.rule, self.Xn, spec.rank, self.hw, self.attention)
+        W, reps = merge(spec.rule, self.Xn, spec.k, self.hw, self.attention)
         return (W.to(self.X.device) @ self.X.double()).to(self.X.dtype), reps, W
 
     def dense(self, spec, generator=None):

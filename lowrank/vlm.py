@@ -306,12 +306,23 @@ def prompt_embeds(model, ids, positions, V, kept, image_token_id, deepstack=None
     return Prompt(embeds[keep], positions[:, keep], deepstack, image)
 
 
-def fastv_hooks(model, layer, k, image_positions, n):
+@dataclass(frozen=True)
+class FastV:
+    """FastV inside the language model: from layer `layer` on only the k image tokens the last prompt
+    token attends to most remain; image_positions: where the image tokens are in the prompt."""
+
+    layer: int
+    k: int
+    image_positions: torch.Tensor
+
+
+def fastv_hooks(model, fastv, n):
     """Hooks that make one prefill of n tokens (batch 1) FastV's (arXiv 2403.06764): the last prompt
     token's attention in layer `layer` - 1, averaged over heads and recomputed from that layer's own
     q and k (sdpa returns no weights), ranks the image tokens at image_positions; from layer `layer`
     on only the k best of them and the text remain, in the sequence and in those layers' KV cache;
-    later steps attend to what each layer's cache holds."""
+    later steps attend to what each layer's cache holds. fastv: a FastV."""
+    layer, k, image_positions = fastv.layer, fastv.k, fastv.image_positions
     layers = model.model.language_model.layers
     attn, state = layers[layer - 1].self_attn, {}
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -358,16 +369,15 @@ def fastv_hooks(model, layer, k, image_positions, n):
 
 @torch.no_grad()
 def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
-    """Greedy decoding of a batch of Prompts -> (the new
-    token ids of each, until its first eos id; {'prefill_s', 'decode_s': median seconds of one later
-    step, 'total_s'}, for the whole batch). Prompts of different lengths are left-padded and masked;
-    each sample's new tokens take positions max + 1, max + 2, ... of its own prompt on all three
-    axes (what the model's own generate does after an image). fastv: (layer K, kept k, the image
-    tokens' positions in the prompt) prunes inside the language model (fastv_hooks; one prompt at a
-    time). cache: a DynamicCache to fill (a test reads it afterwards). The language model is
-    called as the family's own forward calls it, after it has placed the image: embeddings,
-    positions and, for Qwen3-VL, the deepstack features and where the image tokens are (the prefill
-    only: later tokens are text)."""
+    """Greedy decoding of a batch of Prompts -> (the new token ids of each, until its first eos id;
+    {'prefill_s', 'decode_s': median seconds of one later step, 'total_s'}, for the whole batch).
+    Prompts of different lengths are left-padded and masked; each sample's new tokens take positions
+    max + 1, max + 2, ... of its own prompt on all three axes (what the model's own generate does
+    after an image). fastv: a FastV prunes inside the language model (fastv_hooks; one prompt at a
+    time). cache: a DynamicCache to fill (a test reads it afterwards). The language model is called
+    as the family's own forward calls it once it has placed the image: embeddings, positions and,
+    for Qwen3-VL, the deepstack features and where the image tokens are (the prefill only: later
+    tokens are text)."""
     from transformers import DynamicCache
 
     first = prompts[0].embeds
@@ -408,7 +418,7 @@ def greedy(model, prompts, max_new_tokens, eos_ids, fastv=None, cache=None):
         return model.lm_head(h[:, -1])
 
     out, alive, times = [[] for _ in prompts], [True] * B, []
-    hooks = fastv_hooks(model, *fastv, L)[0] if fastv else []
+    hooks = fastv_hooks(model, fastv, L)[0] if fastv else []
     try:
         for _ in range(max_new_tokens):
             logits, secs = timed(step, x, pos, mask, extra, device=dev)

@@ -129,7 +129,7 @@ def test_merge_specs_and_the_tower():
     ):
         assert str(transforms.parse_spec(text)) == text
     X = feats(256, 16).float() * 3 + 1
-    tower = transforms.Tower(X, "layernorm", (16, 16))
+    tower = transforms.Tower(X, transforms.TokenSetup("layernorm", (16, 16)))
     out = tower.apply(transforms.parse_spec("merge:pool:64"))
     tokens, kept = out.tokens, out.kept
     Wt, reps = merging.merge("pool", X, 64, (16, 16))
@@ -251,7 +251,7 @@ def test_fastv_prunes_after_layer_k():
         V = getattr(V, "pooler_output", V)
     prompt = vlm.prompt_embeds(model, ids, vlm.mrope_positions(ids, img, (16, 16)), V, None, img)
     where, n = (ids == img).nonzero().squeeze(1), len(ids)
-    hooks, state = vlm.fastv_hooks(model, 1, 64, where, n)
+    hooks, state = vlm.fastv_hooks(model, vlm.FastV(1, 64, where), n)
     seen = {}
     attn0 = model.model.language_model.layers[0].self_attn
     hooks.append(attn0.register_forward_hook(lambda m, a, out: seen.update(w=out[1])))
@@ -273,7 +273,7 @@ def test_fastv_prunes_after_layer_k():
     best = state["attention"][where].topk(64).indices.sort().values
     assert torch.equal(state["keep"][where].nonzero().squeeze(1), best)
     cache = DynamicCache()
-    vlm.greedy(model, [prompt], 1, set(), fastv=(1, 64, where), cache=cache)
+    vlm.greedy(model, [prompt], 1, set(), fastv=vlm.FastV(1, 64, where), cache=cache)
     assert [layer.keys.shape[2] for layer in cache.layers] == [n, n - 256 + 64]
     full = vlm.greedy(model, [prompt], 6, set())[0]
-    assert vlm.greedy(model, [prompt], 6, set(), fastv=(1, 256, where))[0] == full
+    assert vlm.greedy(model, [prompt], 6, set(), fastv=vlm.FastV(1, 256, where))[0] == full

@@ -207,3 +207,54 @@ def test_checkpoint_family_is_read_from_its_config(tmp_path, family, tiny):
         assert torch.equal(a, b), k
     ims = [images.load_image(demo_set.encode(im)) for _, im in demo_set.photos()[:2]]
     assert torch.equal(enc(ims), ref(ims))
+
+
+def test_repeated_cells_are_found_in_the_pixels():
+    """PixelPrune's test: a cell whose pixels equal (or, with a tolerance, nearly equal) a kept cell
+    earlier in raster order is dropped; against a loop written here over the cells."""
+    photo = images.load_image(demo_set.make_rows(1, seed=2)[0]["image"]["bytes"], (112, 112))
+    a = np.array(photo)
+    a[0:28, 28:56] = a[0:28, 0:28]  # cell 1 repeats cell 0
+    a[56:84, 56:84] = a[0:28, 0:28]  # cell 10 too
+    a[84:112, 84:112] = np.clip(a[0:28, 0:28].astype(int) + 3, 0, 255)  # cell 15: within 3
+    image = Image.fromarray(a)
+    keep = encoders.repeated_cells(image, 28)
+    assert keep.tolist() == [i not in (1, 10) for i in range(16)]
+    near = encoders.repeated_cells(image, 28, tol=3)
+    cells = [
+        a[r : r + 28, c : c + 28].astype(int) for r in range(0, 112, 28) for c in range(0, 112, 28)
+    ]
+    want = []
+    for i, c in enumerate(cells):
+        want.append(all(np.abs(c - cells[j]).max() > 3 for j in range(i) if want[j]))
+    assert near.tolist() == want and not want[15]
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_the_pruned_tower_keeps_each_patch_at_its_own_place(model):
+    """pixelprune before the tower: keeping every cell gives the tower's own output exactly; with
+    Qwen2.5-VL's blocks all windowed, removing one whole window leaves every other token exactly as
+    the whole image's (the positions and windows are the kept patches' own); Qwen3-VL's deepstack
+    features come for the kept cells only."""
+    enc = encoders.Encoder(model, "cpu")
+    image = images.load_image(demo_set.make_rows(1, seed=0)[0]["image"]["bytes"], (448, 448))
+    inputs = enc.processor(images=[image], return_tensors="pt")
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    rows, cols = enc.grid
+    with torch.no_grad():
+        full = enc.tower(pv, grid_thw=grid)
+        keep = torch.ones(rows * cols, dtype=torch.bool)
+        same = encoders.pruned_tower(enc.tower, pv, grid, keep)
+        assert torch.equal(same.pooler_output, full.pooler_output)
+        keep[[5, 100]] = False
+        part = encoders.pruned_tower(enc.tower, pv, grid, keep)
+        assert part.pooler_output.shape == (rows * cols - 2, enc.dim)
+        if model == "tiny-random-qwen3-vl":
+            assert encoders.deepstack_of(part).shape == (1, rows * cols - 2, enc.dim)
+        if model == "tiny-random":
+            enc.tower.fullatt_block_indexes = []  # every block windowed (4 x 4 cells)
+            full = enc.tower(pv, grid_thw=grid).pooler_output
+            keep = torch.ones(rows, cols, dtype=torch.bool)
+            keep[4:8, 8:12] = False
+            part = encoders.pruned_tower(enc.tower, pv, grid, keep.flatten()).pooler_output
+            assert torch.equal(part, full[keep.flatten()])

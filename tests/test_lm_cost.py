@@ -36,3 +36,19 @@ def test_windows_of_a_grid_that_does_not_divide():
     edges; every patch in exactly one window."""
     spans = lm_cost.window_spans((1, 10, 12), 2, 4)
     assert spans == [64, 32, 16, 8] and sum(spans) == 10 * 12
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_the_pruned_towers_flops_count_its_kept_cells(model):
+    """pixelprune: the formula on the kept cells (Qwen2.5-VL's windows less the removed cells) equals
+    torch's FLOP counter on the pruned tower, and is below the whole image's."""
+    enc = encoders.Encoder(model, "cpu")
+    enc.tower.set_attn_implementation("eager")
+    inputs = enc.processor(images=[Image.new("RGB", enc.size, (120, 30, 200))], return_tensors="pt")
+    cells = enc.grid[0] * enc.grid[1]
+    keep = torch.rand(cells, generator=torch.Generator().manual_seed(0)) < 0.6
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoders.pruned_tower(enc.tower, inputs["pixel_values"], inputs["image_grid_thw"], keep)
+    grid = tuple(inputs["image_grid_thw"][0].tolist())
+    assert lm_cost.tower_flops(enc.tower.config, grid, keep) == counter.get_total_flops()
+    assert counter.get_total_flops() < lm_cost.tower_flops(enc.tower.config, grid)

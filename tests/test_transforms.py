@@ -21,6 +21,8 @@ from qwenvl_dataloader import FeatureDataset  # the seed's import path, kept for
         "codec:int8",
         "codec:pca_int8:64",
         "codec:svd_fp16:32",
+        "pixelprune",
+        "pixelprune:8",
     ],
 )
 def test_specs_round_trip(text):
@@ -28,7 +30,18 @@ def test_specs_round_trip(text):
 
 
 @pytest.mark.parametrize(
-    "text", ["svd", "svd:x", "keep:nope:3", "codec:zip:4", "nn:1:2", "original:3", ""]
+    "text",
+    [
+        "svd",
+        "svd:x",
+        "keep:nope:3",
+        "codec:zip:4",
+        "nn:1:2",
+        "original:3",
+        "",
+        "pixelprune:300",
+        "pixelprune:x",
+    ],
 )
 def test_bad_specs_are_one_line(text):
     with pytest.raises(UserError, match="transform .*expected original, zeros, svd"):
@@ -54,7 +67,8 @@ def test_each_transform_against_an_independent_computation(tiny_cache):
     X = FeatureDataset(tiny_cache / "cache", [0], "none")[0][0]
     Xn = feature_cache.normalize(X)
     P = metrics.principal_directions([Xn[None]]).float()
-    tower = transforms.Tower(X, "layernorm", (16, 16), bases={"pca": P}, max_svd=64)
+    setup = transforms.TokenSetup("layernorm", (16, 16), bases={"pca": P}, max_svd=64)
+    tower = transforms.Tower(X, setup)
 
     def back(Xh):
         return feature_cache.denormalize(Xh, X)
@@ -86,7 +100,7 @@ def test_deepstack_features_follow_every_transform(tiny_cache):
     X = FeatureDataset(tiny_cache / "cache", [0], "none")[0][0].float()
     g = torch.Generator().manual_seed(0)
     ds = torch.stack([X.flip(0) * 0.5 + 1, torch.randn(X.shape, generator=g) * 2])
-    tower = transforms.Tower(X, "layernorm", (16, 16), deepstack=ds)
+    tower = transforms.Tower(X, transforms.TokenSetup("layernorm", (16, 16)), deepstack=ds)
     assert torch.equal(tower.apply(transforms.Spec("original")).deepstack, ds)
     assert not tower.apply(transforms.Spec("zeros")).deepstack.any()
     out = tower.apply(transforms.parse_spec("keep:norm:32"))

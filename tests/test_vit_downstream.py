@@ -16,7 +16,7 @@ from PIL import Image
 import vit_downstream
 from lowrank import feature_cache, vit
 from lowrank.images import Source
-from lowrank.transforms import Spec
+from lowrank.transforms import Spec, TokenSetup
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +162,14 @@ def test_the_dense_read_out_of_each_family():
     from lowrank.transforms import Tower
 
     X = torch.randn(16, 8)
-    tower = Tower(X, "layernorm", (4, 4))
-    tokens, owner = tower.dense(Spec("keep", 2, rule="grid"))
-    kept = tower.reduce(Spec("keep", 2, rule="grid"))[1]
+    tower = Tower(X, TokenSetup("layernorm", (4, 4)))
+    tokens, owner = tower.dense(Spec("keep", k=2, rule="grid"))
+    kept = tower.reduce(Spec("keep", k=2, rule="grid"))[1]
     rows, cols = torch.arange(16) // 4, torch.arange(16) % 4
     for t in range(16):
         d = [(rows[t] - rows[k]) ** 2 + (cols[t] - cols[k]) ** 2 for k in kept]
         assert owner[t] == int(np.argmin(d))
-    tokens, owner = tower.dense(Spec("merge", 4, rule="pool"))
+    tokens, owner = tower.dense(Spec("merge", k=4, rule="pool"))
     assert tokens.shape == (4, 8) and sorted(torch.bincount(owner).tolist()) == [4, 4, 4, 4]
     tokens, owner = tower.dense(Spec("svd", 3))
     assert tokens.shape == (16, 8) and owner.tolist() == list(range(16))

@@ -13,9 +13,9 @@ import train_real_data
 import vqa_eval
 from lowrank import demo_set, images, vlm
 from lowrank.cli import UserError
-from lowrank.downstream import Asker, Decoding, TokenSetup
+from lowrank.downstream import Asker, Decoding, Item
 from lowrank.encoders import EncoderSpec, deepstack_of
-from lowrank.transforms import parse_spec
+from lowrank.transforms import TokenSetup, parse_spec
 
 FAMILIES = ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl"]
 QWEN3 = "tiny-random-qwen3-vl"
@@ -53,7 +53,7 @@ def test_every_family_answers_as_its_own_generate(family):
     pics = photos(2)
     got = {
         (r["sample"], r["condition"]): r["tokens"]
-        for r in asker.ask([(i, im, q, specs) for i, (im, q) in enumerate(pics)])
+        for r in asker.ask([Item(i, im, q, specs) for i, (im, q) in enumerate(pics)])
     }
     for i, (image, question) in enumerate(pics):
         assert got[(i, "original")] == own_generate(model, proc, image, question, 6)[0]
@@ -153,3 +153,46 @@ def test_every_family_loads_from_a_checkpoint_directory(family, tmp_path):
     image, question = photos(1)[0]
     want = own_generate(model, proc, image, question, 4)[0]
     assert own_generate(loaded, lproc, image, question, 4)[0] == want
+
+
+@pytest.mark.parametrize("name", ["tiny-random", QWEN3])
+def test_pixelprune_before_the_tower(name):
+    """On photos without repeated cells pixelprune answers exactly as the original; on one with a
+    flat square, the tower runs on the distinct cells only (its FLOPs from lm_cost on those cells),
+    they enter the language model at their own positions, and the answer is that of the pruned
+    tower's tokens put there by hand."""
+    from lowrank import encoders, lm_cost
+
+    model, proc = vlm.load_vlm(name, CPU, torch.float32, (448, 448))
+    cell = vlm.model_cell(name)
+    side = 448 // cell
+    asker = Asker(
+        model, proc, torch.float32, TokenSetup("layernorm", (side, side)), Decoding(str, 6)
+    )
+    specs = [parse_spec("original"), parse_spec("pixelprune")]
+    pics = photos(2)
+    flat = pics[0][0].copy()
+    flat.paste((250, 250, 250), (0, 0, 5 * cell, 3 * cell))  # 15 equal cells: 14 repeats
+    items = [Item(i, im, q, specs) for i, (im, q) in enumerate(pics)]
+    items.append(Item(2, flat, pics[0][1], specs))
+    got = {(r["sample"], r["condition"]): r for r in asker.ask(items)}
+    for i in (0, 1):
+        assert got[(i, "pixelprune")]["tokens"] == got[(i, "original")]["tokens"]
+        assert got[(i, "pixelprune")]["vision_tokens"] == side * side
+    rec = got[(2, "pixelprune")]
+    keep = encoders.repeated_cells(flat, cell)
+    assert rec["vision_tokens"] == int(keep.sum()) == side * side - 14
+    inputs = own_generate(model, proc, flat, pics[0][1], 1)[1]
+    grid = tuple(inputs["image_grid_thw"][0].tolist())
+    assert rec["tower_flops"] == lm_cost.tower_flops(model.config.vision_config, grid, keep)
+    assert rec["tower_flops"] < got[(2, "original")]["tower_flops"]
+    ids, img = inputs["input_ids"][0], model.config.image_token_id
+    with torch.no_grad():
+        out = encoders.pruned_tower(
+            model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"], keep
+        )
+    kept = keep.nonzero().squeeze(1)
+    pos = vlm.mrope_positions(ids, img, (side, side))
+    deep = encoders.deepstack_of(out)
+    prompt = vlm.prompt_embeds(model, ids, pos, out.pooler_output, kept, img, deep)
+    assert rec["tokens"] == vlm.greedy(model, [prompt], 6, asker.eos)[0][0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vqa_eval
-from lowrank import downstream, encoders, feature_cache, images, vlm, vqa_score
+from lowrank import downstream, encoders, feature_cache, images, transforms, vlm, vqa_score
 from lowrank.cli import UserError
 
 
@@ -462,13 +462,13 @@ def test_batched_answers_equal_batch_one(trained, tiny_vlm):
     bases = downstream.fit_bases(
         conds, 8, trained, cfg.cache_dir, split["train"], cfg.normalization
     )
-    setup = downstream.TokenSetup("layernorm", (16, 16), nn_model, bases, max_svd=8)
+    setup = transforms.TokenSetup("layernorm", (16, 16), nn_model, bases, max_svd=8)
     asker = downstream.Asker(model, proc, torch.float32, setup, downstream.Decoding(str, 6))
     from lowrank import demo_set
 
     rows = demo_set.make_rows(4, seed=5)
     items = [
-        (i, images.load_image(r["image"]["bytes"], (448, 448)), q, conds)
+        downstream.Item(i, images.load_image(r["image"]["bytes"], (448, 448)), q, conds)
         for i, (r, q) in enumerate(zip(rows, QUESTIONS))
     ]
     one = {(r["sample"], r["condition"]): r for it in items for r in asker.ask([it])}
@@ -623,7 +623,7 @@ def test_question_aware_rules_answer(trained, tmp_path, tiny_vlm):
     rows = {s["condition"]: s for s in summary}
     assert rows["keep:cdpruner:32"]["vision_tokens"] == 32 and rows["keep:mmr:32"]["share"] == 0.125
     model, proc = tiny_vlm
-    setup = downstream.TokenSetup("layernorm", (16, 16))
+    setup = transforms.TokenSetup("layernorm", (16, 16))
     asker = downstream.Asker(model, proc, torch.float32, setup, downstream.Decoding(str, 4))
     from PIL import Image
 
