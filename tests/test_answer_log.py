@@ -21,7 +21,10 @@ def test_vqa_log_torn_tail_strangers_and_reproducible_random_rule(trained, tmp_p
     assert [s["vqa_acc"] for s in resumed] == [s["vqa_acc"] for s in whole]
     again = [json.loads(line) for line in log.read_text().splitlines()[1:]]
     first = [json.loads(line) for line in lines[1:]]
-    key = lambda r: (r["sample"], r["condition"])  # noqa: E731
+
+    def key(r):
+        return r["sample"], r["condition"]
+
     # random rule too
     assert {key(r): r["answer"] for r in again} == {key(r): r["answer"] for r in first}
     other = tmp_path / "b"

@@ -15,7 +15,10 @@ from lowrank.cli import UserError
 
 def test_vqa_accuracy_partial_credit_by_hand():
     """min(#matching others / 3, 1) averaged over the 10 leave-one-out subsets."""
-    refs = lambda n: ["gate 7"] * n + ["exit"] * (10 - n)
+
+    def refs(n):
+        return ["gate 7"] * n + ["exit"] * (10 - n)
+
     # n matches: the n subsets that leave a match out see n-1, the other 10-n see n
     for n, want in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         hand = (n * min((n - 1) / 3, 1) + (10 - n) * min(n / 3, 1)) / 10 if n else 0.0
@@ -260,9 +263,12 @@ def test_a_batch_killed_halfway_leaves_none_of_its_answers(trained, tmp_path, mo
     monkeypatch.setattr(downstream, "greedy", real)
     run(trained, tmp_path / "a", *args)
     run(trained, tmp_path / "b", *args)
-    answers = lambda d: {
-        (r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")
-    }  # noqa: E731
+
+    def answers(d):
+        return {
+            (r["sample"], c): r[c]["answer"] for r in d["samples"] for c in ("original", "svd:8")
+        }
+
     a, b = (json.loads((tmp_path / d / "vqa_test.json").read_text()) for d in "ab")
     assert len(answers(a)) == 6 and answers(a) == answers(b)
 
@@ -565,9 +571,12 @@ def test_stored_bytes_per_image():
     from lowrank import feature_codecs, transforms
 
     T, D, b = 256, 2048, 2
-    size = lambda t: transforms.stored_bytes(
-        transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)}
-    )  # noqa: E731
+
+    def size(t):
+        return transforms.stored_bytes(
+            transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)}
+        )
+
     assert size("original") == T * D * 2 and size("zeros") == 0
     assert size("svd:64") == size("nn:64") == 64 * (T + D) * 2 + 2 * T * 2
     assert size("keep:norm:32") == 32 * D * 2 + 32 * 2
