@@ -149,10 +149,9 @@ class Encoded:
     tower: Tower
     tower_ms: float
     tower_flops: int
-    kept: torch.Tensor | None = (
-        None  # pixelprune: the image tokens the tower made (the others left)
-    )
-    transform_ms: float = 0.0  # pixelprune: finding the repeated cells
+    # pixelprune: the image tokens the tower made (the others leave), and finding the repeats
+    kept: torch.Tensor | None = None
+    transform_ms: float = 0.0
 
 
 class Asker:
@@ -196,34 +195,14 @@ class Asker:
         proc = self.proc if size is None else self.resized[size]
         inputs = proc(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].to(self.dev)
-        visual, seen = self.model.model.visual, {}
-        # the tower's whole output, whichever way it runs: Qwen3-VL's deepstack features are in it
-        hook = visual.register_forward_hook(lambda module, args, out: seen.update(out=out))
-        merge = self.model.config.vision_config.spatial_merge_size
+        vision = self.model.config.vision_config
+        merge = vision.spatial_merge_size
         keep, prune_s = None, 0.0
         if prune is not None:
-            cell = self.model.config.vision_config.patch_size * merge
-            keep, prune_s = timed(repeated_cells, image, cell, prune)
-        with torch.no_grad():
-            pixels, grid = (
-                inputs["pixel_values"].to(self.dev, self.dtype),
-                inputs["image_grid_thw"].to(self.dev),
-            )
-            try:
-                if keep is not None:
-                    V, secs = timed(pruned_tower, visual, pixels, grid, keep, device=self.dev)
-                    V, att = V.pooler_output, None
-                elif attention:
-                    (V, att), secs = timed(
-                        attention_received, visual, pixels, grid, device=self.dev
-                    )
-                    att = att[0]
-                else:
-                    V, secs = timed(lambda: visual(pixels, grid_thw=grid), device=self.dev)
-                    V, att = getattr(V, "pooler_output", V), None
-            finally:
-                hook.remove()
-        deepstack = deepstack_of(seen["out"])
+            keep, prune_s = timed(repeated_cells, image, vision.patch_size * merge, prune)
+        pixels = inputs["pixel_values"].to(self.dev, self.dtype)
+        grid = inputs["image_grid_thw"].to(self.dev)
+        V, att, deepstack, secs = self.run_tower(pixels, grid, keep, attention)
         setup = self.setup
         hw = tuple(int(v) // merge for v in inputs["image_grid_thw"][0, 1:])
         positions = mrope_positions(ids.cpu(), self.img_id, hw)
@@ -238,9 +217,31 @@ class Asker:
             q_ids = self.proc.tokenizer(question, add_special_tokens=False)["input_ids"]
             Q = self.model.get_input_embeddings().weight[torch.tensor(q_ids, device=self.dev)]
             tower.relevance = relevance(V.float(), Q.float())
-        flops = tower_flops(self.model.config.vision_config, tuple(grid[0].tolist()), keep)
+        flops = tower_flops(vision, tuple(grid[0].tolist()), keep)
         kept = None if keep is None else keep.nonzero().squeeze(1)
         return Encoded(ids, positions, tower, secs * 1e3, flops, kept, prune_s * 1e3)
+
+    @torch.no_grad()
+    def run_tower(self, pixels, grid, keep, attention):
+        """-> (tokens [T, D], the attention each receives or None, deepstack features or None,
+        seconds): the tower on the kept cells only (pixelprune), or on every cell, with the
+        attention visionzip needs."""
+        visual, seen = self.model.model.visual, {}
+        # the tower's whole output, whichever way it runs: Qwen3-VL's deepstack features are in it
+        hook = visual.register_forward_hook(lambda module, args, out: seen.update(out=out))
+        try:
+            if keep is not None:
+                V, secs = timed(pruned_tower, visual, pixels, grid, keep, device=self.dev)
+                V, att = V.pooler_output, None
+            elif attention:
+                (V, att), secs = timed(attention_received, visual, pixels, grid, device=self.dev)
+                att = att[0]
+            else:
+                V, secs = timed(lambda: visual(pixels, grid_thw=grid), device=self.dev)
+                V, att = getattr(V, "pooler_output", V), None
+        finally:
+            hook.remove()
+        return V, att, deepstack_of(seen["out"]), secs
 
     def ask(self, items):
         """items: [Item] -> one record per (sample, spec), yielded a
@@ -253,7 +254,7 @@ class Asker:
         asked = [s for it in items for s in it.specs]
         attention = any(s.rule == "visionzip" for s in asked)
         aware = any(s.rule in QUESTION_RULES for s in asked)
-        # the tower at the cache's size, for the samples that ask anything but resize
+        # the tower on the image as it is, for the samples that ask anything but ON_THE_IMAGE
         encoded = {
             it.sample: self.encode(it.image, it.question, attention=attention, question_aware=aware)
             for it in items
