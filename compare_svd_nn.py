@@ -142,9 +142,8 @@ def main(argv=None):
         summary["tail"] = tail_losses(model, cfg, cache_dir, idx, args)
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     write_csv(out / f"{stem}.csv", ids, svd, nn)
-    paths = plot(
-        nn, svd, metrics.captured_energy(torch.cat(spectra).cpu()), S_nn, r, cfg.arch, out / stem
-    )
+    energy = metrics.captured_energy(torch.cat(spectra).cpu())
+    paths = plot(nn, svd, energy, S_nn=S_nn, r=r, arch=cfg.arch, stem=out / stem)
     if n_box:
         paths.append(plot_box(nn, svd, r, cfg.arch, out / stem))
     print("wrote", ", ".join(str(p) for p in [out / f"{stem}.json", out / f"{stem}.csv", *paths]))
@@ -205,7 +204,7 @@ def write_csv(path, ids, svd, nn):
     reports.write_csv(path, rows, header)
 
 
-def plot(nn, svd, energy, S_nn, r, arch, stem):
+def plot(nn, svd, energy, *, S_nn, r, arch, stem):
     plt = pyplot()
 
     paths = [

@@ -145,7 +145,7 @@ def main(argv=None):
     )
     inputs = RuleInputs(hw, basis, sample_context(cache, idx, rules, args))
     seeds = [args.seed + d for d in range(args.random_draws)]
-    rows, per_sample = measure(X_all, idx, masks, ks, rules, inputs, seeds)
+    rows, per_sample = measure(X_all, idx, masks, ks=ks, rules=rules, inputs=inputs, seeds=seeds)
     print_rows(rows)
     costs = rule_costs(rows, rules, T) + pixelprune_cost(cache, idx, hw)
     print_table(COST_COLUMNS, costs)
@@ -279,7 +279,7 @@ def sample_context(cache, idx, rules, args):
     return context
 
 
-def measure(X_all, idx, masks, ks, rules, inputs, seeds):
+def measure(X_all, idx, masks, *, ks, rules, inputs, seeds):
     """Every rule at every k on every sample -> (one summary row per rule and k, one row per sample,
     rule, k and draw). random is drawn once per seed; its row is the mean over the draws, with their
     spread."""

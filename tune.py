@@ -237,9 +237,14 @@ def main(argv=None):
     out = Path(args.results_dir)
     study_dir = out / args.study_name
     study_dir.mkdir(parents=True, exist_ok=True)
-    load_or_make_split(
-        out, args.cache_dir, args.seed, args.max_samples, args.group_by, args.resplit
-    )  # one split for every trial
+    load_or_make_split(  # one split for every trial
+        out,
+        args.cache_dir,
+        seed=args.seed,
+        max_samples=args.max_samples,
+        group_by=args.group_by,
+        resplit=args.resplit,
+    )
     study = open_study(args, out)
 
     objective = make_objective(args, out, study_dir)

@@ -247,7 +247,7 @@ def html_views(d, channels):
     return views
 
 
-def write_html(d, channels, path, head, arch, image=None, bbox=None):
+def write_html(d, channels, path, *, head, arch, image=None, bbox=None):
     """One self-contained HTML file: the H×W token grid over the resized image (opacity slider), a
     view and channel selector, a colour bar with ticks, the hovered token outlined and its values
     shown."""
@@ -407,7 +407,9 @@ def main(argv=None):
         paths.append(p)
     html_channels = sorted(set(range(min(args.html_channels, X.shape[1]))) | set(channels))
     p = out / f"{stem}_interactive.html"
-    write_html(d, html_channels, p, head.replace("\n", " | "), cfg.arch, image, bbox)
+    write_html(
+        d, html_channels, p, head=head.replace("\n", " | "), arch=cfg.arch, image=image, bbox=bbox
+    )
     paths.append(p)
     print(f"{where}: {title_metrics(d, cfg.arch)}")
     for p in paths:

@@ -196,7 +196,7 @@ def reference(vit, cut, cache, source, idx, batch_size):
 
 
 @torch.no_grad()
-def run_condition(spec, cut, taps, cfg, model, bases, args):
+def run_condition(spec, cut, taps, *, cfg, model, bases, args):
     """Every crop under one condition -> (final tokens [N, 1 + T, D] on the full grid, saliency [N,
     H, W], transform ms per crop, tokens entering the remaining blocks)."""
     finals, ms, token_cos = [], 0.0, []
@@ -305,7 +305,7 @@ def print_paired(paired, rank):
         print(f"  {cond:<8}" + "  ".join(cells))
 
 
-def row(spec, per, tokens, ms, cfg, bases, remaining):
+def row(spec, per, *, tokens, ms, cfg, bases, remaining):
     T, D = cfg.shape
     s = metrics.summarize(per)
     return {
@@ -313,7 +313,7 @@ def row(spec, per, tokens, ms, cfg, bases, remaining):
         "family": spec.kind,
         "tokens": tokens,
         "flops": remaining * block_flops(tokens),
-        "bytes": stored_bytes(spec, T, D, cfg.normalization, 4, bases),
+        "bytes": stored_bytes(spec, T, D, cfg.normalization, 4, bases=bases),
         "transform_ms": ms,
         **{k: s[k]["mean"] for k in s},
         **{f"{k}_std": s[k]["std"] for k in s},
@@ -356,10 +356,12 @@ def main(argv=None):
     )
     remaining, rows, per_crop = BLOCKS - 1 - block, [], {}
     for spec in tqdm(conds, desc="conditions"):
-        final, maps, ms, tokens, token_cos = run_condition(spec, cut, taps, cfg, model, bases, args)
+        final, maps, ms, tokens, token_cos = run_condition(
+            spec, cut, taps, cfg=cfg, model=model, bases=bases, args=args
+        )
         per = {"token_cosine": token_cos, **compare(final, maps, ref_final, ref_maps, photos)}
         per_crop[str(spec)] = per
-        rows.append(row(spec, per, tokens, ms, cfg, bases, remaining))
+        rows.append(row(spec, per, tokens=tokens, ms=ms, cfg=cfg, bases=bases, remaining=remaining))
     pairs = paired_with_svd(per_crop)
     print_paired(pairs, cfg.rank if has_nn else None)
     levels = chance(ref_final, ref_maps, photos)

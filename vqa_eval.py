@@ -265,10 +265,12 @@ def main(argv=None):
         if c.kind == "pixelprune":
             tokens[c] = float(np.mean([done[(i, str(c))]["vision_tokens"] for i in idx]))
     stored = {
-        str(c): stored_bytes(c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases, levels)
+        str(c): stored_bytes(
+            c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases=bases, levels=levels
+        )
         for c in conds
     }
-    return report(idx, conds, done, samples, stem, settings, stored)
+    return report(idx, conds, done, samples, stem=stem, settings=settings, stored=stored)
 
 
 def answering_model(model, cache, enc):
@@ -441,7 +443,7 @@ def ask_all(asker, todo, *, load, done, log_path, h, batch_size, progress=True):
     bar.close()
 
 
-def report(idx, conds, done, samples, stem, settings, stored=None):
+def report(idx, conds, done, samples, *, stem, settings, stored=None):
     """Per-condition accuracy and cost table (printed, JSON, CSV), the accuracy-vs-budget plot and
     the accuracy-vs-cost chart."""
     per_sample, summary = score(

@@ -310,7 +310,13 @@ class Asker:
             kept = out.kept if e.kept is None else e.kept
             prompts.append(
                 prompt_embeds(
-                    self.model, e.ids, e.positions, out.tokens, kept, self.img_id, out.deepstack
+                    self.model,
+                    e.ids,
+                    e.positions,
+                    out.tokens,
+                    kept,
+                    self.img_id,
+                    deepstack=out.deepstack,
                 )
             )
             n_vision = len(out.tokens) if spec.kind != "fastv" else spec.k

@@ -168,6 +168,7 @@ class Subspace(nn.Module):
     def __init__(
         self,
         rank=128,
+        *,
         tokens=LEGACY_SHAPE[0],
         dim=LEGACY_SHAPE[1],
         oversample=None,
@@ -334,7 +335,9 @@ def loss_terms(X, Xhat, A, B, lambda_B, lambda_ortho):
 # checkpoint format: a plain dict, loaded with weights_only=True
 
 
-def make_checkpoint(model, config, epoch, best_val_mse, optimizer=None, scheduler=None, extra=None):
+def make_checkpoint(
+    model, config, epoch, best_val_mse, *, optimizer=None, scheduler=None, extra=None
+):
     ck = {
         "format": "low-rank-image/1",
         "config": config,

@@ -224,6 +224,7 @@ def shared_between_splits(cache_dir, split, field):
 def load_or_make_split(
     results_dir,
     cache_dir,
+    *,
     seed=42,
     max_samples=None,
     group_by=GROUP_AUTO,

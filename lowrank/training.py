@@ -296,7 +296,15 @@ class State:
                 make_checkpoint(model, config.to_dict(), epoch, self.best, extra=extra), out / BEST
             )
         atomic_save(
-            make_checkpoint(model, config.to_dict(), epoch, self.best, self.opt, self.sched, extra),
+            make_checkpoint(
+                model,
+                config.to_dict(),
+                epoch,
+                self.best,
+                optimizer=self.opt,
+                scheduler=self.sched,
+                extra=extra,
+            ),
             out / LAST,
         )
         atomic_save(self.history, out / HISTORY)
@@ -596,11 +604,11 @@ def write_run_folder(out, config, resplit):
     split = load_or_make_split(
         out,
         config.cache_dir,
-        config.seed,
-        config.max_samples,
-        config.group_by,
-        resplit,
-        config.test_share,
+        seed=config.seed,
+        max_samples=config.max_samples,
+        group_by=config.group_by,
+        resplit=resplit,
+        test_share=config.test_share,
     )
     if config.split_sha not in (None, split_fingerprint(split)):
         raise UserError(f"--resume: {out / SPLIT} is not the split this run was trained on")

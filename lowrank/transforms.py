@@ -186,7 +186,7 @@ def resize_tokens(spec, size, hw):
     return (h // cell) * (w // cell)
 
 
-def stored_bytes(spec, T, D, norm, element_bytes, bases=None, levels=1):
+def stored_bytes(spec, T, D, norm, element_bytes, *, bases=None, levels=1):
     """Bytes per image that reproduce a condition's tokens: numbers in the model's dtype
     (element_bytes each) for original (T x D), svd and nn (the factors, r x (T + D)), keep and merge
     (k x D, plus k int16 positions); a codec's exact payload (feature_codecs.payload_bytes, as

@@ -284,7 +284,7 @@ class Prompt:
         return len(self.embeds)
 
 
-def prompt_embeds(model, ids, positions, V, kept, image_token_id, deepstack=None):
+def prompt_embeds(model, ids, positions, V, kept, image_token_id, *, deepstack=None):
     """The Prompt of ids with the image tokens' embeddings replaced by V [T, D]; with kept indices,
     V [k, D] holds only the kept tokens: they keep their own positions and the other image tokens
     leave the sequence. deepstack [levels, T or k, D]: Qwen3-VL's, the rows of V's tokens."""

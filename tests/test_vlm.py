@@ -79,7 +79,7 @@ def test_qwen3_deepstack_features_follow_the_kept_tokens():
     kept = torch.arange(0, 196, 3)
     pos = vlm.mrope_positions(ids, img, (14, 14))
     ours = DynamicCache()
-    prompt = vlm.prompt_embeds(model, ids, pos, V[kept], kept, img, ds[:, kept])
+    prompt = vlm.prompt_embeds(model, ids, pos, V[kept], kept, img, deepstack=ds[:, kept])
     vlm.greedy(model, [prompt], 1, set(), cache=ours)
     blind = DynamicCache()
     vlm.greedy(
@@ -194,5 +194,5 @@ def test_pixelprune_before_the_tower(name):
     kept = keep.nonzero().squeeze(1)
     pos = vlm.mrope_positions(ids, img, (side, side))
     deep = encoders.deepstack_of(out)
-    prompt = vlm.prompt_embeds(model, ids, pos, out.pooler_output, kept, img, deep)
+    prompt = vlm.prompt_embeds(model, ids, pos, out.pooler_output, kept, img, deepstack=deep)
     assert rec["tokens"] == vlm.greedy(model, [prompt], 6, asker.eos)[0][0]

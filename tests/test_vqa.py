@@ -574,7 +574,7 @@ def test_stored_bytes_per_image():
 
     def size(t):
         return transforms.stored_bytes(
-            transforms.parse_spec(t), T, D, "layernorm", b, {"pca": torch.eye(D)}
+            transforms.parse_spec(t), T, D, "layernorm", b, bases={"pca": torch.eye(D)}
         )
 
     assert size("original") == T * D * 2 and size("zeros") == 0
