@@ -114,7 +114,7 @@ def symmetric_model(results_dir, dev):
     """--symmetric_dir: a run of the symmetric network (the original's design), shown beside the
     subspace model."""
     model, ck = load_checkpoint(Path(results_dir) / BEST, dev)
-    arch = ck["config"].get("arch")
+    arch = ck.config.get("arch")
     if arch != "symmetric":
         raise UserError(
             f"--symmetric_dir {results_dir} holds a {arch} run; give a run trained with --arch symmetric"

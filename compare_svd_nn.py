@@ -103,7 +103,7 @@ def main(argv=None):
     within = sum(abs(a - b) <= 0.01 for a, b in zip(nn["cosine"], svd["cosine"])) / n
     ms = speed(model, next(iter(loader))[0].to(args.device), r, args)
     print(
-        f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg.arch} (epoch {ck['epoch']}), "
+        f"rank {r}, {args.split} split, n={n}, normalisation {norm}, arch {cfg.arch} (epoch {ck.epoch}), "
         f"device {args.device}, batch {args.batch_size}{lossy_note(cache_dir)}"
     )
     print_table(S_svd, S_nn, D, n_box, n)
@@ -124,7 +124,7 @@ def main(argv=None):
         "n": n,
         "normalization": norm,
         "arch": cfg.arch,
-        "checkpoint_epoch": ck["epoch"],
+        "checkpoint_epoch": ck.epoch,
         "device": args.device,
         "batch_size": args.batch_size,
         "svd_method": args.svd_method,

@@ -403,11 +403,7 @@ def model_table(args):
         if name != "float32":
             sd_model = m if extra is None or cfg.arch != "subspace" else model
             ckd = make_checkpoint(
-                sd_model,
-                dict(ck["config"], compressed=name),
-                ck["epoch"],
-                ck["best_val_mse"],
-                extra=extra,
+                sd_model, dict(ck.config, compressed=name), ck.epoch, ck.best_val_mse, extra=extra
             )
             # quantised Linear layers: keep the int8 weights only
             if name == "int8" and cfg.arch != "subspace":

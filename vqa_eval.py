@@ -38,6 +38,7 @@ tokens) and vqa_<name>_cost.png (accuracy against each cost).
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -204,9 +205,9 @@ def main(argv=None):
     conds = conditions(args, nn_rank, cfg.arch, hw[0] * hw[1])
     bases = fit_bases(conds, args.lrcp_rank, args.results_dir, cache, split["train"], norm)
     check_conditions(conds, cfg.arch, nn_rank, hw, enc.feature_dim, bases)
-    tokens = {
-        c: resize_tokens(c, enc.size, hw) if c.kind == "resize" else hw[0] * hw[1] for c in conds
-    }
+    for c in conds:  # a resize that is not a whole number of cells, before any work
+        if c.kind == "resize":
+            resize_tokens(c, enc.size, hw)
     idx = first(split[args.split], args.limit)
     check_questions(idx, samples, cache)
     out_dir = out_folder(args.out_dir or args.results_dir, "--out_dir")
@@ -236,16 +237,7 @@ def main(argv=None):
         max_svd = max((s.rank for s in conds if s.kind == "svd"), default=0)
         setup = TokenSetup(norm, hw, run.model if run else None, bases, max_svd)
         asker = Asker(model, proc, dtype, setup, decoding(args))
-
-        def load(i):
-            try:
-                return load_image(images[i], size), samples[i].question
-            except Exception as e:
-                raise UserError(
-                    f"sample {i} ({samples[i].id}): unreadable image ({type(e).__name__}: {e}); "
-                    f"the {len(done)} answers so far are kept in {own}"
-                ) from None
-
+        load = partial(load_sample, images=images, samples=samples, size=size, done=done, log=own)
         ask_all(
             asker,
             todo,
@@ -261,16 +253,47 @@ def main(argv=None):
         return None
     done = log.read(talk=False) if world > 1 else done
     levels = feature_levels(name, args.revision)
-    for c in conds:  # pixelprune: the cells the tower kept, on average over the images
-        if c.kind == "pixelprune":
-            tokens[c] = float(np.mean([done[(i, str(c))]["vision_tokens"] for i in idx]))
-    stored = {
-        str(c): stored_bytes(
-            c, tokens[c], enc.feature_dim, norm, dtype.itemsize, bases=bases, levels=levels
-        )
-        for c in conds
-    }
+    stored = bytes_per_image(
+        conds,
+        done,
+        idx,
+        enc=enc,
+        hw=hw,
+        norm=norm,
+        element_bytes=dtype.itemsize,
+        bases=bases,
+        levels=levels,
+    )
     return report(idx, conds, done, samples, stem=stem, settings=settings, stored=stored)
+
+
+def bytes_per_image(conds, done, idx, *, enc, hw, norm, element_bytes, bases, levels):
+    """{condition: stored bytes per image} (transforms.stored_bytes) on each condition's own tokens:
+    the resized image's grid, pixelprune's kept cells (their mean over the answers), else the
+    cache's grid."""
+    out = {}
+    for c in conds:
+        T = hw[0] * hw[1]
+        if c.kind == "resize":
+            T = resize_tokens(c, enc.size, hw)
+        if c.kind == "pixelprune":
+            T = float(np.mean([done[(i, str(c))]["vision_tokens"] for i in idx]))
+        out[str(c)] = stored_bytes(
+            c, T, enc.feature_dim, norm, element_bytes, bases=bases, levels=levels
+        )
+    return out
+
+
+def load_sample(i, *, images, samples, size, done, log):
+    """(image, question) of sample i, or one UserError naming it (the answers so far stay in
+    log)."""
+    try:
+        return load_image(images[i], size), samples[i].question
+    except Exception as e:
+        raise UserError(
+            f"sample {i} ({samples[i].id}): unreadable image ({type(e).__name__}: {e}); "
+            f"the {len(done)} answers so far are kept in {log}"
+        ) from None
 
 
 def answering_model(model, cache, enc):

@@ -19,6 +19,7 @@ import io
 import math
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -353,13 +354,24 @@ def make_checkpoint(
     return ck
 
 
-# added on reading, never written: the hash of the bytes the dict was loaded from
-SHA_KEY = "file_sha256"
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file as read back: the run's config as saved (RunConfig.from_dict reads it), the
+    model's state dict, the epoch it was saved at and the best validation MSE then, the hash of the
+    file's bytes (read once), and the rest it holds: a training state's optimizer, scheduler,
+    bad_epochs, rng_cpu; a compressed model's omega_int8."""
+
+    config: dict
+    model: dict
+    epoch: int | None
+    best_val_mse: float | None
+    sha: str
+    extra: dict
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict, read as plain data (weights_only): a .pt from elsewhere is data, never
-    unpickled code. The file is read once; ck[SHA_KEY] is the hash of those bytes. Every way a file
+    """-> Checkpoint, the file read as plain data (weights_only): a .pt from elsewhere is data,
+    never unpickled code. The file is read once; sha is the hash of those bytes. Every way a file
     can fail to be a checkpoint ends in one UserError line."""
     path = Path(path)
     if not path.is_file():
@@ -389,21 +401,26 @@ def read_checkpoint(path, device="cpu"):
         ) from None
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
         raise UserError(f"{path} is not a low-rank-image checkpoint (no config/model entries)")
-    ck[SHA_KEY] = hashlib.sha256(data).hexdigest()[:16]
-    return ck
+    named = ("format", "config", "model", "epoch", "best_val_mse")
+    return Checkpoint(
+        ck["config"],
+        ck["model"],
+        ck.get("epoch"),
+        ck.get("best_val_mse"),
+        hashlib.sha256(data).hexdigest()[:16],
+        {k: v for k, v in ck.items() if k not in named},
+    )
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, checkpoint dict)."""
+    """-> (model in eval mode on device, Checkpoint)."""
     ck = read_checkpoint(path, device)
     try:
         # the config's shapes against the weights', before any memory is spent
         with torch.device("meta"):
-            expected = {
-                k: tuple(v.shape) for k, v in build_model(ck["config"]).state_dict().items()
-            }
-        if not ck["config"].get("compressed"):
-            got = {k: tuple(v.shape) for k, v in ck["model"].items() if isinstance(v, torch.Tensor)}
+            expected = {k: tuple(v.shape) for k, v in build_model(ck.config).state_dict().items()}
+        if not ck.config.get("compressed"):
+            got = {k: tuple(v.shape) for k, v in ck.model.items() if isinstance(v, torch.Tensor)}
             if got != expected:
                 k = next(
                     k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)
@@ -411,11 +428,11 @@ def load_checkpoint(path, device="cpu"):
                 raise ValueError(
                     f"weight {k}: the config makes {expected.get(k)}, the file holds {got.get(k)}"
                 )
-        if ck["config"].get("compressed"):  # compress.py's int8 / pruned checkpoints
+        if ck.config.get("compressed"):  # compress.py's int8 / pruned checkpoints
             model = load_compressed(ck)
         else:
-            model = build_model(ck["config"])
-            model.load_state_dict(ck["model"])
+            model = build_model(ck.config)
+            model.load_state_dict(ck.model)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(
             f"{path}: the checkpoint's config and weights do not build a model "
@@ -446,10 +463,10 @@ def load_compressed(ck):
     """Rebuild the float model a compressed checkpoint describes (compress.py model): int8 Ω or int8
     Linear weights are dequantised into the float model, which computes in float32 from the int8
     values."""
-    model = build_model(ck["config"])
-    sd = dict(ck["model"])
-    if "omega_int8" in ck:
-        sd["omega"] = dequantize_rows(ck["omega_int8"]).T
+    model = build_model(ck.config)
+    sd = dict(ck.model)
+    if "omega_int8" in ck.extra:
+        sd["omega"] = dequantize_rows(ck.extra["omega_int8"]).T
     for k in [k for k in sd if k.endswith(".weight_int8")]:
         stem = k[: -len(".weight_int8")]
         scale, zero = (

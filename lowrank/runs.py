@@ -21,7 +21,7 @@ from lowrank.feature_cache import (
     feature_path,
     load_manifest,
 )
-from lowrank.model import SHA_KEY, load_checkpoint, read_checkpoint
+from lowrank.model import Checkpoint, load_checkpoint, read_checkpoint
 
 SPLIT, CONFIG, BEST, LAST, HISTORY = (
     "split.json",
@@ -88,7 +88,7 @@ class Run:
     config, the chosen split's sample indices and the cache they are read from."""
 
     model: torch.nn.Module
-    checkpoint: dict
+    checkpoint: Checkpoint
     config: RunConfig
     indices: list
     cache_dir: str
@@ -97,7 +97,7 @@ class Run:
     def checkpoint_sha(self):
         """The content hash of the bytes the model was loaded from (read once: a file replaced
         meanwhile cannot give another hash than the weights that answer)."""
-        return self.checkpoint[SHA_KEY]
+        return self.checkpoint.sha
 
 
 def load_run(
@@ -109,7 +109,7 @@ def load_run(
     check_not_held(results_dir)
     ckpt = Path(checkpoint) if checkpoint else results_dir / BEST
     model, ck = load_checkpoint(ckpt, device)
-    cfg = RunConfig.from_dict(ck["config"], f"{ckpt}'s config")
+    cfg = RunConfig.from_dict(ck.config, f"{ckpt}'s config")
     cache_dir = cache_dir or cfg.cache_dir
     shape = cached_shape(cache_dir)
     if rank is not None:
@@ -152,9 +152,9 @@ def omega_basis(results_dir):
     if not p.exists():
         return None
     ck = read_checkpoint(p)
-    if RunConfig.from_dict(ck["config"]).arch != "subspace":
+    if RunConfig.from_dict(ck.config).arch != "subspace":
         return None
-    return torch.linalg.qr(ck["model"]["omega"].double())[0].float()
+    return torch.linalg.qr(ck.model["omega"].double())[0].float()
 
 
 def read_history(results_dir):
@@ -221,6 +221,32 @@ def shared_between_splits(cache_dir, split, field):
     return sum(len(parts) > 1 for parts in seen.values())
 
 
+def saved_split(results_dir, made_from, cache_dir):
+    """A run's split.json, refused when it was made from other settings (made_from: seed, sample
+    count, cache, grouping, test share) or names samples the cache does not hold."""
+    p, s = Path(results_dir) / SPLIT, read_split(results_dir)
+    old = dict(s, cache_dir=str(Path(s["cache_dir"]).resolve())) if "cache_dir" in s else s
+    diff = {k: (old[k], v) for k, v in made_from.items() if k in old and old[k] != v}
+    if diff:
+        raise UserError(
+            f"{p} was made with "
+            + ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
+            + "; this run asks for "
+            + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
+            + ". Pass --resplit to replace it (its test set then changes), or use another "
+            "--results_dir"
+        )
+    missing = [
+        i for k in ("train", "val", "test") for i in s[k] if not feature_path(cache_dir, i).exists()
+    ]
+    if missing:
+        raise UserError(
+            f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
+            f"was it made for another cache?"
+        )
+    return s
+
+
 def load_or_make_split(
     results_dir,
     cache_dir,
@@ -249,30 +275,7 @@ def load_or_make_split(
         **({"test_share": test_share} if test_share != 0.1 else {}),
     }
     if p.exists() and not resplit:
-        s = read_split(results_dir)
-        old = dict(s, cache_dir=str(Path(s["cache_dir"]).resolve())) if "cache_dir" in s else s
-        diff = {k: (old[k], v) for k, v in made_from.items() if k in old and old[k] != v}
-        if diff:
-            raise UserError(
-                f"{p} was made with "
-                + ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
-                + "; this run asks for "
-                + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
-                + ". Pass --resplit to replace it (its test set then changes), or use another "
-                "--results_dir"
-            )
-        missing = [
-            i
-            for k in ("train", "val", "test")
-            for i in s[k]
-            if not feature_path(cache_dir, i).exists()
-        ]
-        if missing:
-            raise UserError(
-                f"{p} names samples that are not in cache '{cache_dir}' (e.g. {missing[:5]}): "
-                f"was it made for another cache?"
-            )
-        return s
+        return saved_split(results_dir, made_from, cache_dir)
     idx = cached_indices(cache_dir)
     if max_samples:
         idx = idx[:max_samples]

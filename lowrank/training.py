@@ -168,8 +168,8 @@ def resolve_config(args, world):
     if not (out / LAST).exists():
         raise UserError(f"--resume: {out / LAST} not found")
     ck = read_checkpoint(out / LAST)
-    config = RunConfig.from_dict(ck["config"], f"{out / LAST}'s config")
-    if config.compressed or "optimizer" not in ck:
+    config = RunConfig.from_dict(ck.config, f"{out / LAST}'s config")
+    if config.compressed or "optimizer" not in ck.extra:
         raise UserError(
             f"--resume: {out / LAST} is not a training state (a compressed or model-only checkpoint)"
         )
@@ -271,11 +271,11 @@ class State:
         self.history, self.start_epoch, self.best, self.bad_epochs = [], 1, math.inf, 0
 
     def restore(self, ck, out):
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.history, self.start_epoch = read_history(out), ck["epoch"] + 1
-        self.best, self.bad_epochs = ck["best_val_mse"], ck["bad_epochs"]
-        torch.set_rng_state(ck["rng_cpu"])
+        self.opt.load_state_dict(ck.extra["optimizer"])
+        self.sched.load_state_dict(ck.extra["scheduler"])
+        self.history, self.start_epoch = read_history(out), ck.epoch + 1
+        self.best, self.bad_epochs = ck.best_val_mse, ck.extra["bad_epochs"]
+        torch.set_rng_state(ck.extra["rng_cpu"])
 
     def update(self, rec):
         """Record an epoch -> whether it improved on the best validation score (MSE; with a tail
@@ -547,7 +547,7 @@ def fit(args, config, ck, proc, *, on_epoch, test_at_end):
     state = State(raw_model, config)
     if ck is not None:
         state.restore(ck, out)
-        log(f"resumed from {out / LAST} at epoch {ck['epoch']} (best val MSE {state.best:.6g})")
+        log(f"resumed from {out / LAST} at epoch {ck.epoch} (best val MSE {state.best:.6g})")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     loop = Loop(model, raw_model, state.opt, config, device, amp, world)
     loop.svd_val = svd_target(config, val_loader, device, log) if master else None
@@ -622,7 +622,7 @@ def make_model(config, ck, train_ds, device, world, local_rank):
     checkpoint when resuming, else (subspace) from the training tokens' principal directions."""
     model = build_model(config).to(device)
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.model)
     elif hasattr(model, "init_from_data"):
         model.init_from_data(X for X, _ in make_loader(train_ds, 64))
     if world > 1:
@@ -674,7 +674,7 @@ def warn_if_no_progress(history, log):
 def test_report(ckpt_path, test_idx, device):
     """Best model vs truncated SVD at the same rank on the same test samples, same normalisation."""
     model, ck = load_checkpoint(ckpt_path, device)
-    cfg = RunConfig.from_dict(ck["config"])
+    cfg = RunConfig.from_dict(ck.config)
     loader = make_loader(FeatureDataset(cfg.cache_dir, test_idx, cfg.normalization), 64)
     nn_per, _, _ = metrics.evaluate(lambda X: model(X)[0].float(), loader, device, "test NN")
     svd_per, _, _ = metrics.evaluate(
@@ -682,12 +682,10 @@ def test_report(ckpt_path, test_idx, device):
     )
     nn_s, svd_s = metrics.summarize(nn_per), metrics.summarize(svd_per)
     keys = ("cosine", "energy", "mse", "rel_fro")
-    print(
-        f"test (n={len(test_idx)}, best epoch {ck['epoch']}, rank {cfg.rank}, {cfg.normalization}):"
-    )
+    print(f"test (n={len(test_idx)}, best epoch {ck.epoch}, rank {cfg.rank}, {cfg.normalization}):")
     print(f"  {cfg.arch:>10}: {metrics.format_summary(nn_s, keys)}")
     print(f"  {'SVD':>10}: {metrics.format_summary(svd_s, keys)}")
-    return {"nn": nn_s, "svd": svd_s, "best_epoch": ck["epoch"]}
+    return {"nn": nn_s, "svd": svd_s, "best_epoch": ck.epoch}
 
 
 def plot_history(history, path, title=""):

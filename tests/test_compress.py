@@ -222,7 +222,7 @@ def test_compressed_checkpoints_load_for_compare(trained, tmp_path):
     int8 = next(r for r in rows if r["variant"] == "int8")
     assert int8["bytes"] < rows[0]["bytes"] / 3  # Ω as int8
     m, ck = load_checkpoint(int8["file"])
-    assert ck["config"]["compressed"] == "int8"
+    assert ck.config["compressed"] == "int8"
     s = compare_svd_nn.main(
         ["--results_dir", str(trained), "--checkpoint", int8["file"], "--device", "cpu"]
     )

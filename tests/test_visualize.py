@@ -40,7 +40,7 @@ def test_figures_files_and_arrays(trained, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     # independent recomputation of what must be drawn
     model, ck = load_checkpoint(trained / "best_model.pt")
-    cfg = ck["config"]
+    cfg = ck.config
     raw = torch.load(feature_cache.feature_path(cfg["cache_dir"], sid), weights_only=True).float()
     X = torch.nn.functional.layer_norm(raw, (2048,))
     svd = metrics.svd_reconstruct(X[None], 16, "svd")[0]
