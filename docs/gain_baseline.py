@@ -3,9 +3,10 @@ Is a downstream-trained factoriser's lead over SVD only a scale? (docs/results.m
 Eckart-Young"). One scalar gain g per rank on SVD's normalised reconstruction, g picked on a grid by
 the tail loss of the run's validation crops; then on its test crops the final patch-token cosine
 and saliency r through the ViT's frozen tail (lowrank.tail_objective.TailTarget) of SVD, SVD x g
-and the run's factoriser, with paired 95 % intervals. The runs are results_vit<block>_tail<rank>.
+and the run's factoriser, with paired 95 % intervals. The runs are --runs with the rank filled in
+(their block caches from their own configs).
 
-    python docs/gain_baseline.py --block 3 --ranks 8,16,32
+    python docs/gain_baseline.py --runs results_vit3_tail{rank} --ranks 8,16,32
 """
 
 import argparse
@@ -18,9 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lowrank.cli import run_cli  # noqa: E402
 from lowrank.feature_cache import denormalize, normalize  # noqa: E402
 from lowrank.metrics import pearson, row_cosine, truncated_svd  # noqa: E402
-from lowrank.runs import load_run, read_split  # noqa: E402
+from lowrank.runs import load_run, read_run  # noqa: E402
 from lowrank.tail_objective import TailTarget  # noqa: E402
 
 GRID = "1.0,1.1,1.2,1.3,1.4,1.5,1.6,1.8,2.0,2.2,2.4"
@@ -52,18 +54,18 @@ def interval(d):
     return f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--block", type=int, default=3, help="the block cache the runs were trained on")
     ap.add_argument(
-        "--ranks", default="8,16,32", help="ranks of the runs results_vit<block>_tail<rank>"
+        "--runs", default="results_vit3_tail{rank}", help="the runs' folders, {rank} filled in"
     )
+    ap.add_argument("--ranks", default="8,16,32", help="the ranks of the runs")
     ap.add_argument("--grid", default=GRID, help="the gains tried on the validation crops")
-    args = ap.parse_args()
-    cache = ROOT / "feature_cache_vit" / f"block_{args.block}"
+    args = ap.parse_args(argv)
     for rank in [int(r) for r in args.ranks.split(",")]:
-        run_dir = ROOT / f"results_vit{args.block}_tail{rank}"
-        split = read_split(run_dir)
+        run_dir = Path(args.runs.replace("{rank}", str(rank)))
+        cfg, split = read_run(run_dir)
+        cache = cfg.cache_dir
         val = TailTarget(cache, split["val"], "layernorm", "cpu")
         test = TailTarget(cache, split["test"], "layernorm", "cpu")
         val_svd, test_svd = svd(val, rank), svd(test, rank)
@@ -84,7 +86,7 @@ def main():
             scores(test, g * test_svd),
             scores(test, trained),
         )
-        print(f"block {args.block} rank {rank}: validation tail loss by gain "
+        print(f"{run_dir} (rank {rank}): validation tail loss by gain "
               f"{', '.join(f'{k:g}: {v:.3f}' for k, v in loss.items())}; g = {g:g}")  # fmt: skip
         for name, m in (("svd", base), (f"svd x {g:g}", gained), ("trained downstream", ours)):
             print(f"  {name:<20} final cos {m[:, 0].mean():.4f}  saliency r {m[:, 1].mean():.4f}")
@@ -99,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

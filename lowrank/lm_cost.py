@@ -7,6 +7,8 @@ counter on the tiny models.
 
 import math
 
+import numpy as np
+
 
 def sizes(text_config):
     """(layers, hidden d, query width, key/value width, MLP width, vocabulary) of a decoder
@@ -53,19 +55,14 @@ def window_spans(grid, merge, cells, keep=None):
     the kept cells count (pixelprune)."""
     _, h, w = grid
     rows, cols = h // merge, w // merge
-    kept = [[True] * cols for _ in range(rows)]
-    if keep is not None:
-        kept = [[bool(keep[r * cols + c]) for c in range(cols)] for r in range(rows)]
-    spans = []
-    for r in range(0, rows, cells):
-        for c in range(0, cols, cells):
-            n = sum(
-                kept[i][j]
-                for i in range(r, min(r + cells, rows))
-                for j in range(c, min(c + cells, cols))
-            )
-            spans.append(n * merge * merge)
-    return spans
+    kept = (
+        np.ones((rows, cols), bool) if keep is None else np.asarray(keep, bool).reshape(rows, cols)
+    )
+    return [
+        int(kept[r : r + cells, c : c + cells].sum()) * merge * merge
+        for r in range(0, rows, cells)
+        for c in range(0, cols, cells)
+    ]
 
 
 def tower_flops(vision_config, grid, keep=None):
@@ -79,7 +76,7 @@ def tower_flops(vision_config, grid, keep=None):
     are left out. keep [rows·cols] bool: only those merged cells' patches run (pixelprune)."""
     c = vision_config
     m = c.spatial_merge_size
-    n = math.prod(grid) if keep is None else int(sum(bool(k) for k in keep)) * m * m
+    n = math.prod(grid) if keep is None else int(np.asarray(keep, bool).sum()) * m * m
     d = getattr(c, "embed_dim", None) or c.hidden_size  # Qwen2-VL calls the width embed_dim
     out = getattr(c, "out_hidden_size", None) or c.hidden_size  # Qwen2-VL: hidden_size is out
     gated = getattr(c, "fullatt_block_indexes", None) is not None  # Qwen2.5-VL's SwiGLU

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank import demo_set, encoders, images, merging, selection, transforms
+import vqa_eval
+from lowrank import demo_set, encoders, images, merging, selection, transforms, vlm
 from lowrank.cli import UserError
 
 
@@ -178,8 +179,6 @@ def test_every_new_kind_downstream(trained, tmp_path):
     exactly as the original."""
     import json
 
-    import vqa_eval
-
     specs = (
         "keep:divprune:32,keep:dart:32,merge:pool:64,merge:tome:64,merge:visionzip:64,fastv:1:64"
     )
@@ -240,8 +239,6 @@ def test_fastv_prunes_after_layer_k():
     original."""
     from test_vqa import prompt_inputs
     from transformers import DynamicCache
-
-    from lowrank import vlm
 
     model, proc = vlm.load_vlm(encoders.TINY, torch.device("cpu"), torch.float32, (448, 448))
     inp = prompt_inputs(proc)

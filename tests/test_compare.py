@@ -10,6 +10,7 @@ import torch
 import compare_svd_nn
 from lowrank import dataset, metrics
 from lowrank.cli import UserError
+from lowrank.model import build_model
 
 
 def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
@@ -20,7 +21,6 @@ def test_compare_writes_and_agrees_with_independent_eval(trained, capsys):
     assert s["n"] == len(split["test"]) >= 3
     # recompute every number independently of compare's own loop
     ck = torch.load(trained / "best_model.pt", weights_only=True)
-    from lowrank.model import build_model
 
     m = build_model(ck["config"]).eval()
     m.load_state_dict(ck["model"])

@@ -12,7 +12,7 @@ import compress
 import train_real_data
 from lowrank import dataset, feature_cache, feature_codecs, metrics, model, quantize
 from lowrank.cli import UserError
-from lowrank.model import Subspace, Symmetric, load_checkpoint
+from lowrank.model import Subspace, Symmetric, load_checkpoint, make_checkpoint
 
 
 def X_(T_=256, D=2048, seed=0):
@@ -187,7 +187,6 @@ def test_int8_symmetric_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = Symmetric(rank=8, tokens=256, dim=2048, hidden=32).eval()
     q, _ = compress.quantize_model(m)
-    from lowrank.model import make_checkpoint
 
     cfg = {
         "arch": "symmetric",

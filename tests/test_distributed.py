@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import vqa_eval
 from lowrank import feature_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,6 @@ def test_vqa_eval_sharded_over_two_processes_equals_one(trained, tmp_path):
     """torchrun --nproc_per_node=2 vqa_eval.py: each rank answers every other sample into its own
     log, rank 0 merges them and reports once; every answer and every accuracy equals the
     single-process run's."""
-    import vqa_eval
 
     common = [
         "--results_dir",

@@ -10,6 +10,7 @@ import torch
 
 import layers
 import qwenvl_dataloader
+import train_real_data
 import vqa_eval
 from lowrank import demo_set, encoders, images, metrics
 from lowrank.cli import UserError
@@ -171,8 +172,6 @@ def test_a_layer_as_a_cache(tiny_cache, tmp_path):
 
 
 def test_training_runs_on_a_layer_cache_and_vqa_eval_refuses_it(tiny_cache, tmp_path):
-    import train_real_data
-
     qwenvl_dataloader.extract(
         tiny_cache / "data",
         tmp_path / "b1",

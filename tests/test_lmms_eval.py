@@ -164,7 +164,6 @@ def test_lmms_eval_inputs_are_checked_before_the_model_loads(
     tiny_cache, trained, tmp_path, monkeypatch
 ):
     pytest.importorskip("lmms_eval")
-    import lmms_eval_lowrank
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")

@@ -11,6 +11,7 @@ import train_real_data
 import vit_downstream
 from lowrank import feature_cache, runs, vit
 from lowrank.cli import UserError
+from lowrank.images import Source
 from lowrank.metrics import pearson
 from lowrank.tail_objective import TailTarget
 
@@ -31,8 +32,6 @@ def test_the_loss_is_zero_on_the_unmodified_tokens_and_onnxruntimes_on_a_rank_4_
     Xd = feature_cache.denormalize(Xh, target.tokens, "layernorm")
     full = vit.ViT(["block_3", "final_norm", vit.SALIENCY])
     from PIL import Image
-
-    from lowrank.images import Source
 
     source = Source(feature_cache.load_manifest(cache).source_path)
     ref = full([Image.open(source.image(i)) for i in idx])

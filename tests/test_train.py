@@ -13,6 +13,7 @@ import torch
 import train_real_data
 from lowrank import metrics, model, training
 from lowrank.cli import UserError
+from lowrank.config import flag_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--rank", "8", "--hidden", "16", "--batch_size", "8"]
@@ -371,7 +372,6 @@ def test_no_flag_vanishes(tiny_cache, tmp_path):
 def test_a_new_training_flag_is_one_field():
     """Every RunConfig field with a help text is a flag of training's parser, with the field's
     default in its help and no default of the parser's own (so 'given' means given)."""
-    from lowrank.config import flag_fields
 
     ap = training.get_args_parser()
     for name, f in flag_fields():

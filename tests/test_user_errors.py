@@ -10,8 +10,11 @@ import pytest
 import torch
 from helpers import one_line_error, run_script, train, vqa_run
 
+import bench
+import bench_vqa
 import compare_svd_nn
 import compress
+import layers
 import qwenvl_dataloader
 import svd_baseline
 import tokens
@@ -40,8 +43,6 @@ def test_degenerate_flags_are_one_line(tiny_cache, trained, tmp_path):
 
 
 def test_bench_on_a_symmetric_run(tiny_cache, tmp_path):
-    import bench
-
     train(tiny_cache / "cache", tmp_path, "--epochs", "1")
     rows = bench.main(
         ["--results_dir", str(tmp_path), "--ranks", "8", "--device", "cpu", "--batch_size", "4"]
@@ -78,7 +79,6 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
         ):
             call()
     assert not (tmp_path / "t").exists()
-    import bench
 
     with pytest.raises(
         UserError,
@@ -90,7 +90,6 @@ def test_rank_out_of_range_is_refused_everywhere(tiny_cache, trained, tmp_path, 
 
 
 def test_user_errors_are_one_line(tmp_path, trained):
-
     (tmp_path / "empty").mkdir()
     pq.write_table(
         pa.table(
@@ -237,11 +236,6 @@ def test_a_device_or_dtype_that_is_not_there_is_one_line(trained):
 
 
 def test_every_flag_is_checked_before_the_work(trained, vit_cache, tmp_path, capsys):
-    import bench
-    import bench_vqa
-    import layers
-    import tokens
-    import tune
 
     run = ["--results_dir", str(trained)]
     cases = [

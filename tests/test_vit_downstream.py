@@ -16,7 +16,7 @@ from PIL import Image
 import vit_downstream
 from lowrank import feature_cache, vit
 from lowrank.images import Source
-from lowrank.transforms import Spec, TokenSetup
+from lowrank.transforms import Spec, TokenSetup, Tower
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,6 @@ def test_the_cost_axes_follow_the_vit_config():
 def test_the_dense_read_out_of_each_family():
     """Selection: each token takes its nearest kept token on the grid; merging: its group's; the
     rest their own."""
-    from lowrank.transforms import Tower
 
     X = torch.randn(16, 8)
     tower = Tower(X, TokenSetup("layernorm", (4, 4)))

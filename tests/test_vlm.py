@@ -11,7 +11,7 @@ import torch
 import qwenvl_dataloader
 import train_real_data
 import vqa_eval
-from lowrank import demo_set, images, vlm
+from lowrank import demo_set, encoders, images, lm_cost, vlm
 from lowrank.cli import UserError
 from lowrank.downstream import Asker, Decoding, Item
 from lowrank.encoders import EncoderSpec, deepstack_of
@@ -161,7 +161,6 @@ def test_pixelprune_before_the_tower(name):
     flat square, the tower runs on the distinct cells only (its FLOPs from lm_cost on those cells),
     they enter the language model at their own positions, and the answer is that of the pruned
     tower's tokens put there by hand."""
-    from lowrank import encoders, lm_cost
 
     model, proc = vlm.load_vlm(name, CPU, torch.float32, (448, 448))
     cell = vlm.model_cell(name)

@@ -9,7 +9,19 @@ import pytest
 import torch
 
 import vqa_eval
-from lowrank import downstream, encoders, feature_cache, images, transforms, vlm, vqa_score
+from lowrank import (
+    demo_set,
+    downstream,
+    encoders,
+    feature_cache,
+    feature_codecs,
+    images,
+    lm_cost,
+    runs,
+    transforms,
+    vlm,
+    vqa_score,
+)
 from lowrank.cli import UserError
 
 
@@ -74,8 +86,6 @@ def tiny_vlm():
 
 
 def prompt_inputs(proc, question="what is written on the sign?", seed=0):
-    from lowrank import demo_set
-
     row = demo_set.make_rows(1, seed=seed)[0]
     image = images.load_image(row["image"]["bytes"], (448, 448))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -87,7 +97,6 @@ def test_tiny_model_tower_is_the_tiny_encoder(tiny_vlm):
     """The tiny full model's vision tower gives exactly the tiny-random encoder's features (what a
     cache holds)."""
     model, proc = tiny_vlm
-    from lowrank import demo_set
 
     enc = encoders.Encoder(encoders.TINY, "cpu")
     image = images.load_image(demo_set.make_rows(1, seed=0)[0]["image"]["bytes"], (448, 448))
@@ -322,7 +331,6 @@ def test_random_3b_has_the_published_size():
 def test_another_data_set_is_refused(trained, tmp_path):
     """--dataset_dir pointing at other images (same schema, same count) is refused before anything
     is asked: the questions and features belong to the cache's images (per-sample fingerprints)."""
-    from lowrank import demo_set
 
     other = tmp_path / "other"
     demo_set.write_parquet(demo_set.make_rows(40, seed=11), other / "data", shards=2)
@@ -459,7 +467,6 @@ def test_batched_answers_equal_batch_one(trained, tiny_vlm):
     """Every condition kind, 4 questions of different lengths: the answers of one batch of 4 (and of
     3 + 1) equal the answers asked one sample at a time, token for token, and the batches had mixed
     prompt lengths."""
-    from lowrank import runs, transforms
 
     model, proc = tiny_vlm
     cfg, split = runs.read_run(trained)
@@ -470,7 +477,6 @@ def test_batched_answers_equal_batch_one(trained, tiny_vlm):
     )
     setup = transforms.TokenSetup("layernorm", (16, 16), nn_model, bases, max_svd=8)
     asker = downstream.Asker(model, proc, torch.float32, setup, downstream.Decoding(str, 6))
-    from lowrank import demo_set
 
     rows = demo_set.make_rows(4, seed=5)
     items = [
@@ -532,8 +538,6 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import DynamicCache
 
-    from lowrank import lm_cost
-
     model, _ = tiny_vlm
     cfg = model.config.text_config
     n = 300
@@ -568,7 +572,6 @@ def test_prefill_flops_and_kv_bytes_from_the_config(tiny_vlm):
 def test_stored_bytes_per_image():
     """Bytes that reproduce each condition's tokens, by hand for [256, 2048] features in bf16 (2
     bytes), and the codecs' from their real payloads."""
-    from lowrank import feature_codecs, transforms
 
     T, D, b = 256, 2048, 2
 

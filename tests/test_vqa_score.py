@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lowrank import vqa_score
+from lowrank import downstream, vqa_score
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = json.loads((DATA / "textvqa_corpus.json").read_text())["cases"]
@@ -99,8 +99,6 @@ def test_answer_flips_and_mcnemar_against_scipy():
     """right -> wrong and wrong -> right counted by hand; McNemar's exact p equals scipy's two-sided
     binomial test."""
     from scipy.stats import binomtest
-
-    from lowrank import downstream
 
     acc = [1.0, 0.0, 0.3, 0.6, 1.0, 0.0]
     base = [1.0, 1.0, 0.6, 0.0, 0.0, 0.0]  # r->w: samples 1, 2; w->r: samples 3, 4
